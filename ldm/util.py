@@ -1,0 +1,243 @@
+"""Config instantiation and safe checkpoint loading for CompVis-format latent diffusion models.
+
+A CompVis ``model.ckpt`` is a PyTorch Lightning checkpoint: a dict whose ``"state_dict"`` entry holds every tensor
+of ``LatentDiffusion.state_dict()`` (see shared spec ldm.md §1). Everything else in it is optional. Loading always
+uses ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused unless the caller opts in
+with ``trust=True`` (CLI flag ``--trust_checkpoint``, or the environment variable ``LDM_TRUST_CHECKPOINT=1``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import OmegaConf
+
+# Where users get the released checkpoints (CompVis/latent-diffusion README). Keyed by models/ldm/<name>/.
+CHECKPOINT_URLS = {
+    "cin256-v2": "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt",
+    "lsun_beds256": "https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip",
+    "lsun_churches256": "https://ommer-lab.com/files/latent-diffusion/lsun_churches.zip",
+}
+TRUST_ENV_VAR = "LDM_TRUST_CHECKPOINT"
+
+
+class UserFacingError(Exception):
+    """An error caused by user input (a path, a config, a flag). CLIs print its message as one line and exit 2."""
+
+
+class ConfigError(UserFacingError):
+    pass
+
+
+class CheckpointError(UserFacingError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Resolve a dotted ``module.Class`` target string (CompVis config convention)."""
+    module_name, _, cls_name = string.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"config target '{string}' is not a dotted path like 'ldm.models.autoencoder.VQModel'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"config target '{string}': module '{module_name}' not found ({e.name} is missing); "
+                          f"check the 'target:' string in the config") from None
+    if reload:
+        module = importlib.reload(module)
+    try:
+        return getattr(module, cls_name)
+    except AttributeError:
+        raise ConfigError(f"config target '{string}': '{module_name}' has no '{cls_name}'; "
+                          f"check the 'target:' string in the config") from None
+
+
+def instantiate_from_config(config: Mapping) -> Any:
+    """Build ``target(**params)`` from a ``{target, params}`` mapping, as CompVis configs are laid out."""
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise ConfigError(f"config entry has no 'target' key: {dict(config) if hasattr(config, 'keys') else config}")
+    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """Load a yaml config; a missing or unparsable file is a ConfigError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in several types
+        raise ConfigError(f"cannot parse config {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if "model" not in config:
+        raise ConfigError(f"config {path} has no top-level 'model:' section (expected the CompVis layout)")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _download_hint(path: Path) -> str:
+    name = path.parent.name
+    url = CHECKPOINT_URLS.get(name)
+    if url is None:
+        return "pass the right --ckpt path"
+    fetch = f"wget -O {path} {url}" if url.endswith(".ckpt") else f"wget {url} and unzip it into {path.parent}/"
+    return f"download it with: mkdir -p {path.parent} && {fetch}"
+
+
+def trust_from_env() -> bool:
+    return os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes")
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
+    """Read a ``.ckpt``/``.pt`` file into a dict, with ``weights_only=True`` unless ``trust`` is set.
+
+    Raises CheckpointError with a one-line message for: a missing file (with the download command for the
+    released models), a corrupt or truncated file, and a file that needs unsafe unpickling (naming the opt-in).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; {_download_hint(path)}")
+    trust = trust or trust_from_env()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("\n")
+        why = next((line.strip() for line in detail if "Unsupported global" in line or "GLOBAL" in line), detail[0])
+        raise CheckpointError(
+            f"{path} holds Python objects that weights_only loading refuses ({why[:160]}); if you trust its "
+            f"source, rerun with --trust_checkpoint (or {TRUST_ENV_VAR}=1), or convert it once with "
+            f"'python -m ldm.convert_checkpoint --trust_checkpoint {path} OUT.ckpt'") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated? {msg[:160]}); "
+                              f"download it again") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict with 'state_dict'")
+    return obj
+
+
+def state_dict_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The model state dict of a CompVis/Lightning checkpoint ({'state_dict': ...}) or of a bare state dict."""
+    sd = ckpt["state_dict"] if "state_dict" in ckpt else ckpt
+    if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise CheckpointError(f"checkpoint {path} has no 'state_dict' of tensors (keys: {list(ckpt)[:6]})")
+    return dict(sd)
+
+
+@dataclass
+class StateDictMismatch:
+    missing: list[tuple[str, tuple]]      # (key, model shape)
+    unexpected: list[tuple[str, tuple]]   # (key, checkpoint shape)
+    shape: list[tuple[str, tuple, tuple]]  # (key, checkpoint shape, model shape)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shape)
+
+    def summary(self, limit: int = 3) -> str:
+        def fmt(items, f):
+            head = ", ".join(f(i) for i in items[:limit])
+            return head + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing: " + fmt(self.missing, lambda i: f"{i[0]} {list(i[1])}"))
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected: " + fmt(self.unexpected,
+                                                                      lambda i: f"{i[0]} {list(i[1])}"))
+        if self.shape:
+            parts.append(f"{len(self.shape)} with other shapes: " + fmt(
+                self.shape, lambda i: f"{i[0]} ckpt {list(i[1])} vs model {list(i[2])}"))
+        return "; ".join(parts)
+
+
+def compare_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> StateDictMismatch:
+    own = model.state_dict()
+    missing = [(k, tuple(v.shape)) for k, v in own.items() if k not in sd]
+    unexpected = [(k, tuple(v.shape)) for k, v in sd.items() if k not in own]
+    shape = [(k, tuple(sd[k].shape), tuple(v.shape)) for k, v in own.items()
+             if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    return StateDictMismatch(missing, unexpected, shape)
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True,
+                            source: str = "checkpoint", config: str = "config") -> StateDictMismatch:
+    """Load ``sd`` into ``model``; with ``strict`` any missing, unexpected or reshaped key is a CheckpointError.
+
+    The original CompVis loaders use ``strict=False`` and silently ignore mismatches; we report them.
+    With ``strict=False`` the mismatch is returned (and shape mismatches are still refused).
+    """
+    mismatch = compare_state_dict(model, sd)
+    if mismatch.shape or (strict and mismatch):
+        raise CheckpointError(f"{source} does not match {config}: {mismatch.summary()}")
+    model.load_state_dict(sd, strict=False)
+    return mismatch
+
+
+def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust: bool = False,
+                           strict: bool = True, device: str | torch.device = "cpu",
+                           config_name: str = "config") -> torch.nn.Module:
+    """Instantiate ``config.model`` and load ``ckpt`` into it (eval mode, on ``device``).
+
+    ``ckpt=None`` keeps the random initialisation (for tests and benchmarks).
+    """
+    model = instantiate_from_config(config.model)
+    if ckpt is not None:
+        raw = load_checkpoint_file(ckpt, trust=trust)
+        sd = state_dict_from_checkpoint(raw, ckpt)
+        load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name)
+        model.global_step_loaded = raw.get("global_step")
+    return model.to(device).eval()
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename: no half-written file on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Small helpers used across the model code (CompVis names)
+
+
+def exists(x: Any) -> bool:
+    return x is not None
+
+
+def default(val: Any, d: Any) -> Any:
+    if exists(val):
+        return val
+    return d() if callable(d) else d
+
+
+def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if verbose:
+        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
+    return total
+
+
+def ismap(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
+
+
+def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
