@@ -50,6 +50,6 @@ class LitEma(nn.Module):
         self.collected_params = [param.clone() for param in parameters]
 
     def restore(self, parameters) -> None:
-        for c_param, param in zip(self.collected_params, parameters):
+        for c_param, param in zip(self.collected_params, parameters, strict=True):
             param.data.copy_(c_param.data)
         self.collected_params = []

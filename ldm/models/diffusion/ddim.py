@@ -106,7 +106,7 @@ def cfg_eps(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, unco
         return model_fn(x, t, cond)
     x_in, t_in = torch.cat([x] * 2), torch.cat([t] * 2)
     if isinstance(cond, dict):
-        c_in = {k: [torch.cat([u, c]) for u, c in zip(uncond[k], cond[k])] if isinstance(cond[k], list)
+        c_in = {k: [torch.cat([u, c]) for u, c in zip(uncond[k], cond[k], strict=True)] if isinstance(cond[k], list)
                 else torch.cat([uncond[k], cond[k]]) for k in cond}
     else:
         c_in = torch.cat([uncond, cond])
@@ -141,9 +141,9 @@ def sample_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
         if blend_x is not None:
             x = blend_x(x, t)
         eps = eps_fn(x, t, step)
-        # Table values act as float32 tensors at use, as in CompVis (torch.full(..., value) per step).
-        as_t = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device)  # noqa: E731
-        alpha_t, alpha_prev, sigma = as_t(step.alpha), as_t(step.alpha_prev), as_t(step.sigma)
+        # Table values act as tensors of x's dtype at use, as in CompVis (torch.full(..., value) per step).
+        alpha_t, alpha_prev, sigma = (torch.tensor(v, dtype=x.dtype, device=x.device)
+                                      for v in (step.alpha, step.alpha_prev, step.sigma))
         if correction is not None:
             eps, sigma = correction(eps, sigma, step, x)
         noise = noise_sampler(step) * temperature

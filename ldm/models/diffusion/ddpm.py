@@ -112,7 +112,8 @@ class DDPM(pl.LightningModule):
                              to_torch((1. - alphas_cumprod_prev) * np.sqrt(alphas) / (1. - alphas_cumprod)))
 
         if self.parameterization == "eps":
-            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas) * (1 - self.alphas_cumprod))
+            lvlb_weights = self.betas ** 2 / (2 * self.posterior_variance * to_torch(alphas)
+                                              * (1 - self.alphas_cumprod))
         else:
             lvlb_weights = 0.5 * torch.sqrt(torch.tensor(alphas_cumprod)) / (2. * 1 - torch.tensor(alphas_cumprod))
         lvlb_weights[0] = lvlb_weights[1]  # entry 0 divides by a zero posterior variance

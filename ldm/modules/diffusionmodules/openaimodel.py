@@ -181,7 +181,9 @@ class QKVAttention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over spatial positions (non-transformer UNets). Keys: ``norm``, ``qkv`` (Conv1d), ``proj_out``."""
+    """Self-attention over spatial positions (non-transformer UNets).
+
+    Keys: ``norm``, ``qkv`` (Conv1d, [3C, C, 1]), ``proj_out``."""
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_checkpoint: bool = False,
                  use_new_attention_order: bool = False):
@@ -196,7 +198,8 @@ class AttentionBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
-        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        attention_cls = QKVAttention if use_new_attention_order else QKVAttentionLegacy
+        self.attention = attention_cls(self.num_heads)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

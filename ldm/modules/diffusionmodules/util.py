@@ -14,22 +14,26 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
+_F64 = dict(dtype=torch.float64, device="cpu")
+
+
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
                        cosine_s: float = 8e-3) -> np.ndarray:
     """β_1..β_T in float64. ``linear`` is linear in √β (Rombach et al. 2022 / CompVis), not in β."""
+    # explicit CPU: the model may be built under a `torch.device("meta")` context
     if schedule == "linear":
-        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
+        betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, **_F64) ** 2
     elif schedule == "cosine":
         # Nichol & Dhariwal 2021, Eq. 17; clipped at 0.999.
-        timesteps = torch.arange(n_timestep + 1, dtype=torch.float64) / n_timestep + cosine_s
+        timesteps = torch.arange(n_timestep + 1, **_F64) / n_timestep + cosine_s
         alphas = torch.cos(timesteps / (1 + cosine_s) * math.pi / 2).pow(2)
         alphas = alphas / alphas[0]
         betas = np.clip((1 - alphas[1:] / alphas[:-1]).numpy(), a_min=0, a_max=0.999)
         return betas
     elif schedule == "sqrt_linear":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64)
+        betas = torch.linspace(linear_start, linear_end, n_timestep, **_F64)
     elif schedule == "sqrt":
-        betas = torch.linspace(linear_start, linear_end, n_timestep, dtype=torch.float64) ** 0.5
+        betas = torch.linspace(linear_start, linear_end, n_timestep, **_F64) ** 0.5
     else:
         raise ValueError(f"beta schedule '{schedule}' unknown; use linear, cosine, sqrt_linear or sqrt")
     return betas.numpy()

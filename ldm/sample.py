@@ -1,0 +1,66 @@
+"""Batch sampling helpers on top of ``DDIMSampler``: guided class-conditional and unconditional latents.
+
+Used by the pipeline scripts (FP32 grids, and later quantized and corrected sampling through ``model_fn`` and
+``correction``). Everything random comes from one ``torch.Generator``, so a seed fixes the result.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, StepCorrection
+
+
+def null_class(model) -> int:
+    """The unconditional label for classifier-free guidance: the ClassEmbedder's last class (1000 for cin256-v2)."""
+    return model.cond_stage_model.n_classes - 1
+
+
+def latent_shape(model) -> tuple[int, int, int]:
+    return (model.channels, model.image_size, model.image_size)
+
+
+@torch.no_grad()
+def sample_latents(model, labels: Sequence[int] | None, *, n: int | None = None, steps: int, eta: float,
+                   scale: float, uncond_label: int | None = None, batch_size: int = 16,
+                   generator: torch.Generator | None = None, model_fn: ModelFn | None = None,
+                   correction: StepCorrection | None = None, progress: bool = True) -> torch.Tensor:
+    """DDIM latents [N, C, H, W]: one per entry of ``labels`` (class-conditional, guided with ``scale`` against
+    ``uncond_label``), or ``n`` unconditional ones when ``labels`` is None. Batches of ``batch_size``;
+    x_T for all samples is drawn first, so it does not depend on the batching."""
+    device = model.betas.device
+    conditional = labels is not None
+    total = len(labels) if conditional else n
+    if not total:
+        raise ValueError("nothing to sample: give labels or n > 0")
+    if conditional and not model.is_conditional:
+        raise ValueError("class labels given, but the model is unconditional")
+    if conditional and uncond_label is None and scale != 1.0:
+        uncond_label = null_class(model)
+    x_T = torch.randn((total, *latent_shape(model)), generator=generator, device=device)
+    sampler = DDIMSampler(model, model_fn=model_fn, correction=correction)
+    key = getattr(model.cond_stage_model, "key", "class_label") if conditional else None
+    out = []
+    for start in tqdm(range(0, total, batch_size), desc="sampling", disable=not progress):
+        stop = min(start + batch_size, total)
+        b = stop - start
+        c = uc = None
+        if conditional:
+            y = torch.as_tensor(list(labels[start:stop]), device=device, dtype=torch.long)
+            c = model.get_learned_conditioning({key: y})
+            if scale != 1.0:
+                uc = model.get_learned_conditioning({key: torch.full_like(y, uncond_label)})
+        samples, _ = sampler.sample(S=steps, batch_size=b, shape=latent_shape(model), conditioning=c, eta=eta,
+                                    x_T=x_T[start:stop], unconditional_guidance_scale=scale,
+                                    unconditional_conditioning=uc, generator=generator, verbose=False)
+        out.append(samples)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(model, z: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """First-stage decode in batches; images [N, 3, H, W] clamped to [-1, 1]."""
+    return torch.cat([model.decode_first_stage(z[i:i + batch_size]) for i in range(0, len(z), batch_size)]
+                     ).clamp(-1, 1)

@@ -1,0 +1,1 @@
+"""The numbered pipeline: thin command lines over ldm/ (and later quant/, correction/, evaluation/)."""

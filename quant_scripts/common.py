@@ -1,0 +1,79 @@
+"""Plumbing shared by the pipeline scripts: model loading flags, device choice, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ldm.util import ConfigError, UserFacingError, load_config, load_model_from_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run ``main``; a UserFacingError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserFacingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def add_model_args(p: argparse.ArgumentParser, config: str, ckpt: str) -> None:
+    p.add_argument("--config", default=config, help="CompVis model config (yaml)")
+    p.add_argument("--ckpt", default=ckpt, help="CompVis checkpoint ({'state_dict': ...})")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow full unpickling of a checkpoint that weights_only loading refuses (only for files "
+                        "from a source you trust; also LDM_TRUST_CHECKPOINT=1)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserFacingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserFacingError(f"device '{name}' asked for, but CUDA is not available; use --device cpu")
+    return device
+
+
+def resolve(path: str) -> Path:
+    """Paths in the constants are relative to the repository root; user-given relative paths to the cwd."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
+        return REPO_ROOT / p
+    return p
+
+
+def load_ldm(args: argparse.Namespace, device: torch.device):
+    config = load_config(resolve(args.config))
+    try:
+        model = load_model_from_config(config, resolve(args.ckpt), trust=args.trust_checkpoint, device=device,
+                                       config_name=f"config {args.config}")
+    except TypeError as e:  # wrong or unknown params in the config
+        raise ConfigError(f"config {args.config} does not fit the model code: {e}") from None
+    return config, model
+
+
+def ensure_writable_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` and check that files can be written there (before any compute is spent)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another --outdir") \
+            from None
+    return path
