@@ -115,10 +115,14 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("\n")
-        why = next((line.strip() for line in detail if "Unsupported global" in line or "GLOBAL" in line), detail[0])
+        lines = [line.strip() for line in str(e).split("\n")]
+        unsafe = next((line for line in lines if "Unsupported global" in line), None)
+        if unsafe is None:  # not a pickle of disallowed objects, just not a valid file
+            raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated? "
+                                  f"{(lines[-3] if len(lines) > 2 else lines[0])[:120]}); download it again") from None
+        why = unsafe.split("WeightsUnpickler error: ")[-1].split(" was not an allowed")[0]
         raise CheckpointError(
-            f"{path} holds Python objects that weights_only loading refuses ({why[:160]}); if you trust its "
+            f"{path} holds Python objects that weights_only loading refuses ({why}); if you trust its "
             f"source, rerun with --trust_checkpoint (or {TRUST_ENV_VAR}=1), or convert it once with "
             f"'python -m ldm.convert_checkpoint --trust_checkpoint {path} OUT.ckpt'") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
