@@ -27,9 +27,44 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.exit(130)
 
 
-def add_model_args(p: argparse.ArgumentParser, config: str, ckpt: str) -> None:
-    p.add_argument("--config", default=config, help="CompVis model config (yaml)")
-    p.add_argument("--ckpt", default=ckpt, help="CompVis checkpoint ({'state_dict': ...})")
+PRESET_DIR = REPO_ROOT / "configs" / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """A named bundle of model paths and sampling defaults (configs/presets/<name>.yaml)."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserFacingError(f"unknown preset '{name}'; choose one of {preset_names()} or pass --config/--ckpt")
+    import yaml
+    return yaml.safe_load(path.read_text())
+
+
+def apply_preset(args: argparse.Namespace, default_preset: str) -> dict:
+    """Fill every flag left at None from the preset. ``--config``/``--ckpt`` without ``--preset`` mean a custom
+    model: then only the sampling defaults come from the preset, not its classes."""
+    custom = args.preset is None and (args.config is not None or args.ckpt is not None)
+    preset = load_preset(args.preset or default_preset)
+    if custom:
+        if args.config is None or args.ckpt is None:
+            raise UserFacingError("a custom model needs both --config and --ckpt (or pick a --preset)")
+        preset = {k: v for k, v in preset.items() if k not in ("config", "ckpt", "classes", "description")}
+    for key, value in preset.items():
+        if getattr(args, key, "absent") is None:
+            setattr(args, key, value)
+    args.preset_used = "custom" if custom else (args.preset or default_preset)
+    return preset
+
+
+def add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
+    p.add_argument("--preset", default=None, choices=preset_names(),
+                   help=f"model and defaults from configs/presets/ (default: {default_preset}; "
+                        f"--config/--ckpt alone select a custom model)")
+    p.add_argument("--config", default=None, help="CompVis model config (yaml); overrides the preset's")
+    p.add_argument("--ckpt", default=None, help="CompVis checkpoint ({'state_dict': ...}); overrides the preset's")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of a checkpoint that weights_only loading refuses (only for files "
                         "from a source you trust; also LDM_TRUST_CHECKPOINT=1)")

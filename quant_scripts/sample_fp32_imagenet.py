@@ -1,11 +1,12 @@
 """Step 0 of the pipeline: FP32 sampling to a PNG grid, with classifier-free guidance for class-conditional LDMs.
 
-    python quant_scripts/sample_fp32_imagenet.py                        # cin256-v2 at the paper's settings
-    python quant_scripts/sample_fp32_imagenet.py --config C --ckpt K    # any CompVis LDM; unconditional ones
-                                                                        # (LSUN) sample --n_samples without guidance
+    python quant_scripts/sample_fp32_imagenet.py                         # embedded Fashion model, all 10 classes
+    python quant_scripts/sample_fp32_imagenet.py --preset cin256         # ImageNet LDM-4 at the paper's settings
+    python quant_scripts/sample_fp32_imagenet.py --config C --ckpt K     # any CompVis LDM; unconditional ones
+                                                                         # (LSUN) sample --n_samples, no guidance
 
-The grid has one row per class. The same seed and flags give an identical PNG. Edit the constants below to change
-the defaults.
+The grid has one row per class. The same seed and flags give an identical PNG. Flags left unset take the
+preset's values (configs/presets/<name>.yaml); the constants below are the script's own defaults.
 """
 from __future__ import annotations
 
@@ -23,20 +24,13 @@ from evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSchedule  # noqa: E402
 from ldm.sample import decode_latents, null_class, sample_latents  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
-from quant_scripts.common import (add_model_args, ensure_writable_dir, load_ldm, pick_device,  # noqa: E402
-                                  run_cli)
+from quant_scripts.common import (add_model_args, apply_preset, ensure_writable_dir, load_ldm,  # noqa: E402
+                                  pick_device, run_cli)
 
-# ---- defaults (edit here or override with flags) ---------------------------------------------------------------
-CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
-CKPT = "models/ldm/cin256-v2/model.ckpt"
-CLASSES = [88, 301, 139, 871]   # the classes of the paper's qualitative figures are a free choice; any ImageNet ids
-N_SAMPLES_PER_CLASS = 4
+# ---- defaults (edit here or override with flags; model paths and sampling settings live in the preset) -------
+PRESET = "fashion"
 N_SAMPLES = 16                  # unconditional models only
-STEPS = 20                      # paper: 20 DDIM steps
-ETA = 0.0                       # paper: η = 0 (and 1)
-SCALE = 3.0                     # paper: guidance scale 3.0
 SEED = 42
-BATCH_SIZE = 16
 OUTDIR = "outputs/fp32_samples"
 # -------------------------------------------------------------------------------------------------------------------
 
@@ -44,17 +38,18 @@ OUTDIR = "outputs/fp32_samples"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, CONFIG, CKPT)
-    p.add_argument("--classes", type=int, nargs="+", default=CLASSES, help="class ids, one grid row each")
-    p.add_argument("--n_samples_per_class", type=int, default=N_SAMPLES_PER_CLASS)
+    add_model_args(p, PRESET)
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="class ids, one grid row each (default: the preset's; all classes of a custom model)")
+    p.add_argument("--n_samples_per_class", type=int, default=None)
     p.add_argument("--n_samples", type=int, default=N_SAMPLES, help="number of samples for unconditional models")
-    p.add_argument("--steps", type=int, default=STEPS, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=ETA, help="DDIM η (0 deterministic, 1 DDPM-like)")
-    p.add_argument("--scale", type=float, default=SCALE, help="classifier-free guidance scale (1 = no guidance)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (paper: 20)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like; paper: 0)")
+    p.add_argument("--scale", type=float, default=None, help="classifier-free guidance scale (1 = none; paper: 3)")
     p.add_argument("--uncond_class", type=int, default=None,
                    help="unconditional label for guidance (default: the model's null class, 1000 for cin256-v2)")
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--batch_size", type=int, default=BATCH_SIZE)
+    p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--no_ema", action="store_true", help="use the live weights of a model trained with EMA")
     p.add_argument("--outdir", default=OUTDIR)
     return p.parse_args(argv)
@@ -74,6 +69,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    apply_preset(args, PRESET)
     check_args(args)
     outdir = ensure_writable_dir(args.outdir)
     device = pick_device(args.device)
@@ -84,6 +80,8 @@ def main(argv=None) -> None:
     if model.is_conditional:
         n_classes = model.cond_stage_model.n_classes
         uc = null_class(model) if args.uncond_class is None else args.uncond_class
+        if args.classes is None:  # a custom model: its first (up to) 10 real classes
+            args.classes = list(range(min(n_classes - 1, 10)))
         bad = [c for c in args.classes + [uc] if not 0 <= c < n_classes]
         if bad:
             raise UserFacingError(f"class ids {bad} out of range for a model with {n_classes} classes "
@@ -94,7 +92,8 @@ def main(argv=None) -> None:
     else:
         labels, uc, nrow, n = None, None, min(args.n_samples, 8), args.n_samples
         what = f"{n} unconditional samples (no guidance)"
-    print(f"sampling {what}; {args.steps} DDIM steps, eta {args.eta}, seed {args.seed}, on {device}")
+    print(f"[{args.preset_used}] sampling {what}; {args.steps} DDIM steps, eta {args.eta}, seed {args.seed}, "
+          f"on {device}")
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
@@ -108,7 +107,8 @@ def main(argv=None) -> None:
     name = f"fp32_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
     path = save_png(grid, outdir / name, text={
         "config": str(args.config), "ckpt": str(args.ckpt), "steps": str(args.steps), "eta": f"{args.eta:g}",
-        "scale": f"{args.scale:g}", "seed": str(args.seed), "classes": " ".join(map(str, args.classes))
+        "scale": f"{args.scale:g}", "seed": str(args.seed), "preset": args.preset_used,
+        "classes": " ".join(map(str, args.classes))
         if labels is not None else "unconditional"})
     print(f"wrote {path} ({len(images)} samples, {time.time() - t0:.1f} s)")
 

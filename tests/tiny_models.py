@@ -81,3 +81,19 @@ def write(cfg, model, directory: Path, name: str = "tiny") -> tuple[Path, Path]:
     OmegaConf.save(cfg, cfg_path)
     torch.save({"state_dict": model.state_dict(), "global_step": 0}, ckpt_path)
     return cfg_path, ckpt_path
+
+
+class RandomFashionData:
+    """A data module of random 1×32×32 'images' with labels, in the layout of ldm.data.fashion.FashionDataModule."""
+
+    def __init__(self, n: int = 16, batch_size: int = 4, root=None, download=False):
+        g = torch.Generator().manual_seed(0)
+        self.items = [{"image": torch.rand(32, 32, 1, generator=g) * 2 - 1, "class_label": torch.tensor(i % 10)}
+                      for i in range(n)]
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.items, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.items[:4], batch_size=self.batch_size)

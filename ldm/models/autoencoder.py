@@ -7,7 +7,7 @@ Training of the first stage (losses, optimisers) is configured by ``lossconfig``
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
@@ -36,7 +36,7 @@ def _images_from_batch(batch: dict, key: str) -> torch.Tensor:
 class VQModel(pl.LightningModule):
     def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, ckpt_path=None, ignore_keys=(), image_key="image",
                  colorize_nlabels=None, monitor=None, batch_resize_range=None, scheduler_config=None,
-                 lr_g_factor=1.0, remap=None, sane_index_shape=False, use_ema=False):
+                 lr_g_factor=1.0, remap=None, sane_index_shape=False, use_ema=False, codebook_restart_every=0):
         super().__init__()
         self.embed_dim = embed_dim
         self.n_embed = n_embed
@@ -60,21 +60,13 @@ class VQModel(pl.LightningModule):
             _init_from_ckpt(self, ckpt_path, ignore_keys)
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
+        # Dead-code restarts (training only; 0 = off, as in CompVis): every N steps, codes that no input chose in
+        # the window are moved onto random encoder outputs of the current batch (Dhariwal et al. 2020, Jukebox §3.3).
+        self.codebook_restart_every = codebook_restart_every
+        self.register_buffer("_code_hits", torch.zeros(n_embed, dtype=torch.long), persistent=False)
 
-    @contextmanager
     def ema_scope(self, context=None):
-        if self.use_ema:
-            self.model_ema.store(self.parameters())
-            self.model_ema.copy_to(self)
-            if context is not None:
-                print(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.parameters())
-                if context is not None:
-                    print(f"{context}: Restored training weights")
+        return self.model_ema.swapped_in(self, context) if self.use_ema else nullcontext()
 
     def encode(self, x):
         h = self.quant_conv(self.encoder(x))
@@ -96,6 +88,51 @@ class VQModel(pl.LightningModule):
 
     def get_input(self, batch, k):
         return _images_from_batch(batch, k)
+
+    def _step(self, batch, split):
+        x = self.get_input(batch, self.image_key)
+        h = self.encode_to_prequant(x)
+        quant, qloss, (_, _, ind) = self.quantize(h)
+        xrec = self.decode(quant)
+        loss, log = self.loss(qloss, x, xrec, split=split)
+        # codebook usage: fraction of entries hit in this batch (dead codes show up here)
+        log[f"{split}/code_usage"] = torch.unique(ind).numel() / float(self.n_embed)
+        return loss, log, h.detach(), ind
+
+    def training_step(self, batch, batch_idx):
+        """One optimiser over encoder, decoder and codebook (the pixel loss has no discriminator)."""
+        loss, log, h, ind = self._step(batch, "train")
+        self.log_dict(log, prog_bar=True, on_step=True, on_epoch=False)
+        if self.codebook_restart_every:
+            self._restart_dead_codes(h, ind)
+        return loss
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, h: torch.Tensor, idx: torch.Tensor) -> None:
+        flat = h.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)  # [B·H·W, embed_dim] encoder outputs
+        self._code_hits += torch.bincount(idx.reshape(-1), minlength=self.n_embed)
+        if (self.global_step + 1) % self.codebook_restart_every == 0:
+            dead = (self._code_hits == 0).nonzero().reshape(-1)
+            if len(dead):
+                pick = torch.randint(0, len(flat), (len(dead),), device=flat.device)
+                self.quantize.embedding.weight.data[dead] = flat[pick]
+            self.log("train/restarted_codes", float(len(dead)), on_step=True, on_epoch=False)
+            self._code_hits.zero_()
+
+    def on_train_batch_end(self, *args, **kwargs):
+        if self.use_ema:
+            self.model_ema(self)
+
+    @torch.no_grad()
+    def validation_step(self, batch, batch_idx):
+        _, log, _, _ = self._step(batch, "val")
+        self.log_dict(log, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        params = (list(self.encoder.parameters()) + list(self.decoder.parameters())
+                  + list(self.quantize.parameters()) + list(self.quant_conv.parameters())
+                  + list(self.post_quant_conv.parameters()))
+        return torch.optim.Adam(params, lr=self.learning_rate, betas=(0.5, 0.9))
 
 
 class VQModelInterface(VQModel):

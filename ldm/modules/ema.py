@@ -4,6 +4,8 @@ Buffer names are the parameter names with every dot removed, so ``model_ema.*`` 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -53,3 +55,17 @@ class LitEma(nn.Module):
         for c_param, param in zip(self.collected_params, parameters, strict=True):
             param.data.copy_(c_param.data)
         self.collected_params = []
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module, context: str | None = None):
+        """Use the EMA weights in ``model`` inside the block; the live weights come back afterwards."""
+        self.store(model.parameters())
+        self.copy_to(model)
+        if context is not None:
+            print(f"{context}: Switched to EMA weights")
+        try:
+            yield None
+        finally:
+            self.restore(model.parameters())
+            if context is not None:
+                print(f"{context}: Restored training weights")

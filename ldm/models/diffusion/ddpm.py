@@ -6,7 +6,7 @@ the EMA shadows under ``model_ema``.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -119,21 +119,9 @@ class DDPM(pl.LightningModule):
         lvlb_weights[0] = lvlb_weights[1]  # entry 0 divides by a zero posterior variance
         self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
 
-    @contextmanager
     def ema_scope(self, context=None):
         """Swap the EMA weights into ``self.model`` for the duration of the block (no-op without ``use_ema``)."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-            if context is not None:
-                print(f"{context}: Switched to EMA weights")
-        try:
-            yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
-                if context is not None:
-                    print(f"{context}: Restored training weights")
+        return self.model_ema.swapped_in(self.model, context) if self.use_ema else nullcontext()
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Config-driven ``ckpt_path`` loading (CompVis). Mismatches are reported, not silently ignored."""

@@ -107,6 +107,19 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
     raise ValueError(f"attn_type '{attn_type}' is not supported; use 'vanilla' or 'none'")
 
 
+def make_mid(channels: int, dropout: float, attn_type: str) -> nn.Module:
+    """The middle of encoder and decoder: ResnetBlock, attention, ResnetBlock (keys mid.block_1/attn_1/block_2)."""
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    mid.attn_1 = make_attn(channels, attn_type=attn_type)
+    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, temb_channels=0, dropout=dropout)
+    return mid
+
+
+def run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    return mid.block_2(mid.attn_1(mid.block_1(h, None)), None)
+
+
 class Encoder(nn.Module):
     """x [B, in_channels, R, R] -> [B, (2·)z_channels, R/f, R/f] with f = 2^(len(ch_mult) - 1)."""
 
@@ -146,12 +159,7 @@ class Encoder(nn.Module):
                 curr_res = curr_res // 2
             self.down.append(down)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
+        self.mid = make_mid(block_in, dropout, attn_type)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
                                   padding=1)
@@ -166,9 +174,7 @@ class Encoder(nn.Module):
                     h = self.down[i_level].attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = self.down[i_level].downsample(h)
-        h = self.mid.block_1(h, temb)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb)
+        h = run_mid(self.mid, h)
         return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
@@ -195,12 +201,7 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type=attn_type)
-        self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
-                                       dropout=dropout)
+        self.mid = make_mid(block_in, dropout, attn_type)
 
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
@@ -226,10 +227,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self.last_z_shape = z.shape
         temb = None
-        h = self.conv_in(z)
-        h = self.mid.block_1(h, temb)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, temb)
+        h = run_mid(self.mid, self.conv_in(z))
         for i_level in reversed(range(self.num_resolutions)):
             for i_block in range(self.num_res_blocks + 1):
                 h = self.up[i_level].block[i_block](h, temb)

@@ -1,0 +1,98 @@
+"""Quality of the embedded default, measured: classifier accuracy, conditional accuracy and FID of FP32 samples.
+
+    python benchmarks/fashion_model_quality.py                      # 5,000 samples (accuracy on all of them)
+    python benchmarks/fashion_model_quality.py --n 1000 --json out.json
+
+Measures, with the committed classifier as the feature network (pool features for FID, spatial for sFID):
+1. classifier accuracy on the 10,000 Fashion-MNIST test images;
+2. FP32 samples (DDIM, balanced classes, one seed): the fraction the classifier assigns to the conditioning class,
+   and their FID/sFID against the test set (the reference batch statistics);
+3. the floor: FID/sFID of the 5,000 held-out real training images against the test set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from evaluation.fashion_classifier import compute_features, load_fashion_classifier  # noqa: E402
+from evaluation.fashion_reference import DEFAULT_OUT, fashion_uint8  # noqa: E402
+from evaluation.images import to_uint8  # noqa: E402
+from evaluation.statistics import FIDStatistics  # noqa: E402
+from ldm.data.fashion import HELDOUT, load_fashion_mnist  # noqa: E402
+from ldm.sample import decode_latents, sample_latents  # noqa: E402
+from ldm.util import load_config, load_model_from_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
+
+
+def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
+    ref_pool = FIDStatistics(ref["mu"], ref["sigma"])
+    ref_spatial = FIDStatistics(ref["mu_s"], ref["sigma_s"])
+    return (FIDStatistics.from_features(feats["pool"]).frechet_distance(ref_pool),
+            FIDStatistics.from_features(feats["spatial"]).frechet_distance(ref_spatial))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.n % 10:
+        p.error("--n must be a multiple of 10 (balanced classes)")
+
+    device = torch.device(args.device)
+    classifier = load_fashion_classifier()
+    ref = np.load(DEFAULT_OUT)
+    result = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "device": str(device)},
+              "settings": vars(args)}
+
+    test_feats = compute_features(classifier, ref["arr_0"], device=device)
+    result["classifier_test_accuracy"] = float((test_feats["logits"].argmax(1) == ref["arr_1"]).mean())
+    print(f"classifier accuracy on the {len(ref['arr_1'])} test images: "
+          f"{100 * result['classifier_test_accuracy']:.2f}%")
+
+    train_images, _ = load_fashion_mnist("train")
+    held = compute_features(classifier, fashion_uint8(train_images[-HELDOUT:]), device=device)
+    result["heldout_real_fid"], result["heldout_real_sfid"] = fid_pair(held, ref)
+    print(f"held-out real ({HELDOUT} training images) vs test: FID {result['heldout_real_fid']:.3f}, "
+          f"sFID {result['heldout_real_sfid']:.3f}")
+
+    model = load_model_from_config(load_config(MODEL_DIR / "config.yaml"), MODEL_DIR / "model.ckpt", device=device)
+    labels = np.repeat(np.arange(10), args.n // 10)
+    t0 = time.time()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    z = sample_latents(model, labels.tolist(), steps=args.steps, eta=args.eta, scale=args.scale,
+                       batch_size=args.batch_size, generator=gen)
+    images = to_uint8(decode_latents(model, z, batch_size=args.batch_size))
+    result["sampling_seconds"] = time.time() - t0
+    feats = compute_features(classifier, images, device=device)
+    result["sample_class_accuracy"] = float((feats["logits"].argmax(1) == labels).mean())
+    result["sample_fid"], result["sample_sfid"] = fid_pair(feats, ref)
+    print(f"{args.n} FP32 samples ({args.steps} DDIM steps, eta {args.eta}, scale {args.scale}, seed {args.seed}; "
+          f"{result['sampling_seconds']:.0f} s on {device}): classifier agrees with the conditioning class on "
+          f"{100 * result['sample_class_accuracy']:.2f}%; FID {result['sample_fid']:.3f}, "
+          f"sFID {result['sample_sfid']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+from ldm.modules.losses.vq import VQReconstructionLoss  # noqa: F401
