@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     trainer.fit(model, train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader(),
                 ckpt_path=resume, weights_only=True)
     print(f"training {name} took {time.time() - t0:.0f} s this run (global step {trainer.global_step})")
-    trainer.save_checkpoint(str(last))
+    trainer.save_checkpoint(str(last), weights_only=False)  # full state (optimizer, loops) for resuming
     out = args.export or config.get("export", {}).get("path")
     if out:
         export_model(model.cpu(), config, REPO / out if not Path(out).is_absolute() else Path(out),

@@ -32,7 +32,8 @@ class FIDStatistics:
         diff = mu1 - mu2
         covmean = _sqrtm(s1.dot(s2))
         if not np.isfinite(covmean).all():
-            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+                          stacklevel=2)
             offset = np.eye(s1.shape[0]) * eps
             covmean = _sqrtm((s1 + offset).dot(s2 + offset))
         if np.iscomplexobj(covmean):

@@ -148,3 +148,13 @@ def test_unsafe_checkpoint_needs_the_flag(tiny_files, tmp_path, run_inproc):
 def test_bad_flags(tiny_files, tmp_path, args, fragment, run_inproc):
     cfg, ckpt = tiny_files["cond"]
     assert_one_line_error(run_inproc("--config", cfg, "--ckpt", ckpt, "--outdir", tmp_path, *args), fragment)
+
+
+def test_no_arguments_means_the_embedded_default(tmp_path):
+    """The fashion preset: all 10 classes from the committed model (kept short: 1 sample each, 5 steps)."""
+    proc = run("--n_samples_per_class", 1, "--steps", 5, "--outdir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[fashion]" in proc.stdout and "null class 10" in proc.stdout
+    img = Image.open(tmp_path / "fp32_steps5_eta0_scale3_seed42.png")
+    assert img.size == (34 + 2, 10 * 34 + 2)
+    assert img.text["preset"] == "fashion" and img.text["classes"] == "0 1 2 3 4 5 6 7 8 9"

@@ -1,0 +1,186 @@
+"""Quantizer math as pure tensor functions (spec quantization.md §1-2).
+
+Uniform affine fake quantization: x_q = (clamp(round(x/Δ) + z, q_min, q_max) − z)·Δ, with a straight-through
+estimator for the rounding. Schemes are value objects (``QScheme``), granularities ``PerTensor`` / ``PerChannel``,
+the scale search an enum. Everything here is stateless; modules that hold Δ, z or AdaRound's α live elsewhere.
+
+Conventions (one, not the originals' mix): an asymmetric scheme uses the unsigned grid [0, 2^b − 1] and a range
+that always contains 0 (so 0 is exact); a symmetric scheme uses the signed grid [−2^(b−1), 2^(b−1) − 1] with z = 0.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified-sigmoid stretch (Nagel et al. 2020, Eq. 23)
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One (Δ, z) for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One (Δ, z) per slice along ``axis`` (output channels of a conv/linear weight: axis 0).
+    Weight [C_out, C_in, k, k] -> Δ, z of shape [C_out, 1, 1, 1]."""
+
+    axis: int = 0
+
+
+class ScaleSearch(enum.Enum):
+    MAX = "max"  # the full (0-extended) range
+    MSE = "mse"  # the clipping with the lowest L_p error (p = 2.4) among 80 shrinks of the range (LAPQ / BRECQ)
+
+
+@dataclass(frozen=True)
+class QScheme:
+    bits: int
+    symmetric: bool = False
+    granularity: PerTensor | PerChannel = PerTensor()
+    search: ScaleSearch = ScaleSearch.MSE
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be in 2..16, got {self.bits}")
+        if not isinstance(self.granularity, (PerTensor, PerChannel)):
+            raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {self.granularity!r}")
+        if not isinstance(self.search, ScaleSearch):
+            raise TypeError(f"search must be a ScaleSearch, got {self.search!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """The integer grid values clamp(round(x/Δ) + z) (as floats; exact integers)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (q - zero_point) * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize-dequantize with STE rounding; gradients reach x (inside the range) and Δ (LSQ without its
+    gradient scale, as BRECQ/Q-Diffusion train activation steps)."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def _channel_view(x: torch.Tensor, granularity) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x -> [C, N] rows (C = 1 per tensor) and the broadcast shape of per-row parameters."""
+    if isinstance(granularity, PerChannel):
+        axis = granularity.axis % x.ndim
+        rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        shape = [1] * x.ndim
+        shape[axis] = x.shape[axis]
+        return rows, tuple(shape)
+    return x.reshape(1, -1), (1,) * x.ndim if x.ndim else ()
+
+
+def qparams_from_range(x_min: torch.Tensor, x_max: torch.Tensor, scheme: QScheme
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Δ, z) covering [x_min, x_max] (extended to contain 0). Δ is floored at 1e-8 (constant inputs)."""
+    x_min, x_max = torch.minimum(x_min, torch.zeros_like(x_min)), torch.maximum(x_max, torch.zeros_like(x_max))
+    if scheme.symmetric:
+        absmax = torch.maximum(-x_min, x_max)
+        scale = (absmax / scheme.qmax).clamp_min(1e-8)
+        return scale, torch.zeros_like(scale)
+    scale = ((x_max - x_min) / (scheme.qmax - scheme.qmin)).clamp_min(1e-8)
+    zero_point = torch.clamp(torch.round(-x_min / scale), scheme.qmin, scheme.qmax)
+    return scale, zero_point
+
+
+def lp_error(x: torch.Tensor, x_q: torch.Tensor, p: float = 2.4) -> torch.Tensor:
+    """mean |x − x_q|^p over the last dim."""
+    return (x - x_q).abs().pow(p).mean(dim=-1)
+
+
+def choose_qparams(x: torch.Tensor, scheme: QScheme, n_candidates: int = 80, p: float = 2.4,
+                   max_elements: int = 2 ** 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ and z for ``x`` under ``scheme``, shaped to broadcast against x ([C,1,1,1] per channel, scalars per tensor).
+
+    MSE search: candidates i = 0..n−1 shrink the range to (1 − 0.01 i)·[min, max]; each row keeps the candidate
+    with the lowest mean |x − x_q|^p. Vectorised over rows and over chunks of candidates (≤ ``max_elements``
+    intermediate values at a time), not looped per channel.
+    """
+    x = x.detach()
+    rows, shape = _channel_view(x.float(), scheme.granularity)  # [C, N]
+    lo, hi = rows.min(dim=1).values, rows.max(dim=1).values     # [C]
+    if scheme.search is ScaleSearch.MAX:
+        scale, zp = qparams_from_range(lo, hi, scheme)
+        return scale.reshape(shape), zp.reshape(shape)
+    best_err = torch.full_like(lo, float("inf"))
+    best_scale, best_zp = qparams_from_range(lo, hi, scheme)
+    chunk = max(1, max_elements // max(rows.numel(), 1))
+    for start in range(0, n_candidates, chunk):
+        f = 1.0 - 0.01 * torch.arange(start, min(start + chunk, n_candidates), dtype=rows.dtype,
+                                      device=rows.device)[:, None]          # [K, 1]
+        scale, zp = qparams_from_range(lo[None] * f, hi[None] * f, scheme)  # [K, C]
+        xq = dequantize(quantize(rows[None], scale[..., None], zp[..., None], scheme.qmin, scheme.qmax),
+                        scale[..., None], zp[..., None])                    # [K, C, N]
+        err = lp_error(rows[None], xq, p)                                   # [K, C]
+        k = err.argmin(dim=0)                                               # [C]
+        err_k = err.gather(0, k[None])[0]
+        better = err_k < best_err
+        best_err = torch.where(better, err_k, best_err)
+        best_scale = torch.where(better, scale.gather(0, k[None])[0], best_scale)
+        best_zp = torch.where(better, zp.gather(0, k[None])[0], best_zp)
+    return best_scale.reshape(shape), best_zp.reshape(shape)
+
+
+# ---- AdaRound (Nagel et al. 2020) -----------------------------------------------------------------------------
+
+
+def adaround_h(alpha: torch.Tensor) -> torch.Tensor:
+    """Rectified sigmoid h(α) = clamp(σ(α)(ζ − γ) + γ, 0, 1) (Eq. 23)."""
+    return torch.clamp(torch.sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def adaround_init_alpha(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """α with h(α) = r, the fractional part of W/Δ, so that training starts from the unrounded weight."""
+    r = w / scale - torch.floor(w / scale)
+    return -torch.log((ZETA - GAMMA) / (r - GAMMA) - 1)
+
+
+def adaround_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, alpha: torch.Tensor,
+                        qmin: int, qmax: int, hard: bool) -> torch.Tensor:
+    """W_q = (clamp(floor(W/Δ) + h + z) − z)·Δ with h = h(α) (soft) or [α ≥ 0] (hard, after optimisation)."""
+    h = (alpha >= 0).to(w.dtype) if hard else adaround_h(alpha)
+    q = torch.clamp(torch.floor(w / scale) + h + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def round_reg(alpha: torch.Tensor, beta: float) -> torch.Tensor:
+    """Σ (1 − |2h(α) − 1|^β): pushes every h to 0 or 1 as β anneals (Eq. 24)."""
+    return (1 - (2 * adaround_h(alpha) - 1).abs().pow(beta)).sum()
+
+
+@dataclass(frozen=True)
+class TempDecay:
+    """β of the rounding regulariser: off for the first ``warmup`` fraction, then linear from ``start`` to ``end``."""
+
+    iters: int
+    warmup: float = 0.2
+    start: float = 20.0
+    end: float = 2.0
+
+    def __call__(self, k: int) -> float | None:
+        """β at iteration k, or None while the regulariser is off (warm-up)."""
+        w = self.warmup * self.iters
+        if k < w:
+            return None
+        return self.end + (self.start - self.end) * max(0.0, 1 - (k - w) / (self.iters - w))

@@ -1,0 +1,107 @@
+"""Quantizer math: integer grids, round trips, the vectorised scale search against brute force, AdaRound."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.quantizer import (PerChannel, PerTensor, QScheme, ScaleSearch, TempDecay, adaround_fake_quant,
+                             adaround_h, adaround_init_alpha, choose_qparams, dequantize, fake_quant,
+                             qparams_from_range, quantize, round_reg)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (8, False), (4, True), (8, True)])
+def test_grid_is_exact_integers_and_round_trip(bits, symmetric):
+    scheme = QScheme(bits, symmetric, PerChannel(0), ScaleSearch.MAX)
+    w = torch.randn(6, 5, 3, 3)
+    scale, zp = choose_qparams(w, scheme)
+    assert scale.shape == (6, 1, 1, 1) and zp.shape == (6, 1, 1, 1)
+    q = quantize(w, scale, zp, scheme.qmin, scheme.qmax)
+    assert torch.equal(q, q.round()) and q.min() >= scheme.qmin and q.max() <= scheme.qmax
+    if symmetric:
+        assert not zp.any()
+    x_q = dequantize(q, scale, zp)
+    # max scheme: the range is covered, so every error is at most half a step
+    assert ((x_q - w).abs() <= scale / 2 + 1e-6).all()
+    # values already on the grid survive a second pass unchanged
+    torch.testing.assert_close(fake_quant(x_q, scale, zp, scheme.qmin, scheme.qmax), x_q)
+    # zero is exactly representable
+    assert fake_quant(torch.zeros(6, 1, 1, 1), scale, zp, scheme.qmin, scheme.qmax).abs().max() == 0
+
+
+def test_fake_quant_gradients_flow_through_ste():
+    x = torch.cat([torch.linspace(-0.5, 0.5, 11), torch.tensor([2.0])]).requires_grad_()
+    scale = torch.tensor(0.1, requires_grad=True)
+    fake_quant(x, scale, torch.tensor(7.0), 0, 15).sum().backward()
+    assert torch.equal(x.grad[:-1], torch.ones(11))  # inside the grid: identity
+    assert x.grad[-1] == 0                           # clamped at qmax: no gradient
+    assert scale.grad is not None and scale.grad != 0
+
+
+def _brute_force(rows, scheme, n=80, p=2.4):
+    out = []
+    for row in rows:
+        best = None
+        for i in range(n):
+            f = 1 - 0.01 * i
+            s, z = qparams_from_range(row.min() * f, row.max() * f, scheme)
+            err = ((row - dequantize(quantize(row, s, z, scheme.qmin, scheme.qmax), s, z)).abs() ** p).mean()
+            if best is None or err < best[0]:
+                best = (err, s, z)
+        out.append(best[1:])
+    return torch.stack([b[0] for b in out]), torch.stack([b[1] for b in out])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("max_elements", [2 ** 25, 1000])  # one chunk, and many chunks of candidates
+def test_mse_search_matches_brute_force(symmetric, max_elements):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, 3, 3, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.01]).view(4, 1, 1, 1)
+    w[2, 0, 0, 0] = 25.0  # an outlier that clipping should cut
+    scheme = QScheme(4, symmetric, PerChannel(0), ScaleSearch.MSE)
+    scale, zp = choose_qparams(w, scheme, max_elements=max_elements)
+    ref_scale, ref_zp = _brute_force(w.reshape(4, -1), scheme)
+    torch.testing.assert_close(scale.flatten(), ref_scale)
+    torch.testing.assert_close(zp.flatten(), ref_zp)
+    assert scale[2] < qparams_from_range(w[2].min(), w[2].max(), scheme)[0]  # the outlier got clipped
+
+
+def test_per_tensor_and_other_axis():
+    x = torch.randn(2, 7, 4)
+    s, z = choose_qparams(x, QScheme(8, granularity=PerTensor()))
+    assert s.shape == (1, 1, 1)
+    s, z = choose_qparams(x, QScheme(8, granularity=PerChannel(1)))
+    assert s.shape == (1, 7, 1)
+
+
+def test_scheme_validation():
+    with pytest.raises(ValueError, match="bits"):
+        QScheme(1)
+    with pytest.raises(TypeError, match="ScaleSearch"):
+        QScheme(4, search="mse")
+    assert (QScheme(4).qmin, QScheme(4).qmax, QScheme(4, True).qmin, QScheme(4, True).qmax) == (0, 15, -8, 7)
+
+
+def test_adaround_starts_at_the_unrounded_weight_and_hardens_to_nearest():
+    w = torch.randn(8, 16)
+    scheme = QScheme(4, granularity=PerChannel(0), search=ScaleSearch.MAX)
+    scale, zp = choose_qparams(w, scheme)
+    alpha = adaround_init_alpha(w, scale)
+    r = w / scale - torch.floor(w / scale)
+    torch.testing.assert_close(adaround_h(alpha), r, atol=1e-5, rtol=0)
+    soft = adaround_fake_quant(w, scale, zp, alpha, scheme.qmin, scheme.qmax, hard=False)
+    inside = (torch.floor(w / scale) + zp > scheme.qmin) & (torch.floor(w / scale) + zp < scheme.qmax - 1)
+    torch.testing.assert_close(soft[inside], w[inside], atol=1e-5, rtol=0)
+    hard = adaround_fake_quant(w, scale, zp, alpha, scheme.qmin, scheme.qmax, hard=True)
+    torch.testing.assert_close(hard, fake_quant(w, scale, zp, scheme.qmin, scheme.qmax))
+
+
+def test_rounding_regulariser_and_beta_schedule():
+    decay = TempDecay(iters=1000)
+    assert decay(0) is None and decay(199) is None        # warm-up: regulariser off
+    assert decay(200) == pytest.approx(20.0)
+    assert decay(600) == pytest.approx(11.0)              # linear 20 -> 2 over the remaining 80 %
+    assert decay(1000) == pytest.approx(2.0)
+    alpha = torch.tensor([-50.0, 0.0, 50.0])              # h = 0, 0.5, 1
+    assert round_reg(alpha, 2.0).item() == pytest.approx(1.0)  # only the undecided one costs
+    assert round_reg(alpha, 20.0).item() == pytest.approx(1.0)
+    assert round_reg(torch.tensor([0.3]), 20.0) > round_reg(torch.tensor([0.3]), 2.0)
