@@ -141,6 +141,15 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def _head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(qᵀk / √d) over [B·H, d, T] tensors; the 1/√d is split between q and k (fp16 headroom) and the
+    softmax runs in float32, as in the original."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # [B·H, T, T]
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
 class QKVAttentionLegacy(nn.Module):
     """Attention over qkv [B, 3·H·d, T] laid out head by head, each head holding its own [q | k | v]."""
 
@@ -153,11 +162,7 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)  # [B·H, T, T]; scale split for fp16 safety
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v)
-        return a.reshape(bs, -1, length)
+        return _head_attention(q, k, v).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -171,13 +176,8 @@ class QKVAttention(nn.Module):
         bs, width, length = qkv.shape
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.chunk(3, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", (q * scale).view(bs * self.n_heads, ch, length),
-                              (k * scale).view(bs * self.n_heads, ch, length))
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
-        return a.reshape(bs, -1, length)
+        q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
+        return _head_attention(q, k, v).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):
