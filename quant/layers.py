@@ -1,0 +1,102 @@
+"""A quantized Conv/Linear: it holds parameters only (Δ, z, AdaRound α, learned activation Δ); the math is
+``quant.quantizer``. Calibration is an explicit verb (``init_weight_qparams_``, ``init_act_qparams_``), never a lazy
+first forward.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.quantizer import QScheme, adaround_fake_quant, adaround_init_alpha, choose_qparams, fake_quant
+
+
+class WeightRounding(enum.Enum):
+    NEAREST = "nearest"
+    ADAROUND_SOFT = "adaround_soft"  # h(α) in [0, 1], while reconstructing
+    ADAROUND_HARD = "adaround_hard"  # [α ≥ 0], after reconstruction
+
+
+class QuantLayer(nn.Module):
+    """Fake-quantized replacement of an nn.Conv1d/Conv2d/Linear. The FP weight stays the master copy.
+
+    Forward: x -> fake_quant(x; Δ_a, z_a) if activations are on; W -> fake-quantized W if weights are on; then the
+    original op with the original stride/padding/groups.
+    """
+
+    def __init__(self, module: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None):
+        super().__init__()
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            raise TypeError(f"cannot quantize {type(module).__name__}")
+        self.kind = type(module)
+        self.op_kwargs = ({} if isinstance(module, nn.Linear) else
+                          dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                               groups=module.groups))
+        self.weight = module.weight
+        self.bias = module.bias
+        self.w_scheme, self.a_scheme = w_scheme, a_scheme
+        self.register_buffer("w_scale", torch.ones(()))
+        self.register_buffer("w_zero_point", torch.zeros(()))
+        self.a_scale = nn.Parameter(torch.ones(()), requires_grad=False)  # learned (LSQ) during reconstruction
+        self.register_buffer("a_zero_point", torch.zeros(()))
+        self.alpha: nn.Parameter | None = None
+        self.rounding = WeightRounding.NEAREST
+        self.weight_quant = False
+        self.act_quant = False
+        self.w_ready = self.a_ready = False
+
+    # -- explicit calibration verbs -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weight_qparams_(self) -> None:
+        scale, zp = choose_qparams(self.weight, self.w_scheme)
+        self.w_scale, self.w_zero_point = scale.to(self.weight), zp.to(self.weight)
+        self.w_ready = True
+
+    @torch.no_grad()
+    def init_act_qparams_(self, x: torch.Tensor) -> None:
+        if self.a_scheme is None:
+            raise ValueError("this layer has no activation quantizer")
+        scale, zp = choose_qparams(x, self.a_scheme)
+        self.a_scale = nn.Parameter(scale.reshape(()).to(x), requires_grad=False)
+        self.a_zero_point = zp.reshape(()).to(x)
+        self.a_ready = True
+
+    @torch.no_grad()
+    def init_adaround_(self) -> None:
+        """Start AdaRound from the unrounded weight: α with h(α) = frac(W/Δ)."""
+        if not self.w_ready:
+            raise RuntimeError("init_weight_qparams_ must run before init_adaround_")
+        self.alpha = nn.Parameter(adaround_init_alpha(self.weight, self.w_scale))
+        self.rounding = WeightRounding.ADAROUND_SOFT
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def quantized_weight(self) -> torch.Tensor:
+        s = self.w_scheme
+        if self.rounding is WeightRounding.NEAREST:
+            return fake_quant(self.weight, self.w_scale, self.w_zero_point, s.qmin, s.qmax)
+        return adaround_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.alpha, s.qmin, s.qmax,
+                                   hard=self.rounding is WeightRounding.ADAROUND_HARD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant:
+            if not self.a_ready:
+                raise RuntimeError("activation quantization is on but its range was never calibrated")
+            x = fake_quant(x, self.a_scale, self.a_zero_point, self.a_scheme.qmin, self.a_scheme.qmax)
+        if self.weight_quant:
+            if not self.w_ready:
+                raise RuntimeError("weight quantization is on but init_weight_qparams_ never ran")
+            w = self.quantized_weight()
+        else:
+            w = self.weight
+        if self.kind is nn.Linear:
+            return F.linear(x, w, self.bias)
+        conv = F.conv2d if self.kind is nn.Conv2d else F.conv1d
+        return conv(x, w, self.bias, **self.op_kwargs)
+
+    def extra_repr(self) -> str:
+        a = f"A{self.a_scheme.bits}" if self.a_scheme else "A-"
+        return f"{self.kind.__name__} W{self.w_scheme.bits}{a} rounding={self.rounding.value}"

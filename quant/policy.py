@@ -1,0 +1,42 @@
+"""Which layers are quantized, and at what precision: the keep-in-higher-precision policy, in one place.
+
+D²-DPM (spec d2dpm.md §3.2): ResBlock skip 1×1 convs and Downsample convs stay FP32; the first time-embedding
+Linear, the input conv and the output conv run at W8A8; every other Conv/Linear runs at the target bits.
+Q-Diffusion's "quantize everything" is the other policy.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch.nn as nn
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+class Precision(enum.Enum):
+    FP32 = "fp32"      # left as it is
+    EIGHT_BIT = "w8a8"  # W8A8 whatever the target
+    TARGET = "target"  # the requested bits (e.g. W4A8)
+
+
+# UNet-relative names (UNetModel's own module names, as in CompVis checkpoints without the model.diffusion_model prefix)
+EIGHT_BIT_LAYERS = ("time_embed.0", "input_blocks.0.0", "out.2")
+
+
+def d2dpm_policy(fqn: str, module: nn.Module) -> Precision:
+    """D²-DPM's layer policy for a module of the UNet named ``fqn`` (relative to the UNet)."""
+    if not isinstance(module, QUANTIZABLE):
+        return Precision.FP32
+    if "skip_connection" in fqn.split(".") or fqn.endswith(".op"):
+        return Precision.FP32
+    if fqn in EIGHT_BIT_LAYERS:
+        return Precision.EIGHT_BIT
+    return Precision.TARGET
+
+
+def quantize_all_policy(fqn: str, module: nn.Module) -> Precision:
+    """Q-Diffusion: every Conv/Linear at the target bits."""
+    return Precision.TARGET if isinstance(module, QUANTIZABLE) else Precision.FP32
+
+
+POLICIES = {"d2dpm": d2dpm_policy, "all": quantize_all_policy}
