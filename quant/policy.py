@@ -19,7 +19,7 @@ class Precision(enum.Enum):
     TARGET = "target"  # the requested bits (e.g. W4A8)
 
 
-# UNet-relative names (UNetModel's own module names, as in CompVis checkpoints without the model.diffusion_model prefix)
+# UNet-relative names (as in CompVis checkpoints without the model.diffusion_model prefix)
 EIGHT_BIT_LAYERS = ("time_embed.0", "input_blocks.0.0", "out.2")
 
 
