@@ -1,0 +1,93 @@
+"""Time-step-aware calibration data (Q-Diffusion §4.1; D²-DPM §3.1): UNet inputs (x_t, t, c) recorded along FP DDIM
+trajectories with classifier-free guidance, both branches, through a ``model_fn`` wrapper (ldm/ is not edited).
+
+Which (step, sample) pairs are kept is drawn first, from one seed, so only the calibration subset is ever stored:
+``UNIFORM`` spreads them evenly over the DDIM grid; ``NORMAL`` draws each step index from N(0.4, 0.4)·(S − 1)
+counted from pure noise (PTQ4DM's NDTC), rounded and clipped, and pairs every x with its true t.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ldm.models.diffusion.ddim import DDIMSchedule
+from ldm.sample import sample_latents
+
+
+class TimestepDistribution(enum.Enum):
+    UNIFORM = "uniform"
+    NORMAL = "normal"
+
+
+def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistribution,
+                rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """{step i (0 = noisiest): sorted indices into that step's ``per_step`` recorded inputs}, n pairs in all."""
+    if n > n_steps * per_step:
+        raise ValueError(f"{n} calibration samples asked for, but only {n_steps} x {per_step} inputs are recorded")
+    if distribution is TimestepDistribution.UNIFORM:
+        counts = np.full(n_steps, n // n_steps)
+        counts[: n % n_steps] += 1
+    else:
+        idx = np.clip(np.round(rng.normal(0.4, 0.4, size=n) * (n_steps - 1)), 0, n_steps - 1).astype(int)
+        counts = np.bincount(idx, minlength=n_steps)
+        # a step drawn more often than it has inputs gives its excess to the nearest steps with room
+        while (counts > per_step).any():
+            i = int(np.argmax(counts - per_step))
+            extra, counts[i] = counts[i] - per_step, per_step
+            room = np.flatnonzero(counts < per_step)
+            j = room[np.argmin(np.abs(room - i))]
+            counts[j] += extra
+    return {i: np.sort(rng.choice(per_step, size=int(c), replace=False)) for i, c in enumerate(counts) if c}
+
+
+@torch.no_grad()
+def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, steps: int, eta: float, scale: float,
+                            distribution: TimestepDistribution, seed: int, n_unconditional: int | None = None,
+                            batch_size: int = 250, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Sample FP trajectories (one per label, or ``n_unconditional``) and keep ``n`` UNet inputs.
+
+    Returns {"x": [n, C, H, W], "t": [n] int64, "c": [n, ...] (absent for unconditional models)}, ordered by step.
+    With guidance each trajectory contributes two inputs per step, indexed branch · n_traj + trajectory
+    (unconditional branch first), so the subset does not depend on the batch size.
+    """
+    schedule = DDIMSchedule.make(model.alphas_cumprod, steps, eta)
+    t_to_step = {st.t: st.i for st in schedule.steps()}
+    n_traj = len(labels) if labels is not None else n_unconditional
+    guided = labels is not None and scale != 1.0
+    per_step = n_traj * (2 if guided else 1)
+    keep = draw_subset(n, len(schedule), per_step, distribution, np.random.default_rng(seed))
+    kept: dict[int, list] = {i: [] for i in keep}
+    seen = dict.fromkeys(range(len(schedule)), 0)  # trajectories of each step seen so far, across batches
+    branches = 2 if guided else 1
+
+    def recording_model_fn(x, t, c):
+        i = t_to_step[int(t[0])]  # the timestep travels with the call; no call counting
+        b = x.shape[0] // branches
+        if i in keep:
+            # canonical index of each row, independent of batching: branch · n_traj + trajectory
+            rows = np.arange(x.shape[0])
+            canonical = (rows // b) * n_traj + seen[i] + rows % b
+            hit = np.isin(canonical, keep[i])
+            if hit.any():
+                sel = torch.as_tensor(np.flatnonzero(hit), device=x.device)
+                kept[i].append((canonical[hit], x[sel].cpu(), t[sel].cpu(), None if c is None else c[sel].cpu()))
+        seen[i] += b
+        return model.apply_model(x, t, c)
+
+    generator = torch.Generator(device=model.betas.device).manual_seed(seed)
+    sample_latents(model, labels, n=n_unconditional, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
+                   generator=generator, model_fn=recording_model_fn, progress=progress)
+    xs, ts, cs = [], [], []
+    for i in sorted(kept):
+        order = np.argsort(np.concatenate([r[0] for r in kept[i]]), kind="stable")
+        xs.append(torch.cat([r[1] for r in kept[i]])[order])
+        ts.append(torch.cat([r[2] for r in kept[i]])[order])
+        if kept[i][0][3] is not None:
+            cs.append(torch.cat([r[3] for r in kept[i]])[order])
+    out = {"x": torch.cat(xs), "t": torch.cat(ts)}
+    if cs:
+        out["c"] = torch.cat(cs)
+    return out
