@@ -62,3 +62,26 @@ def test_artifact_meta_is_checked(tmp_path):
         load_artifact(path, "noise_stats")
     with pytest.raises(ArtifactMismatch, match="not found"):
         load_artifact(tmp_path / "none.pt", "calibration")
+
+
+def test_collect_script_writes_a_checked_artifact(tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+    cfg = tiny_models.config(tiny_models.CLASS_COND)
+    cfg_path, ckpt = tiny_models.write(cfg, tiny_models.build(cfg), tmp_path / "m")
+    spec = importlib.util.spec_from_file_location("collect", REPO / "quant_scripts" /
+                                                  "collect_imagenet_calibration_set.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--n", "40", "--steps", "5",
+            "--calibration_trajectories_per_class", "2", "--outdir", str(tmp_path / "out")]
+    script.main(args)
+    out = tmp_path / "out" / "custom" / "scale3_eta0_steps5" / "calibration.pt"
+    art = load_artifact(out, "calibration", {"steps": 5, "n": 40, "distribution": "uniform"})
+    assert art["x"].shape == (40, 3, 8, 8) and len(art["meta"]["timesteps"]) == 5
+    script.main(args)
+    assert "skipping" in capsys.readouterr().out
+    from ldm.util import UserFacingError
+    with pytest.raises(UserFacingError, match="raise --calibration_trajectories_per_class"):
+        script.main(args[:4] + ["--n", "500"] + args[6:])
