@@ -5,6 +5,7 @@
     qm.calibrate_activations_(batches)                # explicit: activation Δ, z from calibration inputs
     qm.set_quant_state(weight=True, act=True)
     eps = qm(x, t, context=c)                         # same signature as the UNet
+    state = qm.quant_state_dict()                     # Δ, z, rounding (α or round-up mask) per layer
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-from quant.layers import QuantLayer
+from quant.layers import QuantLayer, WeightRounding
 from quant.policy import Precision, d2dpm_policy
 from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch
 
@@ -82,3 +83,44 @@ class QuantModel(nn.Module):
 
     def forward(self, x, timesteps=None, context=None, **kwargs):
         return self.model(x, timesteps, context=context, **kwargs)
+
+    # -- persistence of the quantized state -------------------------------------------------------------------
+
+    def quant_state_dict(self) -> dict[str, dict]:
+        """Per quantized layer: Δ/z of weights and activations, the rounding mode and, for AdaRound, α (soft) or
+        the round-up mask (hard; 1 bit of information per weight). The FP master weights are not included: they
+        come from the model checkpoint."""
+        out = {}
+        for name, layer in self.quant_layers():
+            d = {"w_scale": layer.w_scale.detach().cpu(), "w_zero_point": layer.w_zero_point.detach().cpu(),
+                 "a_scale": layer.a_scale.detach().cpu(), "a_zero_point": layer.a_zero_point.detach().cpu(),
+                 "rounding": layer.rounding.value, "w_ready": layer.w_ready, "a_ready": layer.a_ready}
+            if layer.rounding is WeightRounding.ADAROUND_HARD:
+                d["round_up"] = (layer.alpha >= 0).detach().cpu()
+            elif layer.rounding is WeightRounding.ADAROUND_SOFT:
+                d["alpha"] = layer.alpha.detach().cpu()
+            out[name] = d
+        return out
+
+    @torch.no_grad()
+    def load_quant_state_dict_(self, state: dict[str, dict]) -> "QuantModel":
+        layers = dict(self.quant_layers())
+        if set(state) != set(layers):
+            missing, extra = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
+            raise ValueError(f"quantized state does not fit this model: missing {missing[:3]}, unexpected "
+                             f"{extra[:3]} (another layer policy or model?)")
+        for name, d in state.items():
+            layer = layers[name]
+            dev = layer.weight.device
+            layer.w_scale, layer.w_zero_point = d["w_scale"].to(dev), d["w_zero_point"].to(dev)
+            layer.a_scale = nn.Parameter(d["a_scale"].to(dev), requires_grad=False)
+            layer.a_zero_point = d["a_zero_point"].to(dev)
+            layer.w_ready, layer.a_ready = bool(d["w_ready"]), bool(d["a_ready"])
+            layer.rounding = WeightRounding(d["rounding"])
+            if layer.rounding is WeightRounding.ADAROUND_HARD:
+                layer.alpha = nn.Parameter(d["round_up"].to(dev, layer.weight.dtype) * 2 - 1, requires_grad=False)
+            elif layer.rounding is WeightRounding.ADAROUND_SOFT:
+                layer.alpha = nn.Parameter(d["alpha"].to(dev))
+            else:
+                layer.alpha = None
+        return self

@@ -59,3 +59,28 @@ def test_act_quant_without_calibration_is_an_error(unet_and_data):
     x, t, c = batches[0]
     with pytest.raises(RuntimeError, match="never calibrated"):
         qm(x, t, context=c)
+
+
+@torch.no_grad()
+def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
+    from quant.artifacts import load_artifact, save_artifact
+    from quant.layers import WeightRounding
+    unet, batches = unet_and_data
+    qm = QuantModel(unet, w_bits=4, a_bits=8).init_weights_()
+    qm.calibrate_activations_(batches[:1])
+    for _, layer in qm.quant_layers():
+        layer.init_adaround_()
+        layer.alpha.add_(torch.randn_like(layer.alpha))  # as if reconstruction had moved the rounding
+        layer.rounding = WeightRounding.ADAROUND_HARD
+    qm.set_quant_state(weight=True, act=True)
+    x, t, c = batches[-1]
+    ref = qm(x, t, context=c)
+    path = save_artifact(tmp_path / "q.pt", "quant_model", {"w_bits": 4, "a_bits": 8},
+                         {"quant_state": qm.quant_state_dict()})
+    fresh = QuantModel(unet, w_bits=4, a_bits=8)
+    fresh.load_quant_state_dict_(load_artifact(path, "quant_model", {"w_bits": 4})["quant_state"])
+    fresh.set_quant_state(weight=True, act=True)
+    assert torch.equal(fresh(x, t, context=c), ref)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        QuantModel(unet, w_bits=4, a_bits=8, policy=quantize_all_policy).load_quant_state_dict_(
+            qm.quant_state_dict())
