@@ -206,6 +206,20 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust
     return model.to(device).eval()
 
 
+def init_from_ckpt(module: torch.nn.Module, path: str | os.PathLike, ignore_keys=()) -> tuple[list, list]:
+    """Config-driven ``ckpt_path`` loading (CompVis): keys under ``ignore_keys`` prefixes are dropped, the rest
+    loaded non-strictly, and the missing/unexpected keys are printed rather than silently ignored."""
+    sd = state_dict_from_checkpoint(load_checkpoint_file(path), path)
+    sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    print(f"Restored {type(module).__name__} from {path}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+    if missing:
+        print(f"Missing keys (first 5): {missing[:5]}")
+    if unexpected:
+        print(f"Unexpected keys (first 5): {unexpected[:5]}")
+    return missing, unexpected
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file next to ``path``, then rename: no half-written file on failure."""
     path = Path(path)
@@ -237,11 +251,3 @@ def count_params(model: torch.nn.Module, verbose: bool = False) -> int:
     if verbose:
         print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
     return total
-
-
-def ismap(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[1] > 3
-
-
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.mean(dim=list(range(1, tensor.ndim)))

@@ -22,8 +22,8 @@ from ldm.models.diffusion.ddim import DDIMSchedule  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
 from quant.artifacts import ArtifactMismatch, file_fingerprint, load_artifact, save_artifact  # noqa: E402
 from quant.calibration import TimestepDistribution, collect_calibration_set  # noqa: E402
-from quant_scripts.common import (add_model_args, apply_preset, ensure_writable_dir, load_ldm, pick_device,  # noqa
-                                  resolve, run_cli)
+from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
+                                  ensure_writable_dir, load_ldm, pick_device, resolve, run_cli)
 
 # ---- defaults (edit here or override with flags) ---------------------------------------------------------------
 PRESET = "fashion"
@@ -41,10 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=N_CALIBRATION, help="calibration samples to keep")
     p.add_argument("--distribution", default=TIMESTEP_DISTRIBUTION, choices=[d.value for d in TimestepDistribution])
     p.add_argument("--calibration_trajectories_per_class", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--scale", type=float, default=None)
-    p.add_argument("--batch_size", type=int, default=None)
+    add_sampling_args(p)
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--outdir", default=OUTDIR)
     p.add_argument("--force", action="store_true", help="recollect even if a matching calibration set exists")
@@ -58,10 +55,7 @@ def main(argv=None) -> None:
         args.calibration_trajectories_per_class = 1
     if args.n < 1 or args.calibration_trajectories_per_class < 1:
         raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1")
-    try:
-        DDIMSchedule.make(torch.linspace(0.99, 0.01, 1000), args.steps, args.eta)
-    except ValueError as e:
-        raise UserFacingError(f"--steps {args.steps}: {e}") from None
+    check_sampling_args(args)
     run_dir = ensure_writable_dir(Path(args.outdir) / args.preset_used /
                                   f"scale{args.scale:g}_eta{args.eta:g}_steps{args.steps}")
     out = run_dir / "calibration.pt"

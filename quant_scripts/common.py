@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import ConfigError, UserFacingError, load_config, load_model_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,27 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
                    help="allow full unpickling of a checkpoint that weights_only loading refuses (only for files "
                         "from a source you trust; also LDM_TRUST_CHECKPOINT=1)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """DDIM settings shared by every sampling step; unset ones come from the preset."""
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (paper: 20)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like; paper: 0)")
+    p.add_argument("--scale", type=float, default=None, help="classifier-free guidance scale (1 = none; paper: 3)")
+    p.add_argument("--batch_size", type=int, default=None)
+
+
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """One-line errors for sampling settings, before any model is loaded."""
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.eta < 0:
+        raise UserFacingError(f"--eta must be >= 0, got {args.eta}")
+    try:  # the step count alone decides whether the CompVis grid fits in T = 1000
+        make_ddim_timesteps("uniform", args.steps, 1000)
+    except ValueError as e:
+        raise UserFacingError(f"--steps {args.steps}: {e}") from None
 
 
 def pick_device(name: str) -> torch.device:

@@ -21,11 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSchedule  # noqa: E402
 from ldm.sample import decode_latents, null_class, sample_latents  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
-from quant_scripts.common import (add_model_args, apply_preset, ensure_writable_dir, load_ldm,  # noqa: E402
-                                  pick_device, run_cli)
+from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
+                                  ensure_writable_dir, load_ldm, pick_device, run_cli)
 
 # ---- defaults (edit here or override with flags; model paths and sampling settings live in the preset) -------
 PRESET = "fashion"
@@ -43,28 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="class ids, one grid row each (default: the preset's; all classes of a custom model)")
     p.add_argument("--n_samples_per_class", type=int, default=None)
     p.add_argument("--n_samples", type=int, default=N_SAMPLES, help="number of samples for unconditional models")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (paper: 20)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like; paper: 0)")
-    p.add_argument("--scale", type=float, default=None, help="classifier-free guidance scale (1 = none; paper: 3)")
+    add_sampling_args(p)
     p.add_argument("--uncond_class", type=int, default=None,
                    help="unconditional label for guidance (default: the model's null class, 1000 for cin256-v2)")
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--no_ema", action="store_true", help="use the live weights of a model trained with EMA")
     p.add_argument("--outdir", default=OUTDIR)
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("n_samples_per_class", "n_samples", "steps", "batch_size"):
+    for name in ("n_samples_per_class", "n_samples"):
         if getattr(args, name) < 1:
             raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.eta < 0:
-        raise UserFacingError(f"--eta must be >= 0, got {args.eta}")
-    try:
-        DDIMSchedule.make(torch.linspace(0.99, 0.01, 1000), args.steps, args.eta)
-    except ValueError as e:
-        raise UserFacingError(f"--steps {args.steps}: {e}") from None
+    check_sampling_args(args)
 
 
 def main(argv=None) -> None:

@@ -16,14 +16,7 @@ from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
 from ldm.modules.vqvae.quantize import VectorQuantizer2 as VectorQuantizer
-from ldm.util import instantiate_from_config, load_checkpoint_file, state_dict_from_checkpoint
-
-
-def _init_from_ckpt(module: torch.nn.Module, path: str, ignore_keys=()) -> None:
-    sd = state_dict_from_checkpoint(load_checkpoint_file(path), path)
-    sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    print(f"Restored {type(module).__name__} from {path}: {len(missing)} missing, {len(unexpected)} unexpected keys")
+from ldm.util import init_from_ckpt, instantiate_from_config
 
 
 def _images_from_batch(batch: dict, key: str) -> torch.Tensor:
@@ -57,7 +50,7 @@ class VQModel(pl.LightningModule):
         if self.use_ema:
             self.model_ema = LitEma(self)
         if ckpt_path is not None:
-            _init_from_ckpt(self, ckpt_path, ignore_keys)
+            init_from_ckpt(self, ckpt_path, ignore_keys)
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
         # Dead-code restarts (training only; 0 = off, as in CompVis): every N steps, codes that no input chose in
@@ -169,7 +162,7 @@ class AutoencoderKL(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
-            _init_from_ckpt(self, ckpt_path, ignore_keys)
+            init_from_ckpt(self, ckpt_path, ignore_keys)
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))

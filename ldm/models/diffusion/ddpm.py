@@ -19,11 +19,7 @@ from ldm.models.autoencoder import IdentityFirstStage, VQModelInterface
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
-from ldm.util import (ConfigError, count_params, default, exists, instantiate_from_config, load_checkpoint_file,
-                      state_dict_from_checkpoint)
-
-__conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
-
+from ldm.util import ConfigError, count_params, default, exists, init_from_ckpt, instantiate_from_config
 
 def disabled_train(self, mode=True):
     """Replaces ``.train`` of frozen sub-models so that Lightning cannot switch them back to training mode."""
@@ -125,15 +121,7 @@ class DDPM(pl.LightningModule):
 
     def init_from_ckpt(self, path, ignore_keys=(), only_model=False):
         """Config-driven ``ckpt_path`` loading (CompVis). Mismatches are reported, not silently ignored."""
-        sd = state_dict_from_checkpoint(load_checkpoint_file(path), path)
-        sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
-        target = self.model if only_model else self
-        missing, unexpected = target.load_state_dict(sd, strict=False)
-        print(f"Restored from {path} with {len(missing)} missing and {len(unexpected)} unexpected keys")
-        if missing:
-            print(f"Missing keys (first 5): {missing[:5]}")
-        if unexpected:
-            print(f"Unexpected keys (first 5): {unexpected[:5]}")
+        init_from_ckpt(self.model if only_model else self, path, ignore_keys)
 
     # -- forward process ----------------------------------------------------------------------------------------
 

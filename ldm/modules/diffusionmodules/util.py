@@ -118,12 +118,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def scale_module(module: nn.Module, scale: float) -> nn.Module:
-    for p in module.parameters():
-        p.detach().mul_(scale)
-    return module
-
-
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm that always computes in float32 (the UNet's ``normalization``)."""
 
