@@ -44,6 +44,9 @@ class FIDStatistics:
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
+    # Quiet like the reference's sqrtm(..., disp=False): no LinAlgWarning for the singular products that N < D
+    # features give (non-finite results are handled by the caller), and no deprecation notice.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         return linalg.sqrtm(a)

@@ -46,10 +46,13 @@ def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistr
 @torch.no_grad()
 def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, steps: int, eta: float, scale: float,
                             distribution: TimestepDistribution, seed: int, n_unconditional: int | None = None,
-                            batch_size: int = 250, progress: bool = True) -> dict[str, torch.Tensor]:
+                            batch_size: int = 250, n_holdout: int = 0, progress: bool = True
+                            ) -> dict[str, torch.Tensor]:
     """Sample FP trajectories (one per label, or ``n_unconditional``) and keep ``n`` UNet inputs.
 
-    Returns {"x": [n, C, H, W], "t": [n] int64, "c": [n, ...] (absent for unconditional models)}, ordered by step.
+    Returns {"x": [n, C, H, W], "t": [n] int64, "c": [n, ...] (absent for unconditional models)}, ordered by step,
+    plus ``n_holdout`` more inputs drawn the same way under "holdout_x", "holdout_t", "holdout_c": never used for
+    calibration, they measure the quantized model's error on inputs it was not fit to.
     With guidance each trajectory contributes two inputs per step, indexed branch · n_traj + trajectory
     (unconditional branch first), so the subset does not depend on the batch size.
     """
@@ -58,7 +61,7 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     n_traj = len(labels) if labels is not None else n_unconditional
     guided = labels is not None and scale != 1.0
     per_step = n_traj * (2 if guided else 1)
-    keep = draw_subset(n, len(schedule), per_step, distribution, np.random.default_rng(seed))
+    keep = draw_subset(n + n_holdout, len(schedule), per_step, distribution, np.random.default_rng(seed))
     kept: dict[int, list] = {i: [] for i in keep}
     seen = dict.fromkeys(range(len(schedule)), 0)  # trajectories of each step seen so far, across batches
     branches = 2 if guided else 1
@@ -87,7 +90,12 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
         ts.append(torch.cat([r[2] for r in kept[i]])[order])
         if kept[i][0][3] is not None:
             cs.append(torch.cat([r[3] for r in kept[i]])[order])
-    out = {"x": torch.cat(xs), "t": torch.cat(ts)}
+    every = {"x": torch.cat(xs), "t": torch.cat(ts)}
     if cs:
-        out["c"] = torch.cat(cs)
+        every["c"] = torch.cat(cs)
+    held = np.zeros(n + n_holdout, dtype=bool)
+    held[np.random.default_rng(seed + 1).permutation(n + n_holdout)[:n_holdout]] = True
+    held = torch.as_tensor(held)
+    out = {k: v[~held] for k, v in every.items()}
+    out.update({f"holdout_{k}": v[held] for k, v in every.items()})
     return out

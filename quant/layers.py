@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.policy import Precision
 from quant.quantizer import QScheme, adaround_fake_quant, adaround_init_alpha, choose_qparams, fake_quant
 
 
@@ -26,7 +27,8 @@ class QuantLayer(nn.Module):
     original op with the original stride/padding/groups.
     """
 
-    def __init__(self, module: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None):
+    def __init__(self, module: nn.Module, w_scheme: QScheme, a_scheme: QScheme | None,
+                 precision: Precision = Precision.TARGET):
         super().__init__()
         if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             raise TypeError(f"cannot quantize {type(module).__name__}")
@@ -37,6 +39,7 @@ class QuantLayer(nn.Module):
         self.weight = module.weight
         self.bias = module.bias
         self.w_scheme, self.a_scheme = w_scheme, a_scheme
+        self.precision = precision  # what the layer policy chose (8-bit head/stem layers are not reconstructed)
         self.register_buffer("w_scale", torch.ones(()))
         self.register_buffer("w_zero_point", torch.zeros(()))
         self.a_scale = nn.Parameter(torch.ones(()), requires_grad=False)  # learned (LSQ) during reconstruction

@@ -40,16 +40,22 @@ class QuantModel(nn.Module):
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, QuantLayer(module, *schemes(precision)))
+            setattr(parent, child, QuantLayer(module, *schemes(precision), precision=precision))
+        self._state = {"weight": False, "act": False}
 
     def quant_layers(self) -> Iterable[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))
 
     def set_quant_state(self, weight: bool = False, act: bool = False) -> "QuantModel":
+        self._state = {"weight": bool(weight), "act": bool(act)}
         for _, layer in self.quant_layers():
             layer.weight_quant = weight
             layer.act_quant = act and layer.a_scheme is not None
         return self
+
+    def quant_state(self) -> dict[str, bool]:
+        """The last ``set_quant_state`` arguments, to restore them: ``qm.set_quant_state(**state)``."""
+        return dict(self._state)
 
     @torch.no_grad()
     def init_weights_(self) -> "QuantModel":

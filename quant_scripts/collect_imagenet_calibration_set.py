@@ -28,6 +28,7 @@ from quant_scripts.common import (add_model_args, add_sampling_args, apply_prese
 # ---- defaults (edit here or override with flags) ---------------------------------------------------------------
 PRESET = "fashion"
 N_CALIBRATION = 1024                 # D²-DPM: 1024
+N_HOLDOUT = 128                      # extra inputs, drawn the same way, kept out of calibration to measure SQNR
 TIMESTEP_DISTRIBUTION = "uniform"    # "uniform" (the DDIM grid evenly) or "normal" (PTQ4DM: N(0.4, 0.4) over the grid)
 SEED = 0
 OUTDIR = "outputs"
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, PRESET)
     p.add_argument("--n", type=int, default=N_CALIBRATION, help="calibration samples to keep")
+    p.add_argument("--n_holdout", type=int, default=N_HOLDOUT,
+                   help="held-out inputs for measuring the quantized UNet's error (not used to calibrate)")
     p.add_argument("--distribution", default=TIMESTEP_DISTRIBUTION, choices=[d.value for d in TimestepDistribution])
     p.add_argument("--calibration_trajectories_per_class", type=int, default=None)
     add_sampling_args(p)
@@ -53,15 +56,15 @@ def main(argv=None) -> None:
     apply_preset(args, PRESET)
     if args.calibration_trajectories_per_class is None:
         args.calibration_trajectories_per_class = 1
-    if args.n < 1 or args.calibration_trajectories_per_class < 1:
-        raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1")
+    if args.n < 1 or args.calibration_trajectories_per_class < 1 or args.n_holdout < 0:
+        raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1, --n_holdout >= 0")
     check_sampling_args(args)
     run_dir = ensure_writable_dir(Path(args.outdir) / args.preset_used /
                                   f"scale{args.scale:g}_eta{args.eta:g}_steps{args.steps}")
     out = run_dir / "calibration.pt"
     meta = {"model": str(args.config), "ckpt": file_fingerprint(resolve(args.ckpt)), "steps": args.steps,
             "eta": float(args.eta), "scale": float(args.scale), "distribution": args.distribution, "n": args.n,
-            "seed": args.seed}
+            "n_holdout": args.n_holdout, "seed": args.seed}
     if out.exists() and not args.force:
         try:
             load_artifact(out, "calibration", meta)
@@ -79,14 +82,14 @@ def main(argv=None) -> None:
         labels, n_unconditional = None, args.calibration_trajectories_per_class
         what = f"{n_unconditional} unconditional trajectories"
     print(f"[{args.preset_used}] recording {what}, {args.steps} DDIM steps, eta {args.eta}, scale {args.scale}; "
-          f"keeping {args.n} inputs ({args.distribution}), seed {args.seed}, on {device}")
+          f"keeping {args.n} inputs + {args.n_holdout} held out ({args.distribution}), seed {args.seed}, on {device}")
     t0 = time.time()
     dist = TimestepDistribution(args.distribution)
     with model.ema_scope():
         try:
             data = collect_calibration_set(model, labels, n=args.n, steps=args.steps, eta=args.eta, scale=args.scale,
                                            distribution=dist, seed=args.seed, n_unconditional=n_unconditional,
-                                           batch_size=args.batch_size)
+                                           batch_size=args.batch_size, n_holdout=args.n_holdout)
         except ValueError as e:
             raise UserFacingError(f"{e}; raise --calibration_trajectories_per_class or lower --n") from None
     meta["timesteps"] = DDIMSchedule.make(model.alphas_cumprod, args.steps, args.eta).timesteps.tolist()

@@ -134,3 +134,51 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another --outdir") \
             from None
     return path
+
+
+# ---- steps 2+: the run directory, the calibration set and quantized models ----------------------------------------
+
+
+def run_dir(args: argparse.Namespace) -> Path:
+    """outputs/<preset>/scale{s}_eta{η}_steps{S}: where every artifact of one sampler setting lives."""
+    return Path(args.outdir) / args.preset_used / f"scale{args.scale:g}_eta{args.eta:g}_steps{args.steps}"
+
+
+def model_meta(args: argparse.Namespace) -> dict:
+    """What identifies the model and sampler settings in every artifact's meta."""
+    from quant.artifacts import file_fingerprint
+    ckpt = resolve(args.ckpt)
+    if not ckpt.is_file():
+        raise UserFacingError(f"checkpoint not found: {args.ckpt}")
+    return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), "steps": args.steps,
+            "eta": float(args.eta), "scale": float(args.scale)}
+
+
+def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel_wise: bool) -> None:
+    p.add_argument("--w_bits", type=int, default=w_bits, choices=(4, 8), help="weight bits")
+    p.add_argument("--policy", default=policy, help="layer policy: d2dpm (skip/Downsample FP32, head/stem W8A8) or "
+                                                   "all (Q-Diffusion: every Conv/Linear at the target bits)")
+    p.add_argument("--channel_wise", action=argparse.BooleanOptionalAction, default=channel_wise,
+                   help="per-output-channel weight scales (D²-DPM: per-tensor)")
+    p.add_argument("--cache_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="precision of the reconstruction caches (float16 halves their memory)")
+    p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
+                                                     "of memory (full-size UNets on small hosts)")
+    p.add_argument("--outdir", default="outputs")
+    p.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
+
+
+def check_quant_args(args: argparse.Namespace) -> None:
+    from quant.policy import POLICIES
+    if args.policy not in POLICIES:
+        raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
+    for name in ("weight_iters", "act_iters", "act_init_samples", "recon_batch_size"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+
+def cache_spec(args: argparse.Namespace):
+    from quant.reconstruction import CacheSpec
+    if args.cache_dir is not None:
+        ensure_writable_dir(args.cache_dir)
+    return CacheSpec(dtype=getattr(torch, args.cache_dtype), directory=args.cache_dir)

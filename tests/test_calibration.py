@@ -74,14 +74,17 @@ def test_collect_script_writes_a_checked_artifact(tmp_path, capsys):
                                                   "collect_imagenet_calibration_set.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    args = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--n", "40", "--steps", "5",
+    args = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--n", "40", "--n_holdout", "8", "--steps", "5",
             "--calibration_trajectories_per_class", "2", "--outdir", str(tmp_path / "out")]
     script.main(args)
     out = tmp_path / "out" / "custom" / "scale3_eta0_steps5" / "calibration.pt"
     art = load_artifact(out, "calibration", {"steps": 5, "n": 40, "distribution": "uniform"})
     assert art["x"].shape == (40, 3, 8, 8) and len(art["meta"]["timesteps"]) == 5
+    assert art["holdout_x"].shape == (8, 3, 8, 8) and art["holdout_c"].shape == (8, 1, 16)
     script.main(args)
     assert "skipping" in capsys.readouterr().out
     from ldm.util import UserFacingError
     with pytest.raises(UserFacingError, match="raise --calibration_trajectories_per_class"):
         script.main(args[:4] + ["--n", "500"] + args[6:])
+    with pytest.raises(UserFacingError, match=">= 0"):
+        script.main(args + ["--n_holdout", "-1"])

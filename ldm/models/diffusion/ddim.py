@@ -259,3 +259,18 @@ def _batch_len(c: Any) -> int:
     if isinstance(c, list):
         return len(c)
     return c.shape[0]
+
+
+# The seed's corrected-sampler names live in correction.samplers (ldm/ does not import correction/ at import time);
+# ``from ldm.models.diffusion.ddim import DDIMSampler_..._imagenet`` still works, resolved on first use.
+_CORRECTED_SAMPLERS = ("DDIMSampler_gaussian_quantCorrection_imagenet",
+                       "DDIMSampler_implicit_gaussian_quantCorrection_imagenet",
+                       "DDIMSampler_channel_wise_explicit_gaussian_quantCorrection_imagenet",
+                       "DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet")
+
+
+def __getattr__(name: str):
+    if name in _CORRECTED_SAMPLERS:
+        from correction import samplers
+        return getattr(samplers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

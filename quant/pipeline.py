@@ -1,0 +1,100 @@
+"""The library side of pipeline steps 2-3 (and the loader every later step uses): quantized-model artifacts,
+calibration-set loading with its checks, and resumable reconstruction.
+
+Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}.pt):
+    meta: model, ckpt (fingerprint), w_bits, a_bits (None for weights only), policy, channel_wise, steps, eta,
+          scale, timesteps, calibration (fingerprint of calibration.pt), the phase settings and the SQNRs measured
+    quant_state: QuantModel.quant_state_dict() (Δ, z, rounding mode, round-up masks; no FP weights)
+Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and the summaries so far.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from quant.model import QuantModel
+from quant.policy import POLICIES
+from quant.reconstruction import CalibrationData, Phase, ReconConfig, reconstruct_
+
+QUANT_KIND = "quant"
+PARTIAL_KIND = "quant_partial"
+# what must agree between a quantized model and the request that loads it
+MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise")
+
+
+def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel:
+    """An uncalibrated QuantModel shaped as ``meta`` says (bits, policy, granularity)."""
+    if meta["policy"] not in POLICIES:
+        raise ArtifactMismatch(f"unknown layer policy {meta['policy']!r}; this code knows {sorted(POLICIES)}")
+    return QuantModel(unet, w_bits=meta["w_bits"], a_bits=meta.get("a_bits"), policy=POLICIES[meta["policy"]],
+                      channel_wise=meta["channel_wise"])
+
+
+def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],
+                     produced_by: str = "quant_scripts/quantize_weight_activation.py") -> tuple[QuantModel, dict]:
+    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...).
+    Quantization is switched on as the artifact was made (weights, and activations when it has a_bits)."""
+    obj = load_artifact(path, QUANT_KIND, expect, produced_by)
+    meta = obj["meta"]
+    qm = build_quant_model(unet, meta)
+    try:
+        qm.load_quant_state_dict_(obj["quant_state"])
+    except ValueError as e:
+        raise ArtifactMismatch(f"{path}: {e}") from None
+    qm.to(next(unet.parameters()).device)
+    qm.set_quant_state(weight=True, act=meta.get("a_bits") is not None)
+    return qm.eval(), meta
+
+
+def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps: list[int],
+                     device: torch.device) -> tuple[CalibrationData, CalibrationData | None, dict]:
+    """The calibration set (and its held-out part), checked: same model and sampler settings, and recorded on the
+    DDIM grid that sampling will use (a set from another grid calibrates the wrong timesteps)."""
+    obj = load_artifact(path, "calibration", expect, "quant_scripts/collect_imagenet_calibration_set.py")
+    got = obj["meta"].get("timesteps")
+    if got != list(timesteps):
+        raise ArtifactMismatch(f"{path} was recorded on the DDIM grid {got[:3]}...{got[-1:]} ({len(got)} steps), but "
+                               f"the model's {len(timesteps)}-step grid is {list(timesteps)[:3]}...; recollect it")
+    data = CalibrationData(obj["x"], obj["t"], obj.get("c"), device)
+    held = (CalibrationData(obj["holdout_x"], obj["holdout_t"], obj.get("holdout_c"), device)
+            if obj.get("holdout_x") is not None and len(obj["holdout_x"]) else None)
+    return data, held, obj["meta"]
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.stem + ".partial.pt")
+
+
+def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig,
+                          out_path: str | os.PathLike, meta: dict[str, Any], progress: bool = True) -> list[dict]:
+    """``reconstruct_`` with a checkpoint after every unit in ``<out>.partial.pt``. A partial checkpoint whose meta
+    equals ``meta`` (same model, bits, settings, calibration set) is resumed from; any other is ignored and replaced.
+    The caller writes the final artifact and then calls ``finish_partial``."""
+    ckpt = partial_path(out_path)
+    start, summaries = 0, []
+    if ckpt.exists():
+        try:
+            obj = load_artifact(ckpt, PARTIAL_KIND, meta)
+            qm.load_quant_state_dict_(obj["quant_state"])
+            qm.to(next(qm.parameters()).device)
+            start, summaries = int(obj["next_unit"]), list(obj["summaries"])
+            print(f"resuming {phase.value} reconstruction at unit {start} from {ckpt}")
+        except (ArtifactMismatch, ValueError, KeyError):
+            print(f"ignoring {ckpt}: it was made with other settings")
+
+    def checkpoint(next_unit: int, summary: dict) -> None:
+        summaries.append(summary)
+        save_artifact(ckpt, PARTIAL_KIND, meta, {"next_unit": next_unit, "summaries": summaries,
+                                                 "quant_state": qm.quant_state_dict()})
+
+    reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress)
+    return summaries
+
+
+def finish_partial(out_path: str | os.PathLike) -> None:
+    partial_path(out_path).unlink(missing_ok=True)

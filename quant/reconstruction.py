@@ -1,0 +1,377 @@
+"""BRECQ reconstruction (Li et al. 2021, Eq. 7) of a QuantModel, unit by unit, as D²-DPM / Q-Diffusion run it.
+
+Units, in module order (spec quantization.md §3.2, §4.2):
+    ResBlock              -> block reconstruction, inputs (h, emb)
+    BasicTransformerBlock -> block reconstruction, inputs (h, context)
+    any other QuantLayer  -> layer reconstruction
+Layers kept at 8 bits by the policy (time_embed.0, the input and output conv) are not reconstructed, as in D²-DPM
+(``skip_eight_bit``).
+
+Each unit is trained to map inputs produced by the *quantized prefix* onto the *FP* outputs (AdaRound's asymmetric
+reconstruction; ``asym``):
+    min_V  E ‖f_q(x̃; W_q(V)) − f(x; W)‖_p^p (+ λ Σ (1 − |2h(V) − 1|^β) in the weight phase)
+Two phases, two verbs:
+    reconstruct_weights_      AdaRound α (Adam lr 1e-3, λ 0.01, β 20→2 after 20 % warm-up, p = 2), then hard rounding
+    reconstruct_activations_  the activation steps Δ_a, LSQ-style (Adam lr 4e-4, cosine to 0, p = 2.4)
+
+Caches hold the unit inputs and FP outputs for the whole calibration set (float32, float16/bfloat16, or a disk memmap
+for full-size models). A ``checkpoint`` callback runs after every unit; with ``start_unit`` a killed run resumes at the
+next unit and ends bit-identical to an uninterrupted one (every unit draws its mini-batches from its own seed).
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import math
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from quant.layers import QuantLayer, WeightRounding
+from quant.model import QuantModel
+from quant.policy import Precision
+from quant.quantizer import TempDecay, round_reg
+
+BLOCK_TYPES = (ResBlock, BasicTransformerBlock)
+
+
+class Phase(enum.Enum):
+    WEIGHT = "weight"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One reconstruction unit: a block or a single layer, by its name inside the UNet."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def is_block(self) -> bool:
+        return isinstance(self.module, BLOCK_TYPES)
+
+    def layers(self) -> list[QuantLayer]:
+        return [m for m in self.module.modules() if isinstance(m, QuantLayer)]
+
+
+def find_units(qm: QuantModel, skip_eight_bit: bool = True) -> list[Unit]:
+    """Walk the UNet in module order: blocks with quantized layers are units, loose QuantLayers are units."""
+    def walk(module: nn.Module, prefix: str) -> Iterator[Unit]:
+        for name, child in module.named_children():
+            fqn = f"{prefix}{name}"
+            if isinstance(child, BLOCK_TYPES):
+                if any(isinstance(m, QuantLayer) for m in child.modules()):
+                    yield Unit(fqn, child)
+            elif isinstance(child, QuantLayer):
+                if not (skip_eight_bit and child.precision is Precision.EIGHT_BIT):
+                    yield Unit(fqn, child)
+            else:
+                yield from walk(child, fqn + ".")
+
+    return list(walk(qm.model, ""))
+
+
+# ---- caches ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where unit inputs/outputs live: in memory at ``dtype`` (float16 halves the footprint of full-size UNets), or
+    in memmap files under ``directory`` (rows are read back per mini-batch)."""
+
+    dtype: torch.dtype = torch.float32
+    directory: str | None = None
+
+
+class RowCache:
+    """N rows of one tensor-valued quantity, filled batch by batch, read back by row index."""
+
+    def __init__(self, n: int, spec: CacheSpec):
+        self.n, self.spec, self.filled = n, spec, 0
+        self.data: torch.Tensor | np.memmap | None = None
+        self.shape: tuple[int, ...] | None = None
+        self._file = None
+
+    def append(self, rows: torch.Tensor) -> None:
+        rows = rows.detach()
+        if self.data is None:
+            self.shape = tuple(rows.shape[1:])
+            if self.spec.directory is None:
+                self.data = torch.empty((self.n, *self.shape), dtype=self.spec.dtype)
+            else:
+                np_dtype = np.float16 if self.spec.dtype == torch.float16 else np.float32
+                self._file = tempfile.NamedTemporaryFile(dir=self.spec.directory, suffix=".cache")
+                self.data = np.memmap(self._file.name, dtype=np_dtype, mode="w+", shape=(self.n, *self.shape))
+        k = rows.shape[0]
+        if isinstance(self.data, torch.Tensor):
+            self.data[self.filled:self.filled + k] = rows.to("cpu", self.spec.dtype)
+        else:
+            self.data[self.filled:self.filled + k] = rows.to("cpu", torch.float32).numpy()
+        self.filled += k
+
+    def rows(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if isinstance(self.data, torch.Tensor):
+            out = self.data[idx]
+        else:
+            out = torch.from_numpy(np.asarray(self.data[np.sort(idx.numpy())]))
+            # memmap reads are fastest in order; restore the requested order
+            out = out[torch.as_tensor(np.argsort(np.argsort(idx.numpy())))]
+        return out.to(device, torch.float32)
+
+
+class _Stop(Exception):
+    """Raised from a hook once the unit has been reached: the rest of the UNet is not run."""
+
+
+def _bind(module: nn.Module, args: tuple, kwargs: dict) -> list:
+    """The unit's forward arguments in signature order: (x, emb) for ResBlock, (x, context) for transformers."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+@torch.no_grad()
+def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_size: int, spec: CacheSpec,
+                    quantized: bool, act: bool, want_output: bool) -> tuple[list[RowCache | None], RowCache | None]:
+    """Run the UNet over the calibration set up to ``unit`` and cache its inputs (and its output if asked).
+
+    ``quantized``: the prefix runs with weight quantization on (and activation quantization if ``act``); otherwise
+    the whole model is FP. Returns one RowCache per forward argument (None where the argument is None) and the
+    output cache.
+    """
+    inputs: list[RowCache | None] | None = None
+    output = RowCache(len(data), spec) if want_output else None
+    state = qm.quant_state()
+    qm.set_quant_state(weight=quantized, act=quantized and act)
+
+    def pre_hook(module, args, kwargs):
+        nonlocal inputs
+        values = _bind(module, args, kwargs)
+        if inputs is None:
+            inputs = [None if v is None else RowCache(len(data), spec) for v in values]
+        for cache, v in zip(inputs, values, strict=True):
+            if cache is not None:
+                cache.append(v)
+        if not want_output:
+            raise _Stop
+
+    def post_hook(module, args, kwargs, out):
+        output.append(out)
+        raise _Stop
+
+    handles = [unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    if want_output:
+        handles.append(unit.module.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        for x, t, c in data.batches(batch_size):
+            try:
+                qm(x, t, context=c)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+        qm.set_quant_state(**state)
+    return inputs, output
+
+
+class CalibrationData:
+    """The calibration set (x_t, t, c) on a device, iterated in fixed-size batches (no shuffling: caches are
+    indexed by row)."""
+
+    def __init__(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None, device: torch.device):
+        self.x, self.t, self.c, self.device = x, t, c, device
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        for s in range(0, len(self), batch_size):
+            c = None if self.c is None else self.c[s:s + batch_size].to(self.device)
+            yield self.x[s:s + batch_size].to(self.device), self.t[s:s + batch_size].to(self.device), c
+
+    def subset(self, n: int) -> "CalibrationData":
+        return CalibrationData(self.x[:n], self.t[:n], None if self.c is None else self.c[:n], self.device)
+
+
+# ---- the optimisation of one unit ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """One phase's settings. Defaults: D²-DPM's weight phase (10k iterations, batch 8, λ 0.01, β 20→2, warm-up
+    0.2, Adam 1e-3, p = 2, asym) — see ``activation_defaults`` for the other phase."""
+
+    iters: int = 10_000
+    batch_size: int = 8
+    lr: float = 1e-3
+    p: float = 2.0
+    asym: bool = True             # inputs from the quantized prefix, FP targets
+    round_weight: float = 0.01    # λ (weight phase)
+    warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    cache_batch_size: int = 128   # forward batch used to fill the caches
+    cache: CacheSpec = CacheSpec()
+    seed: int = 0
+    # mini-batches of 8-16 rows are too small to split over CPU threads; one thread is faster, and far faster on a
+    # loaded machine (None: leave torch's setting)
+    cpu_threads: int | None = 1
+
+    @classmethod
+    def activation_defaults(cls, **kw) -> "ReconConfig":
+        """D²-DPM's activation phase: 5k iterations, batch 16, Adam 4e-4 with cosine decay, p = 2.4, FP inputs."""
+        base = dict(iters=5_000, batch_size=16, lr=4e-4, p=2.4, asym=False)
+        return cls(**{**base, **kw})
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """Σ over the channel dim of |pred − target|^p, averaged over everything else (BRECQ's rec loss)."""
+    return (pred - target).abs().pow(p).sum(1).mean()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _unit_generator(seed: int, index: int) -> torch.Generator:
+    # one stream per unit: a resumed run draws exactly the mini-batches an uninterrupted run would
+    return torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+
+def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], target: RowCache,
+                  cfg: ReconConfig, index: int, device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Run the phase's optimisation on one unit (quantization already switched on). Returns loss summaries."""
+    layers = unit.layers()
+    if phase is Phase.WEIGHT:
+        for layer in layers:
+            layer.init_adaround_()
+        params = [layer.alpha for layer in layers]
+    else:
+        params = [layer.a_scale for layer in layers if layer.act_quant]
+    if not params:  # a weightless / unquantized unit (Q-Diffusion issue #26): nothing to learn
+        return {}
+    for q in params:
+        q.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.iters, eta_min=0.)
+                 if phase is Phase.ACTIVATION else None)
+    decay = TempDecay(cfg.iters, cfg.warmup, *cfg.beta)
+    gen = _unit_generator(cfg.seed, index)
+    n = target.n
+    first = last = float("nan")
+    bar = tqdm(range(cfg.iters), desc=f"{phase.value} {unit.name}", leave=False, disable=not progress)
+    try:
+        for k in bar:
+            idx = torch.randperm(n, generator=gen)[:cfg.batch_size]
+            args = [None if cache is None else cache.rows(idx, device) for cache in inputs]
+            with torch.enable_grad():
+                rec = lp_loss(unit.module(*args), target.rows(idx, device), cfg.p)
+                loss = rec
+                beta = decay(k) if phase is Phase.WEIGHT else None
+                if beta is not None:
+                    loss = rec + cfg.round_weight * sum(round_reg(layer.alpha, beta) for layer in layers)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+            optimiser.step()
+            if scheduler is not None:
+                scheduler.step()
+            if phase is Phase.ACTIVATION:
+                with torch.no_grad():  # a step size must stay positive
+                    for q in params:
+                        q.clamp_(min=1e-8)
+            last = rec.item()
+            if k == 0:
+                first = last
+            if k % 100 == 0:
+                bar.set_postfix(rec=f"{last:.4g}")
+    finally:
+        for q in params:
+            q.requires_grad_(False)
+    if phase is Phase.WEIGHT:
+        for layer in layers:
+            layer.rounding = WeightRounding.ADAROUND_HARD
+    return {"rec_first": first, "rec_last": last}
+
+
+# ---- the verbs ------------------------------------------------------------------------------------------------
+
+
+def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig, *,
+                 start_unit: int = 0, checkpoint: Callable[[int, dict], None] | None = None,
+                 skip_eight_bit: bool = True, progress: bool = True) -> list[dict]:
+    """Reconstruct every unit from ``start_unit`` on, in order. After unit i, ``checkpoint(i + 1, summary)`` runs
+    (save the quantized state there; resume with ``start_unit = i + 1`` after loading it).
+
+    Weight phase: weights quantized, activations FP. Activation phase: weights (hard-rounded) and activations
+    quantized, only the activation steps learned. Everything runs in eval mode (no dropout) on the model's device.
+    """
+    units = find_units(qm, skip_eight_bit)
+    if not 0 <= start_unit <= len(units):
+        raise ValueError(f"start_unit {start_unit} is outside 0..{len(units)}")
+    device = next(qm.parameters()).device
+    act = phase is Phase.ACTIVATION
+    if act and not all(layer.a_ready for _, layer in qm.quant_layers() if layer.a_scheme is not None):
+        raise RuntimeError("activation ranges must be calibrated (calibrate_activations_) before their "
+                           "reconstruction")
+    was_training = qm.training
+    qm.eval()
+    for p in qm.model.parameters():
+        p.requires_grad_(False)  # only α or Δ_a are optimised
+    summaries = []
+    try:
+        outer = tqdm(range(start_unit, len(units)), desc=f"{phase.value} reconstruction", disable=not progress)
+        for i in outer:
+            unit = units[i]
+            outer.set_postfix(unit=unit.name)
+            # FP pass: targets (and the inputs too, unless they must come from the quantized prefix)
+            inputs, target = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=False,
+                                             act=False, want_output=True)
+            if cfg.asym:
+                del inputs
+                inputs, _ = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=True,
+                                            act=act, want_output=False)
+            qm.set_quant_state(weight=True, act=act)
+            with _threads(cfg.cpu_threads if device.type == "cpu" else None):
+                summary = {"unit": unit.name, **optimise_unit(unit, phase, inputs, target, cfg, i, device, progress)}
+            summaries.append(summary)
+            if checkpoint is not None:
+                checkpoint(i + 1, summary)
+    finally:
+        qm.train(was_training)
+    qm.set_quant_state(weight=True, act=act)
+    return summaries
+
+
+@torch.no_grad()
+def sqnr_db(qm: QuantModel, data: CalibrationData, batch_size: int = 64, weight: bool = True,
+            act: bool = False) -> float:
+    """10 log10(‖ε_fp‖² / ‖ε_q − ε_fp‖²) of the UNet output over ``data`` (signal-to-quantization-noise ratio)."""
+    state = qm.quant_state()
+    signal = noise = 0.0
+    try:
+        for x, t, c in data.batches(batch_size):
+            qm.set_quant_state(weight=False, act=False)
+            ref = qm(x, t, context=c).double()
+            qm.set_quant_state(weight=weight, act=act)
+            out = qm(x, t, context=c).double()
+            signal += float(ref.pow(2).sum())
+            noise += float((out - ref).pow(2).sum())
+    finally:
+        qm.set_quant_state(**state)
+    return 10 * math.log10(signal / max(noise, 1e-30))

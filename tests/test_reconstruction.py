@@ -1,0 +1,223 @@
+"""BRECQ reconstruction on a tiny random LDM: units, AdaRound vs nearest, learned activation steps, caches, resume
+after a kill, artifacts and the step 2-3 scripts with their metadata checks."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import tiny_models
+from conftest import REPO
+from quant.artifacts import ArtifactMismatch, save_artifact
+from quant.layers import WeightRounding
+from quant.model import QuantModel
+from quant.pipeline import load_quant_model, partial_path, resumable_reconstruct
+from quant.policy import Precision
+from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, RowCache, capture_unit_io,
+                                  find_units, reconstruct_, sqnr_db)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to a loaded machine
+    return tiny_models.build(tiny_models.config(tiny_models.CLASS_COND))
+
+
+@pytest.fixture(scope="module")
+def data(tiny):
+    from quant.calibration import TimestepDistribution, collect_calibration_set
+    cal = collect_calibration_set(tiny, [0, 1, 2, 3] * 4, n=96, steps=5, eta=0.0, scale=3.0,
+                                  distribution=TimestepDistribution.UNIFORM, seed=0, n_holdout=32, progress=False)
+    cpu = torch.device("cpu")
+    return (CalibrationData(cal["x"], cal["t"], cal["c"], cpu),
+            CalibrationData(cal["holdout_x"], cal["holdout_t"], cal["holdout_c"], cpu))
+
+
+def fresh(tiny, w_bits=4, a_bits=None) -> QuantModel:
+    return QuantModel(tiny.model.diffusion_model, w_bits=w_bits, a_bits=a_bits).init_weights_()
+
+
+def test_units_follow_module_order_and_skip_eight_bit_layers(tiny):
+    qm = fresh(tiny)
+    names = [u.name for u in find_units(qm)]
+    kinds = {u.name: type(u.module).__name__ for u in find_units(qm)}
+    assert names[0] == "time_embed.2"  # time_embed.0 and input_blocks.0.0 are W8A8: not reconstructed (D²-DPM)
+    assert "input_blocks.0.0" not in names and "out.2" not in names
+    assert kinds["input_blocks.1.0"] == "ResBlock"
+    assert any(k == "BasicTransformerBlock" for k in kinds.values())
+    assert all(u.layers() for u in find_units(qm))
+    # every target-precision layer belongs to exactly one unit
+    covered = [id(m) for u in find_units(qm) for m in u.layers()]
+    target = [id(m) for _, m in qm.quant_layers() if m.precision is Precision.TARGET]
+    assert sorted(covered) == sorted(target)
+    assert len(find_units(qm, skip_eight_bit=False)) == len(names) + 3
+
+
+def test_capture_stops_at_the_unit_and_caches_rows(tiny, data):
+    cal, _ = data
+    qm = fresh(tiny)
+    unit = next(u for u in find_units(qm) if type(u.module).__name__ == "BasicTransformerBlock")
+    inputs, out = capture_unit_io(qm, unit, cal, 40, CacheSpec(), quantized=False, act=False, want_output=True)
+    assert len(inputs) == 2 and inputs[0].filled == len(cal)  # (x, context)
+    idx = torch.tensor([5, 0, 77])
+    x, ctx = (c.rows(idx, torch.device("cpu")) for c in inputs)
+    torch.testing.assert_close(unit.module(x, ctx), out.rows(idx, torch.device("cpu")), rtol=0, atol=1e-6)
+    assert torch.equal(ctx, cal.c[idx])
+
+
+def test_disk_and_half_caches_return_the_same_rows(tmp_path):
+    rows = torch.randn(10, 3, 4)
+    caches = [RowCache(10, CacheSpec()), RowCache(10, CacheSpec(directory=str(tmp_path))),
+              RowCache(10, CacheSpec(dtype=torch.float16))]
+    for c in caches:
+        c.append(rows[:6])
+        c.append(rows[6:])
+    idx = torch.tensor([9, 2, 4, 2])
+    assert torch.equal(caches[0].rows(idx, torch.device("cpu")), rows[idx])
+    assert torch.equal(caches[1].rows(idx, torch.device("cpu")), rows[idx])
+    torch.testing.assert_close(caches[2].rows(idx, torch.device("cpu")), rows[idx], rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def w4(tiny, data):
+    """A W4 AdaRound model (shared: reconstruction is the slow part) and its SQNRs before and after."""
+    cal, held = data
+    qm = fresh(tiny).set_quant_state(weight=True)
+    nearest = sqnr_db(qm, held)
+    summaries = reconstruct_(qm, cal, Phase.WEIGHT, ReconConfig(iters=120, cache_batch_size=96), progress=False)
+    return qm, summaries, nearest, sqnr_db(qm, held)
+
+
+def test_adaround_beats_nearest_on_held_out_inputs(w4):
+    qm, summaries, nearest, adaround = w4
+    assert adaround > nearest + 0.3, (nearest, adaround)
+    assert all(m.rounding is WeightRounding.ADAROUND_HARD for u in find_units(qm) for m in u.layers())
+    assert sum(s["rec_last"] < s["rec_first"] for s in summaries) > len(summaries) // 2
+    # hard rounding: every quantized weight is on its integer grid, within one step of the FP weight
+    for u in find_units(qm):
+        for m in u.layers():
+            q = m.quantized_weight() / m.w_scale + m.w_zero_point
+            assert torch.allclose(q, q.round(), atol=1e-3)
+            assert ((m.quantized_weight() - m.weight).abs() <= m.w_scale * 1.001).all()
+
+
+def test_activation_steps_are_learned_and_do_not_hurt(tiny, data):
+    cal, held = data
+    qm = fresh(tiny, 8, 6).set_quant_state(weight=True)
+    qm.calibrate_activations_(cal.subset(48).batches(48))
+    qm.set_quant_state(weight=True, act=True)
+    before = {n: float(m.a_scale) for n, m in qm.quant_layers()}
+    s0 = sqnr_db(qm, held, act=True)
+    reconstruct_(qm, cal, Phase.ACTIVATION, ReconConfig.activation_defaults(iters=30, cache_batch_size=96),
+                 progress=False)
+    after = {n: float(m.a_scale) for n, m in qm.quant_layers()}
+    assert sum(before[n] != after[n] for n in before) >= len(find_units(qm))
+    assert all(v > 0 for v in after.values())
+    assert sqnr_db(qm, held, act=True) > s0 - 0.2
+    assert not any(p.requires_grad for p in qm.parameters())
+
+
+def test_activation_phase_needs_calibrated_ranges(tiny, data):
+    qm = fresh(tiny, 8, 8)
+    with pytest.raises(RuntimeError, match="calibrate_activations_"):
+        reconstruct_(qm, data[0], Phase.ACTIVATION, ReconConfig(iters=1), progress=False)
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, data, tmp_path, monkeypatch):
+    cal, _ = data
+    cfg = ReconConfig(iters=4, cache_batch_size=96, seed=3)
+    meta = {"w_bits": 4, "test": 1}
+    whole = fresh(tiny)
+    resumable_reconstruct(whole, cal, Phase.WEIGHT, cfg, tmp_path / "a.pt", meta, progress=False)
+
+    import quant.pipeline as pipeline
+    saves = {"n": 0}
+    real_save = pipeline.save_artifact
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise KeyboardInterrupt  # killed right after the third unit's checkpoint
+    monkeypatch.setattr(pipeline, "save_artifact", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        resumable_reconstruct(fresh(tiny), cal, Phase.WEIGHT, cfg, tmp_path / "b.pt", meta, progress=False)
+    monkeypatch.setattr(pipeline, "save_artifact", real_save)
+    assert partial_path(tmp_path / "b.pt").exists()
+    resumed = fresh(tiny)
+    summaries = resumable_reconstruct(resumed, cal, Phase.WEIGHT, cfg, tmp_path / "b.pt", meta, progress=False)
+    assert len(summaries) == len(find_units(resumed))
+    a, b = whole.quant_state_dict(), resumed.quant_state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        for key, value in a[name].items():
+            assert (torch.equal(value, b[name][key]) if torch.is_tensor(value) else value == b[name][key]), \
+                (name, key)
+
+
+def test_artifact_round_trip_and_mismatch(tiny, data, w4, tmp_path):
+    cal, held = data
+    qm = fresh(tiny, 4, 8).load_quant_state_dict_(w4[0].quant_state_dict()).set_quant_state(weight=True)
+    qm.calibrate_activations_(cal.subset(32).batches(32))
+    qm.set_quant_state(weight=True, act=True)
+    meta = {"model": "tiny", "ckpt": "x", "w_bits": 4, "a_bits": 8, "policy": "d2dpm", "channel_wise": False}
+    path = save_artifact(tmp_path / "q.pt", "quant", meta, {"quant_state": qm.quant_state_dict()})
+    loaded, got = load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 4, "a_bits": 8})
+    x, t, c = next(held.batches(16))
+    assert torch.equal(loaded(x, t, context=c), qm(x, t, context=c))
+    with pytest.raises(ArtifactMismatch, match="w_bits=4.*w_bits=8"):
+        load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 8})
+
+
+# ---- the scripts --------------------------------------------------------------------------------------------------
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "quant_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_steps_1_to_3_on_a_tiny_model(tiny, tmp_path, capsys):
+    from ldm.util import UserFacingError
+    cfg_path, ckpt = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), tiny, tmp_path / "m")
+    common = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--steps", "5", "--outdir", str(tmp_path / "out")]
+    load_script("collect_imagenet_calibration_set").main(
+        common + ["--n", "48", "--n_holdout", "16", "--calibration_trajectories_per_class", "3"])
+    qw, qa = load_script("quantize_weight"), load_script("quantize_weight_activation")
+    qw.main(common + ["--weight_iters", "4"])
+    run = tmp_path / "out" / "custom" / "scale3_eta0_steps5"
+    assert (run / "w4" / "quant_w4.pt").exists() and not partial_path(run / "w4" / "quant_w4.pt").exists()
+    assert "AdaRound" in capsys.readouterr().out
+    qa.main(common + ["--act_iters", "3", "--act_init_samples", "16"])
+    art = torch.load(run / "w4a8" / "quant_w4a8.pt", weights_only=True)
+    assert art["meta"]["a_bits"] == 8 and art["meta"]["w_bits"] == 4 and "sqnr_db" in art["meta"]
+    qw.main(common + ["--weight_iters", "4"])
+    assert "skipping" in capsys.readouterr().out
+    # bad inputs: one-line errors naming the problem
+    # a calibration set of another grid: copied into the 7-step run directory, or recorded on other timesteps
+    (tmp_path / "out" / "custom" / "scale3_eta0_steps7").mkdir()
+    import shutil
+    shutil.copy(run / "calibration.pt", tmp_path / "out" / "custom" / "scale3_eta0_steps7" / "calibration.pt")
+    with pytest.raises(ArtifactMismatch, match="steps=5.*steps=7"):
+        qw.main(common[:4] + ["--steps", "7", "--outdir", str(tmp_path / "out"), "--weight_iters", "2"])
+    cal = torch.load(run / "calibration.pt", weights_only=True)
+    cal["meta"]["timesteps"] = [t + 1 for t in cal["meta"]["timesteps"]]
+    payload = {k: v for k, v in cal.items() if k != "meta"}
+    meta = {k: v for k, v in cal["meta"].items() if k not in ("format", "version")}
+    save_artifact(run / "calibration.pt", "calibration", meta, payload)
+    with pytest.raises(ArtifactMismatch, match="DDIM grid"):
+        qw.main(common + ["--weight_iters", "2", "--force"])
+    with pytest.raises(ArtifactMismatch, match="not found.*quantize_weight.py --w_bits 8"):  # no W8 weights yet
+        qa.main(common + ["--w_bits", "8", "--act_iters", "2", "--act_init_samples", "4"])
+    with pytest.raises(ArtifactMismatch, match="policy='d2dpm'.*policy='all'"):  # weights of another policy
+        qa.main(common + ["--policy", "all", "--act_iters", "2", "--act_init_samples", "4"])
+    with pytest.raises(UserFacingError, match="unknown --policy"):
+        qw.main(common + ["--policy", "nope"])
+    # an artifact from another model (other checkpoint file)
+    other = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND), seed=1)
+    _, ckpt2 = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), other, tmp_path / "m2")
+    with pytest.raises(ArtifactMismatch, match="ckpt="):
+        qa.main(["--config", str(cfg_path), "--ckpt", str(ckpt2)] + common[4:] + ["--act_iters", "2"])
