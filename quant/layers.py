@@ -49,23 +49,50 @@ class QuantLayer(nn.Module):
         self.weight_quant = False
         self.act_quant = False
         self.w_ready = self.a_ready = False
+        # Q-Diffusion shortcut splitting: input channels [0, split) and [split, C) get their own activation range
+        # and their own weight ranges (input-channel slices), for the concatenated [h ; skip] decoder input
+        self.split: int | None = None
+
+    def set_split_(self, split: int) -> None:
+        if not 0 < split < self.weight.shape[1] or self.w_ready or self.a_ready:
+            raise ValueError(f"split {split} must be inside 1..{self.weight.shape[1] - 1} and set before calibration")
+        self.split = split
 
     # -- explicit calibration verbs -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def init_weight_qparams_(self) -> None:
-        scale, zp = choose_qparams(self.weight, self.w_scheme)
+        if self.split is None:
+            scale, zp = choose_qparams(self.weight, self.w_scheme)
+        else:  # one range per input-channel slice, expanded to the weight's shape [C_out, C_in, ...]
+            parts = [self.weight[:, :self.split], self.weight[:, self.split:]]
+            qp = [choose_qparams(w, self.w_scheme) for w in parts]
+            scale = torch.cat([s.expand_as(w) for (s, _), w in zip(qp, parts)], dim=1)
+            zp = torch.cat([z.expand_as(w) for (_, z), w in zip(qp, parts)], dim=1)
         self.w_scale, self.w_zero_point = scale.to(self.weight), zp.to(self.weight)
         self.w_ready = True
 
     @torch.no_grad()
     def init_act_qparams_(self, x: torch.Tensor) -> None:
+        """Range of this layer's input ``x`` ([N, C, ...] with a split, any shape without)."""
         if self.a_scheme is None:
             raise ValueError("this layer has no activation quantizer")
-        scale, zp = choose_qparams(x, self.a_scheme)
-        self.a_scale = nn.Parameter(scale.reshape(()).to(x), requires_grad=False)
-        self.a_zero_point = zp.reshape(()).to(x)
+        if self.split is None:
+            scale, zp = choose_qparams(x, self.a_scheme)
+        else:
+            qp = [choose_qparams(part, self.a_scheme) for part in (x[:, :self.split], x[:, self.split:])]
+            scale, zp = torch.stack([s.reshape(()) for s, _ in qp]), torch.stack([z.reshape(()) for _, z in qp])
+        self.a_scale = nn.Parameter(scale.reshape(-1).squeeze(0).to(x), requires_grad=False)
+        self.a_zero_point = zp.reshape(-1).squeeze(0).to(x)
         self.a_ready = True
+
+    def _act_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.split is None:
+            return self.a_scale, self.a_zero_point
+        sizes = torch.tensor([self.split, x.shape[1] - self.split], device=x.device)
+        shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
+        return (self.a_scale.repeat_interleave(sizes).view(shape),
+                self.a_zero_point.repeat_interleave(sizes).view(shape))
 
     @torch.no_grad()
     def init_adaround_(self) -> None:
@@ -88,7 +115,8 @@ class QuantLayer(nn.Module):
         if self.act_quant:
             if not self.a_ready:
                 raise RuntimeError("activation quantization is on but its range was never calibrated")
-            x = fake_quant(x, self.a_scale, self.a_zero_point, self.a_scheme.qmin, self.a_scheme.qmax)
+            scale, zero_point = self._act_params(x)
+            x = fake_quant(x, scale, zero_point, self.a_scheme.qmin, self.a_scheme.qmax)
         if self.weight_quant:
             if not self.w_ready:
                 raise RuntimeError("weight quantization is on but init_weight_qparams_ never ran")
@@ -102,4 +130,5 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         a = f"A{self.a_scheme.bits}" if self.a_scheme else "A-"
-        return f"{self.kind.__name__} W{self.w_scheme.bits}{a} rounding={self.rounding.value}"
+        split = f" split={self.split}" if self.split else ""
+        return f"{self.kind.__name__} W{self.w_scheme.bits}{a} rounding={self.rounding.value}{split}"

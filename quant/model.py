@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
+from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
 from quant.policy import Precision, d2dpm_policy
 from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch
@@ -23,7 +25,11 @@ from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch
 class QuantModel(nn.Module):
     def __init__(self, unet: nn.Module, w_bits: int = 4, a_bits: int | None = 8,
                  policy: Callable[[str, nn.Module], Precision] = d2dpm_policy, channel_wise: bool = False,
-                 search: ScaleSearch = ScaleSearch.MSE, copy_model: bool = True):
+                 search: ScaleSearch = ScaleSearch.MSE, copy_model: bool = True, sm_abit: int | None = None,
+                 split_shortcut: bool = False):
+        """``sm_abit``: also quantize the attention matmuls' inputs (q, k, v at ``a_bits``, softmax output at
+        ``sm_abit``; Q-Diffusion). ``split_shortcut``: quantized skip convs of the decoder ResBlocks get separate
+        ranges for the [h ; skip] halves of their concatenated input (Q-Diffusion's shortcut splitting)."""
         super().__init__()
         self.model = copy.deepcopy(unet) if copy_model else unet
         self.w_bits, self.a_bits = w_bits, a_bits
@@ -41,16 +47,33 @@ class QuantModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, QuantLayer(module, *schemes(precision), precision=precision))
+        if sm_abit is not None:
+            if not a_bits:
+                raise ValueError("attention quantization (sm_abit) needs activation bits (a_bits)")
+            wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
+                            QScheme(sm_abit, False, PerTensor(), search))
+        if split_shortcut:
+            layers = dict(self.quant_layers())
+            for name, split in shortcut_splits(self.model).items():
+                if name in layers:  # policies that keep skip convs in FP32 have nothing to split
+                    layers[name].set_split_(split)
+        self.sm_abit, self.split_shortcut = sm_abit, split_shortcut
         self._state = {"weight": False, "act": False}
 
     def quant_layers(self) -> Iterable[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))
+
+    def act_quantizers(self) -> Iterable[tuple[str, ActQuantizer]]:
+        """The weightless activation quantizers (attention matmul inputs)."""
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, ActQuantizer))
 
     def set_quant_state(self, weight: bool = False, act: bool = False) -> "QuantModel":
         self._state = {"weight": bool(weight), "act": bool(act)}
         for _, layer in self.quant_layers():
             layer.weight_quant = weight
             layer.act_quant = act and layer.a_scheme is not None
+        for _, quantizer in self.act_quantizers():
+            quantizer.enabled = act
         return self
 
     def quant_state(self) -> dict[str, bool]:
@@ -69,11 +92,18 @@ class QuantModel(nn.Module):
         layer are concatenated (flattened), then the MSE/max search runs once per layer. Weight quantization stays as
         set, so the inputs are those of the quantized prefix."""
         seen: dict[str, list[torch.Tensor]] = {}
-        hooks = [layer.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].flatten()))
+        def record(m, args, n):
+            seen.setdefault(n, []).append(args[0].detach() if m.split else args[0].detach().flatten())
+
+        hooks = [layer.register_forward_pre_hook(lambda m, a, n=n: record(m, a, n))
                  for n, layer in self.quant_layers() if layer.a_scheme is not None]
         act_state = {n: layer.act_quant for n, layer in self.quant_layers()}
         for _, layer in self.quant_layers():
             layer.act_quant = False
+        quantizers = dict(self.act_quantizers())
+        enabled = {n: q.enabled for n, q in quantizers.items()}
+        for q in quantizers.values():
+            q.enabled, q.observed = False, []
         try:
             for x, t, context in batches:
                 self.model(x, t, context=context)
@@ -82,9 +112,16 @@ class QuantModel(nn.Module):
                 h.remove()
             for n, layer in self.quant_layers():
                 layer.act_quant = act_state[n]
+            observed = {n: q.observed for n, q in quantizers.items()}
+            for n, q in quantizers.items():
+                q.enabled, q.observed = enabled[n], None
         for n, layer in self.quant_layers():
             if n in seen:
+                # split layers need the channel axis: keep [N, C, ...] rows; others are flattened already
                 layer.init_act_qparams_(torch.cat(seen[n]))
+        for n, q in quantizers.items():
+            if observed[n]:
+                q.init_act_qparams_(torch.cat(observed[n]))
         return self
 
     def forward(self, x, timesteps=None, context=None, **kwargs):
@@ -105,18 +142,34 @@ class QuantModel(nn.Module):
                 d["round_up"] = (layer.alpha >= 0).detach().cpu()
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:
                 d["alpha"] = layer.alpha.detach().cpu()
+            if layer.split:
+                d["split"] = layer.split
             out[name] = d
+        for name, q in self.act_quantizers():
+            out[name] = {"kind": "act", "a_scale": q.a_scale.detach().cpu(), "a_zero_point": q.a_zero_point.cpu(),
+                         "a_ready": q.a_ready, "bits": q.scheme.bits}
         return out
 
     @torch.no_grad()
     def load_quant_state_dict_(self, state: dict[str, dict]) -> "QuantModel":
-        layers = dict(self.quant_layers())
+        quantizers = dict(self.act_quantizers())
+        layers = {**dict(self.quant_layers()), **quantizers}
         if set(state) != set(layers):
             missing, extra = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
             raise ValueError(f"quantized state does not fit this model: missing {missing[:3]}, unexpected "
                              f"{extra[:3]} (another layer policy or model?)")
         for name, d in state.items():
             layer = layers[name]
+            if name in quantizers:
+                if d.get("bits") != layer.scheme.bits:
+                    raise ValueError(f"{name}: state for {d.get('bits')} bits, this model has {layer.scheme.bits}")
+                dev = layer.a_zero_point.device
+                layer.a_scale = nn.Parameter(d["a_scale"].to(dev), requires_grad=False)
+                layer.a_zero_point, layer.a_ready = d["a_zero_point"].to(dev), bool(d["a_ready"])
+                continue
+            if d.get("split") != layer.split:
+                raise ValueError(f"{name}: state with shortcut split {d.get('split')}, this model has {layer.split} "
+                                 f"(build it with the same split_shortcut)")
             dev = layer.weight.device
             layer.w_scale, layer.w_zero_point = d["w_scale"].to(dev), d["w_zero_point"].to(dev)
             layer.a_scale = nn.Parameter(d["a_scale"].to(dev), requires_grad=False)
@@ -130,3 +183,27 @@ class QuantModel(nn.Module):
             else:
                 layer.alpha = None
         return self
+
+
+def shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """{fqn of a decoder ResBlock's skip conv: channels of h in its concatenated input [h ; skip]}.
+
+    The UNet pushes every input block's output on a stack and each output block pops one: output block i gets the
+    skip of input block −(i + 1). An input block's output channels are those of its last channel-changing module.
+    """
+    chans = []
+    for block in unet.input_blocks:
+        c = None
+        for m in block:
+            if isinstance(m, (ResBlock, Downsample)):
+                c = m.out_channels
+            elif isinstance(m, (nn.Conv2d, QuantLayer)):
+                c = m.weight.shape[0]
+        chans.append(c)
+    splits = {}
+    for i, block in enumerate(unet.output_blocks):
+        res = block[0]
+        skip = res.skip_connection
+        if isinstance(res, ResBlock) and isinstance(skip, (nn.Conv2d, QuantLayer)):
+            splits[f"output_blocks.{i}.0.skip_connection"] = res.channels - chans[-(i + 1)]
+    return splits

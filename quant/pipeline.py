@@ -23,7 +23,7 @@ from quant.reconstruction import CalibrationData, Phase, ReconConfig, reconstruc
 QUANT_KIND = "quant"
 PARTIAL_KIND = "quant_partial"
 # what must agree between a quantized model and the request that loads it
-MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise")
+MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise", "sm_abit", "split_shortcut")
 
 
 def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel:
@@ -31,7 +31,8 @@ def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel
     if meta["policy"] not in POLICIES:
         raise ArtifactMismatch(f"unknown layer policy {meta['policy']!r}; this code knows {sorted(POLICIES)}")
     return QuantModel(unet, w_bits=meta["w_bits"], a_bits=meta.get("a_bits"), policy=POLICIES[meta["policy"]],
-                      channel_wise=meta["channel_wise"])
+                      channel_wise=meta["channel_wise"], sm_abit=meta.get("sm_abit") if meta.get("a_bits") else None,
+                      split_shortcut=bool(meta.get("split_shortcut")))
 
 
 def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],

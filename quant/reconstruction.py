@@ -3,6 +3,7 @@
 Units, in module order (spec quantization.md §3.2, §4.2):
     ResBlock              -> block reconstruction, inputs (h, emb)
     BasicTransformerBlock -> block reconstruction, inputs (h, context)
+    AttentionBlock        -> block reconstruction, input h (legacy attention of LSUN-style UNets)
     any other QuantLayer  -> layer reconstruction
 Layers kept at 8 bits by the policy (time_embed.0, the input and output conv) are not reconstructed, as in D²-DPM
 (``skip_eight_bit``).
@@ -34,13 +35,14 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ldm.modules.attention import BasicTransformerBlock
-from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock
+from quant.attention import ActQuantizer
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
 from quant.policy import Precision
 from quant.quantizer import TempDecay, round_reg
 
-BLOCK_TYPES = (ResBlock, BasicTransformerBlock)
+BLOCK_TYPES = (ResBlock, BasicTransformerBlock, AttentionBlock)
 
 
 class Phase(enum.Enum):
@@ -61,6 +63,9 @@ class Unit:
 
     def layers(self) -> list[QuantLayer]:
         return [m for m in self.module.modules() if isinstance(m, QuantLayer)]
+
+    def act_quantizers(self) -> list[ActQuantizer]:
+        return [m for m in self.module.modules() if isinstance(m, ActQuantizer)]
 
 
 def find_units(qm: QuantModel, skip_eight_bit: bool = True) -> list[Unit]:
@@ -263,7 +268,9 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
             layer.init_adaround_()
         params = [layer.alpha for layer in layers]
     else:
-        params = [layer.a_scale for layer in layers if layer.act_quant]
+        # a 16-bit softmax quantizer stays fixed (Q-Diffusion)
+        params = ([layer.a_scale for layer in layers if layer.act_quant] +
+                  [q.a_scale for q in unit.act_quantizers() if q.enabled and q.learnable])
     if not params:  # a weightless / unquantized unit (Q-Diffusion issue #26): nothing to learn
         return {}
     for q in params:

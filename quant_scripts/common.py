@@ -160,6 +160,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
                                                    "all (Q-Diffusion: every Conv/Linear at the target bits)")
     p.add_argument("--channel_wise", action=argparse.BooleanOptionalAction, default=channel_wise,
                    help="per-output-channel weight scales (D²-DPM: per-tensor)")
+    p.add_argument("--split", dest="split_shortcut", action="store_true",
+                   help="Q-Diffusion shortcut splitting: separate ranges for the [h ; skip] halves of the decoder skip "
+                        "convs' input (only matters with --policy all: d2dpm keeps skip convs in FP32)")
     p.add_argument("--cache_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="precision of the reconstruction caches (float16 halves their memory)")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
@@ -172,6 +175,8 @@ def check_quant_args(args: argparse.Namespace) -> None:
     from quant.policy import POLICIES
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
+    if getattr(args, "sm_abit", None) is not None and not 2 <= args.sm_abit <= 16:
+        raise UserFacingError(f"--sm_abit must be in 2..16, got {args.sm_abit}")
     for name in ("weight_iters", "act_iters", "act_init_samples", "recon_batch_size"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")

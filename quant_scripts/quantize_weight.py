@@ -64,6 +64,7 @@ def main(argv=None) -> None:
     out = ensure_writable_dir(rdir / f"w{args.w_bits}") / f"quant_w{args.w_bits}.pt"
     cal_path = rdir / "calibration.pt"
     meta = {**base, "w_bits": args.w_bits, "a_bits": None, "policy": args.policy, "channel_wise": args.channel_wise,
+            "split_shortcut": args.split_shortcut or None,
             "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
             "weight_iters": args.weight_iters, "recon_batch_size": args.recon_batch_size,
             "round_weight": args.round_weight, "seed": args.seed}

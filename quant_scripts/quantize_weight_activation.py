@@ -35,6 +35,7 @@ from quant_scripts.common import (add_model_args, add_quant_args, add_sampling_a
 PRESET = "fashion"
 W_BITS = 4
 A_BITS = 8
+SM_ABIT = None            # attention-matmul quantization (Q-Diffusion --sm_abit); None: off, as in D²-DPM
 POLICY = "d2dpm"
 CHANNEL_WISE = False
 ACT_ITERS = None          # step-size iterations per unit (None: the preset's; paper 5,000)
@@ -53,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_sampling_args(p)
     add_quant_args(p, W_BITS, POLICY, CHANNEL_WISE)
     p.add_argument("--a_bits", type=int, default=A_BITS, choices=(6, 8), help="activation bits")
+    p.add_argument("--sm_abit", type=int, default=SM_ABIT,
+                   help="also quantize the attention matmuls: q, k, v at --a_bits and the softmax output at this many "
+                        "bits (Q-Diffusion; 16 for SD). Default: attention matmuls stay FP (D²-DPM)")
     p.add_argument("--act_iters", type=int, default=ACT_ITERS)
     p.add_argument("--act_init_samples", type=int, default=ACT_INIT_SAMPLES)
     p.add_argument("--recon_batch_size", type=int, default=RECON_BATCH_SIZE)
@@ -70,13 +74,14 @@ def main(argv=None) -> None:
     base = model_meta(args)
     rdir = run_dir(args)
     w_path = rdir / f"w{args.w_bits}" / f"quant_w{args.w_bits}.pt"
-    tag = f"w{args.w_bits}a{args.a_bits}"
+    tag = f"w{args.w_bits}a{args.a_bits}" + (f"sm{args.sm_abit}" if args.sm_abit else "")
     out = ensure_writable_dir(rdir / tag) / f"quant_{tag}.pt"
     cal_path = rdir / "calibration.pt"
     want_w = {**base, "w_bits": args.w_bits, "a_bits": None, "policy": args.policy,
-              "channel_wise": args.channel_wise}
+              "channel_wise": args.channel_wise, "split_shortcut": args.split_shortcut or None}
     w_obj = load_artifact(w_path, QUANT_KIND, want_w, f"quant_scripts/quantize_weight.py --w_bits {args.w_bits}")
-    meta = {**w_obj["meta"], "a_bits": args.a_bits, "weights": file_fingerprint(w_path), "act_iters": args.act_iters,
+    meta = {**w_obj["meta"], "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
+            "act_iters": args.act_iters,
             "act_init_samples": args.act_init_samples, "act_batch_size": args.recon_batch_size, "act_lr": args.lr,
             "act_p": args.p, "act_seed": args.seed}
     for k in ("format", "version", "seconds"):

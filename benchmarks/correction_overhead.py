@@ -1,0 +1,122 @@
+"""Time cost of the noise corrections: DDIM sampling with the quantized model, uncorrected vs each correction.
+
+    python benchmarks/correction_overhead.py                       # embedded default, W4A8, 20 steps, η 0, scale 3
+    python benchmarks/correction_overhead.py --n 80 --repeats 5 --json out.json
+
+D²-DPM claims its correction costs next to nothing at sampling time (a few elementwise operations per step, no
+extra UNet call). Every variant of ``correction.variants`` (fp32 included, for scale) samples the same N latents
+from the same seed in the same run; repeats go round-robin over the variants so a machine whose load changes
+during the run affects them alike. Reported: the median time, its ratio to the uncorrected quantized model
+("none"), and the time per DDIM step. Needs the artifacts of steps 3-5 for the preset's run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from correction.variants import VARIANTS, build_variant, check_present  # noqa: E402
+from ldm.sample import sample_latents  # noqa: E402
+from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
+                                  load_ldm, model_meta, pick_device, run_cli, run_dir)
+
+PRESET = "fashion"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, PRESET)
+    add_sampling_args(p)
+    p.add_argument("--w_bits", type=int, default=4, choices=(4, 8))
+    p.add_argument("--a_bits", type=int, default=8, choices=(6, 8))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--n", type=int, default=40, help="samples per timed run (class-balanced labels)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--outdir", default="outputs")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def machine_info(device: torch.device) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    apply_preset(args, PRESET)
+    check_sampling_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rdir = run_dir(args)
+    names = list(dict.fromkeys(["none"] + args.variants))  # the reference row first
+    check_present(names, rdir, args.w_bits, args.a_bits)
+    device = pick_device(args.device)
+    _, model = load_ldm(args, device)
+    expect = model_meta(args)
+    variants = {n: build_variant(n, model, rdir, w_bits=args.w_bits, a_bits=args.a_bits, expect=expect)
+                for n in names}
+    labels = None
+    if model.is_conditional:
+        k = model.cond_stage_model.n_classes - 1
+        labels = [i % k for i in range(args.n)]
+    scale = args.scale if labels is not None else 1.0
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(name: str) -> float:
+        v = variants[name]
+        sync()
+        t0 = time.perf_counter()
+        with model.ema_scope():
+            sample_latents(model, labels, n=args.n, steps=args.steps, eta=args.eta, scale=scale,
+                           batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed),
+                           model_fn=v.model_fn, correction=v.correction_for(torch.Generator(device).manual_seed(1)),
+                           progress=False)
+        sync()
+        return time.perf_counter() - t0
+
+    info = machine_info(device)
+    print(f"[{args.preset_used}] W{args.w_bits}A{args.a_bits}: N {args.n}, {args.steps} DDIM steps, eta {args.eta:g}, "
+          f"scale {scale:g}, batch {args.batch_size}, {args.repeats} repeats (+{args.warmup} warm-up)")
+    print(f"machine: {info}")
+    for _ in range(args.warmup):
+        for n in names:
+            run(n)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for n in names:
+            times[n].append(run(n))
+    ref = statistics.median(times["none"])
+    rows = []
+    print(f"{'sampler':<12} {'median s':>9} {'min s':>8} {'ratio':>7} {'ms/step':>8}  description")
+    for n in names:
+        med = statistics.median(times[n])
+        rows.append({"sampler": n, "median_s": med, "min_s": min(times[n]), "times_s": times[n],
+                     "ratio_to_uncorrected": med / ref, "ms_per_step": med / args.steps * 1e3})
+        print(f"{n:<12} {med:>9.3f} {min(times[n]):>8.3f} {med / ref:>7.3f} {med / args.steps * 1e3:>8.1f}  "
+              f"{variants[n].description}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "preset": args.preset_used, "w_bits": args.w_bits, "a_bits": args.a_bits, "n": args.n,
+            "steps": args.steps, "eta": args.eta, "scale": scale, "batch_size": args.batch_size,
+            "repeats": args.repeats, "machine": info, "rows": rows}, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,267 @@
+"""QNCD's embedding-derived feature smoothing (Chu et al., ACM MM 2024, arXiv 2403.19140, §"Intra quantization
+noise"; spec qncd_ptqd.md §A.2), a calibration-time transform of the UNet that leaves its FP output unchanged.
+
+In a ResBlock the time embedding is added to the features right before ``out_layers``:
+
+    h = in_layers(x) + e,   e = emb_layers(emb) [B, C, 1, 1]
+    a = SiLU(GN(h))                         the input of the second conv (out_layers[3]); per-tensor activation
+    out = conv(Dropout(a); W)               quantization of ``a`` suffers from the channels the embedding inflates
+
+QNCD divides ``a`` by a per-channel factor S and multiplies it into the conv's input channels (SmoothQuant-style):
+conv(a / S; W · S) = conv(a; W). The activation quantizer then sees a / S, the weight quantizer W · S.
+
+S comes from the embeddings alone, over the calibration timesteps (``Formula``):
+
+    ẽ = standardize_GN(e)          e standardized inside each GroupNorm group of out_layers[0] (no affine)
+    CODE  (released code):  S_c = γ_c · mean_n max(ẽ_n,c, 1)          γ = out_layers[0].weight
+    PAPER (as summarised):  S_c = mean_n |ẽ_n,c · γ_c|                (scale-shift blocks: mean_n |1 + scale_n,c|)
+
+Verbs, in the order the pipeline uses them:
+
+    S = smoothing_factors(unet, calibration)   # FP embeddings only: cheap, no UNet forward
+    apply_smoothing_(qm_or_unet, S)            # BEFORE init_weights_(): Δ_w must be chosen on W · S
+    state = smoothing_state(qm)                # persisted beside the quantized state
+    load_smoothing_(fresh, state)              # re-folds the same S into the checkpoint's weights: bit-exact
+
+Why the original corrupted the FP targets of W4 reconstruction, and why this cannot: its quantized layer kept a
+frozen ``org_weight`` copied before the fold and used it whenever weight quantization was off, so every "FP" forward
+computed conv(a / S; W). Here S is folded into the *master* weight (``QuantLayer.weight`` is the module's own
+Parameter; there is no second copy), and the division travels with the model as a module, so the model with
+quantization off computes exactly the FP function, whichever object the FP targets are taken from.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.openaimodel import ResBlock
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from quant.layers import QuantLayer
+from quant.model import QuantModel
+
+FORMAT = "qncd-smoothing"
+VERSION = 1
+# |S| floor: γ_c (hence S_c) can be ~0 or negative. The transform stays exact for any S ≠ 0, but a/S must not blow up
+# a channel into the range of the whole tensor (spec A.2, last pitfall).
+MIN_SCALE = 1e-2
+
+
+class Formula(enum.Enum):
+    CODE = "code"    # huanpengchu/QNCD quant_block.py: γ · mean(max(ẽ, 1)) (no absolute value)
+    PAPER = "paper"  # the paper's formula as a secondary summary reports it: mean |ẽ · γ|
+
+
+class ChannelSmoothing(nn.Module):
+    """a ↦ Dropout(a / S), QNCD's runtime division (spec A.2 step 7).
+
+    It replaces ``out_layers[2]`` (the Dropout, which it wraps: elementwise, so it commutes with the division)
+    rather than being inserted: the conv keeps its name ``out_layers.3``, so checkpoint keys, layer-policy names and
+    quantized-state keys are those of the unsmoothed model. Being *before* the conv, the conv's activation
+    quantizer (a QuantLayer's input) sees a / S. S is a persistent buffer ``scale`` [C] (float32)."""
+
+    def __init__(self, scale: torch.Tensor, dropout: nn.Module):
+        super().__init__()
+        if scale.ndim != 1 or not bool((scale != 0).all()):
+            raise ValueError("S must be a nonzero vector [C]")
+        self.register_buffer("scale", scale.detach().to(torch.float32).clone())
+        self.dropout = dropout
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        s = self.scale.view(1, -1, *([1] * (a.ndim - 2))).to(a.dtype)
+        return self.dropout(a / s)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.numel()}, |S| in [{self.scale.abs().min():.3g}, {self.scale.abs().max():.3g}]"
+
+
+# ---- the math (pure) -----------------------------------------------------------------------------------------
+
+def standardize_groups(e: torch.Tensor, num_groups: int, eps: float) -> torch.Tensor:
+    """ẽ: e [N, C] standardized inside each of ``num_groups`` channel groups (GroupNorm without its affine, in
+    float32). Equals the code's (GN(e) − β)/γ without dividing by γ, which may be 0. With C/groups = 1 it is 0."""
+    return F.group_norm(e.float().reshape(*e.shape[:2], 1), num_groups, eps=eps).reshape(e.shape)
+
+
+def code_factor(e_tilde: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Released-code S [C] from ẽ [N, C]: γ_c · mean_n max(ẽ_n,c, 1), then max(·, 1) before γ (spec A.2 steps 3-5).
+    The code averages over passes and keeps batch slot 0; every calibration sample counts here (same estimator)."""
+    return gamma.float() * e_tilde.clamp_min(1.).mean(0).clamp_min(1.)
+
+
+def paper_factor(e_tilde: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Paper S [C] for additive-embedding ResBlocks: (1/T) Σ_t |ẽ_t · α| with α = γ (spec A.2, [2nd])."""
+    return (e_tilde * gamma.float()).abs().mean(0)
+
+
+def paper_factor_scale_shift(scale: torch.Tensor) -> torch.Tensor:
+    """Paper S [C] for FiLM ResBlocks (``use_scale_shift_norm``): (1/T) Σ_t |1 + scale_t| (spec A.2, [2nd])."""
+    return (1. + scale.float()).abs().mean(0)
+
+
+def floor_magnitude(s: torch.Tensor, min_scale: float) -> torch.Tensor:
+    """sign(S) · max(|S|, min_scale), with sign(0) = +1: keeps the division finite and bounded."""
+    sign = torch.where(s < 0, -1., 1.).to(s)
+    return sign * s.abs().clamp_min(min_scale)
+
+
+# ---- computing S from a UNet ---------------------------------------------------------------------------------
+
+def _unet(model: nn.Module) -> nn.Module:
+    return model.model if isinstance(model, QuantModel) else model
+
+
+def resblocks(model: nn.Module) -> list[tuple[str, ResBlock]]:
+    """Every ResBlock of the UNet (a UNetModel or a QuantModel) with its UNet-relative name."""
+    return [(n, m) for n, m in _unet(model).named_modules() if isinstance(m, ResBlock)]
+
+
+def _timesteps(calibration) -> torch.Tensor:
+    """The timesteps [N] of a calibration set: a tensor or sequence of timesteps, a CalibrationData-like object
+    (``.t``), or an iterable of (x_t, t, c) batches."""
+    if isinstance(calibration, torch.Tensor):
+        return calibration.reshape(-1).long()
+    if isinstance(getattr(calibration, "t", None), torch.Tensor):
+        return calibration.t.reshape(-1).long()
+    items = list(calibration)
+    if items and isinstance(items[0], (tuple, list)):
+        return torch.cat([torch.as_tensor(b[1]).reshape(-1).cpu() for b in items]).long()
+    return torch.as_tensor(items).reshape(-1).long()
+
+
+@torch.no_grad()
+def embedding_outputs(model: nn.Module, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """e = emb_layers(emb(t)) [N, C_out or 2 C_out] of every ResBlock, as the FP UNet computes it. Exact without a
+    forward pass: in a UNet without class embedding (``num_classes``), emb depends on t alone."""
+    unet = _unet(model)
+    if getattr(unet, "num_classes", None) is not None:
+        raise ValueError("smoothing factors need the class labels of a UNet with num_classes (label_emb); only UNets "
+                         "conditioned through context (cin256-v2, the embedded default) are supported")
+    state = model.quant_state() if isinstance(model, QuantModel) else None
+    if state is not None:
+        model.set_quant_state(weight=False, act=False)  # S describes the FP embeddings
+    try:
+        param = next(unet.parameters())
+        t_emb = timestep_embedding(t.to(param.device), unet.model_channels, repeat_only=False).to(param.dtype)
+        emb = unet.time_embed(t_emb)
+        return {n: block.emb_layers(emb).float() for n, block in resblocks(unet)}
+    finally:
+        if state is not None:
+            model.set_quant_state(**state)
+
+
+def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.CODE,
+                      min_scale: float = MIN_SCALE) -> dict[str, torch.Tensor]:
+    """S [C] (float32, CPU) per ResBlock name from the FP embeddings over the calibration timesteps (spec A.2).
+
+    ``calibration``: the timesteps, a CalibrationData, or batches (x_t, t, c) (only t is used: every sample counts
+    once, so the weighting over t is the calibration set's). |S| is floored at ``min_scale``."""
+    formula = Formula(formula)
+    t = _timesteps(calibration)
+    if t.numel() == 0:
+        raise ValueError("no calibration timesteps")
+    out = {}
+    emb = embedding_outputs(model, t)
+    for name, block in resblocks(model):
+        norm = block.out_layers[0]
+        e = emb[name]
+        if block.use_scale_shift_norm:
+            scale = e.chunk(2, dim=1)[0]  # h·(1 + scale) + shift: the scale half carries the outliers
+            s = (paper_factor_scale_shift(scale) if formula is Formula.PAPER else
+                 code_factor(standardize_groups(scale, norm.num_groups, norm.eps), norm.weight))
+        elif formula is Formula.PAPER and norm.num_channels == norm.num_groups:
+            # one channel per group: ẽ ≡ 0 carries no information and the paper's S would be 0 (every channel
+            # blown up by 1/min_scale); such a block is left unsmoothed. (The code's formula gives S = γ there.)
+            continue
+        else:
+            e_tilde = standardize_groups(e, norm.num_groups, norm.eps)
+            s = (paper_factor if formula is Formula.PAPER else code_factor)(e_tilde, norm.weight)
+        out[name] = floor_magnitude(s.detach().float().cpu(), min_scale)
+    return out
+
+
+# ---- applying, persisting --------------------------------------------------------------------------------------
+
+def is_smoothed(block: ResBlock) -> bool:
+    return isinstance(block.out_layers[2], ChannelSmoothing)
+
+
+def _block(model: nn.Module, name: str) -> ResBlock:
+    try:
+        block = _unet(model).get_submodule(name)
+    except AttributeError:
+        block = None
+    if not isinstance(block, ResBlock):
+        raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
+    return block
+
+
+@torch.no_grad()
+def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_weights: bool = True) -> nn.Module:
+    """Smooth the named ResBlocks in place: out_layers[2] becomes ``ChannelSmoothing(S)`` (a ↦ a / S) and S is
+    multiplied into the master weight of out_layers[3] along its input channels, W[:, c] ← W[:, c] · S_c.
+
+    Works on a UNetModel or a QuantModel. Must run before the weight quantizers are initialized (Δ_w, z_w and
+    AdaRound's α are chosen on W · S), so a QuantLayer whose weight qparams exist is refused. A QuantLayer's weight
+    is its module's Parameter: a QuantModel built with ``copy_model=False`` shares it with the FP UNet, which is
+    smoothed alongside (same object), never half-smoothed. ``fold_weights=False`` only inserts the division, for
+    weights that already carry S (a state_dict saved from a smoothed model)."""
+    blocks = {name: _block(model, name) for name in factors}
+    for name, block in blocks.items():  # check everything before changing anything
+        if is_smoothed(block):
+            raise ValueError(f"{name} is already smoothed; smoothing twice would fold S twice")
+        conv, s = block.out_layers[3], factors[name]
+        if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None):
+            raise RuntimeError(f"{name}.out_layers.3 already has weight quantizers: apply smoothing before "
+                               f"init_weights_() (Δ_w must be chosen on W·S)")
+        if s.ndim != 1 or s.numel() != conv.weight.shape[1]:
+            raise ValueError(f"{name}: S has shape {tuple(s.shape)}, the conv has {conv.weight.shape[1]} input "
+                             f"channels")
+    for name, block in blocks.items():
+        s = factors[name].detach().to(torch.float32)
+        if fold_weights:
+            w = block.out_layers[3].weight
+            w.mul_(s.to(w).view(1, -1, *([1] * (w.ndim - 2))))
+        block.out_layers[2] = ChannelSmoothing(s.to(block.out_layers[3].weight.device), block.out_layers[2])
+    return model
+
+
+def smoothing_state(model: nn.Module) -> dict:
+    """The factors of every smoothed ResBlock, as plain tensors (``torch.load(weights_only=True)``-safe). The folded
+    weights are not included: the FP weights come from the model checkpoint and ``load_smoothing_`` re-folds."""
+    factors = {n: b.out_layers[2].scale.detach().cpu().clone() for n, b in resblocks(model) if is_smoothed(b)}
+    return {"format": FORMAT, "version": VERSION, "factors": factors}
+
+
+def load_smoothing_(model: nn.Module, state: dict, fold_weights: bool = True) -> nn.Module:
+    """Restore smoothing from ``smoothing_state`` onto a model holding the checkpoint's (unsmoothed) weights: the same
+    float32 S times the same W gives bit-identical folded weights. Run it before ``load_quant_state_dict_``."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"not a smoothing state (format {state.get('format') if isinstance(state, dict) else None!r})")
+    if state.get("version") != VERSION:
+        raise ValueError(f"smoothing state version {state.get('version')}, this code reads {VERSION}")
+    return apply_smoothing_(model, dict(state["factors"]), fold_weights=fold_weights)
+
+
+@torch.no_grad()
+def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, tuple[float, float]]:
+    """(min, max) of the input of every ResBlock's second conv over ``batches`` of (x_t, t, c), in the model's
+    current quantization state: the range a per-tensor activation quantizer must cover (QNCD's target)."""
+    seen: dict[str, list[float]] = {}
+
+    def hook(module, args, name):
+        a = args[0]
+        lo, hi = seen.get(name, (float("inf"), float("-inf")))
+        seen[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
+
+    handles = [b.out_layers[3].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, b in resblocks(model)]
+    try:
+        for x, t, c in batches:
+            model(x, t, context=c)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
