@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -93,10 +94,10 @@ def main(argv=None) -> None:
         cfg = (ReconConfig(iters=args.iters) if phase is Phase.WEIGHT
                else ReconConfig.activation_defaults(iters=args.iters))
         for i, unit in enumerate(units):
-            (inputs, target), cap_s = timed(lambda: capture_unit_io(qm, unit, data, 32, CacheSpec(), quantized=False,
-                                                                    act=False, want_output=True), device)
+            (inputs, target), cap_s = timed(partial(capture_unit_io, qm, unit, data, 32, CacheSpec(),
+                                                    quantized=False, act=False, want_output=True), device)
             qm.set_quant_state(weight=True, act=phase is Phase.ACTIVATION)
-            _, opt_s = timed(lambda: optimise_unit(unit, phase, inputs, target, cfg, i, device, progress=False),
+            _, opt_s = timed(partial(optimise_unit, unit, phase, inputs, target, cfg, i, device, progress=False),
                              device)
             ms = 1000 * opt_s / args.iters
             kind = type(unit.module).__name__ if unit.is_block else "layer"

@@ -67,8 +67,8 @@ class QuantLayer(nn.Module):
         else:  # one range per input-channel slice, expanded to the weight's shape [C_out, C_in, ...]
             parts = [self.weight[:, :self.split], self.weight[:, self.split:]]
             qp = [choose_qparams(w, self.w_scheme) for w in parts]
-            scale = torch.cat([s.expand_as(w) for (s, _), w in zip(qp, parts)], dim=1)
-            zp = torch.cat([z.expand_as(w) for (_, z), w in zip(qp, parts)], dim=1)
+            scale = torch.cat([s.expand_as(w) for (s, _), w in zip(qp, parts, strict=False)], dim=1)
+            zp = torch.cat([z.expand_as(w) for (_, z), w in zip(qp, parts, strict=False)], dim=1)
         self.w_scale, self.w_zero_point = scale.to(self.weight), zp.to(self.weight)
         self.w_ready = True
 
