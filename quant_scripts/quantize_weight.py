@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     held = held or data
     sqnr_nearest = sqnr_db(qm, held)
     granularity = "per-channel" if args.channel_wise else "per-tensor"
-    print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR {sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
+    print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR "
+          f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
           f"{args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, on {device}")
     cfg = ReconConfig(iters=args.weight_iters, batch_size=args.recon_batch_size, round_weight=args.round_weight,
                       cache=cache_spec(args), seed=args.seed)
