@@ -4,13 +4,14 @@
 # make data   -- Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt-get can install it
 # make train-fashion -- retrain the embedded default from scratch (VQ-f4, LDM, classifier, reference batch)
 # make quality -- measure the embedded default (classifier accuracy, sample accuracy, FID vs the held-out floor)
+# make demo  -- the whole pipeline on the embedded default and a report (QUICK=1: a 3-minute smoke run)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean data train-fashion quality
+.PHONY: install test bench clean data train-fashion quality demo
 
 install: $(STAMP)
 
@@ -46,3 +47,7 @@ quality: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# make demo [QUICK=1] [PAPER=1] [FRESH=1] -- the whole pipeline on the embedded default + outputs/<mode>/fashion/report.md
+demo: $(STAMP)
+	$(PY) quant_scripts/demo.py $(if $(QUICK),--quick) $(if $(PAPER),--paper) $(if $(FRESH),--fresh)

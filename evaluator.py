@@ -81,6 +81,18 @@ def _versions() -> dict:
             "torch": torch.__version__}
 
 
+def class_accuracy(softmax: np.ndarray, sample_path: Path) -> float | None:
+    """Fraction of samples whose classifier argmax is the label in the sample file's arr_1 (None without labels or
+    when arr_1 does not hold one label per sample)."""
+    with np.load(sample_path) as f:
+        if "arr_1" not in f.files:
+            return None
+        labels = np.asarray(f["arr_1"]).reshape(-1)
+    if labels.shape[0] != softmax.shape[0] or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    return float(np.mean(np.argmax(softmax, axis=1) == labels))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -125,6 +137,11 @@ def main(argv=None) -> dict:
         raise UserFacingError(f"metric computation failed: {' '.join(str(e).split())}") from None
     for key, label in LABELS:
         print(f"{label}: {metrics[key]}")  # = print(label + ":", value): shortest round-trip repr as the reference
+    accuracy = class_accuracy(sets["sample"]["softmax"], sample.path) if kind == "fashion" else None
+    if accuracy is not None:
+        # not an OpenAI-evaluator line: how often the classifier agrees with the class each sample was drawn for
+        print(f"Classifier accuracy: {accuracy}", file=sys.stderr)
+        metrics = {**metrics, "classifier_accuracy": accuracy}
 
     record = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "metrics": metrics,
               "n_samples": sample.n, "n_reference": ref.n, "feature_network": network.name, "features": kind,

@@ -111,6 +111,17 @@ class QuantLayer(nn.Module):
         return adaround_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.alpha, s.qmin, s.qmax,
                                    hard=self.rounding is WeightRounding.ADAROUND_HARD)
 
+    def _weight_for_forward(self) -> torch.Tensor:
+        """The fake-quantized weight; without autograd it is computed once and reused until the weight, its
+        (Δ, z), the rounding or α change (sampling calls every layer 20-250 times with the same weight)."""
+        if torch.is_grad_enabled() or self.rounding is WeightRounding.ADAROUND_SOFT:
+            return self.quantized_weight()
+        key = (self.rounding, *((id(v), v._version, v.device) for v in
+                                (self.weight, self.w_scale, self.w_zero_point, self.alpha) if v is not None))
+        if getattr(self, "_wq_key", None) != key:
+            self._wq, self._wq_key = self.quantized_weight().detach(), key
+        return self._wq
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant:
             if not self.a_ready:
@@ -120,7 +131,7 @@ class QuantLayer(nn.Module):
         if self.weight_quant:
             if not self.w_ready:
                 raise RuntimeError("weight quantization is on but init_weight_qparams_ never ran")
-            w = self.quantized_weight()
+            w = self._weight_for_forward()
         else:
             w = self.weight
         if self.kind is nn.Linear:

@@ -1,0 +1,137 @@
+"""The demo report: per-setting metric tables (mean ± spread over seeds), model sizes, stage times, pictures.
+
+Inputs are the evaluator's JSON records (one per setting, method and seed) and measured numbers; nothing here
+computes a metric. ``write_report`` writes report.md, report.json and fid_by_method.png (a bar chart drawn with
+Pillow, so no plotting dependency is needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+METRICS = (("inception_score", "IS", "{:.2f}"), ("fid", "FID", "{:.2f}"), ("sfid", "sFID", "{:.2f}"),
+           ("precision", "Prec.", "{:.3f}"), ("recall", "Rec.", "{:.3f}"),
+           ("classifier_accuracy", "Acc.", "{:.3f}"))
+
+
+@dataclass
+class Row:
+    """One (setting, method) with its per-seed evaluator records."""
+
+    setting: str       # e.g. "FP32", "W8A8", "W4A8"
+    method: str        # e.g. "—", "uncorrected", "PTQD", "D-D² (channel)"
+    sampler: str       # the pipeline's sampler name
+    records: dict[int, dict] = field(default_factory=dict)  # seed -> evaluator record
+
+    def values(self, key: str) -> list[float]:
+        return [r["metrics"][key] for _, r in sorted(self.records.items()) if key in r["metrics"]]
+
+    def summary(self, key: str) -> tuple[float, float] | None:
+        """(mean, half the range) over seeds: with two seeds the spread is |a − b|/2, a plain, honest bound."""
+        v = self.values(key)
+        if not v:
+            return None
+        return statistics.fmean(v), (max(v) - min(v)) / 2
+
+
+def fmt(summary: tuple[float, float] | None, pattern: str) -> str:
+    if summary is None:
+        return "—"
+    mean, spread = summary
+    return f"{pattern.format(mean)} ± {pattern.format(spread)}"
+
+
+def metrics_table(rows: Sequence[Row]) -> list[str]:
+    head = "| setting | method | " + " | ".join(label for _, label, _ in METRICS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(METRICS))]
+    for r in rows:
+        cells = [fmt(r.summary(key), pattern) for key, _, pattern in METRICS]
+        lines.append(f"| {r.setting} | {r.method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def bar_chart(path: str | os.PathLike, labels: Sequence[str], means: Sequence[float], spreads: Sequence[float],
+              title: str = "FID by method (lower is better)") -> Path:
+    """Horizontal bars with spread whiskers, one per label; written atomically as PNG."""
+    font = ImageFont.load_default()
+    bar_h, gap, left, right, top = 22, 8, 260, 90, 40
+    width = 900
+    height = top + len(labels) * (bar_h + gap) + 30
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), title, fill="black", font=font)
+    vmax = max((m + s for m, s in zip(means, spreads, strict=True) if math.isfinite(m)), default=1.0) or 1.0
+    span = width - left - right
+    for i, (label, m, s) in enumerate(zip(labels, means, spreads, strict=True)):
+        y = top + i * (bar_h + gap)
+        d.text((10, y + 5), label, fill="black", font=font)
+        if not math.isfinite(m):
+            continue
+        x1 = left + span * m / vmax
+        d.rectangle([left, y, x1, y + bar_h], fill=(70, 130, 180))
+        lo, hi = left + span * max(m - s, 0) / vmax, left + span * (m + s) / vmax
+        d.line([lo, y + bar_h / 2, hi, y + bar_h / 2], fill="black", width=2)
+        for x in (lo, hi):
+            d.line([x, y + 4, x, y + bar_h - 4], fill="black", width=2)
+        d.text((hi + 6, y + 5), f"{m:.2f}", fill="black", font=font)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[str, Any],
+                 sizes: dict[str, int], timings: dict[str, float], sqnr: dict[str, dict],
+                 images: dict[str, str]) -> Path:
+    """report.md + report.json + fid_by_method.png in ``outdir``. ``context`` states the conditions (N, seeds,
+    steps, η, scale, machine); ``images`` maps a caption to a PNG path relative to ``outdir``."""
+    outdir = Path(outdir)
+    chart = bar_chart(outdir / "fid_by_method.png", [f"{r.setting} {r.method}" for r in rows],
+                      [(r.summary("fid") or (math.nan, 0))[0] for r in rows],
+                      [(r.summary("fid") or (math.nan, 0))[1] for r in rows])
+    c = context
+    md = [f"# {c['title']}", "",
+          f"Conditions: {c['n']} samples per variant and seed (class-balanced), seeds {c['seeds']}, DDIM "
+          f"{c['steps']} steps, η {c['eta']}, guidance scale {c['scale']}; reference: {c['reference']}; feature "
+          f"network: {c['features']}; machine: {c['machine']}. Values are mean ± half the range over the seeds. "
+          f"IS on {c['n']} samples is one split (not comparable with 50k-sample numbers); Acc. is the fraction of "
+          f"samples the classifier assigns to the class they were drawn for.", "",
+          "## Sample quality", ""]
+    md += metrics_table(rows)
+    md += ["", f"![FID by method]({chart.name})", "", "## Quantized UNet: ε SQNR on held-out calibration inputs", "",
+           "| model | SQNR (dB) | notes |", "|---|---|---|"]
+    for name, d in sqnr.items():
+        md.append(f"| {name} | {d['sqnr']:.2f} | {d.get('note', '')} |")
+    md += ["", "## Model size (UNet, as stored)", "",
+           "Files written by quant.export (integer weight codes packed: 4-bit two per byte, 8-bit one per byte; "
+           "layers kept in FP32, biases and norms as float32) next to the FP32 UNet state dict.", "",
+           "| file | bytes | MiB | ratio to FP32 |", "|---|---|---|---|"]
+    fp = sizes.get("FP32")
+    for name, b in sizes.items():
+        md.append(f"| {name} | {b:,} | {b / 2 ** 20:.2f} | {fp / b:.2f}× |" if fp else f"| {name} | {b:,} | | |")
+    md += ["", "## Wall time of each pipeline stage", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    md += [f"| **total** | {sum(timings.values()):.1f} |", "", "## Pictures", ""]
+    md += [f"**{caption}**\n\n![{caption}]({p})\n" for caption, p in images.items()]
+    outdir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(outdir / "report.md", "\n".join(md) + "\n")
+    record = {"context": context, "sizes": sizes, "timings": timings, "sqnr": sqnr, "images": images,
+              "rows": [{"setting": r.setting, "method": r.method, "sampler": r.sampler,
+                        "per_seed": {str(s): rec["metrics"] for s, rec in sorted(r.records.items())},
+                        "summary": {key: r.summary(key) for key, _, _ in METRICS}} for r in rows]}
+    _write_atomic(outdir / "report.json", json.dumps(record, indent=1) + "\n")
+    return outdir / "report.md"

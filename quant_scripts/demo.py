@@ -1,0 +1,226 @@
+"""The whole pipeline on the embedded default, then a report: `make demo` (QUICK=1 for a smoke run).
+
+    python quant_scripts/demo.py              # ~30 min on a 2-core CPU: outputs/fashion/report.md
+    python quant_scripts/demo.py --quick      # ~3 min, small counts: outputs/quick/fashion/report.md
+    python quant_scripts/demo.py --paper      # paper-sized iteration and sample counts (a GPU run)
+    python quant_scripts/demo.py --fresh      # start over (deletes this mode's outputs first)
+
+A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
+artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
+continues where it stopped (reconstruction and sample generation resume mid-step). Stage wall times are recorded
+when a stage actually runs (demo_timings.json) and reported.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from quant_scripts.common import REPO_ROOT, load_preset, run_cli  # noqa: E402
+
+PRESET = "fashion"
+SEEDS = (0, 1)
+REFERENCE = "models/eval/fashion_test_reference.npz"
+# (setting, method shown in the report, sampler, w_bits, a_bits)
+VARIANTS = (
+    ("FP32", "—", "fp32", None, None),
+    ("W8A8", "uncorrected", "none", 8, 8),
+    ("W4A8", "uncorrected", "none", 4, 8),
+    ("W4A8", "PTQD", "ptqd", 4, 8),
+    ("W4A8", "S-D² (tensor)", "sd2-tensor", 4, 8),
+    ("W4A8", "D-D² (tensor)", "dd2-tensor", 4, 8),
+    ("W4A8", "S-D² (channel)", "sd2-channel", 4, 8),
+    ("W4A8", "D-D² (channel)", "dd2-channel", 4, 8),
+)
+# the counts of each mode; None = the preset's value
+MODES = {
+    "default": dict(outdir="outputs", n_eval=1000, n_cal=None, n_holdout=None, traj=None, weight_iters=None,
+                    act_iters=None, act_init=None, stats=None),
+    "quick": dict(outdir="outputs/quick", n_eval=50, n_cal=160, n_holdout=32, traj=2, weight_iters=4, act_iters=2,
+                  act_init=32, stats=20),
+    "paper": dict(outdir="outputs/paper", n_eval=10000, n_cal=1024, n_holdout=128, traj=None, weight_iters=10000,
+                  act_iters=5000, act_init=32, stats=1024),
+}
+
+
+def script(name: str):
+    """A pipeline script as a module (each has main(argv))."""
+    path = REPO_ROOT / ("evaluator.py" if name == "evaluator" else f"quant_scripts/{name}.py")
+    spec = importlib.util.spec_from_file_location(f"demo_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str
+    argv: list[str]
+    outputs: list[Path]           # what the stage writes: it "ran" when one of them changed
+    skip_if_exists: bool = False  # for steps without their own metadata check (grids, evaluator records)
+    pattern: str | None = None    # a glob (in outputs[0]) that marks a grid step as done
+
+
+def _stamp(paths: list[Path]) -> list[float | None]:
+    return [p.stat().st_mtime if p.exists() else None for p in paths]
+
+
+class Driver:
+    def __init__(self, root: Path, timings_path: Path):
+        self.root, self.timings_path = root, timings_path
+        self.timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+    def run(self, stage: Stage, total: int, index: int) -> None:
+        print(f"\n=== [{index}/{total}] {stage.name}", flush=True)
+        done = (any(stage.outputs[0].glob(stage.pattern)) if stage.pattern
+                else stage.outputs and all(p.exists() for p in stage.outputs))
+        if stage.skip_if_exists and done:
+            print("already done; skipping")
+            return
+        before = _stamp(stage.outputs)  # (directories count as changed when a file is added to them)
+        t0 = time.perf_counter()
+        script(stage.script).main(stage.argv)
+        seconds = time.perf_counter() - t0
+        if _stamp(stage.outputs) != before:  # it did work (not a metadata-matched skip): record its time
+            self.timings[stage.name] = seconds
+            tmp = self.timings_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.timings, indent=1))
+            os.replace(tmp, self.timings_path)
+
+
+def build_stages(args, run: Path, m: dict) -> list[Stage]:
+    common = ["--preset", args.preset, "--outdir", m["outdir"]]
+
+    def opt(flag, value):
+        return [flag, str(value)] if value is not None else []
+
+    quant = {(w, a) for _, _, _, w, a in VARIANTS if w}
+    stages = [
+        Stage("FP32 grid", "sample_fp32_imagenet", ["--preset", args.preset, "--outdir", str(run / "grids")],
+              [run / "grids"], skip_if_exists=True, pattern="fp32_*.png"),
+        Stage("calibration set", "collect_imagenet_calibration_set",
+              common + opt("--n", m["n_cal"]) + opt("--n_holdout", m["n_holdout"])
+              + opt("--calibration_trajectories_per_class", m["traj"]), [run / "calibration.pt"]),
+    ]
+    for w in sorted({w for w, _ in quant}):
+        stages.append(Stage(f"W{w} weights (BRECQ/AdaRound)", "quantize_weight",
+                            common + ["--w_bits", str(w)] + opt("--weight_iters", m["weight_iters"]),
+                            [run / f"w{w}" / f"quant_w{w}.pt"]))
+    for w, a in sorted(quant):
+        stages.append(Stage(f"W{w}A{a} activations (learned steps)", "quantize_weight_activation",
+                            common + ["--w_bits", str(w), "--a_bits", str(a)] + opt("--act_iters", m["act_iters"])
+                            + opt("--act_init_samples", m["act_init"]), [run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt"]))
+    stages += [
+        Stage("W4A8 noise statistics", "collect_timestep_aware_statistics",
+              common + ["--w_bits", "4", "--a_bits", "8"] + opt("--n", m["stats"]), [run / "w4a8" / "noise_stats.pt"]),
+        Stage("W4A8 Gaussian + PTQD fits", "gaussian_modeling", common + ["--w_bits", "4", "--a_bits", "8"],
+              [run / "w4a8" / "gaussian_tensor.pt"]),
+        Stage("comparison grid (FP | uncorrected | PTQD | D-D²)", "sample_quantized_ldm_imagenet",
+              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [run / "w4a8" / "samples"],
+              skip_if_exists=True, pattern="compare_*.png"),
+    ]
+    from evaluation.generation import sample_dir
+    for seed in args.seeds:
+        for setting, method, sampler, w, a in VARIANTS:
+            tag = f"w{w}a{a}" if w else "fp32"
+            d = sample_dir(run, tag, sampler, m["n_eval"], seed)
+            bits = ["--w_bits", str(w), "--a_bits", str(a)] if w else []
+            stages.append(Stage(f"samples {setting} {method} seed {seed}", "generate_evaluation_samples_dist",
+                                common + ["--sampler", sampler, "--n_samples", str(m["n_eval"]), "--seed", str(seed)]
+                                + bits, [d / "samples.npz"]))
+            stages.append(Stage(f"evaluate {setting} {method} seed {seed}", "evaluator",
+                                [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json")],
+                                [d / "eval.json"], skip_if_exists=True))
+    return stages
+
+
+def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
+    from evaluation.generation import sample_dir
+    from evaluation.report import Row, write_report
+    from quant.artifacts import load_artifact
+    from quant.export import pack_quant_model
+    from quant.pipeline import load_quant_model
+    from ldm.util import load_config, load_model_from_config, save_atomic
+
+    rows = []
+    for setting, method, sampler, w, a in VARIANTS:
+        row = Row(setting, method, sampler)
+        for seed in args.seeds:
+            d = sample_dir(run, f"w{w}a{a}" if w else "fp32", sampler, m["n_eval"], seed)
+            row.records[seed] = json.loads((d / "eval.json").read_text())
+        rows.append(row)
+    preset = load_preset(args.preset)
+    model = load_model_from_config(load_config(REPO_ROOT / preset["config"]), REPO_ROOT / preset["ckpt"])
+    unet = model.model.diffusion_model
+    export = run / "export"
+    export.mkdir(exist_ok=True)
+    save_atomic(unet.state_dict(), export / "unet_fp32.pt")
+    sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
+    sqnr = {}
+    for w in (4, 8):
+        qm, meta = load_quant_model(unet, run / f"w{w}" / f"quant_w{w}.pt", {})
+        save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
+        sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
+        sqnr[f"W{w} round-to-nearest"] = {"sqnr": meta["sqnr_nearest_db"], "note": "before reconstruction"}
+        sqnr[f"W{w} AdaRound"] = {"sqnr": meta["sqnr_adaround_db"], "note": f"{meta['weight_iters']} iterations/unit"}
+    for w, a in sorted({(w, a) for _, _, _, w, a in VARIANTS if w}):
+        meta = load_artifact(run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt", "quant")["meta"]
+        sqnr[f"W{w}A{a}"] = {"sqnr": meta["sqnr_db"], "note": f"initial ranges {meta['sqnr_act_init_db']:.2f} dB, "
+                                                              f"{meta['act_iters']} step-size iterations/unit"}
+    images = {}
+    for caption, pattern in (("FP32 samples", "grids/fp32_*.png"), ("FP | uncorrected | PTQD | D-D² (W4A8)",
+                                                                     "w4a8/samples/compare_*.png"),
+                             ("Quantization noise per timestep (W4A8)", "w4a8/noise_stats.png")):
+        found = sorted(run.glob(pattern))
+        if found:
+            images[caption] = os.path.relpath(found[-1], run.parent)
+    context = {"title": f"D²-DPM / PTQD on the embedded default ({args.preset}), mode {args.mode}",
+               "n": m["n_eval"], "seeds": list(args.seeds), "steps": 20, "eta": 0.0, "scale": 3.0,
+               "reference": REFERENCE, "features": rows[0].records[args.seeds[0]].get("feature_network"),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+                          f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
+    return write_report(run.parent, rows, context, sizes, driver.timings, sqnr, images)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="small counts, about 3 minutes on a CPU")
+    group.add_argument("--paper", action="store_true", help="paper-sized counts (for a GPU)")
+    p.add_argument("--fresh", action="store_true", help="delete this mode's outputs and start over")
+    p.add_argument("--preset", default=PRESET)
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = p.parse_args(argv)
+    args.mode = "quick" if args.quick else "paper" if args.paper else "default"
+    m = MODES[args.mode]
+    root = Path(m["outdir"]) / args.preset
+    if args.fresh and root.exists():
+        print(f"--fresh: removing {root}")
+        shutil.rmtree(root)
+    preset = load_preset(args.preset)
+    run = root / f"scale{preset['scale']:g}_eta{preset['eta']:g}_steps{preset['steps']}"
+    run.mkdir(parents=True, exist_ok=True)
+    driver = Driver(root, root / "demo_timings.json")
+    stages = build_stages(args, run, m)
+    t0 = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        driver.run(stage, len(stages), i)
+    report = make_report(args, run, m, driver)
+    print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
+    print(report.read_text())
+
+
+if __name__ == "__main__":
+    run_cli(main)
