@@ -1,5 +1,6 @@
-"""QNCD's embedding-derived feature smoothing (Chu et al., ACM MM 2024, arXiv 2403.19140, §"Intra quantization
-noise"; spec qncd_ptqd.md §A.2), a calibration-time transform of the UNet that leaves its FP output unchanged.
+"""QNCD's "embedding-derived feature smoothing" against intra quantization noise (Chu et al., ACM MM 2024, arXiv
+2403.19140; spec qncd_ptqd.md §A.2, from the official quant_block.py, as the paper's equations were not available): a
+calibration-time transform of the UNet that leaves its FP output unchanged.
 
 In a ResBlock the time embedding is added to the features right before ``out_layers``:
 
@@ -15,6 +16,11 @@ S comes from the embeddings alone, over the calibration timesteps (``Formula``):
     ẽ = standardize_GN(e)          e standardized inside each GroupNorm group of out_layers[0] (no affine)
     CODE  (released code):  S_c = γ_c · mean_n max(ẽ_n,c, 1)          γ = out_layers[0].weight
     PAPER (as summarised):  S_c = mean_n |ẽ_n,c · γ_c|                (scale-shift blocks: mean_n |1 + scale_n,c|)
+
+GroupNorm always has 32 groups, so |ẽ| ≤ √(C/32 − 1): in narrow UNets the embedding term is void. With C = 32 or 64
+(the embedded default) ẽ is 0 or ±1, the code's S is exactly γ (smoothing only undoes GroupNorm's scale) and the
+paper's is 0 where groups hold one channel (such blocks are left unsmoothed). In cin256-v2 (C = 192 … 960, 6 … 30
+channels per group) the embedding term acts. |S| is floored at ``MIN_SCALE``; S keeps γ's sign.
 
 Verbs, in the order the pipeline uses them:
 
@@ -140,19 +146,22 @@ def embedding_outputs(model: nn.Module, t: torch.Tensor) -> dict[str, torch.Tens
     if getattr(unet, "num_classes", None) is not None:
         raise ValueError("smoothing factors need the class labels of a UNet with num_classes (label_emb); only UNets "
                          "conditioned through context (cin256-v2, the embedded default) are supported")
-    state = model.quant_state() if isinstance(model, QuantModel) else None
-    if state is not None:
-        model.set_quant_state(weight=False, act=False)  # S describes the FP embeddings
+    # S describes the FP embeddings: quantization off in the layers involved, each restored as it was
+    layers = [m for m in unet.modules() if isinstance(m, QuantLayer)]
+    flags = [(m.weight_quant, m.act_quant) for m in layers]
+    for m in layers:
+        m.weight_quant = m.act_quant = False
     try:
         param = next(unet.parameters())
         t_emb = timestep_embedding(t.to(param.device), unet.model_channels, repeat_only=False).to(param.dtype)
         emb = unet.time_embed(t_emb)
         return {n: block.emb_layers(emb).float() for n, block in resblocks(unet)}
     finally:
-        if state is not None:
-            model.set_quant_state(**state)
+        for m, (w, a) in zip(layers, flags, strict=True):
+            m.weight_quant, m.act_quant = w, a
 
 
+@torch.no_grad()
 def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.CODE,
                       min_scale: float = MIN_SCALE) -> dict[str, torch.Tensor]:
     """S [C] (float32, CPU) per ResBlock name from the FP embeddings over the calibration timesteps (spec A.2).
@@ -239,8 +248,9 @@ def smoothing_state(model: nn.Module) -> dict:
 def load_smoothing_(model: nn.Module, state: dict, fold_weights: bool = True) -> nn.Module:
     """Restore smoothing from ``smoothing_state`` onto a model holding the checkpoint's (unsmoothed) weights: the same
     float32 S times the same W gives bit-identical folded weights. Run it before ``load_quant_state_dict_``."""
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"not a smoothing state (format {state.get('format') if isinstance(state, dict) else None!r})")
+    got = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if got != FORMAT:
+        raise ValueError(f"not a smoothing state (format {got!r}); pass what smoothing_state() returned")
     if state.get("version") != VERSION:
         raise ValueError(f"smoothing state version {state.get('version')}, this code reads {VERSION}")
     return apply_smoothing_(model, dict(state["factors"]), fold_weights=fold_weights)

@@ -202,9 +202,12 @@ def main(argv=None) -> None:
     p.add_argument("--fresh", action="store_true", help="delete this mode's outputs and start over")
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    p.add_argument("--outdir", default=None, help="artifact root (default: outputs, outputs/quick, outputs/paper)")
     args = p.parse_args(argv)
     args.mode = "quick" if args.quick else "paper" if args.paper else "default"
-    m = MODES[args.mode]
+    m = dict(MODES[args.mode])
+    if args.outdir is not None:
+        m["outdir"] = args.outdir
     root = Path(m["outdir"]) / args.preset
     if args.fresh and root.exists():
         print(f"--fresh: removing {root}")
