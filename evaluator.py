@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="path of the OpenAI Inception GraphDef (classify_image_graph_def.pb) for --features inception")
     p.add_argument("--batch_size", type=int, default=None,
                    help="images per forward pass (default: 500 for fashion, 64 for inception; no effect on results)")
+    p.add_argument("--cache_dir", default=None,
+                   help="keep the reference batch's activations here (keyed by the file's and the network's SHA-256) "
+                        "and reuse them: evaluating many sample batches against one reference computes it once")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when present), cpu, cuda, cuda:1, ...; for inception, cpu hides the GPUs from "
                         "TensorFlow and anything else lets TF place the graph")
@@ -81,6 +84,26 @@ def _versions() -> dict:
             "torch": torch.__version__}
 
 
+def cached_activations(network, batch, batch_size: int | None, cache_dir: Path, kind: str) -> dict:
+    """The batch's activations from ``cache_dir`` when a file for (batch SHA-256, network) is there, else computed
+    and stored (atomically). The network's name carries its own weights' SHA-256."""
+    import hashlib
+    key = hashlib.sha256(f"{file_sha256(batch.path)}|{network.name}".encode()).hexdigest()[:24]
+    path = cache_dir / f"activations_{key}.npz"
+    if path.is_file():
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    acts = compute_activations(network, batch, batch_size, desc=f"reference ({kind})")
+    ensure_writable_dir(cache_dir)
+    tmp = cache_dir / f".activations_{key}.tmp{os.getpid()}.npz"
+    try:
+        np.savez(tmp, **acts)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return acts
+
+
 def class_accuracy(softmax: np.ndarray, sample_path: Path) -> float | None:
     """Fraction of samples whose classifier argmax is the label in the sample file's arr_1 (None without labels or
     when arr_1 does not hold one label per sample)."""
@@ -116,7 +139,10 @@ def main(argv=None) -> dict:
     sets = {}
     for role, batch in (("reference", ref), ("sample", sample)):
         print(f"computing {role} batch activations...")
-        sets[role] = compute_activations(network, batch, args.batch_size, desc=f"{role} ({kind})")
+        if role == "reference" and args.cache_dir is not None:
+            sets[role] = cached_activations(network, batch, args.batch_size, Path(args.cache_dir), kind)
+        else:
+            sets[role] = compute_activations(network, batch, args.batch_size, desc=f"{role} ({kind})")
         if batch.stats is not None:
             # the reference's rule: a batch with stored statistics uses them for FID/sFID (spec §1)
             sets[role].update(batch.stats)

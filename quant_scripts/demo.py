@@ -141,7 +141,8 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
                                 common + ["--sampler", sampler, "--n_samples", str(m["n_eval"]), "--seed", str(seed)]
                                 + bits, [d / "samples.npz"]))
             stages.append(Stage(f"evaluate {setting} {method} seed {seed}", "evaluator",
-                                [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json")],
+                                [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json"),
+                                 "--cache_dir", str(run.parent / "evaluator_cache")],
                                 [d / "eval.json"], skip_if_exists=True))
     return stages
 

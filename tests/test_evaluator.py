@@ -388,6 +388,7 @@ def test_end_to_end_fashion(fashion_images, tmp_path):
     lines = [line for line in proc.stdout.splitlines() if ": " in line]
     assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     record = json.loads(out.read_text())
+    accuracy = record["metrics"].pop("classifier_accuracy")  # stderr only: not an OpenAI-evaluator line
     assert parse_metric_lines(proc.stdout) == record["metrics"]      # printed with the full repr
     assert record["n_samples"] == 120 and record["n_reference"] == 150 and record["features"] == "fashion"
     assert record["reference"]["sha256"] == hashlib.sha256(ref_path.read_bytes()).hexdigest()
@@ -397,9 +398,10 @@ def test_end_to_end_fashion(fashion_images, tmp_path):
     # the CLI equals the library on the same features (features → statistics → metrics)
     network = FashionFeatures()
     assert record["feature_network"] == network.name
-    expected = M.evaluate_features(compute_activations(network, open_batch(ref_path, "reference"), 50),
-                                   compute_activations(network, open_batch(sample_path, "sample"), 50))
+    sample_acts = compute_activations(network, open_batch(sample_path, "sample"), 50)
+    expected = M.evaluate_features(compute_activations(network, open_batch(ref_path, "reference"), 50), sample_acts)
     assert record["metrics"] == expected
+    assert accuracy == float(np.mean(sample_acts["softmax"].argmax(1) == 0))
     assert 1 < expected["inception_score"] < 10 and 0 < expected["precision"] <= 1 and 0 < expected["recall"] <= 1
 
 
@@ -473,3 +475,18 @@ def test_inception_features_on_a_synthetic_graph(tmp_path):
                 np.testing.assert_allclose(got["spatial"][i], mixed_6[0, :, :, :7].reshape(-1), rtol=1e-5, atol=1e-6)
                 unbiased = np.exp(logits[0] - logits[0].max())                 # softmax(pool @ W), no bias
                 np.testing.assert_allclose(got["softmax"][i], unbiased / unbiased.sum(), rtol=1e-4, atol=1e-7)
+
+
+def test_reference_activation_cache_gives_the_same_record(fashion_images, tmp_path, run_inproc):
+    arr, _ = fashion_images
+    ref_path = save(tmp_path / "ref.npz", arr[:100])
+    sample_path = save(tmp_path / "sample.npz", arr[5000:5080])
+    args = (ref_path, sample_path, "--features", "fashion", "--device", "cpu")
+    plain = run_inproc(*args, "--json", tmp_path / "a.json")
+    cache = tmp_path / "cache"
+    first = run_inproc(*args, "--json", tmp_path / "b.json", "--cache_dir", cache)
+    second = run_inproc(*args, "--json", tmp_path / "c.json", "--cache_dir", cache)
+    assert plain.returncode == first.returncode == second.returncode == 0
+    assert len(list(cache.glob("activations_*.npz"))) == 1
+    metrics = [json.loads((tmp_path / f"{k}.json").read_text())["metrics"] for k in "abc"]
+    assert metrics[0] == metrics[1] == metrics[2]
