@@ -7,7 +7,9 @@ D²-DPM claims its correction costs next to nothing at sampling time (a few elem
 extra UNet call). Every variant of ``correction.variants`` (fp32 included, for scale) samples the same N latents
 from the same seed in the same run; repeats go round-robin over the variants so a machine whose load changes
 during the run affects them alike. Reported: the median time, its ratio to the uncorrected quantized model
-("none"), and the time per DDIM step. Needs the artifacts of steps 3-5 for the preset's run directory.
+("none"), the time per DDIM step, and the time spent inside the correction itself (per call -- one call per step
+and batch -- and as a share of the run): the direct cost, which the end-to-end ratio on a busy machine can hide in
+noise. Needs the artifacts of steps 3-5 for the preset's run directory.
 """
 from __future__ import annotations
 
@@ -50,6 +52,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class TimedCorrection:
+    """Wraps a StepCorrection and sums the wall time spent inside it (the direct cost, free of the UNet's noise)."""
+
+    def __init__(self, correction):
+        self.correction, self.seconds, self.calls = correction, 0.0, 0
+
+    def __call__(self, eps, sigma, step, x):
+        t0 = time.perf_counter()
+        out = self.correction(eps, sigma, step, x)
+        if out[0].device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
 def machine_info(device: torch.device) -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -78,16 +96,22 @@ def main(argv=None) -> None:
     scale = args.scale if labels is not None else 1.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run(name: str) -> float:
+    inside = {n: [0.0, 0] for n in names}  # seconds inside the correction, calls (timed runs only)
+
+    def run(name: str, timed: bool = True) -> float:
         v = variants[name]
+        corr = v.correction_for(torch.Generator(device).manual_seed(1))
+        corr = corr if corr is None else TimedCorrection(corr)
         sync()
         t0 = time.perf_counter()
         with model.ema_scope():
             sample_latents(model, labels, n=args.n, steps=args.steps, eta=args.eta, scale=scale,
                            batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed),
-                           model_fn=v.model_fn, correction=v.correction_for(torch.Generator(device).manual_seed(1)),
-                           progress=False)
+                           model_fn=v.model_fn, correction=corr, progress=False)
         sync()
+        if corr is not None and timed:
+            inside[name][0] += corr.seconds
+            inside[name][1] += corr.calls
         return time.perf_counter() - t0
 
     info = machine_info(device)
@@ -96,20 +120,25 @@ def main(argv=None) -> None:
     print(f"machine: {info}")
     for _ in range(args.warmup):
         for n in names:
-            run(n)
+            run(n, timed=False)
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
         for n in names:
             times[n].append(run(n))
     ref = statistics.median(times["none"])
     rows = []
-    print(f"{'sampler':<12} {'median s':>9} {'min s':>8} {'ratio':>7} {'ms/step':>8}  description")
+    print(f"{'sampler':<12} {'median s':>9} {'min s':>8} {'ratio':>7} {'ms/step':>8} {'corr ms/call':>12} "
+          f"{'corr share':>10}  description")
     for n in names:
         med = statistics.median(times[n])
+        secs, calls = inside[n]
+        per_call = secs / calls * 1e3 if calls else 0.0
+        share = secs / sum(times[n]) if calls else 0.0
         rows.append({"sampler": n, "median_s": med, "min_s": min(times[n]), "times_s": times[n],
-                     "ratio_to_uncorrected": med / ref, "ms_per_step": med / args.steps * 1e3})
-        print(f"{n:<12} {med:>9.3f} {min(times[n]):>8.3f} {med / ref:>7.3f} {med / args.steps * 1e3:>8.1f}  "
-              f"{variants[n].description}")
+                     "ratio_to_uncorrected": med / ref, "ms_per_step": med / args.steps * 1e3,
+                     "correction_ms_per_call": per_call, "correction_share": share})
+        print(f"{n:<12} {med:>9.3f} {min(times[n]):>8.3f} {med / ref:>7.3f} {med / args.steps * 1e3:>8.1f} "
+              f"{per_call:>12.3f} {100 * share:>9.2f}%  {variants[n].description}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "preset": args.preset_used, "w_bits": args.w_bits, "a_bits": args.a_bits, "n": args.n,

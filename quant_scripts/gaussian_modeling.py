@@ -68,6 +68,9 @@ def filtered(obj: dict, stats: NoiseStatistics, k: float, spill: Path) -> tuple[
     if obj.get("filtered") is not None and abs(stored_k - k) < 1e-12:
         return {g: Moments(stats.timesteps, *(obj["filtered"][g][x] for x in ("n", "s1", "s2")))
                 for g in ("tensor", "channel")}, k
+    if spill.with_name("noise_stats.partial.pt").exists():  # the spill then holds another collection's rows
+        raise UserFacingError(f"a statistics collection was interrupted in {spill.parent} and its spill is not that "
+                              f"of noise_stats.pt; finish it ({STATS_SCRIPT}) before refitting with another k")
     if not spill.is_dir():
         raise UserFacingError(f"the statistics were filtered at {stored_k:g}σ, a {k:g}σ filter needs the spilled "
                               f"values; rerun {STATS_SCRIPT} with --outlier_k {k:g} (or --keep_spill), or drop "

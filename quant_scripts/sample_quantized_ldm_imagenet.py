@@ -141,6 +141,11 @@ def main(argv=None) -> None:
     t0 = time.time()
     rows = [to_uint8(sample_variant(model, v, labels, uc, args, device)) for v in variants]
     if args.compare:
+        if "fp32" in names:
+            fp = rows[names.index("fp32")].astype(np.float64)
+            print("RMS pixel distance to the FP32 row (same x_T and noise; 0-255): " + ", ".join(
+                f"{v.name} {np.sqrt(((r.astype(np.float64) - fp) ** 2).mean()):.2f}"
+                for v, r in zip(variants, rows, strict=True)))
         ncol = len(rows[0])
         grid = make_grid(np.concatenate(rows), nrow=ncol)
         grid = labelled_rows(grid, [f"{v.name}" for v in variants], rows[0].shape[1])

@@ -1,0 +1,200 @@
+"""Pipeline steps 4-6 on a tiny random LDM, through the scripts' main(argv): noise statistics (with resume after a
+kill), Gaussian and PTQD fits, corrected sampling with every variant, and the one-line errors on mismatches."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny_models
+from conftest import REPO
+from correction.gaussian import GaussianFit, Granularity
+from correction.variants import VARIANTS, build_variant
+from quant.artifacts import ArtifactMismatch, file_fingerprint
+from quant_scripts.common import run_cli
+
+STEPS = 5
+RUN = f"scale3_eta0_steps{STEPS}"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "quant_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    names = ("collect_imagenet_calibration_set", "quantize_weight", "quantize_weight_activation",
+             "collect_timestep_aware_statistics", "gaussian_modeling", "sample_quantized_ldm_imagenet")
+    return {n: load_script(n) for n in names}
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory, scripts):
+    """Steps 1-5 on a tiny model, once for the module: returns (common flags, run dir, model)."""
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster and immune to a loaded machine
+    tmp = tmp_path_factory.mktemp("pipe")
+    model = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND))
+    cfg_path, ckpt = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), model, tmp / "m")
+    common = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--steps", str(STEPS), "--outdir", str(tmp / "out")]
+    scripts["collect_imagenet_calibration_set"].main(
+        common + ["--n", "32", "--n_holdout", "8", "--calibration_trajectories_per_class", "2"])
+    scripts["quantize_weight"].main(common + ["--weight_iters", "2"])
+    scripts["quantize_weight_activation"].main(common + ["--act_iters", "2", "--act_init_samples", "8"])
+    scripts["collect_timestep_aware_statistics"].main(common + ["--n", "12", "--batch_size", "3", "--no_progress"])
+    scripts["gaussian_modeling"].main(common)
+    return common, tmp / "out" / "custom" / RUN, model, tmp
+
+
+def run_one_line(main, argv, capsys):
+    """main(argv) under run_cli: the exit status and the one stderr line it printed."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(lambda: main(argv))
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_artifacts_carry_their_meta(pipe):
+    common, run, model, _ = pipe
+    d = run / "w4a8"
+    stats = torch.load(d / "noise_stats.pt", weights_only=True)
+    m = stats["meta"]
+    qfp = file_fingerprint(d / "quant_w4a8.pt")
+    assert m["format"] == "noise_stats" and (m["steps"], m["eta"], m["scale"]) == (STEPS, 0.0, 3.0)
+    assert (m["w_bits"], m["a_bits"], m["n"], m["seed"], m["quant"]) == (4, 8, 12, 0, qfp)
+    assert m["timesteps"] == [1, 201, 401, 601, 801] and m["ckpt"] == file_fingerprint(common[3])
+    assert stats["state"]["samples"].tolist() == [12] * STEPS
+    assert not (d / "noise_stats.partial.pt").exists() and not (d / "noise_stats_spill").exists()
+    for g in ("tensor", "channel"):
+        obj = torch.load(d / f"gaussian_{g}.pt", weights_only=True)
+        assert obj["meta"]["format"] == "gaussian" and obj["meta"]["granularity"] == g
+        assert (obj["meta"]["quant"], obj["meta"]["timesteps"], obj["meta"]["outlier_k"]) == (qfp, m["timesteps"], 4.)
+        fit = GaussianFit.from_dict(obj["fit"])
+        assert fit.granularity is Granularity(g) and fit.channels == (1 if g == "tensor" else 3)
+        assert bool((fit.sigma_y > 0).all()) and bool((fit.rho.abs() < 1).all())
+    ptqd = torch.load(d / "ptqd.pt", weights_only=True)
+    assert ptqd["meta"]["format"] == "ptqd" and ptqd["meta"]["noise_stats"] == file_fingerprint(d / "noise_stats.pt")
+    assert Image.open(d / "noise_stats.png").size[0] > 1000
+
+
+def test_statistics_resume_after_a_kill(pipe, scripts, monkeypatch, capsys):
+    common, run, _, tmp = pipe
+    out2 = tmp / "out2"
+    (out2 / "custom" / RUN / "w4a8").mkdir(parents=True)
+    shutil.copy(run / "w4a8" / "quant_w4a8.pt", out2 / "custom" / RUN / "w4a8")
+    mod = scripts["collect_timestep_aware_statistics"]
+    real = mod.collect_noise_statistics
+
+    def killed_after_3_batches(*a, on_batch, **kw):
+        def ob(stats, done):
+            on_batch(stats, done)
+            if done == 9:  # a checkpoint at 6 (every 2 batches); batch 3's spilled rows are past it
+                raise KeyboardInterrupt
+        return real(*a, on_batch=ob, **kw)
+
+    argv = common[:-1] + [str(out2), "--n", "12", "--batch_size", "3", "--no_progress", "--save_every", "2"]
+    monkeypatch.setattr(mod, "collect_noise_statistics", killed_after_3_batches)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(argv)
+    d2 = out2 / "custom" / RUN / "w4a8"
+    assert (d2 / "noise_stats.partial.pt").exists() and not (d2 / "noise_stats.pt").exists()
+    assert (d2 / "noise_stats_spill" / "t0001.f32").stat().st_size == 9 * 2 * 3 * 8 * 8 * 4
+    monkeypatch.setattr(mod, "collect_noise_statistics", real)
+    capsys.readouterr()
+    mod.main(argv)
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "6 of 12 trajectories done" in out
+    a = torch.load(run / "w4a8" / "noise_stats.pt", weights_only=True)
+    b = torch.load(d2 / "noise_stats.pt", weights_only=True)
+    for key in ("n", "s1", "s2", "samples"):
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    for g in ("tensor", "channel"):
+        for key in ("n", "s1", "s2"):
+            assert torch.equal(a["filtered"][g][key], b["filtered"][g][key]), (g, key)
+    mod.main(argv)  # up to date: skipped
+    assert "skipping" in capsys.readouterr().out
+    # a refit with another k needs the spilled values: kept on request
+    mod.main(argv + ["--force", "--keep_spill"])
+    assert (d2 / "noise_stats_spill" / "t0001.f32").stat().st_size == 12 * 2 * 3 * 8 * 8 * 4
+    scripts["gaussian_modeling"].main(common[:-1] + [str(out2), "--outlier_k", "2"])
+    k2 = torch.load(d2 / "gaussian_tensor.pt", weights_only=True)
+    k4 = torch.load(run / "w4a8" / "gaussian_tensor.pt", weights_only=True)
+    assert k2["meta"]["outlier_k"] == 2.0 and bool((k2["fit"]["count"] < k4["fit"]["count"]).all())
+
+
+def test_every_variant_builds_and_samples(pipe, scripts):
+    common, run, model, _ = pipe
+    from ldm.sample import sample_latents
+    expect = {"model": common[1], "ckpt": file_fingerprint(common[3]), "steps": STEPS, "eta": 0.0, "scale": 3.0}
+    outs = {}
+    for name in VARIANTS:
+        v = build_variant(name, model, run, w_bits=4, a_bits=8, expect=expect)
+        assert v.quantized == (name != "fp32") and (v.fit is None) == (name in ("fp32", "none"))
+        g = torch.Generator().manual_seed(0)
+        outs[name] = sample_latents(model, [0, 1, 2], steps=STEPS, eta=0.0, scale=3.0, generator=g,
+                                    model_fn=v.model_fn, correction=v.correction_for(torch.Generator().manual_seed(1)),
+                                    progress=False)
+        assert torch.isfinite(outs[name]).all(), name
+    assert not torch.equal(outs["fp32"], outs["none"])
+    for name in VARIANTS[2:]:
+        assert not torch.equal(outs[name], outs["none"]), name
+    with pytest.raises(Exception, match="Generator"):
+        build_variant("sd2-tensor", model, run, w_bits=4, a_bits=8, expect=expect).correction_for(None)
+    # the script: one sampler, deterministic; and the comparison grid
+    sample = scripts["sample_quantized_ldm_imagenet"].main
+    argv = common + ["--sampler", "sd2-channel", "--classes", "0", "1", "--n_samples_per_class", "2", "--no_progress"]
+    sample(argv)
+    png = run / "w4a8" / "samples" / f"sd2-channel_w4a8_steps{STEPS}_eta0_scale3_seed42.png"
+    first = png.read_bytes()
+    sample(argv)
+    assert png.read_bytes() == first
+    sample(common + ["--compare", "--classes", "0", "1", "2", "--no_progress"])
+    grid = Image.open(next((run / "w4a8" / "samples").glob("compare_*.png")))
+    assert grid.size[1] == 4 * 34 + 2 and grid.text["sampler"] == "fp32 | none | ptqd | dd2-channel"
+
+
+def test_mismatches_are_one_line_errors(pipe, scripts, capsys):
+    common, run, _, tmp = pipe
+    sample, fit = scripts["sample_quantized_ldm_imagenet"].main, scripts["gaussian_modeling"].main
+    stats = scripts["collect_timestep_aware_statistics"].main
+    flags = ["--no_progress", "--classes", "0"]
+    # another step count: nothing there, and the message points at the setting that has artifacts
+    line = run_one_line(sample, common[:4] + ["--steps", "7", "--outdir", common[-1]] + flags, capsys)
+    assert "not found" in line and f"exists for other settings: sample with --steps {STEPS} --eta 0 --scale 3" in line
+    # artifacts of the 5-step run copied under a 7-step run directory: the meta names both values
+    shutil.copytree(run / "w4a8", run.parent / "scale3_eta0_steps7" / "w4a8")
+    line = run_one_line(sample, common[:4] + ["--steps", "7", "--outdir", common[-1]] + flags, capsys)
+    assert "steps=5" in line and "steps=7" in line
+    # bits that were never quantized
+    line = run_one_line(sample, common + ["--w_bits", "8"] + flags, capsys)
+    assert "W8A8 quantized model not found" in line and "quantize_weight_activation.py --w_bits 8" in line
+    line = run_one_line(stats, common + ["--a_bits", "6", "--n", "4"], capsys)
+    assert "W4A6 quantized model not found" in line
+    # a missing fit names the step that makes it; statistics missing name step 4
+    other = tmp / "out3" / "custom" / RUN / "w4a8"
+    other.mkdir(parents=True)
+    shutil.copy(run / "w4a8" / "quant_w4a8.pt", other)
+    out3 = common[:-1] + [str(tmp / "out3")]
+    line = run_one_line(sample, out3 + ["--sampler", "ptqd"] + flags, capsys)
+    assert "ptqd artifact not found" in line and "gaussian_modeling.py" in line
+    line = run_one_line(fit, out3, capsys)
+    assert "noise_stats artifact not found" in line and "collect_timestep_aware_statistics.py" in line
+    # the uncorrected variant needs only the quantized model
+    sample(out3 + ["--sampler", "none"] + flags)
+    # a fit asked for with a filter the stored statistics cannot give (no spill kept)
+    line = run_one_line(fit, common + ["--outlier_k", "3"], capsys)
+    assert "--keep_spill" in line
+    with pytest.raises(ArtifactMismatch, match="another quant_w4a8.pt"):  # statistics of a replaced quantized model
+        q = other / "quant_w4a8.pt"
+        shutil.copy(run / "w4a8" / "noise_stats.pt", other)
+        obj = torch.load(q, weights_only=True)
+        obj["meta"]["sqnr_db"] = -1.0
+        torch.save(obj, q)
+        fit(out3)
