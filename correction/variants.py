@@ -38,6 +38,7 @@ import torch
 from correction.d2 import DeterministicD2, StochasticD2
 from correction.gaussian import GaussianFit, Granularity
 from correction.ptqd import PTQDCorrection, PTQDFit
+from correction.qncd import DEFAULT_INTERVAL, QNCDProbe
 from correction.statistics import CorrectionError
 from ldm.models.diffusion.ddim import DDIMSchedule, ModelFn, StepCorrection
 from quant.artifacts import ArtifactMismatch, file_fingerprint, load_artifact
@@ -116,6 +117,25 @@ SPECS: dict[str, VariantSpec] = {
     "dd2-channel": VariantSpec("quantized + D-D², channel-wise", fit="channel",
                                make=lambda fit, g: DeterministicD2(fit)),
 }
+
+
+def _qncd(base: Callable[[Any, torch.Generator | None], StepCorrection] | None):
+    """QNCD's runtime noise estimation (probe every R = 10 steps), alone or as the residual-bias estimator after a
+    D² correction (the base corrects ε̂ and the probe's prediction; the probe sees what is left)."""
+    def make(fit, generator):
+        if generator is None:
+            raise CorrectionError("the QNCD probe draws its re-noising noise from a torch.Generator; pass one")
+        return QNCDProbe(DEFAULT_INTERVAL, base=None if base is None else base(fit, generator), generator=generator)
+    return make
+
+
+SPECS.update({
+    "qncd": VariantSpec("quantized + QNCD runtime noise estimation (R = 10)", make=_qncd(None), needs_generator=True),
+    "qncd+dd2-channel": VariantSpec("quantized + D-D² (channel) + QNCD probe on the residual", fit="channel",
+                                    make=_qncd(lambda fit, g: DeterministicD2(fit)), needs_generator=True),
+    "qncd+sd2-channel": VariantSpec("quantized + S-D² (channel) + QNCD probe on the residual", fit="channel",
+                                    make=_qncd(_sd2), needs_generator=True),
+})
 VARIANTS: tuple[str, ...] = tuple(SPECS)
 
 

@@ -136,15 +136,18 @@ def test_every_variant_builds_and_samples(pipe, scripts):
     outs = {}
     for name in VARIANTS:
         v = build_variant(name, model, run, w_bits=4, a_bits=8, expect=expect)
-        assert v.quantized == (name != "fp32") and (v.fit is None) == (name in ("fp32", "none"))
+        assert v.quantized == (name != "fp32") and (v.fit is None) == (name in ("fp32", "none", "qncd"))
         g = torch.Generator().manual_seed(0)
         outs[name] = sample_latents(model, [0, 1, 2], steps=STEPS, eta=0.0, scale=3.0, generator=g,
                                     model_fn=v.model_fn, correction=v.correction_for(torch.Generator().manual_seed(1)),
                                     progress=False)
         assert torch.isfinite(outs[name]).all(), name
     assert not torch.equal(outs["fp32"], outs["none"])
+    from correction.qncd import QNCDProbe
+    probes = QNCDProbe().extra_calls(STEPS)  # R = 10: a short chain may have no probe step at all
     for name in VARIANTS[2:]:
-        assert not torch.equal(outs[name], outs["none"]), name
+        changed = not torch.equal(outs[name], outs["none"])
+        assert changed == (probes > 0 or name != "qncd"), name
     with pytest.raises(Exception, match="Generator"):
         build_variant("sd2-tensor", model, run, w_bits=4, a_bits=8, expect=expect).correction_for(None)
     # the script: one sampler, deterministic; and the comparison grid

@@ -363,3 +363,27 @@ def test_plms_sampler_is_deterministic_and_compvis_shaped(tiny):
     assert len(inter["x_inter"]) == len(inter["pred_x0"]) == 1 + 3  # x_T, index 9 (first), 5, 0
     with pytest.raises(ValueError, match="eta must be 0"):
         sampler.sample(**{**kw, "eta": 1.0})
+
+
+def test_probe_binds_itself_to_the_ddim_loop_and_costs_its_schedule():
+    """Unbound, the probe gets the loop's guided ε (sample_ddim's bind_eps_fn hook): it works through the plain
+    sample_latents / generation path, and its extra UNet calls are exactly its probe steps."""
+    import tiny_models
+    from correction.qncd import QNCDProbe
+    from ldm.sample import sample_latents
+    torch.set_num_threads(1)
+    model = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND))
+    calls = []
+
+    def counting(x, t, c):
+        calls.append(int(t[0]))
+        return model.apply_model(x, t, c)
+
+    probe = QNCDProbe(5, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        out = sample_latents(model, [0, 1, 2], steps=10, eta=0.0, scale=3.0, batch_size=3, generator=g,
+                             model_fn=counting, correction=probe, progress=False)
+    assert torch.isfinite(out).all()
+    assert len(calls) == 10 + probe.extra_calls(10) == 12
+    assert [i for i, _, _ in probe.estimates] == [i for i in range(10) if probe.is_probe(i)]

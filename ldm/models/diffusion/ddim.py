@@ -128,13 +128,17 @@ def sample_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
                 blend_x: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run the DDIM chain from x_T over ``schedule`` and return the final x (not the last x̂0).
 
-    ``eps_fn(x, t, step)`` returns the (guided) ε for x at timesteps t [B]. ``callback`` receives a dict with
+    ``eps_fn(x, t, step)`` returns the (guided) ε for x at timesteps t [B] (``step`` may be None when a correction
+    with ``bind_eps_fn`` queries it at a re-noised x). ``callback`` receives a dict with
     ``i``, ``index``, ``t``, ``x`` (x_t), ``eps`` (after correction), ``sigma``, ``pred_x0`` and ``x_prev``.
     ``blend_x(x, t)`` replaces x_t before the step (CompVis' masked sampling: known regions re-noised from x0).
     """
     noise_sampler = noise_sampler or randn_sampler(x_T.shape, x_T.device)
     x = x_T
     b = x.shape[0]
+    if hasattr(correction, "bind_eps_fn"):
+        # a correction that queries the denoiser itself (e.g. a runtime noise probe) gets this loop's guided ε
+        correction.bind_eps_fn(lambda x_, t_: eps_fn(x_, t_, None), batch_size=b)
     steps = tqdm(schedule.steps(), total=len(schedule), desc="DDIM", disable=not progress, leave=False)
     for step in steps:
         t = torch.full((b,), step.t, device=x.device, dtype=torch.long)
