@@ -2,9 +2,11 @@
 calibration-set loading with its checks, and resumable reconstruction.
 
 Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}.pt):
-    meta: model, ckpt (fingerprint), w_bits, a_bits (None for weights only), policy, channel_wise, steps, eta,
-          scale, timesteps, calibration (fingerprint of calibration.pt), the phase settings and the SQNRs measured
+    meta: model, ckpt (fingerprint), w_bits, a_bits (None for weights only), policy, channel_wise, smoothing (None
+          or the QNCD formula), steps, eta, scale, timesteps, calibration (fingerprint of calibration.pt), the phase
+          settings and the SQNRs measured
     quant_state: QuantModel.quant_state_dict() (Δ, z, rounding mode, round-up masks; no FP weights)
+    smoothing: quant.smoothing.smoothing_state() when meta["smoothing"] is set
 Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and the summaries so far.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ import torch
 from quant.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from quant.model import QuantModel
 from quant.policy import POLICIES
+from quant.smoothing import load_smoothing_
 from quant.reconstruction import CalibrationData, Phase, ReconConfig, reconstruct_
 
 QUANT_KIND = "quant"
 PARTIAL_KIND = "quant_partial"
 # what must agree between a quantized model and the request that loads it
-MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise", "sm_abit", "split_shortcut")
+MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise", "sm_abit", "split_shortcut",
+              "smoothing")
 
 
 def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel:
@@ -43,6 +47,8 @@ def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dic
     meta = obj["meta"]
     qm = build_quant_model(unet, meta)
     try:
+        if meta.get("smoothing"):  # QNCD smoothing: S re-folded into the checkpoint weights, before the qparams
+            load_smoothing_(qm, obj["smoothing"])
         qm.load_quant_state_dict_(obj["quant_state"])
     except ValueError as e:
         raise ArtifactMismatch(f"{path}: {e}") from None

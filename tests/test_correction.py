@@ -466,3 +466,57 @@ def test_collection_resumes_exactly(tiny, tmp_path):
     torch.testing.assert_close(resumed.moments().mean()[..., 2], whole.moments().mean()[..., 2])
     with pytest.raises(CorrectionError, match="batches of 3"):
         collect_noise_statistics(tiny, fake_quantized(tiny), resumed, labels * 2, batch_size=3, progress=False)
+
+
+def test_channel_wise_equals_tensor_wise_when_channels_share_a_distribution():
+    """Every channel drawn from one joint Gaussian: the per-channel fit and the pooled fit agree (each channel's
+    parameters equal the tensor-wise ones within sampling error)."""
+    stats = NoiseStatistics(SMALL)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        for t in stats.timesteps:
+            z1, z2 = torch.randn(2, 8, 4, 16, 16, generator=g, dtype=torch.float64)
+            x = 0.2 + 1.1 * z1
+            y = 0.05 + 0.15 * (0.4 * z1 + (1 - 0.4 ** 2) ** 0.5 * z2)
+            stats.update(t, x.float(), (x - y).float())
+    ch = fit_gaussian(stats, Granularity.CHANNEL, outlier_k=None)
+    te = fit_gaussian(stats, Granularity.TENSOR, outlier_k=None)
+    for key in ("mu_x", "mu_y", "sigma_x", "sigma_y", "rho", "slope", "sigma_c"):
+        a, b = getattr(ch, key), getattr(te, key)
+        assert float((a - b).abs().max()) < 0.03, (key, a, b)
+
+
+def test_zero_statistics_give_plain_ddim_bit_for_bit(tiny_model_eta):
+    """A fit with μ_Δ = 0, σ_Δ = 0 (no noise): D-D² and S-D² leave ε and σ_t exactly as plain DDIM has them."""
+    model, eta = tiny_model_eta
+    sched = DDIMSchedule.make(model.alphas_cumprod, 6, eta)
+    sampling = SamplingConfig.from_schedule(sched, 6, 3.0)
+    zero = make_fit(sampling, Granularity.CHANNEL, [0.] * 3, [1.] * 3, [0.] * 3, [0.] * 3, [0.] * 3)
+
+    def run(correction):
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            return sample_latents(model, [0, 1], steps=6, eta=eta, scale=3.0, generator=g, correction=correction,
+                                  progress=False)
+    plain = run(None)
+    assert torch.equal(run(DeterministicD2(zero)), plain)
+    assert torch.equal(run(StochasticD2(zero, torch.Generator().manual_seed(1))), plain)
+
+
+@pytest.fixture(params=[0.0, 1.0])
+def tiny_model_eta(request):
+    import tiny_models
+    torch.set_num_threads(1)
+    return tiny_models.build(tiny_models.config(tiny_models.CLASS_COND)), request.param
+
+
+def test_sd2_draws_fresh_noise_every_step(eta1_steps):
+    """Two steps (and two calls at one step) get different z: the generator advances, nothing is reused."""
+    sampling, steps = eta1_steps
+    fit = make_fit(sampling, Granularity.TENSOR, 0., 1., 0., 0.2, 0.)  # ρ = 0: ε' = ε̂ − μ_Δ − σ_c z
+    corr = StochasticD2(fit, torch.Generator().manual_seed(0))
+    eps = torch.zeros(2, 3, 8, 8)
+    z = [eps - corr(eps, torch.tensor(s.sigma), s, eps)[0] for s in (steps[2], steps[3], steps[3])]
+    assert not torch.equal(z[0], z[1]) and not torch.equal(z[1], z[2])
+    again = StochasticD2(fit, torch.Generator().manual_seed(0))
+    assert torch.equal(eps - again(eps, torch.tensor(steps[2].sigma), steps[2], eps)[0], z[0])
