@@ -163,6 +163,11 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     p.add_argument("--split", dest="split_shortcut", action="store_true",
                    help="Q-Diffusion shortcut splitting: separate ranges for the [h ; skip] halves of the decoder "
                         "skip convs' input (only matters with --policy all: d2dpm keeps skip convs in FP32)")
+    p.add_argument("--scale_split_static", dest="smoothing", nargs="?", const="code", default=None,
+                   choices=("code", "paper"),
+                   help="QNCD embedding-derived smoothing of the ResBlocks' second conv input, folded into its "
+                        "weights "
+                        "before quantization: 'code' (the official code's formula, default) or 'paper' (|·|-mean)")
     p.add_argument("--cache_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="precision of the reconstruction caches (float16 halves their memory)")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "

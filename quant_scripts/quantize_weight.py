@@ -25,6 +25,7 @@ from quant.artifacts import ArtifactMismatch, file_fingerprint, load_artifact, s
 from quant.pipeline import (QUANT_KIND, build_quant_model, finish_partial, load_calibration,  # noqa: E402
                             resumable_reconstruct)
 from quant.reconstruction import Phase, ReconConfig, sqnr_db  # noqa: E402
+from quant.smoothing import Formula, apply_smoothing_, smoothing_factors, smoothing_state  # noqa: E402
 from quant_scripts.common import (add_model_args, add_quant_args, add_sampling_args, apply_preset,  # noqa: E402
                                   cache_spec, check_quant_args, check_sampling_args, ensure_writable_dir, load_ldm,
                                   model_meta, pick_device, run_cli, run_dir)
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     out = ensure_writable_dir(rdir / f"w{args.w_bits}") / f"quant_w{args.w_bits}.pt"
     cal_path = rdir / "calibration.pt"
     meta = {**base, "w_bits": args.w_bits, "a_bits": None, "policy": args.policy, "channel_wise": args.channel_wise,
-            "split_shortcut": args.split_shortcut or None,
+            "split_shortcut": args.split_shortcut or None, "smoothing": args.smoothing,
             "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
             "weight_iters": args.weight_iters, "recon_batch_size": args.recon_batch_size,
             "round_weight": args.round_weight, "seed": args.seed}
@@ -84,7 +85,14 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     with model.ema_scope():
-        qm = build_quant_model(model.model.diffusion_model, meta).to(device).init_weights_()
+        qm = build_quant_model(model.model.diffusion_model, meta).to(device)
+    if args.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
+        factors = smoothing_factors(qm, data, Formula(args.smoothing))
+        apply_smoothing_(qm, factors)
+        print(f"QNCD smoothing ({args.smoothing} formula) of {len(factors)} ResBlocks; S in "
+              f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
+              f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+    qm.init_weights_()
     held = held or data
     sqnr_nearest = sqnr_db(qm, held)
     granularity = "per-channel" if args.channel_wise else "per-tensor"
@@ -96,7 +104,10 @@ def main(argv=None) -> None:
     summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta)
     sqnr_ada = sqnr_db(qm, held)
     meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada, seconds=time.time() - t0)
-    save_artifact(out, QUANT_KIND, meta, {"quant_state": qm.quant_state_dict(), "summaries": summaries})
+    payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}
+    if args.smoothing:
+        payload["smoothing"] = smoothing_state(qm)
+    save_artifact(out, QUANT_KIND, meta, payload)
     finish_partial(out)
     print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
           f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")

@@ -27,6 +27,7 @@ from quant.artifacts import ArtifactMismatch, file_fingerprint, load_artifact, s
 from quant.pipeline import (QUANT_KIND, build_quant_model, finish_partial, load_calibration,  # noqa: E402
                             resumable_reconstruct)
 from quant.reconstruction import CalibrationData, Phase, ReconConfig, sqnr_db  # noqa: E402
+from quant.smoothing import load_smoothing_  # noqa: E402
 from quant_scripts.common import (add_model_args, add_quant_args, add_sampling_args, apply_preset,  # noqa: E402
                                   cache_spec, check_quant_args, check_sampling_args, ensure_writable_dir, load_ldm,
                                   model_meta, pick_device, run_cli, run_dir)
@@ -78,7 +79,8 @@ def main(argv=None) -> None:
     out = ensure_writable_dir(rdir / tag) / f"quant_{tag}.pt"
     cal_path = rdir / "calibration.pt"
     want_w = {**base, "w_bits": args.w_bits, "a_bits": None, "policy": args.policy,
-              "channel_wise": args.channel_wise, "split_shortcut": args.split_shortcut or None}
+              "channel_wise": args.channel_wise, "split_shortcut": args.split_shortcut or None,
+              "smoothing": args.smoothing}
     w_obj = load_artifact(w_path, QUANT_KIND, want_w, f"quant_scripts/quantize_weight.py --w_bits {args.w_bits}")
     meta = {**w_obj["meta"], "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
             "act_iters": args.act_iters,
@@ -108,6 +110,8 @@ def main(argv=None) -> None:
     t0 = time.time()
     with model.ema_scope():
         qm = build_quant_model(model.model.diffusion_model, meta).to(device)
+    if meta.get("smoothing"):
+        load_smoothing_(qm, w_obj["smoothing"])
     qm.load_quant_state_dict_(w_obj["quant_state"]).to(device)
     held = held or data
     sqnr_w = sqnr_db(qm, held, weight=True, act=False)
@@ -125,7 +129,10 @@ def main(argv=None) -> None:
     sqnr_final = sqnr_db(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final,
                 act_seconds=time.time() - t0)
-    save_artifact(out, QUANT_KIND, meta, {"quant_state": qm.quant_state_dict(), "summaries": summaries})
+    payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}
+    if meta.get("smoothing"):
+        payload["smoothing"] = w_obj["smoothing"]
+    save_artifact(out, QUANT_KIND, meta, payload)
     finish_partial(out)
     print(f"W{args.w_bits}A{args.a_bits} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after "
           f"step-size learning ({time.time() - t0:.0f} s); wrote {out}")

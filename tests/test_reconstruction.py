@@ -221,3 +221,31 @@ def test_steps_1_to_3_on_a_tiny_model(tiny, tmp_path, capsys):
     _, ckpt2 = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), other, tmp_path / "m2")
     with pytest.raises(ArtifactMismatch, match="ckpt="):
         qa.main(["--config", str(cfg_path), "--ckpt", str(ckpt2)] + common[4:] + ["--act_iters", "2"])
+
+
+def test_qncd_smoothing_through_steps_2_and_3(tiny, tmp_path):
+    """--scale_split_static: S is folded in before the weight ranges, persisted in both artifacts, restored
+    exactly by the loader; the smoothed model with quantization off is still the FP UNet."""
+    cfg_path, ckpt = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), tiny, tmp_path / "m")
+    common = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--steps", "5", "--outdir", str(tmp_path / "out")]
+    load_script("collect_imagenet_calibration_set").main(
+        common + ["--n", "32", "--n_holdout", "8", "--calibration_trajectories_per_class", "2"])
+    qw, qa = load_script("quantize_weight"), load_script("quantize_weight_activation")
+    qw.main(common + ["--weight_iters", "2", "--scale_split_static"])
+    qa.main(common + ["--act_iters", "1", "--act_init_samples", "8", "--scale_split_static"])
+    path = tmp_path / "out" / "custom" / "scale3_eta0_steps5" / "w4a8" / "quant_w4a8.pt"
+    art = torch.load(path, weights_only=True)
+    assert art["meta"]["smoothing"] == "code" and art["smoothing"]["factors"]
+    unet = tiny.model.diffusion_model
+    qm, _ = load_quant_model(unet, path, {"smoothing": "code", "a_bits": 8})
+    again, _ = load_quant_model(unet, path, {"smoothing": "code"})
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
+    c = tiny.get_learned_conditioning({"class_label": torch.tensor([0, 1, 2, 3])}).detach()
+    with torch.no_grad():
+        assert torch.equal(qm(x, t, context=c), again(x, t, context=c))
+        qm.set_quant_state(weight=False, act=False)
+        ref = unet(x, t, context=c)
+        assert float((qm(x, t, context=c) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    with pytest.raises(ArtifactMismatch, match="smoothing"):  # the smoothed weights need the flag in step 3 too
+        qa.main(common + ["--act_iters", "1", "--act_init_samples", "8", "--force"])
