@@ -31,9 +31,9 @@ def test_quick_demo_end_to_end(tmp_path):
     report = (out / "fashion" / "report.md").read_text()
     record = json.loads((out / "fashion" / "report.json").read_text())
     rows = record["rows"]
-    assert len(rows) == 8 and {r["sampler"] for r in rows} >= {"fp32", "none", "ptqd", "dd2-channel"}
+    assert len(rows) == 15 and {r["sampler"] for r in rows} >= {"fp32", "none", "ptqd", "dd2-channel"}
     for r in rows:
-        assert set(r["per_seed"]) == {"0", "1"}
+        assert set(r["per_seed"]) == {"0"}  # quick mode: one seed (the full demo runs two)
         for key in ("inception_score", "fid", "sfid", "precision", "recall", "classifier_accuracy"):
             mean, spread = r["summary"][key]
             assert mean == mean and spread >= 0, (r["sampler"], key)  # finite
