@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not (REPO / "models/ldm/fashion-ldm-vq-4/model.c
 def run_demo(outdir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "quant_scripts/demo.py"), "--quick", "--outdir", str(outdir)],
+    proc = subprocess.run([sys.executable, str(REPO / "quant_scripts/demo.py"), "--quick", "--qncd", "--outdir",
+                           str(outdir)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, time.perf_counter() - t0
