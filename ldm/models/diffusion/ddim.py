@@ -169,6 +169,8 @@ class DDIMSampler:
     the inputs of every DDIM update (see ``StepCorrection``).
     """
 
+    loop = staticmethod(sample_ddim)  # the sampling loop over the schedule; PLMSSampler swaps in its own
+
     def __init__(self, model, schedule: str = "linear", model_fn: ModelFn | None = None,
                  correction: StepCorrection | None = None, **kwargs):
         self.model = model
@@ -250,9 +252,9 @@ class DDIMSampler:
             if img_callback is not None:
                 img_callback(d["pred_x0"], d["i"])
 
-        samples = sample_ddim(eps_fn, x_T, schedule, noise_sampler=noise_sampler, correction=self.correction,
-                              callback=on_step, temperature=temperature, noise_dropout=noise_dropout,
-                              progress=verbose, blend_x=blend_x)
+        samples = self.loop(eps_fn, x_T, schedule, noise_sampler=noise_sampler, correction=self.correction,
+                            callback=on_step, temperature=temperature, noise_dropout=noise_dropout,
+                            progress=verbose, blend_x=blend_x)
         return samples, intermediates
 
 

@@ -26,8 +26,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, StepCorrection, _batch_len, cfg_eps,
-                                       ddim_step, randn_sampler)
+from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, StepCorrection, ddim_step, randn_sampler)
 
 
 def plms_eps(eps_t: torch.Tensor, old_eps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +102,10 @@ def sample_plms(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
 
 class PLMSSampler(DDIMSampler):
     """CompVis-compatible PLMS sampler over ``sample_plms``; ``model``, ``model_fn`` and ``correction`` as in
-    ``DDIMSampler`` (whose schedule tables and CompVis attribute names it shares). η must be 0."""
+    ``DDIMSampler`` (whose schedule tables, CompVis attribute names and ``sample`` it shares: only the loop differs).
+    η must be 0; ``callback`` gets the per-step dict of ``sample_plms``."""
+
+    loop = staticmethod(sample_plms)
 
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.,
                       verbose: bool = True) -> DDIMSchedule:
@@ -111,55 +113,3 @@ class PLMSSampler(DDIMSampler):
             raise ValueError("ddim_eta must be 0 for PLMS")
         return super().make_schedule(ddim_num_steps, ddim_discretize, ddim_eta, verbose)
 
-    @torch.no_grad()
-    def sample(self, S, batch_size, shape, conditioning=None, callback=None, normals_sequence=None,
-               img_callback=None, quantize_x0=False, eta=0., mask=None, x0=None, temperature=1.,
-               noise_dropout=0., score_corrector=None, corrector_kwargs=None, verbose=True, x_T=None,
-               log_every_t=100, unconditional_guidance_scale=1., unconditional_conditioning=None,
-               generator: torch.Generator | None = None, noise_sampler=None, **kwargs):
-        """Sample ``batch_size`` latents of ``shape`` (C, H, W) in ``S`` PLMS steps: (samples, intermediates), with
-        intermediates and hooks as ``DDIMSampler.sample`` (``img_callback(pred_x0, i)``; ``callback`` gets the
-        per-step dict of ``sample_plms``)."""
-        if kwargs:
-            raise TypeError(f"PLMSSampler.sample got unsupported arguments: {sorted(kwargs)}")
-        if quantize_x0:
-            raise ValueError("quantize_x0 is not supported (it changes the update body, not its inputs)")
-        if conditioning is not None and _batch_len(conditioning) != batch_size:
-            raise ValueError(f"conditioning has batch size {_batch_len(conditioning)}, but batch_size is {batch_size}")
-        schedule = self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=verbose)
-        device = self.model.betas.device
-        size = (batch_size, *shape)
-        if x_T is None:
-            x_T = torch.randn(size, device=device, generator=generator)
-        if noise_sampler is None:
-            noise_sampler = randn_sampler(size, device, generator)
-
-        blend_x = None
-        if mask is not None:
-            if x0 is None:
-                raise ValueError("masked sampling needs x0 (the latent whose masked-in region is kept)")
-            blend_x = lambda x, t: self.model.q_sample(x0, t) * mask + (1. - mask) * x  # noqa: E731
-
-        def eps_fn(x, t, step):
-            e = cfg_eps(self.model_fn, x, t, conditioning, unconditional_conditioning, unconditional_guidance_scale)
-            if score_corrector is not None:
-                assert self.model.parameterization == "eps"
-                e = score_corrector.modify_score(self.model, e, x, t, conditioning, **(corrector_kwargs or {}))
-            return e
-
-        intermediates = {"x_inter": [x_T], "pred_x0": [x_T]}
-        total = len(schedule)
-
-        def on_step(d):
-            if d["index"] % log_every_t == 0 or d["index"] == total - 1:
-                intermediates["x_inter"].append(d["x_prev"])
-                intermediates["pred_x0"].append(d["pred_x0"])
-            if callback is not None:
-                callback(d)
-            if img_callback is not None:
-                img_callback(d["pred_x0"], d["i"])
-
-        samples = sample_plms(eps_fn, x_T, schedule, noise_sampler=noise_sampler, correction=self.correction,
-                              callback=on_step, temperature=temperature, noise_dropout=noise_dropout,
-                              progress=verbose, blend_x=blend_x)
-        return samples, intermediates
