@@ -80,7 +80,9 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     n = args.n or (1024 if args.model == "fashion" else 64)
     unet, data, collect_s = (fashion_setup if args.model == "fashion" else cin256_setup)(device, n)
-    full_iters = {"fashion": (1000, 500), "cin256": (10_000, 5_000)}[args.model]
+    from quant_scripts.common import load_preset
+    preset = load_preset(args.model)
+    full_iters = (preset["weight_iters"], preset["act_iters"])  # what the preset's steps 2-3 run
 
     qm = QuantModel(unet, w_bits=args.w_bits, a_bits=args.a_bits).to(device)
     _, init_w_s = timed(qm.init_weights_, device)
