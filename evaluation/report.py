@@ -53,7 +53,7 @@ def metrics_table(rows: Sequence[Row]) -> list[str]:
     lines = [head, "|" + "---|" * (2 + len(METRICS))]
     for r in rows:
         cells = [fmt(r.summary(key), pattern) for key, _, pattern in METRICS]
-        lines.append(f"| {r.setting} | {r.method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r.setting} | {r.method.replace('|', '/')} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -124,7 +124,7 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
     for name, b in sizes.items():
         md.append(f"| {name} | {b:,} | {b / 2 ** 20:.2f} | {fp / b:.2f}× |" if fp else f"| {name} | {b:,} | | |")
     md += ["", "## Wall time of each pipeline stage", "", "| stage | seconds |", "|---|---|"]
-    md += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    md += [f"| {k.replace('|', '/')} | {v:.1f} |" for k, v in timings.items()]
     md += [f"| **total** | {sum(timings.values()):.1f} |", "", "## Pictures", ""]
     md += [f"**{caption}**\n\n![{caption}]({p})\n" for caption, p in images.items()]
     outdir.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,7 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
             Stage(f"W{w}A{a} Gaussian + PTQD fits", "gaussian_modeling", common + bits,
                   [run / f"w{w}a{a}" / "gaussian_tensor.pt"])]
     stages += [
-        Stage("comparison grid (FP | uncorrected | PTQD | D-D²)", "sample_quantized_ldm_imagenet",
+        Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
               common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [run / "w4a8" / "samples"],
               skip_if_exists=True, pattern="compare_*.png"),
     ]
