@@ -5,6 +5,7 @@
     python quant_scripts/demo.py --paper      # paper-sized iteration and sample counts (a GPU run)
     python quant_scripts/demo.py --fresh      # start over (deletes this mode's outputs first)
     python quant_scripts/demo.py --qncd       # + QNCD probe rows at W4A8 and the W4A6 setting
+    python quant_scripts/demo.py --smooth     # the same with QNCD smoothing at quantization (outputs-smooth/)
 
 A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
 artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
@@ -129,6 +130,7 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
     quant = {(w, a) for _, _, _, w, a in variants(args) if w} | set(EXTRA_QUANT)
     fitted = sorted({(w, a) for _, _, s, w, a in variants(args) if w and s not in ("none", "qncd")},
                     reverse=True)  # the settings whose noise statistics and fits some variant reads
+    smooth = ["--scale_split_static"] if args.smooth else []
     stages = [
         Stage("FP32 grid", "sample_fp32_imagenet", ["--preset", args.preset, "--outdir", str(run / "grids")],
               [run / "grids"], skip_if_exists=True, pattern="fp32_*.png"),
@@ -138,12 +140,13 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
     ]
     for w in sorted({w for w, _ in quant}):
         stages.append(Stage(f"W{w} weights (BRECQ/AdaRound)", "quantize_weight",
-                            common + ["--w_bits", str(w)]
+                            common + ["--w_bits", str(w)] + smooth
                             + opt("--weight_iters", m["weight_iters_8"] if w == 8 else m["weight_iters"]),
                             [run / f"w{w}" / f"quant_w{w}.pt"]))
     for w, a in sorted(quant):
         stages.append(Stage(f"W{w}A{a} activations (learned steps)", "quantize_weight_activation",
-                            common + ["--w_bits", str(w), "--a_bits", str(a)] + opt("--act_iters", m["act_iters"])
+                            common + ["--w_bits", str(w), "--a_bits", str(a)] + smooth
+                            + opt("--act_iters", m["act_iters"])
                             + opt("--act_init_samples", m["act_init"]), [run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt"]))
     for w, a in fitted:
         bits = ["--w_bits", str(w), "--a_bits", str(a)]
@@ -213,7 +216,8 @@ def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
         found = sorted(run.glob(pattern))
         if found:
             images[caption] = os.path.relpath(found[-1], run.parent)
-    context = {"title": f"D²-DPM / PTQD on the embedded default ({args.preset}), mode {args.mode}",
+    context = {"title": f"D²-DPM / PTQD on the embedded default ({args.preset}), mode {args.mode}"
+                        + (", QNCD smoothing" if args.smooth else ""),
                "n": m["n_eval"], "seeds": list(args.seeds), "steps": 20, "eta": 0.0, "scale": 3.0,
                "reference": REFERENCE, "features": rows[0].records[args.seeds[0]].get("feature_network"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
@@ -258,6 +262,9 @@ def main(argv=None) -> None:
     group.add_argument("--paper", action="store_true", help="paper-sized counts (for a GPU)")
     p.add_argument("--fresh", action="store_true", help="delete this mode's outputs and start over")
     p.add_argument("--qncd", action="store_true", help="add the QNCD probe rows (W4A8) and the W4A6 setting")
+    p.add_argument("--smooth", action="store_true",
+                   help="quantize with QNCD's embedding-derived smoothing (--scale_split_static); its own outdir "
+                        "(<outdir>-smooth), so every row of the report is then the smoothed model's")
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     p.add_argument("--outdir", default=None, help="artifact root (default: outputs, outputs/quick, outputs/paper)")
@@ -266,6 +273,8 @@ def main(argv=None) -> None:
     m = dict(MODES[args.mode])
     if args.outdir is not None:
         m["outdir"] = args.outdir
+    if args.smooth:
+        m["outdir"] = m["outdir"].rstrip("/") + "-smooth"
     args.seeds = list(args.seeds or m["seeds"])
     root = Path(m["outdir"]) / args.preset
     if args.fresh and root.exists():
@@ -281,7 +290,7 @@ def main(argv=None) -> None:
         driver.run(stage, len(stages), i)
     report = make_report(args, run, m, driver)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
-    if args.mode == "default" and args.outdir is None and not args.qncd and update_readme(report):
+    if args.mode == "default" and args.outdir is None and not (args.qncd or args.smooth) and update_readme(report):
         print("updated the results section of README.md")
     print(report.read_text())
 
