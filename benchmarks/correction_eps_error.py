@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from correction.variants import build_variant  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSchedule, cfg_eps, randn_sampler, sample_ddim  # noqa: E402
-from ldm.sample import latent_shape, null_class  # noqa: E402
+from ldm.sample import class_conditioning, latent_shape  # noqa: E402
 from quant_scripts.common import apply_preset, load_ldm, model_meta, run_dir  # noqa: E402
 
 VARIANTS = ("none", "ptqd", "sd2-tensor", "dd2-tensor", "sd2-channel", "dd2-channel")
@@ -60,9 +60,8 @@ def main(argv=None) -> None:
     fp_fn, q_fn = model.apply_model, variants["none"].model_fn  # FP and quantized UNet, same conditioning routing
     with torch.no_grad():
         for start in range(0, args.n, args.batch_size):
-            y = torch.tensor(labels[start:start + args.batch_size])
-            c = model.get_learned_conditioning({"class_label": y})
-            uc = model.get_learned_conditioning({"class_label": torch.full_like(y, null_class(model))})
+            y = labels[start:start + args.batch_size]
+            c, uc = class_conditioning(model, y, args.scale)
             g = torch.Generator().manual_seed(args.seed + start)
             x_T = torch.randn((len(y), *latent_shape(model)), generator=g)
             corrections = {v: variants[v].correction_for(torch.Generator().manual_seed(args.seed + start + 1))

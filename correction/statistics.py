@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSchedule, DDIMStep, ModelFn, cfg_eps, randn_sampler, sample_ddim
-from ldm.sample import latent_shape, null_class
+from ldm.sample import class_conditioning, latent_shape, null_class
 from ldm.util import UserFacingError
 
 # Positions in the observation vector v = (ε̂, Δ, ε_fp).
@@ -425,7 +425,6 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     scale = cfg.scale
     if conditional and uncond_label is None and scale != 1.0:
         uncond_label = null_class(model)
-    key = getattr(model.cond_stage_model, "key", "class_label") if conditional else None
 
     for start in range(done, total, batch_size):
         stop = min(start + batch_size, total)
@@ -433,12 +432,7 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
         batch_seed = int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
         g = torch.Generator(device=device).manual_seed(batch_seed)
         x_T = torch.randn(size, generator=g, device=device)
-        c = uc = None
-        if conditional:
-            y = torch.as_tensor(list(labels[start:stop]), device=device, dtype=torch.long)
-            c = model.get_learned_conditioning({key: y})
-            if scale != 1.0:
-                uc = model.get_learned_conditioning({key: torch.full_like(y, uncond_label)})
+        c, uc = class_conditioning(model, labels[start:stop], scale, uncond_label) if conditional else (None, None)
 
         def eps_fn(x, t, step, c=c, uc=uc):
             e_fp = cfg_eps(fp_model_fn, x, t, c, uc, scale)

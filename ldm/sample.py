@@ -23,6 +23,19 @@ def latent_shape(model) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
+def class_conditioning(model, labels: Sequence[int], scale: float, uncond_label: int | None = None):
+    """(c, uc) for a batch of class labels: the learned conditioning, and the null class's for guidance (None when
+    ``scale`` is 1, i.e. no guidance). ``uncond_label`` defaults to the model's null class."""
+    device = model.betas.device
+    key = getattr(model.cond_stage_model, "key", "class_label")
+    y = torch.as_tensor(list(labels), device=device, dtype=torch.long)
+    c = model.get_learned_conditioning({key: y})
+    if scale == 1.0:
+        return c, None
+    uc_label = null_class(model) if uncond_label is None else uncond_label
+    return c, model.get_learned_conditioning({key: torch.full_like(y, uc_label)})
+
+
 def sample_latents(model, labels: Sequence[int] | None, *, n: int | None = None, steps: int, eta: float,
                    scale: float, uncond_label: int | None = None, batch_size: int = 16,
                    generator: torch.Generator | None = None, model_fn: ModelFn | None = None,
@@ -41,17 +54,11 @@ def sample_latents(model, labels: Sequence[int] | None, *, n: int | None = None,
         uncond_label = null_class(model)
     x_T = torch.randn((total, *latent_shape(model)), generator=generator, device=device)
     sampler = DDIMSampler(model, model_fn=model_fn, correction=correction)
-    key = getattr(model.cond_stage_model, "key", "class_label") if conditional else None
     out = []
     for start in tqdm(range(0, total, batch_size), desc="sampling", disable=not progress):
         stop = min(start + batch_size, total)
         b = stop - start
-        c = uc = None
-        if conditional:
-            y = torch.as_tensor(list(labels[start:stop]), device=device, dtype=torch.long)
-            c = model.get_learned_conditioning({key: y})
-            if scale != 1.0:
-                uc = model.get_learned_conditioning({key: torch.full_like(y, uncond_label)})
+        c, uc = class_conditioning(model, labels[start:stop], scale, uncond_label) if conditional else (None, None)
         samples, _ = sampler.sample(S=steps, batch_size=b, shape=latent_shape(model), conditioning=c, eta=eta,
                                     x_T=x_T[start:stop], unconditional_guidance_scale=scale,
                                     unconditional_conditioning=uc, generator=generator, verbose=False)

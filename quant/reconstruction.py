@@ -146,7 +146,8 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict) -> list:
 
 @torch.no_grad()
 def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_size: int, spec: CacheSpec,
-                    quantized: bool, act: bool, want_output: bool) -> tuple[list[RowCache | None], RowCache | None]:
+                    quantized: bool, act: bool, want_output: bool, want_inputs: bool = True
+                    ) -> tuple[list[RowCache | None] | None, RowCache | None]:
     """Run the UNet over the calibration set up to ``unit`` and cache its inputs (and its output if asked).
 
     ``quantized``: the prefix runs with weight quantization on (and activation quantization if ``act``); otherwise
@@ -160,6 +161,8 @@ def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_s
 
     def pre_hook(module, args, kwargs):
         nonlocal inputs
+        if not want_inputs:
+            return
         values = _bind(module, args, kwargs)
         if inputs is None:
             inputs = [None if v is None else RowCache(len(data), spec) for v in values]
@@ -348,9 +351,8 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
             outer.set_postfix(unit=unit.name)
             # FP pass: targets (and the inputs too, unless they must come from the quantized prefix)
             inputs, target = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=False,
-                                             act=False, want_output=True)
+                                             act=False, want_output=True, want_inputs=not cfg.asym)
             if cfg.asym:
-                del inputs
                 inputs, _ = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=True,
                                             act=act, want_output=False)
             qm.set_quant_state(weight=True, act=act)
