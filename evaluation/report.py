@@ -96,9 +96,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[str, Any],
                  sizes: dict[str, int], timings: dict[str, float], sqnr: dict[str, dict],
-                 images: dict[str, str]) -> Path:
+                 images: dict[str, str], sections: dict[str, list[str]] | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
     """report.md + report.json + fid_by_method.png in ``outdir``. ``context`` states the conditions (N, seeds,
-    steps, η, scale, machine); ``images`` maps a caption to a PNG path relative to ``outdir``."""
+    steps, η, scale, machine); ``images`` maps a caption to a PNG path relative to ``outdir``; ``sections`` (title ->
+    markdown lines) follow the SQNR table, and ``extra`` (their numbers) goes into report.json."""
     outdir = Path(outdir)
     chart = bar_chart(outdir / "fid_by_method.png", [f"{r.setting} {r.method}" for r in rows],
                       [(r.summary("fid") or (math.nan, 0))[0] for r in rows],
@@ -116,6 +118,8 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
            "| model | SQNR (dB) | notes |", "|---|---|---|"]
     for name, d in sqnr.items():
         md.append(f"| {name} | {d['sqnr']:.2f} | {d.get('note', '')} |")
+    for title, lines in (sections or {}).items():
+        md += ["", f"## {title}", "", *lines]
     md += ["", "## Model size (UNet, as stored)", "",
            "Files written by quant.export (integer weight codes packed: 4-bit two per byte, 8-bit one per byte; "
            "layers kept in FP32, biases and norms as float32) next to the FP32 UNet state dict.", "",
@@ -130,6 +134,7 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
     outdir.mkdir(parents=True, exist_ok=True)
     _write_atomic(outdir / "report.md", "\n".join(md) + "\n")
     record = {"context": context, "sizes": sizes, "timings": timings, "sqnr": sqnr, "images": images,
+              **({"extra": extra} if extra else {}),
               "rows": [{"setting": r.setting, "method": r.method, "sampler": r.sampler,
                         "per_seed": {str(s): rec["metrics"] for s, rec in sorted(r.records.items())},
                         "summary": {key: r.summary(key) for key, _, _ in METRICS}} for r in rows]}

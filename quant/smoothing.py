@@ -48,6 +48,7 @@ from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from quant.layers import QuantLayer
 from quant.model import QuantModel
+from quant.quantizer import PerChannel, PerTensor, QScheme, choose_qparams, dequantize, quantize
 
 FORMAT = "qncd-smoothing"
 VERSION = 1
@@ -275,3 +276,67 @@ def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, t
         for h in handles:
             h.remove()
     return seen
+
+
+def _conv_sqnr_db(y: torch.Tensor, y_q: torch.Tensor) -> float:
+    return float(10 * torch.log10(y.pow(2).sum() / (y - y_q).pow(2).sum().clamp_min(1e-30)))
+
+
+def _fake_quant(x: torch.Tensor, scheme: QScheme) -> torch.Tensor:
+    scale, zp = choose_qparams(x, scheme)
+    return dequantize(quantize(x, scale, zp, scheme.qmin, scheme.qmax), scale, zp)
+
+
+@torch.no_grad()
+def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches: Iterable[tuple],
+                     a_bits: Iterable[int] = (8, 6), w_bits: int = 4, channel_wise: bool = False) -> dict[str, dict]:
+    """What smoothing does to each smoothed ResBlock's second conv, on the FP ``unet`` (unsmoothed) over ``batches``
+    of (x_t, t, c): the numbers behind QNCD's claim (spec A.2), measured rather than assumed.
+
+    Per block name: ``range`` (max − min of the conv input a, before and after a ↦ a/S), and the SQNR (dB) of the
+    conv output y = conv(a; W) when only one side is quantized, per-tensor asymmetric with MSE-searched ranges over
+    all of ``batches`` (as the activation quantizers are initialized):
+      ``act_sqnr_db[bits]``: conv(q(a); W) before vs conv(q(a/S); W·S) after;
+      ``weight_sqnr_db``:    conv(a; q(W)) before vs conv(a/S; q(W·S)) after (``channel_wise``: one range per output
+                             channel, as ``--channel_wise``).
+    A range ratio alone would mislead: dividing every channel by 2 halves the range but not the relative error, and
+    S moves difficulty from a into W. Values are (before, after) pairs. Holds every block's conv inputs in memory:
+    pass a few hundred small-latent inputs, not thousands at 64×64."""
+    blocks = dict(resblocks(unet))
+    for name in factors:
+        if name not in blocks:
+            raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
+        if is_smoothed(blocks[name]) or isinstance(unet, QuantModel):
+            raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
+    handles = [blocks[n].out_layers[3].register_forward_pre_hook(
+        lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors]
+    try:
+        for x, t, c in batches:
+            unet(x, t, context=c)
+    finally:
+        for h in handles:
+            h.remove()
+    w_scheme = QScheme(w_bits, granularity=PerChannel(0) if channel_wise else PerTensor())
+    out = {}
+    for name, s in factors.items():
+        conv = blocks[name].out_layers[3]
+        a = torch.cat(inputs.pop(name))                              # [N, C, H, W]
+        w = conv.weight.detach().float().cpu()                       # [C_out, C, k, k]
+        bias = None if conv.bias is None else conv.bias.detach().float().cpu()
+        s_in = s.float().view(1, -1, *([1] * (a.ndim - 2)))          # broadcast over a's channels and W's inputs
+        a_s, w_s = a / s_in, w * s_in
+
+        def y(inp, weight):
+            return conv._conv_forward(inp, weight, bias)
+
+        ref = y(a, w)
+        out[name] = {
+            "range": (float(a.max() - a.min()), float(a_s.max() - a_s.min())),
+            "act_sqnr_db": {int(b): (_conv_sqnr_db(ref, y(_fake_quant(a, QScheme(int(b))), w)),
+                                     _conv_sqnr_db(ref, y(_fake_quant(a_s, QScheme(int(b))), w_s)))
+                            for b in a_bits},
+            "weight_sqnr_db": (_conv_sqnr_db(ref, y(a, _fake_quant(w, w_scheme))),
+                               _conv_sqnr_db(ref, y(a_s, _fake_quant(w_s, w_scheme)))),
+        }
+    return out

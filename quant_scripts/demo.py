@@ -229,7 +229,86 @@ def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
                else "evaluator (all variants and seeds)" if name.startswith("evaluate ") else name)
         timings[key] = timings.get(key, 0.0) + seconds
     context["stage_times_each"] = driver.timings
-    return write_report(run.parent, rows, context, sizes, timings, sqnr, images)
+    sections, extra = smoothing_sections(args, run, m, unet, rows, sqnr) if args.smooth else ({}, {})
+    return write_report(run.parent, rows, context, sizes, timings, sqnr, images, sections, extra)
+
+
+def _unsmoothed_run(run: Path, m: dict) -> Path:
+    """The same mode's run without smoothing (``outputs/…`` for ``outputs-smooth/…``), for side-by-side numbers."""
+    return Path(m["outdir"].removesuffix("-smooth")) / run.parent.name / run.name
+
+
+def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -> tuple[dict, dict]:
+    """The QNCD-smoothing part of the report: per-block effect on the second conv (quant.smoothing.smoothing_effect
+    on the held-out calibration inputs), ε SQNR with and without smoothing, and sample quality with and without
+    (read from the unsmoothed run of the same mode, where it has been made)."""
+    from evaluation.generation import sample_dir
+    from quant.artifacts import load_artifact
+    from quant.pipeline import load_calibration
+    from quant.smoothing import smoothing_effect
+
+    w4 = load_artifact(run / "w4" / "quant_w4.pt", "quant")
+    factors, meta = w4["smoothing"]["factors"], w4["meta"]
+    calib = load_artifact(run / "calibration.pt", "calibration")
+    _, held, _ = load_calibration(run / "calibration.pt", {}, calib["meta"]["timesteps"], torch.device("cpu"))
+    a_bits = sorted({a for _, _, _, w, a in variants(args) if w == 4}, reverse=True)
+    effect = smoothing_effect(unet, factors, held.batches(64), a_bits=a_bits, w_bits=4,
+                              channel_wise=bool(meta.get("channel_wise")))
+    acts = " | ".join(f"A{b} SQNR before → after" for b in a_bits)
+    lines = [f"S from the {meta['smoothing']} formula over the calibration timesteps; measured on the "
+             f"{len(held)} held-out calibration inputs with the FP UNet. Range: max − min of the input of each "
+             f"ResBlock's second conv, before and after a ↦ a/S. SQNR (dB) of that conv's output with only its "
+             f"input (A) or only its weights (W4, W·S after) quantized, per-tensor, MSE-searched ranges.", "",
+             f"| ResBlock | S min…max | range before → after | ratio | {acts} | W4 SQNR before → after |",
+             "|---|---|---|---|" + "---|" * len(a_bits) + "---|"]
+    for name, e in effect.items():
+        s, (r0, r1) = factors[name], e["range"]
+        cells = " | ".join(f"{e['act_sqnr_db'][b][0]:.1f} → {e['act_sqnr_db'][b][1]:.1f}" for b in a_bits)
+        lines.append(f"| {name} | {s.min():.2f}…{s.max():.2f} | {r0:.2f} → {r1:.2f} | {r1 / r0:.2f} | {cells} | "
+                     f"{e['weight_sqnr_db'][0]:.1f} → {e['weight_sqnr_db'][1]:.1f} |")
+    n = len(effect)
+    mean = {b: [sum(e["act_sqnr_db"][b][i] for e in effect.values()) / n for i in (0, 1)] for b in a_bits}
+    w_mean = [sum(e["weight_sqnr_db"][i] for e in effect.values()) / n for i in (0, 1)]
+    ratio = sum(e["range"][1] / e["range"][0] for e in effect.values()) / n
+    lines.append(f"| **mean of {n}** | | | {ratio:.2f} | "
+                 + " | ".join(f"{mean[b][0]:.1f} → {mean[b][1]:.1f}" for b in a_bits)
+                 + f" | {w_mean[0]:.1f} → {w_mean[1]:.1f} |")
+    sections = {"QNCD smoothing: effect on each ResBlock's second conv": lines}
+    extra = {"smoothing_effect": effect}
+
+    plain = _unsmoothed_run(run, m)
+    both = []
+    for name, d in sqnr.items():
+        w, _, a = name.split()[0][1:].partition("A")
+        path = plain / (f"w{w}a{a}" if a else f"w{w}") / (f"quant_w{w}a{a}.pt" if a else f"quant_w{w}.pt")
+        if not path.exists():
+            continue
+        meta0 = load_artifact(path, "quant")["meta"]
+        key = ("sqnr_db" if a else "sqnr_nearest_db" if "nearest" in name else "sqnr_adaround_db")
+        both.append((name, meta0[key], d["sqnr"]))
+    if both:
+        sections["ε SQNR without and with smoothing"] = [
+            f"Held-out inputs as above; without = the same mode's unsmoothed run ({plain}).", "",
+            "| model | without (dB) | with (dB) | Δ (dB) |", "|---|---|---|---|",
+            *[f"| {n} | {x:.2f} | {y:.2f} | {y - x:+.2f} |" for n, x, y in both]]
+        extra["sqnr_without_with"] = {n: (x, y) for n, x, y in both}
+    quality = []
+    for r, (_, _, sampler, w, a) in zip(rows, variants(args), strict=True):
+        files = [sample_dir(plain, f"w{w}a{a}", sampler, m["n_eval"], seed) / "eval.json" for seed in args.seeds]
+        if w and all(f.exists() for f in files):
+            recs = [json.loads(f.read_text())["metrics"] for f in files]
+            quality.append((r, [sum(x[k] for x in recs) / len(recs) for k in ("fid", "classifier_accuracy")]))
+    if quality:
+        sections["Sample quality without and with smoothing"] = [
+            f"Means over seeds {list(args.seeds)}, {m['n_eval']} samples each; the same seeds, x_T and noise.", "",
+            "| setting | method | FID without | FID with | Acc. without | Acc. with |", "|---|---|---|---|---|---|",
+            *[f"| {r.setting} | {r.method} | {f0:.2f} | {r.summary('fid')[0]:.2f} | {a0:.3f} | "
+              f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
+        extra["quality_without_with"] = {
+            f"{r.setting} {r.method}": {"fid": (f0, r.summary("fid")[0]),
+                                        "classifier_accuracy": (a0, r.summary("classifier_accuracy")[0])}
+            for r, (f0, a0) in quality}
+    return sections, extra
 
 
 README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"

@@ -1,5 +1,5 @@
 """`make demo QUICK=1` end to end on the embedded default: every pipeline script runs, the report has every row
-filled, and a rerun skips every finished step."""
+filled, a rerun skips every finished step, and the QNCD-smoothed run reports its effect beside the plain run."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(not (REPO / "models/ldm/fashion-ldm-vq-4/model.c
                                 reason="the embedded default checkpoint is missing")
 
 
-def run_demo(outdir):
+def run_demo(outdir, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "quant_scripts/demo.py"), "--quick", "--qncd", "--outdir",
-                           str(outdir)],
+                           str(outdir), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, time.perf_counter() - t0
@@ -46,3 +46,17 @@ def test_quick_demo_end_to_end(tmp_path):
     proc, again = run_demo(out)
     assert "resuming" not in proc.stdout
     assert again < 0.5 * first, (first, again)
+    # the same with QNCD smoothing: its own outdir, and the smoothing sections compare against the run above
+    run_demo(out, "--smooth")
+    smooth = tmp_path / "demo-smooth" / "fashion"
+    report = (smooth / "report.md").read_text()
+    extra = json.loads((smooth / "report.json").read_text())["extra"]
+    effect = extra["smoothing_effect"]
+    assert len(effect) == 17  # every ResBlock of the embedded default (code formula)
+    for e in effect.values():
+        assert all(v > 0 for v in e["range"]) and set(e["act_sqnr_db"]) == {"8", "6"}
+    assert set(extra["sqnr_without_with"]) >= {"W4 AdaRound", "W4A8", "W4A6"}
+    assert len(extra["quality_without_with"]) == 14  # every quantized row, sampled in both runs
+    for title in ("QNCD smoothing: effect on each ResBlock's second conv", "ε SQNR without and with smoothing",
+                  "Sample quality without and with smoothing"):
+        assert f"## {title}" in report

@@ -22,7 +22,7 @@ from ldm.util import instantiate_from_config
 from quant.model import QuantModel
 from quant.quantizer import ScaleSearch
 from quant.smoothing import (ChannelSmoothing, Formula, apply_smoothing_, conv_input_ranges, load_smoothing_,
-                             resblocks, smoothing_factors, smoothing_state)
+                             resblocks, smoothing_effect, smoothing_factors, smoothing_state)
 
 FASHION = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
 GRID20 = torch.arange(1, 1000, 50)  # the 20-step DDIM grid: the calibration timesteps
@@ -107,6 +107,33 @@ def test_smoothing_is_exact_in_fp_on_the_embedded_default(formula):
             torch.testing.assert_close(factors[name], block.out_layers[0].weight.detach())
     else:  # the paper's S would be 0 where every group has one channel: those blocks stay unsmoothed
         assert {n for n, b in resblocks(unet) if b.out_layers[0].num_channels == 32}.isdisjoint(factors)
+
+
+def test_smoothing_effect_measures_range_and_both_sides_of_the_trade():
+    """Known answers on the embedded default. S = 2 everywhere: the range halves, and both SQNRs are unchanged
+    (quantization is scale-equivariant, and powers of two are exact). A planted outlier channel (γ, β × 50) with S =
+    50 on it: the range falls ~50×, A6 SQNR gains, and W4 SQNR loses, since W·S now holds the outlier column."""
+    unet, table = fashion_unet()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 8, 8, generator=g), GRID20[torch.arange(16) % 20], table[torch.arange(16) % 10][:, None])]
+    name, block = resblocks(unet)[0]
+    c = block.out_layers[3].weight.shape[1]
+    twos = smoothing_effect(unet, {name: torch.full((c,), 2.0)}, batches)[name]
+    assert twos["range"][1] == pytest.approx(twos["range"][0] / 2, rel=1e-6)
+    for before, after in (*twos["act_sqnr_db"].values(), twos["weight_sqnr_db"]):
+        assert after == pytest.approx(before, abs=1e-3)
+    with torch.no_grad():
+        block.out_layers[0].weight[5] *= 50
+        block.out_layers[0].bias[5] = block.out_layers[0].bias[5] * 50 + 50  # SiLU passes it: a positive outlier
+    s = torch.ones(c)
+    s[5] = 50.0
+    e = smoothing_effect(unet, {name: s}, batches, a_bits=(6,))[name]
+    assert e["range"][1] < e["range"][0] / 10
+    assert e["act_sqnr_db"][6][1] > e["act_sqnr_db"][6][0] + 10
+    assert e["weight_sqnr_db"][1] < e["weight_sqnr_db"][0] - 1
+    with pytest.raises(ValueError, match="unsmoothed FP UNet"):
+        apply_smoothing_(unet, {name: s})
+        smoothing_effect(unet, {name: s}, batches)
 
 
 @pytest.mark.parametrize("formula", list(Formula))
