@@ -22,6 +22,11 @@ Every artifact is checked against ``expect`` (model, ckpt, steps, eta, scale), t
 for the fits, the fingerprint of the quantized model they were measured on. A missing or mismatched artifact is a
 one-line ``ArtifactMismatch`` naming the script to run; nothing falls back to another variant.
 
+    qncd          QNCD's runtime noise estimation: a probe every R = 10 steps (no fit)
+    qncd+<base>   the probe on top of a quantized base (qncd+dd2-channel, qncd+sd2-channel, qncd+ptqd, ...), as the
+                  residual-bias estimator after the base's correction; qncd-r5+<base>, qncd-r5: R = 5
+                  (``qncd_name(base, R)``: what ``--sample_reverse --reverse_interval R`` turns ``--sampler`` into)
+
 To add a variant, add a ``VariantSpec`` to ``SPECS`` (its name then appears in ``VARIANTS``).
 """
 from __future__ import annotations
@@ -119,24 +124,51 @@ SPECS: dict[str, VariantSpec] = {
 }
 
 
-def _qncd(base: Callable[[Any, torch.Generator | None], StepCorrection] | None):
-    """QNCD's runtime noise estimation (probe every R = 10 steps), alone or as the residual-bias estimator after a
-    D² correction (the base corrects ε̂ and the probe's prediction; the probe sees what is left)."""
+def _qncd(base: VariantSpec, interval: int) -> Callable[[Any, torch.Generator | None], StepCorrection]:
+    """QNCD's runtime noise estimation (a probe every ``interval`` steps), alone or as the residual-bias estimator
+    after a base correction (the base corrects ε̂ and the probe's prediction; the probe sees what is left)."""
     def make(fit, generator):
         if generator is None:
             raise CorrectionError("the QNCD probe draws its re-noising noise from a torch.Generator; pass one")
-        return QNCDProbe(DEFAULT_INTERVAL, base=None if base is None else base(fit, generator), generator=generator)
+        inner = None if base.make is None else base.make(fit, generator)
+        return QNCDProbe(interval, base=inner, generator=generator)
     return make
 
 
-SPECS.update({
-    "qncd": VariantSpec("quantized + QNCD runtime noise estimation (R = 10)", make=_qncd(None), needs_generator=True),
-    "qncd+dd2-channel": VariantSpec("quantized + D-D² (channel) + QNCD probe on the residual", fit="channel",
-                                    make=_qncd(lambda fit, g: DeterministicD2(fit)), needs_generator=True),
-    "qncd+sd2-channel": VariantSpec("quantized + S-D² (channel) + QNCD probe on the residual", fit="channel",
-                                    make=_qncd(_sd2), needs_generator=True),
-})
-VARIANTS: tuple[str, ...] = tuple(SPECS)
+QNCD_NAME = re.compile(r"qncd(?:-r(?P<interval>[1-9]\d*))?(?:\+(?P<base>.+))?")
+
+
+def qncd_name(base: str, interval: int = DEFAULT_INTERVAL) -> str:
+    """The sampler name of ``base`` with QNCD's probe every ``interval`` steps (the scripts' ``--sample_reverse
+    --reverse_interval R``): none -> qncd, dd2-channel -> qncd+dd2-channel, R = 5 -> qncd-r5+dd2-channel."""
+    if base not in SPECS or not SPECS[base].quantized:
+        raise CorrectionError(f"--sample_reverse adds QNCD's probe to a quantized sampler; '{base}' is not one "
+                              f"(choose one of {', '.join(n for n, s in SPECS.items() if s.quantized)})")
+    if interval < 1:
+        raise CorrectionError(f"--reverse_interval must be ≥ 1, got {interval}")
+    head = "qncd" if interval == DEFAULT_INTERVAL else f"qncd-r{interval}"
+    return head if base == "none" else f"{head}+{base}"
+
+
+def spec_for(name: str) -> VariantSpec:
+    """The spec of a sampler name: one of ``SPECS``, or ``qncd[-rR][+base]`` (QNCD's probe on top of ``base``)."""
+    if name in SPECS:
+        return SPECS[name]
+    m = QNCD_NAME.fullmatch(name)
+    base = (m.group("base") or "none") if m else None
+    if base is None or base not in SPECS or not SPECS[base].quantized or base == "none" and m.group("base"):
+        raise CorrectionError(f"unknown sampler '{name}'; choose one of {', '.join(VARIANTS)}, or qncd[-rR]+<one of "
+                              f"{', '.join(n for n, s in SPECS.items() if s.quantized and n != 'none')}>")
+    interval = int(m.group("interval") or DEFAULT_INTERVAL)
+    what = "QNCD runtime noise estimation" if base == "none" else f"{SPECS[base].description} + QNCD probe on the " \
+                                                                    f"residual"
+    return VariantSpec(f"{what} (R = {interval})", fit=SPECS[base].fit, make=_qncd(SPECS[base], interval),
+                       needs_generator=True)
+
+
+# the names listed by the scripts: every base, and QNCD's probe alone and on the channel-wise D² corrections (any
+# qncd[-rR]+<base> is accepted too)
+VARIANTS: tuple[str, ...] = (*SPECS, "qncd", "qncd+dd2-channel", "qncd+sd2-channel")
 
 
 # ---- the value object -----------------------------------------------------------------------------------------------
@@ -237,9 +269,7 @@ def _elsewhere(path: Path, run_dir: Path) -> str:
 def required_artifacts(name: str, run_dir: str | os.PathLike, w_bits: int,
                        a_bits: int) -> list[tuple[Path, str, str]]:
     """(path, kind, the script that makes it) of every artifact sampler ``name`` reads, in pipeline order."""
-    if name not in SPECS:
-        raise CorrectionError(f"unknown sampler '{name}'; choose one of {', '.join(VARIANTS)}")
-    spec, flags = SPECS[name], f"--w_bits {w_bits} --a_bits {a_bits}"
+    spec, flags = spec_for(name), f"--w_bits {w_bits} --a_bits {a_bits}"
     out = []
     if spec.quantized:
         out.append((quant_path(run_dir, w_bits, a_bits), "quant", f"{QUANT_SCRIPT} {flags}"))
@@ -295,7 +325,7 @@ def build_variant(name: str, model, run_dir: str | os.PathLike, *, w_bits: int, 
     _check_expect(expect)
     run_dir = Path(run_dir)
     check_present([name], run_dir, w_bits, a_bits)
-    spec = SPECS[name]
+    spec = spec_for(name)
     if not spec.quantized:
         return Variant(name, spec.description, model.apply_model)
 
@@ -330,7 +360,7 @@ def build_variant(name: str, model, run_dir: str | os.PathLike, *, w_bits: int, 
                    artifacts=artifacts, _make=spec.make, needs_generator=spec.needs_generator)
 
 
-__all__ = ["VARIANTS", "SPECS", "VariantSpec", "Variant", "build_variant", "unet_model_fn", "ddim_timesteps",
+__all__ = ["VARIANTS", "SPECS", "VariantSpec", "spec_for", "qncd_name", "Variant", "build_variant", "unet_model_fn", "ddim_timesteps",
            "load_fit", "required_artifacts", "check_present", "bits_tag", "quant_path", "noise_stats_path",
            "noise_stats_spill_dir", "gaussian_path", "ptqd_path", "NOISE_STATS_KIND", "GAUSSIAN_KIND", "PTQD_KIND",
            "STATS_SCRIPT", "FIT_SCRIPT", "QUANT_SCRIPT"]

@@ -19,7 +19,7 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
 from quant.policy import Precision, d2dpm_policy
-from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch
+from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, qparams_from_range
 
 
 class QuantModel(nn.Module):
@@ -122,6 +122,57 @@ class QuantModel(nn.Module):
         for n, q in quantizers.items():
             if observed[n]:
                 q.init_act_qparams_(torch.cat(observed[n]))
+        return self
+
+    @torch.no_grad()
+    def ema_activation_ranges_(self, batches: Iterable[tuple], momentum: float = 0.95,
+                               softmax_only: bool = False) -> "QuantModel":
+        """Q-Diffusion's / QNCD's ``--running_stat`` (spec quantization.md §1.4): stream ``batches`` of (x, t,
+        context) through the model as it is set (normally weights and activations quantized) and move every active
+        activation range by an EMA of the per-batch extremes, x_min ← m·x_min + (1 − m)·min(x) (x_max likewise).
+        Before each quantization Δ and z are reset from the EMA bounds with the min-max formula, as the original
+        updates them inside the forward, so later layers see inputs quantized with the moving ranges. The EMA starts
+        at the first batch's min/max (the original starts at its init batch's). Split layers keep one EMA per half.
+        ``softmax_only`` (``--rs_sm_only``): only the attention-probability quantizers. The result overrides the
+        MSE-searched or learned ranges."""
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def extremes(x: torch.Tensor, split: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+            if split is None:
+                return x.min(), x.max()
+            halves = (x[:, :split], x[:, split:])
+            return torch.stack([h.min() for h in halves]), torch.stack([h.max() for h in halves])
+
+        def update(name: str, module: nn.Module, x: torch.Tensor, scheme: QScheme, split: int | None) -> None:
+            lo, hi = extremes(x.detach().float(), split)
+            if name in bounds:
+                lo = momentum * bounds[name][0] + (1 - momentum) * lo
+                hi = momentum * bounds[name][1] + (1 - momentum) * hi
+            bounds[name] = (lo, hi)
+            scale, zp = qparams_from_range(lo, hi, scheme)
+            module.a_scale.data = scale.to(module.a_scale)
+            module.a_zero_point = zp.to(module.a_zero_point)
+
+        hooks = []
+        if not softmax_only:
+            for n, layer in self.quant_layers():
+                if layer.act_quant and layer.a_ready:
+                    hooks.append(layer.register_forward_pre_hook(
+                        lambda m, a, n=n: update(n, m, a[0], m.a_scheme, m.split)))
+        for n, q in self.act_quantizers():
+            if q.enabled and q.a_ready and (n.endswith("sm_quant") or not softmax_only):
+                hooks.append(q.register_forward_pre_hook(lambda m, a, n=n: update(n, m, a[0], m.scheme, None)))
+        if not hooks:
+            raise RuntimeError("no active activation quantizer to update: calibrate activations and turn them on "
+                               "(set_quant_state(weight=True, act=True)) first")
+        try:
+            for x, t, context in batches:
+                self.model(x, t, context=context)
+        finally:
+            for h in hooks:
+                h.remove()
         return self
 
     def forward(self, x, timesteps=None, context=None, **kwargs):

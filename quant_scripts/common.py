@@ -93,6 +93,27 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise UserFacingError(f"--steps {args.steps}: {e}") from None
 
 
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    """QNCD's sampling-time flags (spec qncd_ptqd.md A.5), as a modifier of ``--sampler``."""
+    p.add_argument("--sample_reverse", action="store_true",
+                   help="QNCD runtime noise estimation on top of --sampler: none -> qncd, dd2-channel -> "
+                        "qncd+dd2-channel (the probe then estimates the bias left after the base correction)")
+    p.add_argument("--reverse_interval", type=int, default=None,
+                   help="QNCD probe period R in steps (default 10); needs --sample_reverse")
+
+
+def resolve_sampler(args: argparse.Namespace) -> None:
+    """Fold ``--sample_reverse [--reverse_interval R]`` into ``args.sampler`` (qncd[-rR][+base]), so sample folders
+    and metadata name the probe and its period; one-line errors for combinations that mean nothing."""
+    if args.reverse_interval is not None and not args.sample_reverse:
+        raise UserFacingError("--reverse_interval sets the period of QNCD's probe; add --sample_reverse")
+    if args.sample_reverse:
+        from correction.qncd import DEFAULT_INTERVAL
+        from correction.variants import qncd_name
+        args.sampler = qncd_name(args.sampler, DEFAULT_INTERVAL if args.reverse_interval is None
+                                 else args.reverse_interval)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +189,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
                    help="QNCD embedding-derived smoothing of the ResBlocks' second conv input, folded into its "
                         "weights "
                         "before quantization: 'code' (the official code's formula, default) or 'paper' (|·|-mean)")
+    p.add_argument("--quant_mode", default="brecq", choices=("brecq", "qncd"),
+                   help="qncd: QNCD's calibration recipe, i.e. --scale_split_static (code formula unless given) and, "
+                        "at step 3, --running_stat")
     p.add_argument("--cache_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                    help="precision of the reconstruction caches (float16 halves their memory)")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
@@ -178,13 +202,19 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
 
 def check_quant_args(args: argparse.Namespace) -> None:
     from quant.policy import POLICIES
+    if args.quant_mode == "qncd":  # a recipe: it sets the flags it stands for, so the artifacts' meta name them
+        args.smoothing = args.smoothing or "code"
+        if hasattr(args, "running_stat"):
+            args.running_stat = args.running_stat or "all"
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
     if getattr(args, "sm_abit", None) is not None and not 2 <= args.sm_abit <= 16:
         raise UserFacingError(f"--sm_abit must be in 2..16, got {args.sm_abit}")
-    for name in ("weight_iters", "act_iters", "act_init_samples", "recon_batch_size"):
+    for name in ("weight_iters", "act_init_samples", "recon_batch_size"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "act_iters", 0) is not None and getattr(args, "act_iters", 0) < 0:
+        raise UserFacingError(f"--act_iters must be >= 0 (0: no step learning), got {args.act_iters}")
 
 
 def cache_spec(args: argparse.Namespace):

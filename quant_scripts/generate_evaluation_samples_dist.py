@@ -27,12 +27,13 @@ from evaluation.generation import (LABEL_RULE, DistContext, PeerFailed, Plan, as
                                    init_distributed, merge_shards, pending_batches, prepare_dir, rank_device,
                                    sample_batch, sample_dir, shard_path, write_shard)
 from ldm.util import UserFacingError, load_config  # noqa: E402
-from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
-                                  ensure_writable_dir, load_ldm, model_meta, pick_device, resolve, run_cli, run_dir)
+from quant_scripts.common import (add_model_args, add_probe_args, add_sampling_args, apply_preset,  # noqa: E402
+                                  check_sampling_args, ensure_writable_dir, load_ldm, model_meta, pick_device,
+                                  resolve, resolve_sampler, run_cli, run_dir)
 
 # ---- defaults (edit here or override with flags; N and the batch size come from the preset) --------------------
 PRESET = "fashion"
-SAMPLER = "fp32"         # fp32, none, ptqd, sd2-tensor, dd2-tensor, sd2-channel, dd2-channel (correction.variants)
+SAMPLER = "fp32"         # fp32, none, ptqd, sd2-/dd2-tensor|channel, qncd[-rR][+base] (correction.variants)
 W_BITS = 4
 A_BITS = 8
 SEED = 0
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_model_args(p, PRESET)
     add_sampling_args(p)
     p.add_argument("--sampler", default=SAMPLER, help="fp32 or a quantized variant: none, ptqd, sd2-tensor, "
-                                                      "dd2-tensor, sd2-channel, dd2-channel")
+                                                      "dd2-tensor, sd2-channel, dd2-channel, qncd, qncd[-rR]+<base>")
+    add_probe_args(p)
     p.add_argument("--w_bits", type=int, default=W_BITS, choices=(4, 8), help="weight bits (quantized samplers)")
     p.add_argument("--a_bits", type=int, default=A_BITS, choices=(6, 8), help="activation bits (quantized samplers)")
     p.add_argument("--n_samples", dest="eval_samples", type=int, default=None,
@@ -59,16 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def samplers() -> tuple[str, ...]:
-    try:
-        from correction.variants import VARIANTS
-    except ModuleNotFoundError as e:
-        if e.name not in ("correction.variants", "correction"):
-            raise
-        return ("fp32",)
-    return VARIANTS
-
-
 def check_args(args: argparse.Namespace) -> None:
     check_sampling_args(args)
     if args.eval_samples is None:
@@ -78,8 +70,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserFacingError(f"--{flag} must be >= 1, got {getattr(args, name)}")
     if args.seed < 0:
         raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
-    if args.sampler != "fp32" and args.sampler not in samplers():
-        raise UserFacingError(f"unknown --sampler '{args.sampler}'; choose one of {', '.join(samplers())}")
+    resolve_sampler(args)
+    if args.sampler != "fp32":
+        from correction.variants import spec_for
+        spec_for(args.sampler)  # one line naming the known samplers
 
 
 def config_classes(args: argparse.Namespace) -> int | None:

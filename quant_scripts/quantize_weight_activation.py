@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from ldm.models.diffusion.ddim import DDIMSchedule  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
@@ -45,6 +46,9 @@ RECON_BATCH_SIZE = 16     # D²-DPM: 16
 LR = 4e-4
 P_NORM = 2.4
 SEED = 0
+RUNNING_STAT = None       # Q-Diffusion/QNCD --running_stat: None (off), "all" or "softmax" (--rs_sm_only)
+RS_MOMENTUM = 0.95        # their EMA momentum
+RS_BATCH = 64             # their LDM chunk size for the EMA pass
 # -------------------------------------------------------------------------------------------------------------------
 
 
@@ -58,7 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sm_abit", type=int, default=SM_ABIT,
                    help="also quantize the attention matmuls: q, k, v at --a_bits and the softmax output at this many "
                         "bits (Q-Diffusion; 16 for SD). Default: attention matmuls stay FP (D²-DPM)")
-    p.add_argument("--act_iters", type=int, default=ACT_ITERS)
+    p.add_argument("--act_iters", type=int, default=ACT_ITERS,
+                   help="step-size iterations per unit; 0 skips step learning (QNCD's released flow: initial "
+                        "ranges, then --running_stat)")
+    p.add_argument("--running_stat", action="store_const", const="all", default=RUNNING_STAT,
+                   help="after step learning, EMA (momentum 0.95) activation ranges over the whole calibration set, "
+                        "streamed through the quantized model in shuffled chunks of 64 (Q-Diffusion / QNCD)")
+    p.add_argument("--rs_sm_only", dest="running_stat", action="store_const", const="softmax",
+                   help="--running_stat for the attention-softmax quantizers only (needs --sm_abit)")
     p.add_argument("--act_init_samples", type=int, default=ACT_INIT_SAMPLES)
     p.add_argument("--recon_batch_size", type=int, default=RECON_BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
@@ -72,6 +83,9 @@ def main(argv=None) -> None:
     apply_preset(args, PRESET)
     check_sampling_args(args)
     check_quant_args(args)
+    if args.running_stat == "softmax" and not args.sm_abit:
+        raise UserFacingError("--rs_sm_only updates the attention-softmax quantizers, which exist only with --sm_abit; "
+                              "add --sm_abit 8 (or 16), or use --running_stat")
     base = model_meta(args)
     rdir = run_dir(args)
     w_path = rdir / f"w{args.w_bits}" / f"quant_w{args.w_bits}.pt"
@@ -85,7 +99,8 @@ def main(argv=None) -> None:
     meta = {**w_obj["meta"], "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
             "act_iters": args.act_iters,
             "act_init_samples": args.act_init_samples, "act_batch_size": args.recon_batch_size, "act_lr": args.lr,
-            "act_p": args.p, "act_seed": args.seed}
+            "act_p": args.p, "act_seed": args.seed,
+            "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {})}
     for k in ("format", "version", "seconds"):
         meta.pop(k, None)
     if out.exists() and not args.force:
@@ -125,7 +140,17 @@ def main(argv=None) -> None:
           f"ranges {sqnr_init:.2f} dB; learning step sizes, {args.act_iters} iterations per unit, on {device}")
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
                                           p=args.p, cache=cache_spec(args), seed=args.seed)
-    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta)
+    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta) if args.act_iters else []
+    if args.running_stat:
+        sqnr_learned = sqnr_db(qm, held, weight=True, act=True)
+        # shuffled: the set is ordered by timestep, and an EMA over ordered data would keep the last timesteps' ranges
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + 1))
+        shuffled = CalibrationData(data.x[order], data.t[order], None if data.c is None else data.c[order], device)
+        qm.set_quant_state(weight=True, act=True)  # the original streams through the fully quantized model
+        qm.ema_activation_ranges_(tqdm(shuffled.batches(RS_BATCH), total=-(-len(data) // RS_BATCH),
+                                       desc="running stat", unit="batch"),
+                                  momentum=RS_MOMENTUM, softmax_only=args.running_stat == "softmax")
+        meta["sqnr_before_running_stat_db"] = sqnr_learned
     sqnr_final = sqnr_db(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final,
                 act_seconds=time.time() - t0)
@@ -134,8 +159,10 @@ def main(argv=None) -> None:
         payload["smoothing"] = w_obj["smoothing"]
     save_artifact(out, QUANT_KIND, meta, payload)
     finish_partial(out)
+    what = " + ".join(["step-size learning"] * bool(args.act_iters) + [f"running stat ({args.running_stat})"] *
+                      bool(args.running_stat)) or "initial ranges only"
     print(f"W{args.w_bits}A{args.a_bits} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after "
-          f"step-size learning ({time.time() - t0:.0f} s); wrote {out}")
+          f"{what} ({time.time() - t0:.0f} s); wrote {out}")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from correction.variants import VARIANTS, Variant, bits_tag, build_variant, check_present  # noqa: E402
+from correction.variants import VARIANTS, Variant, bits_tag, build_variant, check_present, spec_for  # noqa: E402
 from evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
 from ldm.sample import decode_latents, null_class, sample_latents  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
-from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
-                                  ensure_writable_dir, load_ldm, model_meta, pick_device, run_cli, run_dir)
+from quant_scripts.common import (add_model_args, add_probe_args, add_sampling_args, apply_preset,  # noqa: E402
+                                  check_sampling_args, ensure_writable_dir, load_ldm, model_meta, pick_device,
+                                  resolve_sampler, run_cli, run_dir)
 
 # ---- defaults (edit here or override with flags; model paths and sampling settings live in the preset) -------
 PRESET = "fashion"
@@ -53,9 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, PRESET)
-    p.add_argument("--sampler", default=SAMPLER, choices=VARIANTS, help="correction (fp32: the FP model)")
+    p.add_argument("--sampler", default=SAMPLER, help=f"correction: one of {', '.join(VARIANTS)} or "
+                                                      f"qncd[-rR]+<base> (fp32: the FP model)")
+    add_probe_args(p)
     p.add_argument("--compare", action="store_true",
-                   help="one grid, a row per sampler: FP | uncorrected | PTQD | D² (--sampler if it is a D² one)")
+                   help="one grid, a row per sampler: FP | uncorrected | PTQD | --sampler (D-D² channel if "
+                        "--sampler is one of those)")
     p.add_argument("--w_bits", type=int, default=W_BITS, choices=(4, 8))
     p.add_argument("--a_bits", type=int, default=A_BITS, choices=(6, 8))
     p.add_argument("--classes", type=int, nargs="+", default=None,
@@ -120,12 +124,15 @@ def main(argv=None) -> None:
         if getattr(args, name) < 1:
             raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_sampling_args(args)
+    resolve_sampler(args)
+    if args.sampler != "fp32":
+        spec_for(args.sampler)  # an unknown name is a one-line error before anything loads
     base = model_meta(args)
     rdir = run_dir(args)
     tag = bits_tag(args.w_bits, args.a_bits)
     names = [args.sampler]
     if args.compare:
-        names = list(COMPARE[:-1]) + [args.sampler if args.sampler.startswith(("sd2", "dd2")) else COMPARE[-1]]
+        names = list(COMPARE[:-1]) + [COMPARE[-1] if args.sampler in COMPARE[:-1] else args.sampler]
     check_present(names, rdir, args.w_bits, args.a_bits)  # before any folder is made or model loaded
     outdir = ensure_writable_dir(rdir / tag / "samples")
     device = pick_device(args.device)

@@ -306,6 +306,7 @@ def test_quantized_sampler_goes_through_build_variant(script, reference, tiny, t
 
     fake = types.ModuleType("correction.variants")
     fake.VARIANTS, fake.build_variant = ("fp32", "none", "sd2-tensor"), build_variant
+    fake.spec_for = lambda name: None
     monkeypatch.setitem(sys.modules, "correction.variants", fake)
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path, "--sampler", "sd2-tensor", "--w_bits", 8))
     assert code == 0, err
@@ -333,7 +334,7 @@ def test_unconditional_model_has_no_labels(script, tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,fragment", [
     (("--n_samples", 7), "7 samples cannot be split evenly over 4 classes"),
-    (("--sampler", "sd3-tensor"), "unknown --sampler 'sd3-tensor'"),
+    (("--sampler", "sd3-tensor"), "unknown sampler 'sd3-tensor'"),
     (("--n_samples", 0), "--n_samples must be >= 1"),
     (("--seed", -1), "--seed must be >= 0"),
     (("--steps", 3), "--steps 3"),

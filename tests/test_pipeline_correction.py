@@ -30,7 +30,8 @@ def load_script(name: str):
 @pytest.fixture(scope="module")
 def scripts():
     names = ("collect_imagenet_calibration_set", "quantize_weight", "quantize_weight_activation",
-             "collect_timestep_aware_statistics", "gaussian_modeling", "sample_quantized_ldm_imagenet")
+             "collect_timestep_aware_statistics", "gaussian_modeling", "sample_quantized_ldm_imagenet",
+             "generate_evaluation_samples_dist")
     return {n: load_script(n) for n in names}
 
 
@@ -161,6 +162,37 @@ def test_every_variant_builds_and_samples(pipe, scripts):
     sample(common + ["--compare", "--classes", "0", "1", "2", "--no_progress"])
     grid = Image.open(next((run / "w4a8" / "samples").glob("compare_*.png")))
     assert grid.size[1] == 4 * 34 + 2 and grid.text["sampler"] == "fp32 | none | ptqd | dd2-channel"
+    # QNCD's flags: --sample_reverse puts the probe on top of --sampler, --reverse_interval sets its period, and
+    # both are in the output's name (a probe every 2 steps of the short chain changes the samples)
+    v = build_variant("qncd-r2+sd2-channel", model, run, w_bits=4, a_bits=8, expect=expect)
+    probe = v.correction_for(torch.Generator().manual_seed(1))
+    assert probe.interval == 2 and probe.extra_calls(STEPS) > 0 and v.fit is not None
+    sample(argv + ["--sample_reverse", "--reverse_interval", "2"])
+    reversed_png = run / "w4a8" / "samples" / f"qncd-r2+sd2-channel_w4a8_steps{STEPS}_eta0_scale3_seed42.png"
+    assert reversed_png.read_bytes() != first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "fp32", "--sample_reverse"], "adds QNCD's probe to a quantized sampler; 'fp32' is not one"),
+    (["--sampler", "qncd", "--sample_reverse"], "'qncd' is not one"),
+    (["--sampler", "dd2-channel", "--reverse_interval", "5"], "add --sample_reverse"),
+    (["--sampler", "none", "--sample_reverse", "--reverse_interval", "0"], "--reverse_interval must be ≥ 1"),
+    (["--sampler", "qncd+bogus"], "unknown sampler 'qncd+bogus'"),
+])
+def test_qncd_sampling_flags_are_checked_before_anything_loads(scripts, capsys, argv, message):
+    line = run_one_line(scripts["generate_evaluation_samples_dist"].main, ["--n_samples", "10"] + argv, capsys)
+    assert message in line
+
+
+def test_qncd_sampler_names():
+    from correction.variants import qncd_name, spec_for
+    assert [qncd_name("none"), qncd_name("dd2-channel"), qncd_name("ptqd", 5)] == \
+        ["qncd", "qncd+dd2-channel", "qncd-r5+ptqd"]
+    assert spec_for("qncd-r5+ptqd").fit == "ptqd" and spec_for("qncd").fit is None
+    assert "R = 5" in spec_for("qncd-r5").description
+    for bad in ("qncd+none", "qncd+fp32", "qncd-r0", "qncd+qncd", "qncdx"):
+        with pytest.raises(Exception, match="unknown sampler"):
+            spec_for(bad)
 
 
 def test_mismatches_are_one_line_errors(pipe, scripts, capsys):

@@ -3,6 +3,7 @@ after a kill, artifacts and the step 2-3 scripts with their metadata checks."""
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import tiny_models
 from conftest import REPO
 from quant.artifacts import ArtifactMismatch, save_artifact
-from quant.layers import WeightRounding
+from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
 from quant.pipeline import load_quant_model, partial_path, resumable_reconstruct
 from quant.policy import Precision
@@ -249,3 +250,32 @@ def test_qncd_smoothing_through_steps_2_and_3(tiny, tmp_path):
         assert float((qm(x, t, context=c) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     with pytest.raises(ArtifactMismatch, match="smoothing"):  # the smoothed weights need the flag in step 3 too
         qa.main(common + ["--act_iters", "1", "--act_init_samples", "8", "--force"])
+    # --quant_mode qncd: QNCD's recipe = the smoothing above (code formula) + running-stat ranges; --act_iters 0 skips
+    # step learning (QNCD's released flow)
+    qa.main(common + ["--act_iters", "0", "--act_init_samples", "8", "--quant_mode", "qncd", "--force"])
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["smoothing"] == "code" and meta["running_stat"] == "all" and meta["act_iters"] == 0
+    assert math.isfinite(meta["sqnr_before_running_stat_db"]) and math.isfinite(meta["sqnr_db"])
+    from ldm.util import UserFacingError
+    with pytest.raises(UserFacingError, match="--rs_sm_only .* --sm_abit"):
+        qa.main(common + ["--rs_sm_only", "--scale_split_static"])
+
+
+def test_running_stat_is_an_ema_of_batch_extremes(tiny, data):
+    """Known answer on the first layer (its input is x itself): after two batches with extremes (−2, 3) and (−1, 5),
+    the EMA bounds are 0.95·(−2) + 0.05·(−1) = −1.95 and 0.95·3 + 0.05·5 = 3.1, and Δ, z follow the min-max formula."""
+    qm = fresh(tiny, a_bits=8)
+    qm.set_quant_state(weight=True)
+    qm.calibrate_activations_(data[0].batches(32))
+    qm.set_quant_state(weight=True, act=True)
+    x0, t, c = next(data[0].batches(4))
+    first = qm.model.input_blocks[0][0]
+    assert isinstance(first, QuantLayer) and first.act_quant
+    b1, b2 = x0.clamp(-1.5, 2.5), x0.clamp(-0.5, 4.5)
+    b1[0, 0, 0, 0], b1[0, 0, 0, 1] = -2.0, 3.0
+    b2[0, 0, 0, 0], b2[0, 0, 0, 1] = -1.0, 5.0
+    qm.ema_activation_ranges_([(b1, t, c), (b2, t, c)])
+    assert float(first.a_scale) == pytest.approx((3.1 + 1.95) / 255, rel=1e-6)
+    assert float(first.a_zero_point) == round(1.95 / ((3.1 + 1.95) / 255))
+    with pytest.raises(RuntimeError, match="no active activation quantizer"):  # no attention quantizers (no sm_abit)
+        qm.ema_activation_ranges_([(b1, t, c)], softmax_only=True)
