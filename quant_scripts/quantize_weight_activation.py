@@ -137,7 +137,9 @@ def main(argv=None) -> None:
     qm.calibrate_activations_(init.batches(64))
     sqnr_init = sqnr_db(qm, held, weight=True, act=True)
     print(f"[{args.preset_used}] W{args.w_bits}A{args.a_bits}: SQNR W only {sqnr_w:.2f} dB, with initial activation "
-          f"ranges {sqnr_init:.2f} dB; learning step sizes, {args.act_iters} iterations per unit, on {device}")
+          f"ranges {sqnr_init:.2f} dB; "
+          + (f"learning step sizes, {args.act_iters} iterations per unit" if args.act_iters else "no step learning")
+          + (f", then running stat ({args.running_stat})" if args.running_stat else "") + f", on {device}")
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
                                           p=args.p, cache=cache_spec(args), seed=args.seed)
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta) if args.act_iters else []
