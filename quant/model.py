@@ -167,12 +167,7 @@ class QuantModel(nn.Module):
         if not hooks:
             raise RuntimeError("no active activation quantizer to update: calibrate activations and turn them on "
                                "(set_quant_state(weight=True, act=True)) first")
-        try:
-            for x, t, context in batches:
-                self.model(x, t, context=context)
-        finally:
-            for h in hooks:
-                h.remove()
+        forward_batches(self.model, batches, hooks)
         return self
 
     def forward(self, x, timesteps=None, context=None, **kwargs):
@@ -234,6 +229,18 @@ class QuantModel(nn.Module):
             else:
                 layer.alpha = None
         return self
+
+
+@torch.no_grad()
+def forward_batches(model: nn.Module, batches: Iterable[tuple], handles: list) -> None:
+    """model(x, t, context=c) over ``batches`` for what the hook ``handles`` observe; the hooks are removed after,
+    also on error."""
+    try:
+        for x, t, c in batches:
+            model(x, t, context=c)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def shortcut_splits(unet: nn.Module) -> dict[str, int]:

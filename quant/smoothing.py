@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from quant.layers import QuantLayer
-from quant.model import QuantModel
+from quant.model import QuantModel, forward_batches
 from quant.quantizer import PerChannel, PerTensor, QScheme, choose_qparams, dequantize, quantize
 
 FORMAT = "qncd-smoothing"
@@ -268,13 +268,8 @@ def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, t
         lo, hi = seen.get(name, (float("inf"), float("-inf")))
         seen[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
 
-    handles = [b.out_layers[3].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n, b in resblocks(model)]
-    try:
-        for x, t, c in batches:
-            model(x, t, context=c)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_batches(model, batches, [b.out_layers[3].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+                                     for n, b in resblocks(model)])
     return seen
 
 
@@ -309,14 +304,8 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
         if is_smoothed(blocks[name]) or isinstance(unet, QuantModel):
             raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
-    handles = [blocks[n].out_layers[3].register_forward_pre_hook(
-        lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors]
-    try:
-        for x, t, c in batches:
-            unet(x, t, context=c)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_batches(unet, batches, [blocks[n].out_layers[3].register_forward_pre_hook(
+        lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])
     w_scheme = QScheme(w_bits, granularity=PerChannel(0) if channel_wise else PerTensor())
     out = {}
     for name, s in factors.items():
