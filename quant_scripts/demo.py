@@ -302,7 +302,7 @@ def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -
         sections["Sample quality without and with smoothing"] = [
             f"Means over seeds {list(args.seeds)}, {m['n_eval']} samples each; the same seeds, x_T and noise.", "",
             "| setting | method | FID without | FID with | Acc. without | Acc. with |", "|---|---|---|---|---|---|",
-            *[f"| {r.setting} | {r.method} | {f0:.2f} | {r.summary('fid')[0]:.2f} | {a0:.3f} | "
+            *[f"| {r.setting} | {r.method} | {f0:.3f} | {r.summary('fid')[0]:.3f} | {a0:.3f} | "
               f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
         extra["quality_without_with"] = {
             f"{r.setting} {r.method}": {"fid": (f0, r.summary("fid")[0]),
