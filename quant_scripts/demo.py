@@ -311,13 +311,12 @@ def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -
     return sections, extra
 
 
-README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
-
-
-def update_readme(report: Path, readme: Path = REPO_ROOT / "README.md") -> bool:
-    """Copy the report's conditions, tables and total time between the README's demo-results markers."""
+def update_readme(report: Path, readme: Path = REPO_ROOT / "README.md", tag: str = "demo-results") -> bool:
+    """Copy the report's conditions, tables and total time between the README's ``<!-- {tag}:start/end -->``
+    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`)."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
+    if start not in text or end not in text:
         return False
     md = report.read_text()
     body = md[md.index("Conditions:"):md.index("## Wall time")]
@@ -326,10 +325,10 @@ def update_readme(report: Path, readme: Path = REPO_ROOT / "README.md") -> bool:
     if total:
         seconds = float(total.split("|")[2])
         body += f"Sum of the stage wall times: {seconds / 60:.1f} min (each stage in {report}).\n"
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
     tmp = readme.with_name(f".{readme.name}.tmp{os.getpid()}")
-    tmp.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}")
+    tmp.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
     os.replace(tmp, readme)
     return True
 
@@ -369,8 +368,9 @@ def main(argv=None) -> None:
         driver.run(stage, len(stages), i)
     report = make_report(args, run, m, driver)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
-    if args.mode == "default" and args.outdir is None and not (args.qncd or args.smooth) and update_readme(report):
-        print("updated the results section of README.md")
+    tag = {(False, False): "demo-results", (True, True): "demo-qncd-results"}.get((args.qncd, args.smooth))
+    if args.mode == "default" and args.outdir is None and tag and update_readme(report, tag=tag):
+        print(f"updated the {tag} section of README.md")
     print(report.read_text())
 
 

@@ -26,6 +26,22 @@ def run_demo(outdir, *extra):
     return proc, time.perf_counter() - t0
 
 
+def test_update_readme_replaces_only_its_own_section(tmp_path):
+    from quant_scripts import demo
+    report = tmp_path / "report.md"
+    report.write_text("# title\n\nConditions: N 10.\n\n## Sample quality\n\n| a |\n\n## Wall time\n\n"
+                      "| stage | seconds |\n| **total** | 90.0 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\nmid\n"
+                      "<!-- demo-qncd-results:start -->\nold\n<!-- demo-qncd-results:end -->\nend\n")
+    assert demo.update_readme(report, readme, tag="demo-qncd-results")
+    text = readme.read_text()
+    assert text.startswith("top\n<!-- demo-results:start -->\nold\n") and text.endswith("end\n")
+    qncd = text.split("<!-- demo-qncd-results:start -->")[1].split("<!-- demo-qncd-results:end -->")[0]
+    assert "Conditions: N 10." in qncd and "### Sample quality" in qncd and "1.5 min" in qncd and "old" not in qncd
+    assert not demo.update_readme(report, readme, tag="missing")
+
+
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     _, first = run_demo(out)
