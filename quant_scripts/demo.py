@@ -320,7 +320,9 @@ def update_readme(report: Path, readme: Path = REPO_ROOT / "README.md", tag: str
         return False
     md = report.read_text()
     body = md[md.index("Conditions:"):md.index("## Wall time")]
-    body = body.replace("## ", "### ").replace("![FID by method](fid_by_method.png)\n", "")
+    # the report's sections become subsections of the README section holding the markers
+    depth = "####" if tag == "demo-qncd-results" else "###"
+    body = body.replace("## ", f"{depth} ").replace("![FID by method](fid_by_method.png)\n", "")
     total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
     if total:
         seconds = float(total.split("|")[2])

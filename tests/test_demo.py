@@ -38,7 +38,7 @@ def test_update_readme_replaces_only_its_own_section(tmp_path):
     text = readme.read_text()
     assert text.startswith("top\n<!-- demo-results:start -->\nold\n") and text.endswith("end\n")
     qncd = text.split("<!-- demo-qncd-results:start -->")[1].split("<!-- demo-qncd-results:end -->")[0]
-    assert "Conditions: N 10." in qncd and "### Sample quality" in qncd and "1.5 min" in qncd and "old" not in qncd
+    assert "Conditions: N 10." in qncd and "#### Sample quality" in qncd and "1.5 min" in qncd and "old" not in qncd
     assert not demo.update_readme(report, readme, tag="missing")
 
 
