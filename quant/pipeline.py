@@ -39,12 +39,11 @@ def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel
                       split_shortcut=bool(meta.get("split_shortcut")))
 
 
-def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],
-                     produced_by: str = "quant_scripts/quantize_weight_activation.py") -> tuple[QuantModel, dict]:
-    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...).
-    Quantization is switched on as the artifact was made (weights, and activations when it has a_bits)."""
-    obj = load_artifact(path, QUANT_KIND, expect, produced_by)
-    meta = obj["meta"]
+def restore_quant_model(unet: torch.nn.Module, meta: dict[str, Any], obj: dict,
+                        path: str | os.PathLike) -> QuantModel:
+    """A QuantModel shaped as ``meta`` says, holding the quantized state of the loaded artifact ``obj`` (from
+    ``path``): its smoothing re-folded first (before the qparams), then its Δ, z and rounding. ``meta`` may add to
+    the artifact's (step 3 restores step 2's weights into a model with activation quantizers)."""
     qm = build_quant_model(unet, meta)
     try:
         if meta.get("smoothing"):  # QNCD smoothing: S re-folded into the checkpoint weights, before the qparams
@@ -52,6 +51,16 @@ def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dic
         qm.load_quant_state_dict_(obj["quant_state"])
     except ValueError as e:
         raise ArtifactMismatch(f"{path}: {e}") from None
+    return qm
+
+
+def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],
+                     produced_by: str = "quant_scripts/quantize_weight_activation.py") -> tuple[QuantModel, dict]:
+    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...).
+    Quantization is switched on as the artifact was made (weights, and activations when it has a_bits)."""
+    obj = load_artifact(path, QUANT_KIND, expect, produced_by)
+    meta = obj["meta"]
+    qm = restore_quant_model(unet, meta, obj, path)
     qm.to(next(unet.parameters()).device)
     qm.set_quant_state(weight=True, act=meta.get("a_bits") is not None)
     return qm.eval(), meta

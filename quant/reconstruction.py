@@ -208,7 +208,11 @@ class CalibrationData:
             yield self.x[s:s + batch_size].to(self.device), self.t[s:s + batch_size].to(self.device), c
 
     def subset(self, n: int) -> "CalibrationData":
-        return CalibrationData(self.x[:n], self.t[:n], None if self.c is None else self.c[:n], self.device)
+        return self.rows(slice(0, n))
+
+    def rows(self, index) -> "CalibrationData":
+        """The rows ``index`` (a slice or an index tensor) as a CalibrationData on the same device."""
+        return CalibrationData(self.x[index], self.t[index], None if self.c is None else self.c[index], self.device)
 
 
 # ---- the optimisation of one unit ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from quant.layers import QuantLayer
 from quant.model import QuantModel, forward_batches
-from quant.quantizer import PerChannel, PerTensor, QScheme, choose_qparams, dequantize, quantize
+from quant.quantizer import PerChannel, PerTensor, QScheme, choose_qparams, fake_quant
 
 FORMAT = "qncd-smoothing"
 VERSION = 1
@@ -278,8 +278,7 @@ def _conv_sqnr_db(y: torch.Tensor, y_q: torch.Tensor) -> float:
 
 
 def _fake_quant(x: torch.Tensor, scheme: QScheme) -> torch.Tensor:
-    scale, zp = choose_qparams(x, scheme)
-    return dequantize(quantize(x, scale, zp, scheme.qmin, scheme.qmax), scale, zp)
+    return fake_quant(x, *choose_qparams(x, scheme), scheme.qmin, scheme.qmax)
 
 
 @torch.no_grad()
@@ -301,8 +300,8 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
     for name in factors:
         if name not in blocks:
             raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
-        if is_smoothed(blocks[name]) or isinstance(unet, QuantModel):
-            raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
+    if isinstance(unet, QuantModel) or any(is_smoothed(blocks[n]) for n in factors):
+        raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
     forward_batches(unet, batches, [blocks[n].out_layers[3].register_forward_pre_hook(
         lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])

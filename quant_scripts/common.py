@@ -104,7 +104,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_sampler(args: argparse.Namespace) -> None:
     """Fold ``--sample_reverse [--reverse_interval R]`` into ``args.sampler`` (qncd[-rR][+base]), so sample folders
-    and metadata name the probe and its period; one-line errors for combinations that mean nothing."""
+    and metadata name the probe and its period, then check the name; one-line errors for what means nothing."""
     if args.reverse_interval is not None and not args.sample_reverse:
         raise UserFacingError("--reverse_interval sets the period of QNCD's probe; add --sample_reverse")
     if args.sample_reverse:
@@ -112,6 +112,9 @@ def resolve_sampler(args: argparse.Namespace) -> None:
         from correction.variants import qncd_name
         args.sampler = qncd_name(args.sampler, DEFAULT_INTERVAL if args.reverse_interval is None
                                  else args.reverse_interval)
+    if args.sampler != "fp32":
+        from correction.variants import spec_for
+        spec_for(args.sampler)  # an unknown name is one line naming the known ones, before anything loads
 
 
 def pick_device(name: str) -> torch.device:

@@ -127,7 +127,7 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
     def opt(flag, value):
         return [flag, str(value)] if value is not None else []
 
-    quant = {(w, a) for _, _, _, w, a in variants(args) if w} | set(EXTRA_QUANT)
+    quant = quant_settings(args)
     fitted = sorted({(w, a) for _, _, s, w, a in variants(args) if w and s not in ("none", "qncd")},
                     reverse=True)  # the settings whose noise statistics and fits some variant reads
     smooth = ["--scale_split_static"] if args.smooth else []
@@ -179,7 +179,6 @@ def build_stages(args, run: Path, m: dict) -> list[Stage]:
 def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
     from evaluation.generation import sample_dir
     from evaluation.report import Row, write_report
-    from quant.artifacts import load_artifact
     from quant.export import pack_quant_model
     from quant.pipeline import load_quant_model
     from ldm.util import load_config, load_model_from_config, save_atomic
@@ -198,17 +197,11 @@ def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
     export.mkdir(exist_ok=True)
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
-    sqnr = {}
     for w in (4, 8):
-        qm, meta = load_quant_model(unet, run / f"w{w}" / f"quant_w{w}.pt", {})
+        qm, _ = load_quant_model(unet, run / f"w{w}" / f"quant_w{w}.pt", {})
         save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
-        sqnr[f"W{w} round-to-nearest"] = {"sqnr": meta["sqnr_nearest_db"], "note": "before reconstruction"}
-        sqnr[f"W{w} AdaRound"] = {"sqnr": meta["sqnr_adaround_db"], "note": f"{meta['weight_iters']} iterations/unit"}
-    for w, a in sorted({(w, a) for _, _, _, w, a in variants(args) if w} | set(EXTRA_QUANT)):
-        meta = load_artifact(run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt", "quant")["meta"]
-        sqnr[f"W{w}A{a}"] = {"sqnr": meta["sqnr_db"], "note": f"initial ranges {meta['sqnr_act_init_db']:.2f} dB, "
-                                                              f"{meta['act_iters']} step-size iterations/unit"}
+    sqnr = sqnr_rows(args, run)
     images = {}
     for caption, pattern in (("FP32 samples", "grids/fp32_*.png"), ("FP | uncorrected | PTQD | D-D² (W4A8)",
                                                                      "w4a8/samples/compare_*.png"),
@@ -233,6 +226,32 @@ def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
     return write_report(run.parent, rows, context, sizes, timings, sqnr, images, sections, extra)
 
 
+def quant_settings(args) -> set[tuple[int, int]]:
+    """The (w_bits, a_bits) settings quantized in this run: those of the variants, and EXTRA_QUANT."""
+    return {(w, a) for _, _, _, w, a in variants(args) if w} | set(EXTRA_QUANT)
+
+
+def sqnr_rows(args, run: Path) -> dict[str, dict]:
+    """{row name: {"sqnr": dB, "note": ...}} from the meta of ``run``'s quant artifacts (the ε SQNRs steps 2-3
+    measured on the held-out inputs); a missing artifact is left out."""
+    from quant.artifacts import load_artifact
+    rows = {}
+    for w in (4, 8):
+        path = run / f"w{w}" / f"quant_w{w}.pt"
+        if path.exists():
+            meta = load_artifact(path, "quant")["meta"]
+            rows[f"W{w} round-to-nearest"] = {"sqnr": meta["sqnr_nearest_db"], "note": "before reconstruction"}
+            rows[f"W{w} AdaRound"] = {"sqnr": meta["sqnr_adaround_db"],
+                                      "note": f"{meta['weight_iters']} iterations/unit"}
+    for w, a in sorted(quant_settings(args)):
+        path = run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt"
+        if path.exists():
+            meta = load_artifact(path, "quant")["meta"]
+            rows[f"W{w}A{a}"] = {"sqnr": meta["sqnr_db"], "note": f"initial ranges {meta['sqnr_act_init_db']:.2f} dB, "
+                                                                  f"{meta['act_iters']} step-size iterations/unit"}
+    return rows
+
+
 def _unsmoothed_run(run: Path, m: dict) -> Path:
     """The same mode's run without smoothing (``outputs/…`` for ``outputs-smooth/…``), for side-by-side numbers."""
     return Path(m["outdir"].removesuffix("-smooth")) / run.parent.name / run.name
@@ -244,13 +263,13 @@ def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -
     (read from the unsmoothed run of the same mode, where it has been made)."""
     from evaluation.generation import sample_dir
     from quant.artifacts import load_artifact
-    from quant.pipeline import load_calibration
+    from quant.reconstruction import CalibrationData
     from quant.smoothing import smoothing_effect
 
     w4 = load_artifact(run / "w4" / "quant_w4.pt", "quant")
     factors, meta = w4["smoothing"]["factors"], w4["meta"]
     calib = load_artifact(run / "calibration.pt", "calibration")
-    _, held, _ = load_calibration(run / "calibration.pt", {}, calib["meta"]["timesteps"], torch.device("cpu"))
+    held = CalibrationData(calib["holdout_x"], calib["holdout_t"], calib.get("holdout_c"), torch.device("cpu"))
     a_bits = sorted({a for _, _, _, w, a in variants(args) if w == 4}, reverse=True)
     effect = smoothing_effect(unet, factors, held.batches(64), a_bits=a_bits, w_bits=4,
                               channel_wise=bool(meta.get("channel_wise")))
@@ -277,15 +296,8 @@ def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -
     extra = {"smoothing_effect": effect}
 
     plain = _unsmoothed_run(run, m)
-    both = []
-    for name, d in sqnr.items():
-        w, _, a = name.split()[0][1:].partition("A")
-        path = plain / (f"w{w}a{a}" if a else f"w{w}") / (f"quant_w{w}a{a}.pt" if a else f"quant_w{w}.pt")
-        if not path.exists():
-            continue
-        meta0 = load_artifact(path, "quant")["meta"]
-        key = ("sqnr_db" if a else "sqnr_nearest_db" if "nearest" in name else "sqnr_adaround_db")
-        both.append((name, meta0[key], d["sqnr"]))
+    plain_sqnr = sqnr_rows(args, plain)
+    both = [(name, plain_sqnr[name]["sqnr"], d["sqnr"]) for name, d in sqnr.items() if name in plain_sqnr]
     if both:
         sections["ε SQNR without and with smoothing"] = [
             f"Held-out inputs as above; without = the same mode's unsmoothed run ({plain}).", "",

@@ -25,10 +25,9 @@ from tqdm import tqdm  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSchedule  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
 from quant.artifacts import ArtifactMismatch, file_fingerprint, load_artifact, save_artifact  # noqa: E402
-from quant.pipeline import (QUANT_KIND, build_quant_model, finish_partial, load_calibration,  # noqa: E402
+from quant.pipeline import (QUANT_KIND, finish_partial, load_calibration, restore_quant_model,  # noqa: E402
                             resumable_reconstruct)
-from quant.reconstruction import CalibrationData, Phase, ReconConfig, sqnr_db  # noqa: E402
-from quant.smoothing import load_smoothing_  # noqa: E402
+from quant.reconstruction import Phase, ReconConfig, sqnr_db  # noqa: E402
 from quant_scripts.common import (add_model_args, add_quant_args, add_sampling_args, apply_preset,  # noqa: E402
                                   cache_spec, check_quant_args, check_sampling_args, ensure_writable_dir, load_ldm,
                                   model_meta, pick_device, run_cli, run_dir)
@@ -124,22 +123,20 @@ def main(argv=None) -> None:
 
     t0 = time.time()
     with model.ema_scope():
-        qm = build_quant_model(model.model.diffusion_model, meta).to(device)
-    if meta.get("smoothing"):
-        load_smoothing_(qm, w_obj["smoothing"])
-    qm.load_quant_state_dict_(w_obj["quant_state"]).to(device)
+        qm = restore_quant_model(model.model.diffusion_model, meta, w_obj, w_path).to(device)
     held = held or data
     sqnr_w = sqnr_db(qm, held, weight=True, act=False)
     # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.act_init_samples]
-    init = CalibrationData(data.x[pick], data.t[pick], None if data.c is None else data.c[pick], device)
+    init = data.rows(pick)
     qm.set_quant_state(weight=True)
     qm.calibrate_activations_(init.batches(64))
     sqnr_init = sqnr_db(qm, held, weight=True, act=True)
+    stages = [f"step-size learning ({args.act_iters} iterations per unit)"] if args.act_iters else []
+    stages += [f"running stat ({args.running_stat})"] if args.running_stat else []
+    what = " + ".join(stages) or "initial ranges only"
     print(f"[{args.preset_used}] W{args.w_bits}A{args.a_bits}: SQNR W only {sqnr_w:.2f} dB, with initial activation "
-          f"ranges {sqnr_init:.2f} dB; "
-          + (f"learning step sizes, {args.act_iters} iterations per unit" if args.act_iters else "no step learning")
-          + (f", then running stat ({args.running_stat})" if args.running_stat else "") + f", on {device}")
+          f"ranges {sqnr_init:.2f} dB; now {what}, on {device}")
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
                                           p=args.p, cache=cache_spec(args), seed=args.seed)
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta) if args.act_iters else []
@@ -147,7 +144,7 @@ def main(argv=None) -> None:
         sqnr_learned = sqnr_db(qm, held, weight=True, act=True)
         # shuffled: the set is ordered by timestep, and an EMA over ordered data would keep the last timesteps' ranges
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + 1))
-        shuffled = CalibrationData(data.x[order], data.t[order], None if data.c is None else data.c[order], device)
+        shuffled = data.rows(order)
         qm.set_quant_state(weight=True, act=True)  # the original streams through the fully quantized model
         qm.ema_activation_ranges_(tqdm(shuffled.batches(RS_BATCH), total=-(-len(data) // RS_BATCH),
                                        desc="running stat", unit="batch"),
@@ -161,8 +158,6 @@ def main(argv=None) -> None:
         payload["smoothing"] = w_obj["smoothing"]
     save_artifact(out, QUANT_KIND, meta, payload)
     finish_partial(out)
-    what = " + ".join(["step-size learning"] * bool(args.act_iters) + [f"running stat ({args.running_stat})"] *
-                      bool(args.running_stat)) or "initial ranges only"
     print(f"W{args.w_bits}A{args.a_bits} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after "
           f"{what} ({time.time() - t0:.0f} s); wrote {out}")
 

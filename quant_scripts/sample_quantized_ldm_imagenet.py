@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from correction.variants import VARIANTS, Variant, bits_tag, build_variant, check_present, spec_for  # noqa: E402
+from correction.variants import VARIANTS, Variant, bits_tag, build_variant, check_present  # noqa: E402
 from evaluation.images import make_grid, save_png, to_uint8  # noqa: E402
 from ldm.sample import decode_latents, null_class, sample_latents  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
@@ -125,8 +125,6 @@ def main(argv=None) -> None:
             raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_sampling_args(args)
     resolve_sampler(args)
-    if args.sampler != "fp32":
-        spec_for(args.sampler)  # an unknown name is a one-line error before anything loads
     base = model_meta(args)
     rdir = run_dir(args)
     tag = bits_tag(args.w_bits, args.a_bits)
