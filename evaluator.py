@@ -12,8 +12,6 @@ is written atomically. Bad input stops with one line on stderr and exit status 2
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -21,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.features import (INCEPTION_GRAPH, check_compatible, check_image_size, choose_network,
-                                 compute_activations, file_sha256, load_network)
+                                 compute_activations, load_network)
 from evaluation.metrics import IS_SPLIT_SIZE, NHOOD_SIZE, evaluate_features, inception_split_sizes
 from evaluation.npz_io import check_pair, open_batch, verify_pixels
+from ldm.fileio import file_sha256, write_atomic, write_json_atomic
 from ldm.util import UserFacingError
-from quant_scripts.common import ensure_writable_dir, pick_device, run_cli
+from pipeline.cli import ArgumentParser, ensure_writable_dir, pick_device, run_cli
 
 RECORD_FORMAT, RECORD_VERSION = "ldm-ptq-evaluation", 1
 LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID"), ("precision", "Precision"),
@@ -33,8 +32,7 @@ LABELS = (("inception_score", "Inception Score"), ("fid", "FID"), ("sfid", "sFID
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ref_batch", help="reference batch .npz (arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)")
     p.add_argument("sample_batch", help="sample batch .npz (arr_0 uint8 NHWC, e.g. from the pipeline's step 7)")
     p.add_argument("--json", default=None, help="also write the result record here (atomically)")
@@ -51,16 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (CUDA when present), cpu, cuda, cuda:1, ...; for inception, cpu hides the GPUs from "
                         "TensorFlow and anything else lets TF place the graph")
     return p.parse_args(argv)
-
-
-def write_json_atomic(record: dict, path: Path) -> None:
-    """Temporary file beside ``path``, then os.replace: a reader never sees a half-written record."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_json_target(path: str | None) -> Path | None:
@@ -95,12 +83,7 @@ def cached_activations(network, batch, batch_size: int | None, cache_dir: Path, 
             return {k: f[k] for k in f.files}
     acts = compute_activations(network, batch, batch_size, desc=f"reference ({kind})")
     ensure_writable_dir(cache_dir)
-    tmp = cache_dir / f".activations_{key}.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **acts)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: np.savez(tmp, **acts), keep_suffix=True)
     return acts
 
 
@@ -180,7 +163,7 @@ def main(argv=None) -> dict:
                            "image_size": list(ref.image_size), "device": str(device)},
               "environment": _versions()}
     if json_path is not None:
-        write_json_atomic(record, json_path)
+        write_json_atomic(json_path, record)
         print(f"wrote {json_path}", file=sys.stderr)
     return record
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ldm.util import UserFacingError, instantiate_from_config, load_config, save_atomic
+from ldm.fileio import save_atomic, write_atomic
+from ldm.util import UserFacingError, instantiate_from_config, load_config
 
 REPO = Path(__file__).resolve().parent
 
@@ -46,9 +47,7 @@ def export_model(model: torch.nn.Module, config, out_path: Path, global_step: in
     save_atomic({"state_dict": {k: v.detach().cpu().contiguous() for k, v in sd.items()},
                  "global_step": int(global_step)}, out_path)
     cfg_path = out_path.with_name("config.yaml")
-    tmp = cfg_path.with_name(".config.yaml.tmp")
-    OmegaConf.save(OmegaConf.create({"model": cfg}), tmp)
-    tmp.replace(cfg_path)
+    write_atomic(cfg_path, lambda tmp: OmegaConf.save(OmegaConf.create({"model": cfg}), tmp))
     print(f"exported {out_path} ({sum(v.numel() for v in sd.values()) / 1e6:.2f} M values) and {cfg_path}")
 
 

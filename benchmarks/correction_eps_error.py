@@ -10,7 +10,7 @@ artifacts come from the pipeline (steps 1-5) in outputs/<preset>/scale{s}_eta{η
 """
 from __future__ import annotations
 
-import argparse
+
 import json
 import platform
 import sys
@@ -20,50 +20,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from correction.variants import build_variant  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSchedule, cfg_eps, randn_sampler, sample_ddim  # noqa: E402
-from ldm.sample import class_conditioning, latent_shape  # noqa: E402
-from quant_scripts.common import apply_preset, load_ldm, model_meta, run_dir  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.sampler_spec import SamplerSpec  # noqa: E402
+from pipeline.sampling import build_variant  # noqa: E402
 
 VARIANTS = ("none", "ptqd", "sd2-tensor", "dd2-tensor", "sd2-channel", "dd2-channel")
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default=None)
-    p.add_argument("--config", default=None)
-    p.add_argument("--ckpt", default=None)
-    p.add_argument("--trust_checkpoint", action="store_true")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--scale", type=float, default=None)
-    p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--w_bits", type=int, default=4)
-    p.add_argument("--a_bits", type=int, default=8)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_model_args(p, "fashion")
+    cli.add_sampling_args(p)
+    cli.add_bits_args(p, 4, 8)
     p.add_argument("--n", type=int, default=200, help="trajectories (class-balanced)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--outdir", default="outputs")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    apply_preset(args, "fashion")
+    cli.apply_preset(args, "fashion")
+    cli.check_sampling_args(args)
     device = torch.device("cpu")
-    _, model = load_ldm(args, device)
-    expect = model_meta(args)
-    rdir = run_dir(args)
-    variants = {v: build_variant(v, model, rdir, w_bits=args.w_bits, a_bits=args.a_bits, expect=expect)
-                for v in VARIANTS}
+    expect = cli.model_meta(args)
+    family, model = cli.load_model(args, device)
+    layout, tag = cli.layout(args), cli.quant_tag(args)
+    variants = {v: build_variant(SamplerSpec.parse(v), family, model, layout, tag, expect) for v in VARIANTS}
     schedule = DDIMSchedule.make(model.alphas_cumprod, args.steps, args.eta)
-    n_classes = model.cond_stage_model.n_classes - 1
-    labels = [i % n_classes for i in range(args.n)]
+    conditions = family.conditions(model, 1)
+    labels = [conditions[i % len(conditions)] for i in range(args.n)]
+    conditioner = family.conditioner(model, args.scale)
     sq = {v: 0.0 for v in VARIANTS}
     count = 0
-    fp_fn, q_fn = model.apply_model, variants["none"].model_fn  # FP and quantized UNet, same conditioning routing
+    fp_fn, q_fn = family.model_fn(model), variants["none"].model_fn  # FP and quantized UNet, same conditioning routing
     with torch.no_grad():
         for start in range(0, args.n, args.batch_size):
             y = labels[start:start + args.batch_size]
-            c, uc = class_conditioning(model, y, args.scale)
+            c, uc = conditioner(y)
             g = torch.Generator().manual_seed(args.seed + start)
-            x_T = torch.randn((len(y), *latent_shape(model)), generator=g)
+            x_T = torch.randn((len(y), *family.latent_shape(model)), generator=g)
             corrections = {v: variants[v].correction_for(torch.Generator().manual_seed(args.seed + start + 1))
                            for v in VARIANTS}
 

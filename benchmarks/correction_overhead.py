@@ -4,7 +4,7 @@
     python benchmarks/correction_overhead.py --n 80 --repeats 5 --json out.json
 
 D²-DPM claims its correction costs next to nothing at sampling time (a few elementwise operations per step, no
-extra UNet call). Every variant of ``correction.variants`` (fp32 included, for scale) samples the same N latents
+extra UNet call). Every sampler of ``pipeline.sampler_spec`` (fp32 included, for scale) samples the same N latents
 from the same seed in the same run; repeats go round-robin over the variants so a machine whose load changes
 during the run affects them alike. Reported: the median time, its ratio to the uncorrected quantized model
 ("none"), the time per DDIM step, and the time spent inside the correction itself (per call -- one call per step
@@ -26,22 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from correction.variants import VARIANTS, build_variant, check_present  # noqa: E402
-from ldm.sample import sample_latents  # noqa: E402
-from quant_scripts.common import (add_model_args, add_sampling_args, apply_preset, check_sampling_args,  # noqa
-                                  load_ldm, model_meta, pick_device, run_cli, run_dir)
+from pipeline import cli  # noqa: E402
+from pipeline.generate import sample_latents  # noqa: E402
+from pipeline.sampler_spec import LISTED, SamplerSpec  # noqa: E402
+from pipeline.sampling import build_variant, check_present  # noqa: E402
 
 PRESET = "fashion"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p, PRESET)
-    add_sampling_args(p)
-    p.add_argument("--w_bits", type=int, default=4, choices=(4, 8))
-    p.add_argument("--a_bits", type=int, default=8, choices=(6, 8))
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_model_args(p, PRESET)
+    cli.add_sampling_args(p)
+    cli.add_bits_args(p, 4, 8)
+    p.add_argument("--variants", nargs="+", default=list(LISTED), help=cli.sampler_help("all listed"))
     p.add_argument("--n", type=int, default=40, help="samples per timed run (class-balanced labels)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -77,23 +75,21 @@ def machine_info(device: torch.device) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    apply_preset(args, PRESET)
-    check_sampling_args(args)
+    cli.apply_preset(args, PRESET)
+    settings = cli.check_sampling_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rdir = run_dir(args)
+    layout, tag = cli.layout(args), cli.quant_tag(args)
     names = list(dict.fromkeys(["none"] + args.variants))  # the reference row first
-    check_present(names, rdir, args.w_bits, args.a_bits)
-    device = pick_device(args.device)
-    _, model = load_ldm(args, device)
-    expect = model_meta(args)
-    variants = {n: build_variant(n, model, rdir, w_bits=args.w_bits, a_bits=args.a_bits, expect=expect)
-                for n in names}
-    labels = None
-    if model.is_conditional:
-        k = model.cond_stage_model.n_classes - 1
-        labels = [i % k for i in range(args.n)]
-    scale = args.scale if labels is not None else 1.0
+    specs = {n: SamplerSpec.parse(n) for n in names}
+    check_present(specs.values(), layout, tag)
+    expect = cli.model_meta(args)
+    device = cli.pick_device(args.device)
+    family, model = cli.load_model(args, device)
+    variants = {n: build_variant(s, family, model, layout, tag, expect) for n, s in specs.items()}
+    conditions = family.conditions(model, 1)
+    labels = None if conditions is None else [conditions[i % len(conditions)] for i in range(args.n)]
+    scale = family.guidance_scale(settings.scale)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     inside = {n: [0.0, 0] for n in names}  # seconds inside the correction, calls (timed runs only)
@@ -104,10 +100,10 @@ def main(argv=None) -> None:
         corr = corr if corr is None else TimedCorrection(corr)
         sync()
         t0 = time.perf_counter()
-        with model.ema_scope():
-            sample_latents(model, labels, n=args.n, steps=args.steps, eta=args.eta, scale=scale,
-                           batch_size=args.batch_size, generator=torch.Generator(device).manual_seed(args.seed),
-                           model_fn=v.model_fn, correction=corr, progress=False)
+        with family.ema_scope(model):
+            sample_latents(family, model, labels, settings=settings, n=args.n, batch_size=args.batch_size,
+                           generator=torch.Generator(device).manual_seed(args.seed), model_fn=v.model_fn,
+                           correction=corr, progress=False)
         sync()
         if corr is not None and timed:
             inside[name][0] += corr.seconds
@@ -148,4 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)

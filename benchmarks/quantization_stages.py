@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     n = args.n or (1024 if args.model == "fashion" else 64)
     unet, data, collect_s = (fashion_setup if args.model == "fashion" else cin256_setup)(device, n)
-    from quant_scripts.common import load_preset
+    from pipeline.cli import load_preset
     preset = load_preset(args.model)
     full_iters = (preset["weight_iters"], preset["act_iters"])  # what the preset's steps 2-3 run
 

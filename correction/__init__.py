@@ -7,7 +7,9 @@
   and its plot (the paper's Fig. 2).
 * ``d2`` -- S-D² and D-D² as ``StepCorrection`` objects (Eqs. 11-18, Algorithm 1).
 * ``ptqd`` -- PTQD's correlated-noise correction, bias correction and variance schedule calibration.
-* ``samplers`` -- the four seed sampler names as thin constructors over ``DDIMSampler``.
+* ``qncd`` -- QNCD's runtime noise estimation (a probe) as a ``StepCorrection``.
+* ``samplers`` -- the seed's sampler names as thin constructors over ``DDIMSampler`` (import them from here).
 
-ldm/ knows nothing of this package (``ldm.models.diffusion.ddim`` re-exports the four names lazily).
+Imports ldm/ only: a correction sees ``(x, t, c) -> ε`` functions and DDIM steps, never a quantized model, and ldm/
+knows nothing of this package.
 """

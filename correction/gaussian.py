@@ -204,9 +204,9 @@ def _draw_panel(draw, font, x0: int, title: str, series: list, key: str) -> None
 def plot_fit(path: str | os.PathLike, fits: Sequence[GaussianFit], title: str | None = None) -> Path:
     """PNG of μ_Δ, σ_Δ and ρ against t (D²-DPM Fig. 2): one line for a tensor-wise fit (black), one per channel
     for a channel-wise fit. Pass both to compare them. Written atomically."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-    from evaluation.images import save_png
+    from ldm.fileio import write_atomic
 
     if not fits:
         raise ValueError("nothing to plot: pass at least one fit")
@@ -236,4 +236,6 @@ def plot_fit(path: str | os.PathLike, fits: Sequence[GaussianFit], title: str | 
         x, y = _ML + (j % 6) * 180, head + _PH + 4 + 18 * (j // 6)
         draw.line((x, y + 6, x + 24, y + 6), fill=color, width=3)
         draw.text((x + 30, y), label, fill="black", font=font)
-    return save_png(np.asarray(img), path, text={"content": "D2-DPM noise statistics: mu_D, sigma_D, rho vs t"})
+    info = PngImagePlugin.PngInfo()
+    info.add_text("content", "D2-DPM noise statistics: mu_D, sigma_D, rho vs t")
+    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))

@@ -31,22 +31,19 @@ exact denoiser explains a drift of the trajectory's mean as noise, so a drift ac
 measure the bias best (on the exact denoiser of N(0, 10²) data with a planted bias b, 20 DDIM steps: μ_q ≈ 0 at
 i = 6, ≈ 0.87 b at i = 16).
 
-The probe calls the model, so it must know the conditioning of the batch being sampled: ``bind(model_fn, cond,
-uncond, scale)`` before each ``sample`` call, or sample with ``QNCDDDIMSampler``/``QNCDPLMSSampler``, which bind it
-from their own ``sample`` arguments. The DDIM/PLMS loops are unchanged.
+The probe calls the model with the conditioning and guidance of the batch being sampled: every loop (DDIM, PLMS)
+hands it its own guided ε through ``begin(eps_fn, batch_size)`` before the first step (the loops' one correction
+hook), so any sampler built with ``correction=probe`` works; nothing else binds it.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import torch
 
 from correction.gaussian import Granularity
 from correction.statistics import CorrectionError
-from ldm.models.diffusion.ddim import (DDIMSampler, DDIMStep, ModelFn, StepCorrection, _batch_len, cfg_eps,
-                                       ddim_step)
-from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.ddim import DDIMStep, EpsFn, StepCorrection, ddim_step
 
 DEFAULT_INTERVAL = 10  # the code's --reverse_interval
 
@@ -100,23 +97,15 @@ class QNCDProbe:
         self.granularity = Granularity(granularity)
         self.base = base
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self._eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self._eps_fn: EpsFn | None = None
         self._batch: int | None = None
         self.reset()
 
-    # -- binding to the batch being sampled -------------------------------------------------------------------
+    # -- the loops' hook ----------------------------------------------------------------------------------------
 
-    def bind(self, model_fn: ModelFn, cond: Any = None, uncond: Any = None, scale: float = 1.) -> "QNCDProbe":
-        """Query ``model_fn`` (the quantized UNet's ``(x, t, cond) -> ε``) with this batch's conditioning and
-        guidance, exactly as the sampler does (``cfg_eps``). Call before every ``sample``; also resets μ_q."""
-        self._eps_fn = lambda x, t: cfg_eps(model_fn, x, t, cond, uncond, scale)  # noqa: E731
-        self._batch = None if cond is None else _batch_len(cond)
-        self.reset()
-        return self
-
-    def bind_eps_fn(self, eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    batch_size: int | None = None) -> "QNCDProbe":
-        """Query an already guided ``eps_fn(x, t) -> ε`` instead (e.g. a sampler's own)."""
+    def begin(self, eps_fn: EpsFn, batch_size: int | None = None) -> "QNCDProbe":
+        """Query ``eps_fn(x, t) -> ε``, the sampling loop's own guided ε (the loops call this before their first
+        step; call it yourself to use ``estimate`` alone). Also resets μ_q."""
         self._eps_fn, self._batch = eps_fn, batch_size
         self.reset()
         return self
@@ -171,11 +160,11 @@ class QNCDProbe:
         probe's generator (its only side effect)."""
         sigma_sched = sigma if sigma_sched is None else sigma_sched
         if self._eps_fn is None:
-            raise CorrectionError("the QNCD probe is not bound to a model: call probe.bind(model_fn, cond, uncond, "
-                                  "scale) before each sample(), or sample with QNCDDDIMSampler / QNCDPLMSSampler")
+            raise CorrectionError("the QNCD probe has no model to query: sample with it as a sampler's correction "
+                                  "(the loop calls probe.begin), or call probe.begin(eps_fn) first")
         if self._batch is not None and self._batch != x.shape[0]:
             raise CorrectionError(f"the QNCD probe is bound to a batch of {self._batch}, the sampler runs "
-                                  f"{x.shape[0]}; bind it to this batch's conditioning")
+                                  f"{x.shape[0]}; begin it with this batch's eps_fn")
         alpha_t, alpha_prev = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (step.alpha, step.alpha_prev))
         z1 = self._randn(x) if bool((sigma != 0).any()) else None
         x_next, _ = ddim_step(x, eps, alpha_t, alpha_prev, sigma, z1)                 # A
@@ -192,35 +181,3 @@ class QNCDProbe:
         base = f", base={self.base!r}" if self.base is not None else ""
         return f"QNCDProbe({when}, {self.granularity.value}-wise{base})"
 
-
-# ---- samplers that bind the probe themselves ------------------------------------------------------------------
-
-_SAMPLE_SIGNATURE = inspect.signature(DDIMSampler.sample)
-
-
-class _BindsProbe:
-    """``sample`` binds the probe to this call's model, conditioning and guidance (and checks a base's fit)."""
-
-    def __init__(self, model, probe: QNCDProbe, model_fn: ModelFn | None = None, schedule: str = "linear"):
-        if not isinstance(probe, QNCDProbe):
-            raise TypeError(f"expected a QNCDProbe, got {type(probe).__name__}")
-        super().__init__(model, schedule=schedule, model_fn=model_fn, correction=probe)
-
-    def sample(self, *args, **kwargs):
-        a = _SAMPLE_SIGNATURE.bind(self, *args, **kwargs)
-        a.apply_defaults()
-        a = a.arguments
-        if a["score_corrector"] is not None:
-            raise ValueError("the QNCD probe cannot reproduce a score_corrector's ε; sample without one")
-        uncond, scale = a["unconditional_conditioning"], a["unconditional_guidance_scale"]
-        self.correction.check_config(steps=a["S"], eta=a["eta"], scale=scale if uncond is not None else 1.)
-        self.correction.bind(self.model_fn, a["conditioning"], uncond, scale)
-        return super().sample(*args, **kwargs)
-
-
-class QNCDDDIMSampler(_BindsProbe, DDIMSampler):
-    """``DDIMSampler`` with a ``QNCDProbe`` as its correction, bound per ``sample`` call (η 0 or 1)."""
-
-
-class QNCDPLMSSampler(_BindsProbe, PLMSSampler):
-    """``PLMSSampler`` with a ``QNCDProbe`` as its correction (QNCD's original setting: Stable Diffusion's PLMS)."""

@@ -10,8 +10,9 @@ interface) with the matching correction.
 
 The originals took ``(model, num_bit, correct=False, schedule="linear")`` and loaded their statistics from paths
 hard-coded for one setting. Here the fit is an argument (a ``GaussianFit``/``PTQDFit`` or its ``to_dict()``),
-``correct`` defaults to True (``correct=False`` gives the uncorrected sampler, as before), ``num_bit`` is accepted for
-call compatibility (the bits belong to the statistics, whose artifact metadata records them), and ``model_fn``
+``correct`` defaults to True (``correct=False`` gives the uncorrected sampler, as before), ``num_bit`` and ``schedule``
+are accepted for call compatibility and unused (the bits belong to the statistics, whose artifact metadata records
+them; the schedule is the model's), and ``model_fn``
 plugs in the quantized UNet. ``sample`` checks S, η and the guidance scale against the fit before sampling.
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSchedule, DDIMStep, ModelFn, cfg_eps, randn_sampler, sample_ddim
-from ldm.sample import class_conditioning, latent_shape, null_class
+from ldm.sample import Conditioner, class_conditioner, latent_shape
 from ldm.util import UserFacingError
 
 # Positions in the observation vector v = (ε̂, Δ, ε_fp).
@@ -395,7 +395,7 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
                              *, n: int | None = None, uncond_label: int | None = None, batch_size: int = 16,
                              seed: int = 0, fp_model_fn: ModelFn | None = None,
                              on_batch: Callable[[NoiseStatistics, int], None] | None = None,
-                             progress: bool = True) -> NoiseStatistics:
+                             progress: bool = True, conditioner: Conditioner | None = None) -> NoiseStatistics:
     """Stream (ε̂, ε_fp) of every DDIM step into ``stats`` (D²-DPM Algorithm 1 lines 1-8; the original's
     ``DDIMSampler_collectQuantError``): both models run on the same x_t, each with classifier-free guidance at the
     statistics' scale, and x_t advances with the FP ε, so the statistics follow FP trajectories.
@@ -403,7 +403,8 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     One trajectory per entry of ``labels`` (class-conditional, guided against ``uncond_label``, by default the null
     class), or ``n`` unconditional ones when ``labels`` is None. Batch k draws x_T and its noise from its own
     generator, seeded by (``seed``, first sample index), so a run resumes exactly: ``stats`` restored from a state
-    saved by ``on_batch(stats, samples_done)`` continues at the next batch (same ``batch_size``)."""
+    saved by ``on_batch(stats, samples_done)`` continues at the next batch (same ``batch_size``). ``conditioner``
+    turns a batch of ``labels`` into (c, uc) (default: class conditioning against ``uncond_label``)."""
     cfg = stats.sampling
     schedule = DDIMSchedule.make(model.alphas_cumprod, cfg.steps, cfg.eta)
     if tuple(schedule.timesteps.tolist()) != cfg.timesteps:
@@ -423,8 +424,8 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     fp_model_fn = fp_model_fn or model.apply_model
     device = model.betas.device
     scale = cfg.scale
-    if conditional and uncond_label is None and scale != 1.0:
-        uncond_label = null_class(model)
+    if conditional and conditioner is None:
+        conditioner = class_conditioner(model, scale, uncond_label)
 
     for start in range(done, total, batch_size):
         stop = min(start + batch_size, total)
@@ -432,7 +433,7 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
         batch_seed = int(np.random.SeedSequence([seed, start]).generate_state(1)[0])
         g = torch.Generator(device=device).manual_seed(batch_seed)
         x_T = torch.randn(size, generator=g, device=device)
-        c, uc = class_conditioning(model, labels[start:stop], scale, uncond_label) if conditional else (None, None)
+        c, uc = conditioner(labels[start:stop]) if conditional else (None, None)
 
         def eps_fn(x, t, step, c=c, uc=uc):
             e_fp = cfg_eps(fp_model_fn, x, t, c, uc, scale)

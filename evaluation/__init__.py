@@ -1,1 +1,2 @@
-"""Evaluation side of the pipeline: pixel conversion and image I/O now; features, statistics and metrics later."""
+"""Evaluation side: features -> statistics -> metrics, image conversion and I/O, step 7's sample plan and files, the
+demo report. Imports ldm/ only."""

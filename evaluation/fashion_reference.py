@@ -9,8 +9,6 @@ features over the same images; ``feature_network``: which classifier produced th
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ import numpy as np
 from evaluation.fashion_classifier import DEFAULT_DIR, compute_features, load_fashion_classifier
 from evaluation.statistics import FIDStatistics
 from ldm.data.fashion import load_fashion_mnist, pad_to_32
+from ldm.fileio import file_sha256, write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "models" / "eval" / "fashion_test_reference.npz"
@@ -28,12 +27,6 @@ def fashion_uint8(images_28: np.ndarray) -> np.ndarray:
     return np.repeat(pad_to_32(images_28)[..., None], 3, axis=3)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_reference(out: Path, classifier_dir: Path = DEFAULT_DIR, data_dir: str | None = None) -> dict:
@@ -44,13 +37,7 @@ def build_reference(out: Path, classifier_dir: Path = DEFAULT_DIR, data_dir: str
     payload = {"arr_0": arr, "arr_1": labels, "mu": pool.mu, "sigma": pool.sigma, "mu_s": spatial.mu,
                "sigma_s": spatial.sigma,
                "feature_network": np.array(f"fashion-classifier sha256:{file_sha256(classifier_dir / 'model.ckpt')}")}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{os.getpid()}.npz")
-    try:
-        np.savez_compressed(tmp, **payload)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, lambda tmp: np.savez_compressed(tmp, **payload), keep_suffix=True)
     return {"n": len(arr), "accuracy": float((feats["logits"].argmax(1) == labels).mean())}
 
 

@@ -15,7 +15,6 @@ batch whose image size or stored statistics do not fit the network, before any c
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.npz_io import ImageBatch
+from ldm.fileio import file_sha256
 from ldm.util import UserFacingError
 
 INCEPTION_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
@@ -52,14 +52,6 @@ class FeatureNetwork(Protocol):
         """uint8 [B, H, W, 3] on 0..255 -> pool [B, pool_dim], spatial [B, spatial_dim], softmax [B, K] (float32)."""
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file (the same digest as evaluation/fashion_reference.py's, without importing Lightning
-    on the error paths of the CLI)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

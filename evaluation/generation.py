@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from ldm.fileio import remove_stale_temporaries, write_atomic, write_text_atomic
 from ldm.util import UserFacingError
 
 MANIFEST = "manifest.json"
@@ -123,26 +124,12 @@ def assign(pending: list[int], rank: int, world: int) -> list[int]:
 
 # ---- the sample directory: manifest and shards -------------------------------------------------------------------
 
-def sample_dir(run_dir: str | os.PathLike, tag: str, sampler: str, n: int, seed: int) -> Path:
-    """run_dir/<w{b}a{b} | fp32>/samples_<sampler>_n{N}_seed{S}."""
-    return Path(run_dir) / tag / f"samples_{sampler}_n{n}_seed{seed}"
-
-
 def shard_path(directory: str | os.PathLike, index: int) -> Path:
     return Path(directory) / SHARDS / f"batch_{index:06d}.npz"
 
 
 def _normalise(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -175,10 +162,9 @@ def prepare_dir(directory: str | os.PathLike, settings: dict[str, Any], *, force
                                   f"unknown; add --force to discard them")
         _discard(directory)
     shards.mkdir(parents=True, exist_ok=True)
-    for stale in shards.glob(".*.tmp*"):   # an interrupted write; its batch is still pending
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(shards)   # an interrupted write; its batch is still pending
     if not manifest.exists():
-        _write_text_atomic(manifest, json.dumps(want, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(manifest, json.dumps(want, indent=1, sort_keys=True) + "\n")
 
 
 def _discard(directory: Path) -> None:
@@ -210,14 +196,10 @@ def write_shard(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray 
         raise ValueError(f"shard images must be uint8 [{len(indices)}, H, W, 3], got {images.dtype} "
                          f"{tuple(images.shape)}")
     labels = np.full(len(indices), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, labels=labels, indices=np.asarray(indices, dtype=np.int64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, write)
 
 
 def read_shard(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -274,40 +256,12 @@ def merge_shards(directory: str | os.PathLike, plan: Plan, out: str | os.PathLik
     first = _checked_shard(directory, plan, 0, None)
     hw = first.shape[1:3]
     chunks = (first if b == 0 else _checked_shard(directory, plan, b, hw) for b in range(plan.num_batches))
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             _write_npy_member(zf, "arr_0", (plan.n, *hw, 3), np.dtype(np.uint8), chunks)
             if plan.labels is not None:
                 _write_npy_member(zf, "arr_1", (plan.n,), np.dtype(np.int64), [plan.labels])
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-# ---- one batch ----------------------------------------------------------------------------------------------------
-
-def sample_batch(model, batch: Batch, *, steps: int, eta: float, scale: float, model_fn=None,
-                 correction_for: Callable[[torch.Generator], Any] | None = None,
-                 decode_batch_size: int | None = None) -> np.ndarray:
-    """DDIM latents for ``batch`` (guided against the null class when labelled), decoded and converted to uint8
-    [B, H, W, 3] once (``to_uint8``). x_T and the DDIM noise come from ``batch.seed``; the correction (built by
-    ``correction_for(generator)``, e.g. ``Variant.correction_for``) gets its own generator from
-    ``batch.correction_seed``. Generators live on the model's device, so CPU and CUDA runs differ."""
-    from evaluation.images import to_uint8
-    from ldm.sample import decode_latents, sample_latents
-
-    device = model.betas.device
-    generator = torch.Generator(device=device).manual_seed(batch.seed)
-    correction = None
-    if correction_for is not None:
-        correction = correction_for(torch.Generator(device=device).manual_seed(batch.correction_seed))
-    labels = None if batch.labels is None else batch.labels.tolist()
-    z = sample_latents(model, labels, n=len(batch), steps=steps, eta=eta, scale=scale if labels else 1.0,
-                       batch_size=len(batch), generator=generator, model_fn=model_fn, correction=correction,
-                       progress=False)
-    return to_uint8(decode_latents(model, z, batch_size=decode_batch_size or len(batch)))
+    return write_atomic(out, write)
 
 
 # ---- torch.distributed --------------------------------------------------------------------------------------------
@@ -380,7 +334,7 @@ def init_distributed(device: torch.device) -> DistContext:
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-__all__ = ["GenerationError", "balanced_labels", "batch_seeds", "Batch", "Plan", "assign", "sample_dir",
+__all__ = ["GenerationError", "balanced_labels", "batch_seeds", "Batch", "Plan", "assign",
            "shard_path", "prepare_dir", "pending_batches", "write_shard", "read_shard", "merge_shards",
-           "sample_batch", "env_rank", "rank_device", "PeerFailed", "DistContext", "init_distributed",
+           "env_rank", "rank_device", "PeerFailed", "DistContext", "init_distributed",
            "MANIFEST", "SHARDS", "SAMPLES"]

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ldm.fileio import write_atomic
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """Images [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (C = 3; a 1-channel image is repeated to RGB)."""
@@ -44,10 +46,16 @@ def save_png(image: np.ndarray, path: str | os.PathLike, text: dict[str, str] | 
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+
+
+def labelled_rows(grid: np.ndarray, names: list[str], row_height: int, padding: int = 2) -> np.ndarray:
+    """Prefix a grid with a white column naming each row."""
+    from PIL import ImageDraw, ImageFont
+    width = 8 + 7 * max(len(n) for n in names)
+    img = Image.new("RGB", (width + grid.shape[1], grid.shape[0]), "white")
+    img.paste(Image.fromarray(grid), (width, 0))
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for r, name in enumerate(names):
+        draw.text((4, padding + r * (row_height + padding) + row_height // 2 - 6), name, fill="black", font=font)
+    return np.asarray(img)

@@ -6,7 +6,6 @@ Pillow, so no plotting dependency is needed).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
+
+from ldm.fileio import write_atomic, write_json_atomic, write_text_atomic
 
 METRICS = (("inception_score", "IS", "{:.2f}"), ("fid", "FID", "{:.2f}"), ("sfid", "sFID", "{:.2f}"),
            ("precision", "Prec.", "{:.3f}"), ("recall", "Rec.", "{:.3f}"),
@@ -81,17 +82,7 @@ def bar_chart(path: str | os.PathLike, labels: Sequence[str], means: Sequence[fl
         for x in (lo, hi):
             d.line([x, y + 4, x, y + bar_h - 4], fill="black", width=2)
         d.text((hi + 6, y + 5), f"{m:.2f}", fill="black", font=font)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[str, Any],
@@ -132,11 +123,77 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
     md += [f"| **total** | {sum(timings.values()):.1f} |", "", "## Pictures", ""]
     md += [f"**{caption}**\n\n![{caption}]({p})\n" for caption, p in images.items()]
     outdir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(outdir / "report.md", "\n".join(md) + "\n")
+    write_text_atomic(outdir / "report.md", "\n".join(md) + "\n")
     record = {"context": context, "sizes": sizes, "timings": timings, "sqnr": sqnr, "images": images,
               **({"extra": extra} if extra else {}),
               "rows": [{"setting": r.setting, "method": r.method, "sampler": r.sampler,
                         "per_seed": {str(s): rec["metrics"] for s, rec in sorted(r.records.items())},
                         "summary": {key: r.summary(key) for key, _, _ in METRICS}} for r in rows]}
-    _write_atomic(outdir / "report.json", json.dumps(record, indent=1) + "\n")
+    write_json_atomic(outdir / "report.json", record)
     return outdir / "report.md"
+
+
+# ---- QNCD smoothing sections (numbers measured by the caller) --------------------------------------------------
+
+def smoothing_effect_lines(effect: dict[str, dict], factors: dict, formula: str, n_held: int,
+                           a_bits: Sequence[int]) -> list[str]:
+    """The per-ResBlock table of ``quant.smoothing.smoothing_effect``: S range, second-conv input range before →
+    after a ↦ a/S, and the conv-output SQNR with only the input (A) or only the weights (W4) quantized; a mean row."""
+    acts = " | ".join(f"A{b} SQNR before → after" for b in a_bits)
+    lines = [f"S from the {formula} formula over the calibration timesteps; measured on the {n_held} held-out "
+             f"calibration inputs with the FP UNet. Range: max − min of the input of each ResBlock's second conv, "
+             f"before and after a ↦ a/S. SQNR (dB) of that conv's output with only its input (A) or only its "
+             f"weights (W4, W·S after) quantized, per-tensor, MSE-searched ranges.", "",
+             f"| ResBlock | S min…max | range before → after | ratio | {acts} | W4 SQNR before → after |",
+             "|---|---|---|---|" + "---|" * len(a_bits) + "---|"]
+    for name, e in effect.items():
+        s, (r0, r1) = factors[name], e["range"]
+        cells = " | ".join(f"{e['act_sqnr_db'][b][0]:.1f} → {e['act_sqnr_db'][b][1]:.1f}" for b in a_bits)
+        lines.append(f"| {name} | {s.min():.2f}…{s.max():.2f} | {r0:.2f} → {r1:.2f} | {r1 / r0:.2f} | {cells} | "
+                     f"{e['weight_sqnr_db'][0]:.1f} → {e['weight_sqnr_db'][1]:.1f} |")
+    n = len(effect)
+    mean = {b: [sum(e["act_sqnr_db"][b][i] for e in effect.values()) / n for i in (0, 1)] for b in a_bits}
+    w_mean = [sum(e["weight_sqnr_db"][i] for e in effect.values()) / n for i in (0, 1)]
+    ratio = sum(e["range"][1] / e["range"][0] for e in effect.values()) / n
+    lines.append(f"| **mean of {n}** | | | {ratio:.2f} | "
+                 + " | ".join(f"{mean[b][0]:.1f} → {mean[b][1]:.1f}" for b in a_bits)
+                 + f" | {w_mean[0]:.1f} → {w_mean[1]:.1f} |")
+    return lines
+
+
+def sqnr_without_with_lines(plain: str, both: Sequence[tuple[str, float, float]]) -> list[str]:
+    """ε SQNR of each model without and with smoothing: (name, without, with) in dB."""
+    return [f"Held-out inputs as above; without = the same mode's unsmoothed run ({plain}).", "",
+            "| model | without (dB) | with (dB) | Δ (dB) |", "|---|---|---|---|",
+            *[f"| {n} | {x:.2f} | {y:.2f} | {y - x:+.2f} |" for n, x, y in both]]
+
+
+def quality_without_with_lines(seeds: Sequence[int], n: int,
+                               quality: Sequence[tuple[Row, tuple[float, float]]]) -> list[str]:
+    """FID and accuracy of each row with smoothing against (FID, accuracy) without, both means over the seeds."""
+    return [f"Means over seeds {list(seeds)}, {n} samples each; the same seeds, x_T and noise.", "",
+            "| setting | method | FID without | FID with | Acc. without | Acc. with |", "|---|---|---|---|---|---|",
+            *[f"| {r.setting} | {r.method} | {f0:.3f} | {r.summary('fid')[0]:.3f} | {a0:.3f} | "
+              f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
+
+
+def update_readme(report: Path, readme: Path, tag: str = "demo-results") -> bool:
+    """Copy the report's conditions, tables and total time between the README's ``<!-- {tag}:start/end -->``
+    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`)."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        return False
+    md = report.read_text()
+    body = md[md.index("Conditions:"):md.index("## Wall time")]
+    # the report's sections become subsections of the README section holding the markers
+    depth = "####" if tag == "demo-qncd-results" else "###"
+    body = body.replace("## ", f"{depth} ").replace("![FID by method](fid_by_method.png)\n", "")
+    total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
+    if total:
+        seconds = float(total.split("|")[2])
+        body += f"Sum of the stage wall times: {seconds / 60:.1f} min (each stage in {report}).\n"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(readme, f"{head}{start}\n{body.strip()}\n{end}{tail}")
+    return True

@@ -5,12 +5,16 @@ Used by the pipeline scripts (FP32 grids, and later quantized and corrected samp
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, StepCorrection
+
+# a batch of conditions (class ids here; prompts for a text model) -> (c, uc): the conditioning and, for
+# classifier-free guidance, the unconditional one (None without guidance)
+Conditioner = Callable[[Sequence[Any]], tuple[Any, Any]]
 
 
 def null_class(model) -> int:
@@ -36,30 +40,39 @@ def class_conditioning(model, labels: Sequence[int], scale: float, uncond_label:
     return c, model.get_learned_conditioning({key: torch.full_like(y, uc_label)})
 
 
-def sample_latents(model, labels: Sequence[int] | None, *, n: int | None = None, steps: int, eta: float,
+def class_conditioner(model, scale: float, uncond_label: int | None = None) -> Conditioner:
+    """The ``Conditioner`` of a class-conditional LDM (``class_conditioning`` with these settings)."""
+    if not getattr(model, "is_conditional", False):
+        raise ValueError("class labels given, but the model is unconditional")
+    return lambda labels: class_conditioning(model, labels, scale, uncond_label)
+
+
+def sample_latents(model, labels: Sequence[Any] | None, *, n: int | None = None, steps: int, eta: float,
                    scale: float, uncond_label: int | None = None, batch_size: int = 16,
                    generator: torch.Generator | None = None, model_fn: ModelFn | None = None,
-                   correction: StepCorrection | None = None, progress: bool = True) -> torch.Tensor:
+                   correction: StepCorrection | None = None, progress: bool = True,
+                   conditioner: Conditioner | None = None, shape: tuple[int, ...] | None = None,
+                   sampler_cls: type[DDIMSampler] = DDIMSampler) -> torch.Tensor:
     """DDIM latents [N, C, H, W]: one per entry of ``labels`` (class-conditional, guided with ``scale`` against
-    ``uncond_label``), or ``n`` unconditional ones when ``labels`` is None. Batches of ``batch_size``;
-    x_T for all samples is drawn first, so it does not depend on the batching."""
+    ``uncond_label``; or any conditions ``conditioner`` turns into (c, uc)), or ``n`` unconditional ones when
+    ``labels`` is None. Batches of ``batch_size``; x_T for all samples is drawn first, so it does not depend on
+    the batching. ``shape`` defaults to the model's latent shape, ``sampler_cls`` to DDIM (PLMSSampler: PLMS)."""
     device = model.betas.device
     conditional = labels is not None
     total = len(labels) if conditional else n
     if not total:
         raise ValueError("nothing to sample: give labels or n > 0")
-    if conditional and not model.is_conditional:
-        raise ValueError("class labels given, but the model is unconditional")
-    if conditional and uncond_label is None and scale != 1.0:
-        uncond_label = null_class(model)
-    x_T = torch.randn((total, *latent_shape(model)), generator=generator, device=device)
-    sampler = DDIMSampler(model, model_fn=model_fn, correction=correction)
+    if conditional and conditioner is None:
+        conditioner = class_conditioner(model, scale, uncond_label)
+    shape = tuple(shape or latent_shape(model))
+    x_T = torch.randn((total, *shape), generator=generator, device=device)
+    sampler = sampler_cls(model, model_fn=model_fn, correction=correction)
     out = []
     for start in tqdm(range(0, total, batch_size), desc="sampling", disable=not progress):
         stop = min(start + batch_size, total)
         b = stop - start
-        c, uc = class_conditioning(model, labels[start:stop], scale, uncond_label) if conditional else (None, None)
-        samples, _ = sampler.sample(S=steps, batch_size=b, shape=latent_shape(model), conditioning=c, eta=eta,
+        c, uc = conditioner(labels[start:stop]) if conditional else (None, None)
+        samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
                                     x_T=x_T[start:stop], unconditional_guidance_scale=scale,
                                     unconditional_conditioning=uc, generator=generator, verbose=False)
         out.append(samples)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from ldm.fileio import save_atomic  # noqa: F401  (re-exported: the one atomic torch.save)
 from omegaconf import OmegaConf
 
 # Where users get the released checkpoints (CompVis/latent-diffusion README). Keyed by models/ldm/<name>/.
@@ -218,18 +220,6 @@ def init_from_ckpt(module: torch.nn.Module, path: str | os.PathLike, ignore_keys
     if unexpected:
         print(f"Unexpected keys (first 5): {unexpected[:5]}")
     return missing, unexpected
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename: no half-written file on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSchedule
-from ldm.sample import sample_latents
+from ldm.models.diffusion.ddim import DDIMSchedule, ModelFn
+from ldm.sample import Conditioner, sample_latents
 
 
 class TimestepDistribution(enum.Enum):
@@ -46,7 +46,8 @@ def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistr
 @torch.no_grad()
 def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, steps: int, eta: float, scale: float,
                             distribution: TimestepDistribution, seed: int, n_unconditional: int | None = None,
-                            batch_size: int = 250, n_holdout: int = 0, progress: bool = True
+                            batch_size: int = 250, n_holdout: int = 0, progress: bool = True,
+                            model_fn: ModelFn | None = None, conditioner: Conditioner | None = None
                             ) -> dict[str, torch.Tensor]:
     """Sample FP trajectories (one per label, or ``n_unconditional``) and keep ``n`` UNet inputs.
 
@@ -54,8 +55,11 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     plus ``n_holdout`` more inputs drawn the same way under "holdout_x", "holdout_t", "holdout_c": never used for
     calibration, they measure the quantized model's error on inputs it was not fit to.
     With guidance each trajectory contributes two inputs per step, indexed branch · n_traj + trajectory
-    (unconditional branch first), so the subset does not depend on the batch size.
+    (unconditional branch first), so the subset does not depend on the batch size. ``model_fn`` is the FP
+    denoiser (default ``model.apply_model``), ``conditioner`` turns a batch of ``labels`` into (c, uc) (default:
+    class conditioning against the null class).
     """
+    model_fn = model_fn or model.apply_model
     schedule = DDIMSchedule.make(model.alphas_cumprod, steps, eta)
     t_to_step = {st.t: st.i for st in schedule.steps()}
     n_traj = len(labels) if labels is not None else n_unconditional
@@ -78,11 +82,11 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
                 sel = torch.as_tensor(np.flatnonzero(hit), device=x.device)
                 kept[i].append((canonical[hit], x[sel].cpu(), t[sel].cpu(), None if c is None else c[sel].cpu()))
         seen[i] += b
-        return model.apply_model(x, t, c)
+        return model_fn(x, t, c)
 
     generator = torch.Generator(device=model.betas.device).manual_seed(seed)
     sample_latents(model, labels, n=n_unconditional, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
-                   generator=generator, model_fn=recording_model_fn, progress=progress)
+                   generator=generator, model_fn=recording_model_fn, progress=progress, conditioner=conditioner)
     xs, ts, cs = [], [], []
     for i in sorted(kept):
         order = np.argsort(np.concatenate([r[0] for r in kept[i]]), kind="stable")

@@ -24,16 +24,20 @@ from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, qparams
 
 class QuantModel(nn.Module):
     def __init__(self, unet: nn.Module, w_bits: int = 4, a_bits: int | None = 8,
-                 policy: Callable[[str, nn.Module], Precision] = d2dpm_policy, channel_wise: bool = False,
-                 search: ScaleSearch = ScaleSearch.MSE, copy_model: bool = True, sm_abit: int | None = None,
-                 split_shortcut: bool = False):
-        """``sm_abit``: also quantize the attention matmuls' inputs (q, k, v at ``a_bits``, softmax output at
+                 policy: Callable[[str, nn.Module], Precision] = d2dpm_policy,
+                 granularity: PerTensor | PerChannel = PerTensor(), search: ScaleSearch = ScaleSearch.MSE,
+                 copy_model: bool = True, sm_abit: int | None = None, split_shortcut: bool = False):
+        """``policy`` (fqn, module) -> Precision decides which layers are quantized and at which bits.
+        ``granularity``: of the weight ranges (``PerTensor()``, D²-DPM; or ``PerChannel(0)``, per output channel).
+        ``sm_abit``: also quantize the attention matmuls' inputs (q, k, v at ``a_bits``, softmax output at
         ``sm_abit``; Q-Diffusion). ``split_shortcut``: quantized skip convs of the decoder ResBlocks get separate
-        ranges for the [h ; skip] halves of their concatenated input (Q-Diffusion's shortcut splitting)."""
+        ranges for the [h ; skip] halves of their concatenated input (Q-Diffusion's shortcut splitting).
+        ``quant.api.quantize`` builds one from a ``QuantConfig``."""
         super().__init__()
+        if not isinstance(granularity, (PerTensor, PerChannel)):
+            raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}")
         self.model = copy.deepcopy(unet) if copy_model else unet
-        self.w_bits, self.a_bits = w_bits, a_bits
-        granularity = PerChannel(0) if channel_wise else PerTensor()
+        self.w_bits, self.a_bits, self.granularity = w_bits, a_bits, granularity
 
         def schemes(precision: Precision) -> tuple[QScheme, QScheme | None]:
             wb, ab = (8, 8 if a_bits else None) if precision is Precision.EIGHT_BIT else (w_bits, a_bits)
@@ -197,9 +201,16 @@ class QuantModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def load_quant_state_dict_(self, state: dict[str, dict]) -> "QuantModel":
+    def load_quant_state_dict_(self, state: dict[str, dict], fresh_attention: bool = False) -> "QuantModel":
+        """Restore ``quant_state_dict()`` exactly; any layer or quantizer missing or extra is a ValueError.
+        ``fresh_attention``: ``state`` is of a model without attention quantizers (step 2's weights) and this one
+        adds them: they must all be missing from ``state`` and stay uncalibrated (``calibrate_activations_``)."""
         quantizers = dict(self.act_quantizers())
         layers = {**dict(self.quant_layers()), **quantizers}
+        if fresh_attention:
+            if set(quantizers) & set(state):
+                raise ValueError("fresh_attention: the state already holds attention quantizers")
+            layers = dict(self.quant_layers())
         if set(state) != set(layers):
             missing, extra = sorted(set(layers) - set(state)), sorted(set(state) - set(layers))
             raise ValueError(f"quantized state does not fit this model: missing {missing[:3]}, unexpected "

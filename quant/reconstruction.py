@@ -11,9 +11,10 @@ Layers kept at 8 bits by the policy (time_embed.0, the input and output conv) ar
 Each unit is trained to map inputs produced by the *quantized prefix* onto the *FP* outputs (AdaRound's asymmetric
 reconstruction; ``asym``):
     min_V  E ‖f_q(x̃; W_q(V)) − f(x; W)‖_p^p (+ λ Σ (1 − |2h(V) − 1|^β) in the weight phase)
-Two phases, two verbs:
-    reconstruct_weights_      AdaRound α (Adam lr 1e-3, λ 0.01, β 20→2 after 20 % warm-up, p = 2), then hard rounding
-    reconstruct_activations_  the activation steps Δ_a, LSQ-style (Adam lr 4e-4, cosine to 0, p = 2.4)
+One verb, ``reconstruct_(qm, data, phase, cfg)``, two phases (``Phase``; ``ReconConfig`` holds their settings):
+    Phase.WEIGHT      AdaRound α (Adam lr 1e-3, λ 0.01, β 20→2 after 20 % warm-up, p = 2), then hard rounding
+    Phase.ACTIVATION  the activation steps Δ_a, LSQ-style (Adam lr 4e-4, cosine to 0, p = 2.4;
+                      ``ReconConfig.activation_defaults``)
 
 Caches hold the unit inputs and FP outputs for the whole calibration set (float32, float16/bfloat16, or a disk memmap
 for full-size models). A ``checkpoint`` callback runs after every unit; with ``start_unit`` a killed run resumes at the

@@ -283,7 +283,8 @@ def _fake_quant(x: torch.Tensor, scheme: QScheme) -> torch.Tensor:
 
 @torch.no_grad()
 def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches: Iterable[tuple],
-                     a_bits: Iterable[int] = (8, 6), w_bits: int = 4, channel_wise: bool = False) -> dict[str, dict]:
+                     a_bits: Iterable[int] = (8, 6), w_bits: int = 4,
+                     granularity: PerTensor | PerChannel = PerTensor()) -> dict[str, dict]:
     """What smoothing does to each smoothed ResBlock's second conv, on the FP ``unet`` (unsmoothed) over ``batches``
     of (x_t, t, c): the numbers behind QNCD's claim (spec A.2), measured rather than assumed.
 
@@ -291,8 +292,8 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
     conv output y = conv(a; W) when only one side is quantized, per-tensor asymmetric with MSE-searched ranges over
     all of ``batches`` (as the activation quantizers are initialized):
       ``act_sqnr_db[bits]``: conv(q(a); W) before vs conv(q(a/S); W·S) after;
-      ``weight_sqnr_db``:    conv(a; q(W)) before vs conv(a/S; q(W·S)) after (``channel_wise``: one range per output
-                             channel, as ``--channel_wise``).
+      ``weight_sqnr_db``:    conv(a; q(W)) before vs conv(a/S; q(W·S)) after (``granularity``: PerChannel(0) gives one
+                             range per output channel, as ``--channel_wise``).
     A range ratio alone would mislead: dividing every channel by 2 halves the range but not the relative error, and
     S moves difficulty from a into W. Values are (before, after) pairs. Holds every block's conv inputs in memory:
     pass a few hundred small-latent inputs, not thousands at 64×64."""
@@ -305,7 +306,7 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
     forward_batches(unet, batches, [blocks[n].out_layers[3].register_forward_pre_hook(
         lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])
-    w_scheme = QScheme(w_bits, granularity=PerChannel(0) if channel_wise else PerTensor())
+    w_scheme = QScheme(w_bits, granularity=granularity)
     out = {}
     for name, s in factors.items():
         conv = blocks[name].out_layers[3]

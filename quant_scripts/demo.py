@@ -14,7 +14,6 @@ when a stage actually runs (demo_timings.json) and reported.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -24,41 +23,64 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from quant_scripts.common import REPO_ROOT, load_preset, run_cli  # noqa: E402
+from evaluation.report import (Row, quality_without_with_lines, smoothing_effect_lines,  # noqa: E402
+                               sqnr_without_with_lines, update_readme, write_report)
+from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
+from pipeline.artifacts import load_artifact  # noqa: E402
+from pipeline.cli import REPO_ROOT, ArgumentParser, load_preset, run_cli  # noqa: E402
+from pipeline.layout import FP32, QuantTag, RunLayout  # noqa: E402
 
 PRESET = "fashion"
 SEEDS = (0, 1)
 REFERENCE = "models/eval/fashion_test_reference.npz"
-# (setting, method shown in the report, sampler, w_bits, a_bits)
+
+
+class Variant(NamedTuple):
+    """One report row: the setting and method shown, the sampler name, and the quantized model (None: FP32)."""
+
+    setting: str
+    method: str
+    sampler: str
+    tag: QuantTag | None
+
+
+W8A8, W4A8, W4A6 = QuantTag(8, 8), QuantTag(4, 8), QuantTag(4, 6)
 VARIANTS = (
-    ("FP32", "—", "fp32", None, None),
-    ("W8A8", "uncorrected", "none", 8, 8),
-    ("W4A8", "uncorrected", "none", 4, 8),
-    ("W4A8", "PTQD", "ptqd", 4, 8),
-    ("W4A8", "S-D² (tensor)", "sd2-tensor", 4, 8),
-    ("W4A8", "D-D² (tensor)", "dd2-tensor", 4, 8),
-    ("W4A8", "S-D² (channel)", "sd2-channel", 4, 8),
-    ("W4A8", "D-D² (channel)", "dd2-channel", 4, 8),
+    Variant("FP32", "—", "fp32", None),
+    Variant("W8A8", "uncorrected", "none", W8A8),
+    Variant("W4A8", "uncorrected", "none", W4A8),
+    Variant("W4A8", "PTQD", "ptqd", W4A8),
+    Variant("W4A8", "S-D² (tensor)", "sd2-tensor", W4A8),
+    Variant("W4A8", "D-D² (tensor)", "dd2-tensor", W4A8),
+    Variant("W4A8", "S-D² (channel)", "sd2-channel", W4A8),
+    Variant("W4A8", "D-D² (channel)", "dd2-channel", W4A8),
 )
 # --qncd adds QNCD's runtime noise estimation (probe every 10 steps), alone and on top of D², and the W4A6 setting
 # QNCD's paper headlines (outside the default's 30-minute CPU budget)
 QNCD_VARIANTS = (
-    ("W4A8", "QNCD probe", "qncd", 4, 8),
-    ("W4A8", "QNCD probe + D-D² (channel)", "qncd+dd2-channel", 4, 8),
-    ("W4A8", "QNCD probe + S-D² (channel)", "qncd+sd2-channel", 4, 8),
-    # W4A6, the setting QNCD's paper headlines
-    ("W4A6", "uncorrected", "none", 4, 6),
-    ("W4A6", "QNCD probe", "qncd", 4, 6),
-    ("W4A6", "D-D² (channel)", "dd2-channel", 4, 6),
-    ("W4A6", "QNCD probe + D-D² (channel)", "qncd+dd2-channel", 4, 6),
+    Variant("W4A8", "QNCD probe", "qncd", W4A8),
+    Variant("W4A8", "QNCD probe + D-D² (channel)", "qncd+dd2-channel", W4A8),
+    Variant("W4A8", "QNCD probe + S-D² (channel)", "qncd+sd2-channel", W4A8),
+    Variant("W4A6", "uncorrected", "none", W4A6),
+    Variant("W4A6", "QNCD probe", "qncd", W4A6),
+    Variant("W4A6", "D-D² (channel)", "dd2-channel", W4A6),
+    Variant("W4A6", "QNCD probe + D-D² (channel)", "qncd+dd2-channel", W4A6),
 )
 
-EXTRA_QUANT = ()  # settings quantized and reported (SQNR) even without sample rows (W4A6 comes with --qncd)
+
+def sm_variants(sm_abit: int) -> tuple[Variant, ...]:
+    """--sm_abit B: W4A8 with the attention matmuls quantized too (softmax at B bits), uncorrected and with D-D²."""
+    tag = QuantTag(4, 8, sm_abit)
+    return (Variant(f"W4A8 sm{sm_abit}", "uncorrected", "none", tag),
+            Variant(f"W4A8 sm{sm_abit}", "D-D² (channel)", "dd2-channel", tag))
+
+
 # the counts of each mode; None = the preset's value. AdaRound gains far less at W8 than at W4 on the embedded default
 # (+1.4 dB over nearest at 40 dB), so the CPU modes give W8 fewer iterations than W4.
 MODES = {
@@ -112,96 +134,107 @@ class Driver:
         seconds = time.perf_counter() - t0
         if _stamp(stage.outputs) != before:  # it did work (not a metadata-matched skip): record its time
             self.timings[stage.name] = seconds
-            tmp = self.timings_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.timings, indent=1))
-            os.replace(tmp, self.timings_path)
+            write_json_atomic(self.timings_path, self.timings)
 
 
-def variants(args) -> tuple:
-    return VARIANTS + (QNCD_VARIANTS if args.qncd else ())
+def variants(args) -> tuple[Variant, ...]:
+    return VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (sm_variants(args.sm_abit) if args.sm_abit else ())
 
 
-def build_stages(args, run: Path, m: dict) -> list[Stage]:
-    common = ["--preset", args.preset, "--outdir", m["outdir"]]
+def quant_settings(args) -> list[QuantTag]:
+    """The step-3 models of this run (those of the variants), in a stable order."""
+    return sorted({v.tag for v in variants(args) if v.tag}, key=lambda t: (t.w_bits, t.a_bits, t.sm_abit or 0))
 
-    def opt(flag, value):
-        return [flag, str(value)] if value is not None else []
 
-    quant = quant_settings(args)
-    fitted = sorted({(w, a) for _, _, s, w, a in variants(args) if w and s not in ("none", "qncd")},
-                    reverse=True)  # the settings whose noise statistics and fits some variant reads
+def quant_stages(args, layout: RunLayout, m: dict, common: list[str]) -> list[Stage]:
+    """Steps 2-5: weights per bit width, activations per model, statistics and fits for the corrected ones."""
+    opt = _opt
     smooth = ["--scale_split_static"] if args.smooth else []
+    tags = quant_settings(args)
+    stages = [Stage(f"W{w} weights (BRECQ/AdaRound)", "quantize_weight",
+                    common + ["--w_bits", str(w)] + smooth
+                    + opt("--weight_iters", m["weight_iters_8"] if w == 8 else m["weight_iters"]),
+                    [layout.quant(QuantTag(w))]) for w in sorted({t.w_bits for t in tags})]
+    stages += [Stage(f"{t.title()} activations (learned steps)", "quantize_weight_activation",
+                     common + t.flags.split() + smooth + opt("--act_iters", m["act_iters"])
+                     + opt("--act_init_samples", m["act_init"]), [layout.quant(t)]) for t in tags]
+    fitted = sorted({v.tag for v in variants(args) if v.tag and v.sampler not in ("none", "qncd")},
+                    key=lambda t: (-t.w_bits, -t.a_bits, t.sm_abit or 0))  # the models some variant's fit is of
+    for t in fitted:
+        stages += [
+            Stage(f"{t.title()} noise statistics", "collect_timestep_aware_statistics",
+                  common + t.flags.split() + opt("--n", m["stats"]), [layout.noise_stats(t)]),
+            Stage(f"{t.title()} Gaussian + PTQD fits", "gaussian_modeling", common + t.flags.split(),
+                  [layout.gaussian(t, "tensor")])]
+    return stages
+
+
+def _opt(flag, value) -> list[str]:
+    return [flag, str(value)] if value is not None else []
+
+
+def build_stages(args, layout: RunLayout, m: dict) -> list[Stage]:
+    common = ["--preset", args.preset, "--outdir", m["outdir"]]
+    run = layout.run_dir
     stages = [
         Stage("FP32 grid", "sample_fp32_imagenet", ["--preset", args.preset, "--outdir", str(run / "grids")],
               [run / "grids"], skip_if_exists=True, pattern="fp32_*.png"),
         Stage("calibration set", "collect_imagenet_calibration_set",
-              common + opt("--n", m["n_cal"]) + opt("--n_holdout", m["n_holdout"])
-              + opt("--calibration_trajectories_per_class", m["traj"]), [run / "calibration.pt"]),
-    ]
-    for w in sorted({w for w, _ in quant}):
-        stages.append(Stage(f"W{w} weights (BRECQ/AdaRound)", "quantize_weight",
-                            common + ["--w_bits", str(w)] + smooth
-                            + opt("--weight_iters", m["weight_iters_8"] if w == 8 else m["weight_iters"]),
-                            [run / f"w{w}" / f"quant_w{w}.pt"]))
-    for w, a in sorted(quant):
-        stages.append(Stage(f"W{w}A{a} activations (learned steps)", "quantize_weight_activation",
-                            common + ["--w_bits", str(w), "--a_bits", str(a)] + smooth
-                            + opt("--act_iters", m["act_iters"])
-                            + opt("--act_init_samples", m["act_init"]), [run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt"]))
-    for w, a in fitted:
-        bits = ["--w_bits", str(w), "--a_bits", str(a)]
-        stages += [
-            Stage(f"W{w}A{a} noise statistics", "collect_timestep_aware_statistics",
-                  common + bits + opt("--n", m["stats"]), [run / f"w{w}a{a}" / "noise_stats.pt"]),
-            Stage(f"W{w}A{a} Gaussian + PTQD fits", "gaussian_modeling", common + bits,
-                  [run / f"w{w}a{a}" / "gaussian_tensor.pt"])]
-    stages += [
+              common + _opt("--n", m["n_cal"]) + _opt("--n_holdout", m["n_holdout"])
+              + _opt("--calibration_trajectories_per_class", m["traj"]), [layout.calibration]),
+        *quant_stages(args, layout, m, common),
         Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
-              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [run / "w4a8" / "samples"],
+              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [layout.grids(W4A8)],
               skip_if_exists=True, pattern="compare_*.png"),
     ]
-    from evaluation.generation import sample_dir
     for seed in args.seeds:
-        for setting, method, sampler, w, a in variants(args):
-            tag = f"w{w}a{a}" if w else "fp32"
-            d = sample_dir(run, tag, sampler, m["n_eval"], seed)
-            bits = ["--w_bits", str(w), "--a_bits", str(a)] if w else []
-            stages.append(Stage(f"samples {setting} {method} seed {seed}", "generate_evaluation_samples_dist",
-                                common + ["--sampler", sampler, "--n_samples", str(m["n_eval"]), "--seed", str(seed)]
-                                + bits, [d / "samples.npz"]))
-            stages.append(Stage(f"evaluate {setting} {method} seed {seed}", "evaluator",
+        for v in variants(args):
+            d = layout.eval_samples(v.tag or FP32, v.sampler, m["n_eval"], seed)
+            stages.append(Stage(f"samples {v.setting} {v.method} seed {seed}", "generate_evaluation_samples_dist",
+                                common + ["--sampler", v.sampler, "--n_samples", str(m["n_eval"]), "--seed",
+                                          str(seed)] + (v.tag.flags.split() if v.tag else []), [d / "samples.npz"]))
+            stages.append(Stage(f"evaluate {v.setting} {v.method} seed {seed}", "evaluator",
                                 [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json"),
                                  "--cache_dir", str(run.parent / "evaluator_cache")],
                                 [d / "eval.json"], skip_if_exists=True))
     return stages
 
 
-def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
-    from evaluation.generation import sample_dir
-    from evaluation.report import Row, write_report
-    from quant.export import pack_quant_model
-    from quant.pipeline import load_quant_model
-    from ldm.util import load_config, load_model_from_config, save_atomic
-
+def eval_rows(args, layout: RunLayout, m: dict) -> list[Row]:
     rows = []
-    for setting, method, sampler, w, a in variants(args):
-        row = Row(setting, method, sampler)
+    for v in variants(args):
+        row = Row(v.setting, v.method, v.sampler)
         for seed in args.seeds:
-            d = sample_dir(run, f"w{w}a{a}" if w else "fp32", sampler, m["n_eval"], seed)
+            d = layout.eval_samples(v.tag or FP32, v.sampler, m["n_eval"], seed)
             row.records[seed] = json.loads((d / "eval.json").read_text())
         rows.append(row)
+    return rows
+
+
+def model_sizes(args, layout: RunLayout):
+    """The FP32 UNet and the packed W4 / W8 files (quant.export), written to <run>/export; (sizes, unet)."""
+    from pipeline.quantize import load_quant_model
+    from quant.export import pack_quant_model
+    from ldm.util import load_config, load_model_from_config
+
     preset = load_preset(args.preset)
     model = load_model_from_config(load_config(REPO_ROOT / preset["config"]), REPO_ROOT / preset["ckpt"])
     unet = model.model.diffusion_model
-    export = run / "export"
-    export.mkdir(exist_ok=True)
+    export = layout.run_dir / "export"
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
     for w in (4, 8):
-        qm, _ = load_quant_model(unet, run / f"w{w}" / f"quant_w{w}.pt", {})
+        qm, _ = load_quant_model(unet, layout.quant(QuantTag(w)), {})
         save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
-    sqnr = sqnr_rows(args, run)
+    return sizes, unet
+
+
+def make_report(args, layout: RunLayout, m: dict, driver: Driver) -> Path:
+    run = layout.run_dir
+    rows = eval_rows(args, layout, m)
+    sizes, unet = model_sizes(args, layout)
+    sqnr = sqnr_rows(args, layout)
     images = {}
     for caption, pattern in (("FP32 samples", "grids/fp32_*.png"), ("FP | uncorrected | PTQD | D-D² (W4A8)",
                                                                      "w4a8/samples/compare_*.png"),
@@ -222,100 +255,70 @@ def make_report(args, run: Path, m: dict, driver: Driver) -> Path:
                else "evaluator (all variants and seeds)" if name.startswith("evaluate ") else name)
         timings[key] = timings.get(key, 0.0) + seconds
     context["stage_times_each"] = driver.timings
-    sections, extra = smoothing_sections(args, run, m, unet, rows, sqnr) if args.smooth else ({}, {})
+    sections, extra = smoothing_sections(args, layout, m, unet, rows, sqnr) if args.smooth else ({}, {})
     return write_report(run.parent, rows, context, sizes, timings, sqnr, images, sections, extra)
 
 
-def quant_settings(args) -> set[tuple[int, int]]:
-    """The (w_bits, a_bits) settings quantized in this run: those of the variants, and EXTRA_QUANT."""
-    return {(w, a) for _, _, _, w, a in variants(args) if w} | set(EXTRA_QUANT)
-
-
-def sqnr_rows(args, run: Path) -> dict[str, dict]:
-    """{row name: {"sqnr": dB, "note": ...}} from the meta of ``run``'s quant artifacts (the ε SQNRs steps 2-3
+def sqnr_rows(args, layout: RunLayout) -> dict[str, dict]:
+    """{row name: {"sqnr": dB, "note": ...}} from the meta of the run's quant artifacts (the ε SQNRs steps 2-3
     measured on the held-out inputs); a missing artifact is left out."""
-    from quant.artifacts import load_artifact
     rows = {}
     for w in (4, 8):
-        path = run / f"w{w}" / f"quant_w{w}.pt"
+        path = layout.quant(QuantTag(w))
         if path.exists():
             meta = load_artifact(path, "quant")["meta"]
             rows[f"W{w} round-to-nearest"] = {"sqnr": meta["sqnr_nearest_db"], "note": "before reconstruction"}
             rows[f"W{w} AdaRound"] = {"sqnr": meta["sqnr_adaround_db"],
                                       "note": f"{meta['weight_iters']} iterations/unit"}
-    for w, a in sorted(quant_settings(args)):
-        path = run / f"w{w}a{a}" / f"quant_w{w}a{a}.pt"
+    for tag in quant_settings(args):
+        path = layout.quant(tag)
         if path.exists():
             meta = load_artifact(path, "quant")["meta"]
-            rows[f"W{w}A{a}"] = {"sqnr": meta["sqnr_db"], "note": f"initial ranges {meta['sqnr_act_init_db']:.2f} dB, "
-                                                                  f"{meta['act_iters']} step-size iterations/unit"}
+            name = f"W{tag.w_bits}A{tag.a_bits}" + ("" if tag.sm_abit is None else f" sm{tag.sm_abit}")
+            rows[name] = {"sqnr": meta["sqnr_db"], "note": f"initial ranges {meta['sqnr_act_init_db']:.2f} dB, "
+                                                           f"{meta['act_iters']} step-size iterations/unit"}
     return rows
 
 
-def _unsmoothed_run(run: Path, m: dict) -> Path:
+def _unsmoothed(layout: RunLayout, m: dict) -> RunLayout:
     """The same mode's run without smoothing (``outputs/…`` for ``outputs-smooth/…``), for side-by-side numbers."""
-    return Path(m["outdir"].removesuffix("-smooth")) / run.parent.name / run.name
+    return RunLayout(Path(m["outdir"].removesuffix("-smooth")), layout.preset, layout.steps, layout.eta, layout.scale)
 
 
-def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -> tuple[dict, dict]:
+def smoothing_sections(args, layout: RunLayout, m: dict, unet, rows: list, sqnr: dict) -> tuple[dict, dict]:
     """The QNCD-smoothing part of the report: per-block effect on the second conv (quant.smoothing.smoothing_effect
     on the held-out calibration inputs), ε SQNR with and without smoothing, and sample quality with and without
     (read from the unsmoothed run of the same mode, where it has been made)."""
-    from evaluation.generation import sample_dir
-    from quant.artifacts import load_artifact
+    from quant.quantizer import PerChannel, PerTensor
     from quant.reconstruction import CalibrationData
     from quant.smoothing import smoothing_effect
 
-    w4 = load_artifact(run / "w4" / "quant_w4.pt", "quant")
+    w4 = load_artifact(layout.quant(QuantTag(4)), "quant")
     factors, meta = w4["smoothing"]["factors"], w4["meta"]
-    calib = load_artifact(run / "calibration.pt", "calibration")
+    calib = load_artifact(layout.calibration, "calibration")
     held = CalibrationData(calib["holdout_x"], calib["holdout_t"], calib.get("holdout_c"), torch.device("cpu"))
-    a_bits = sorted({a for _, _, _, w, a in variants(args) if w == 4}, reverse=True)
+    a_bits = sorted({v.tag.a_bits for v in variants(args) if v.tag and v.tag.w_bits == 4}, reverse=True)
     effect = smoothing_effect(unet, factors, held.batches(64), a_bits=a_bits, w_bits=4,
-                              channel_wise=bool(meta.get("channel_wise")))
-    acts = " | ".join(f"A{b} SQNR before → after" for b in a_bits)
-    lines = [f"S from the {meta['smoothing']} formula over the calibration timesteps; measured on the "
-             f"{len(held)} held-out calibration inputs with the FP UNet. Range: max − min of the input of each "
-             f"ResBlock's second conv, before and after a ↦ a/S. SQNR (dB) of that conv's output with only its "
-             f"input (A) or only its weights (W4, W·S after) quantized, per-tensor, MSE-searched ranges.", "",
-             f"| ResBlock | S min…max | range before → after | ratio | {acts} | W4 SQNR before → after |",
-             "|---|---|---|---|" + "---|" * len(a_bits) + "---|"]
-    for name, e in effect.items():
-        s, (r0, r1) = factors[name], e["range"]
-        cells = " | ".join(f"{e['act_sqnr_db'][b][0]:.1f} → {e['act_sqnr_db'][b][1]:.1f}" for b in a_bits)
-        lines.append(f"| {name} | {s.min():.2f}…{s.max():.2f} | {r0:.2f} → {r1:.2f} | {r1 / r0:.2f} | {cells} | "
-                     f"{e['weight_sqnr_db'][0]:.1f} → {e['weight_sqnr_db'][1]:.1f} |")
-    n = len(effect)
-    mean = {b: [sum(e["act_sqnr_db"][b][i] for e in effect.values()) / n for i in (0, 1)] for b in a_bits}
-    w_mean = [sum(e["weight_sqnr_db"][i] for e in effect.values()) / n for i in (0, 1)]
-    ratio = sum(e["range"][1] / e["range"][0] for e in effect.values()) / n
-    lines.append(f"| **mean of {n}** | | | {ratio:.2f} | "
-                 + " | ".join(f"{mean[b][0]:.1f} → {mean[b][1]:.1f}" for b in a_bits)
-                 + f" | {w_mean[0]:.1f} → {w_mean[1]:.1f} |")
-    sections = {"QNCD smoothing: effect on each ResBlock's second conv": lines}
+                              granularity=PerChannel(0) if meta.get("channel_wise") else PerTensor())
+    sections = {"QNCD smoothing: effect on each ResBlock's second conv":
+                smoothing_effect_lines(effect, factors, meta["smoothing"], len(held), a_bits)}
     extra = {"smoothing_effect": effect}
-
-    plain = _unsmoothed_run(run, m)
+    plain = _unsmoothed(layout, m)
     plain_sqnr = sqnr_rows(args, plain)
     both = [(name, plain_sqnr[name]["sqnr"], d["sqnr"]) for name, d in sqnr.items() if name in plain_sqnr]
     if both:
-        sections["ε SQNR without and with smoothing"] = [
-            f"Held-out inputs as above; without = the same mode's unsmoothed run ({plain}).", "",
-            "| model | without (dB) | with (dB) | Δ (dB) |", "|---|---|---|---|",
-            *[f"| {n} | {x:.2f} | {y:.2f} | {y - x:+.2f} |" for n, x, y in both]]
+        sections["ε SQNR without and with smoothing"] = sqnr_without_with_lines(str(plain.run_dir), both)
         extra["sqnr_without_with"] = {n: (x, y) for n, x, y in both}
     quality = []
-    for r, (_, _, sampler, w, a) in zip(rows, variants(args), strict=True):
-        files = [sample_dir(plain, f"w{w}a{a}", sampler, m["n_eval"], seed) / "eval.json" for seed in args.seeds]
-        if w and all(f.exists() for f in files):
+    for r, v in zip(rows, variants(args), strict=True):
+        files = [plain.eval_samples(v.tag, v.sampler, m["n_eval"], seed) / "eval.json" for seed in args.seeds] \
+            if v.tag else []
+        if files and all(f.exists() for f in files):
             recs = [json.loads(f.read_text())["metrics"] for f in files]
-            quality.append((r, [sum(x[k] for x in recs) / len(recs) for k in ("fid", "classifier_accuracy")]))
+            quality.append((r, tuple(sum(x[k] for x in recs) / len(recs) for k in ("fid", "classifier_accuracy"))))
     if quality:
-        sections["Sample quality without and with smoothing"] = [
-            f"Means over seeds {list(args.seeds)}, {m['n_eval']} samples each; the same seeds, x_T and noise.", "",
-            "| setting | method | FID without | FID with | Acc. without | Acc. with |", "|---|---|---|---|---|---|",
-            *[f"| {r.setting} | {r.method} | {f0:.3f} | {r.summary('fid')[0]:.3f} | {a0:.3f} | "
-              f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
+        sections["Sample quality without and with smoothing"] = quality_without_with_lines(args.seeds, m["n_eval"],
+                                                                                           quality)
         extra["quality_without_with"] = {
             f"{r.setting} {r.method}": {"fid": (f0, r.summary("fid")[0]),
                                         "classifier_accuracy": (a0, r.summary("classifier_accuracy")[0])}
@@ -323,32 +326,8 @@ def smoothing_sections(args, run: Path, m: dict, unet, rows: list, sqnr: dict) -
     return sections, extra
 
 
-def update_readme(report: Path, readme: Path = REPO_ROOT / "README.md", tag: str = "demo-results") -> bool:
-    """Copy the report's conditions, tables and total time between the README's ``<!-- {tag}:start/end -->``
-    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`)."""
-    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        return False
-    md = report.read_text()
-    body = md[md.index("Conditions:"):md.index("## Wall time")]
-    # the report's sections become subsections of the README section holding the markers
-    depth = "####" if tag == "demo-qncd-results" else "###"
-    body = body.replace("## ", f"{depth} ").replace("![FID by method](fid_by_method.png)\n", "")
-    total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
-    if total:
-        seconds = float(total.split("|")[2])
-        body += f"Sum of the stage wall times: {seconds / 60:.1f} min (each stage in {report}).\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    tmp = readme.with_name(f".{readme.name}.tmp{os.getpid()}")
-    tmp.write_text(f"{head}{start}\n{body.strip()}\n{end}{tail}")
-    os.replace(tmp, readme)
-    return True
-
-
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="small counts, about 3 minutes on a CPU")
     group.add_argument("--paper", action="store_true", help="paper-sized counts (for a GPU)")
@@ -357,10 +336,16 @@ def main(argv=None) -> None:
     p.add_argument("--smooth", action="store_true",
                    help="quantize with QNCD's embedding-derived smoothing (--scale_split_static); its own outdir "
                         "(<outdir>-smooth), so every row of the report is then the smoothed model's")
+    p.add_argument("--sm_abit", type=int, default=None, choices=(8, 16),
+                   help="add W4A8 rows with the attention matmuls quantized too (softmax at this many bits)")
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     p.add_argument("--outdir", default=None, help="artifact root (default: outputs, outputs/quick, outputs/paper)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     args.mode = "quick" if args.quick else "paper" if args.paper else "default"
     m = dict(MODES[args.mode])
     if args.outdir is not None:
@@ -368,22 +353,23 @@ def main(argv=None) -> None:
     if args.smooth:
         m["outdir"] = m["outdir"].rstrip("/") + "-smooth"
     args.seeds = list(args.seeds or m["seeds"])
-    root = Path(m["outdir"]) / args.preset
+    preset = load_preset(args.preset)
+    layout = RunLayout(Path(m["outdir"]), args.preset, preset["steps"], preset["eta"], preset["scale"])
+    root = layout.run_dir.parent
     if args.fresh and root.exists():
         print(f"--fresh: removing {root}")
         shutil.rmtree(root)
-    preset = load_preset(args.preset)
-    run = root / f"scale{preset['scale']:g}_eta{preset['eta']:g}_steps{preset['steps']}"
-    run.mkdir(parents=True, exist_ok=True)
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
     driver = Driver(root, root / "demo_timings.json")
-    stages = build_stages(args, run, m)
+    stages = build_stages(args, layout, m)
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         driver.run(stage, len(stages), i)
-    report = make_report(args, run, m, driver)
+    report = make_report(args, layout, m, driver)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
     tag = {(False, False): "demo-results", (True, True): "demo-qncd-results"}.get((args.qncd, args.smooth))
-    if args.mode == "default" and args.outdir is None and tag and update_readme(report, tag=tag):
+    if args.mode == "default" and args.outdir is None and tag and not args.sm_abit and \
+            update_readme(report, REPO_ROOT / "README.md", tag=tag):
         print(f"updated the {tag} section of README.md")
     print(report.read_text())
 

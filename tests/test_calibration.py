@@ -7,7 +7,7 @@ import torch
 
 import tiny_models
 from ldm.models.diffusion.ddim import DDIMSchedule
-from quant.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from quant.calibration import TimestepDistribution, collect_calibration_set, draw_subset
 
 

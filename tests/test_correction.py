@@ -372,10 +372,13 @@ def test_config_mismatch_names_both_values(alphas_cumprod):
     corr.check_config(steps=20, eta=0.0, scale=3.0)
 
 
-def test_seed_names_are_reexported_lazily_from_ldm():
+def test_seed_names_live_in_correction_samplers_and_ldm_does_not_know_them():
+    """The seed's sampler names import from correction.samplers; ldm/ neither imports nor re-exports them."""
+    from correction import samplers
     from ldm.models.diffusion import ddim
-    assert ddim.DDIMSampler_gaussian_quantCorrection_imagenet is DDIMSampler_gaussian_quantCorrection_imagenet
-    code = "import sys, ldm.models.diffusion.ddim; assert 'correction' not in sys.modules"
+    for name in samplers.__all__:
+        assert callable(getattr(samplers, name)) and not hasattr(ddim, name)
+    code = "import sys, ldm.models.diffusion.ddim, ldm.models.diffusion.plms; assert 'correction' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

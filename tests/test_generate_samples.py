@@ -1,6 +1,6 @@
 """Step 7, quant_scripts/generate_evaluation_samples_dist.py and evaluation/generation.py: torchrun and a single
 process give the same file, class balance, resume after a kill or a lost shard, the pixel conversion, samplers
-plugged in through correction.variants, and one-line errors."""
+plugged in through pipeline.sampling, and one-line errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ import torch
 import tiny_models
 from conftest import REPO
 from evaluation import generation as G
+from pipeline.layout import RunLayout
+from pipeline.steps import evaluation_samples as step
 
 SCRIPT = REPO / "quant_scripts" / "generate_evaluation_samples_dist.py"
 N, BATCH, STEPS, SEED = 8, 2, 4, 3          # tiny model: 4 real classes (+ null class 4), 32×32 images
@@ -56,12 +57,12 @@ def flags(tiny, outdir, *extra, kind="cond"):
 
 
 def sample_dir(outdir, sampler="fp32", tag="fp32", n=N, seed=SEED) -> Path:
-    return G.sample_dir(Path(outdir) / "custom" / f"scale3_eta0_steps{STEPS}", tag, sampler, n, seed)
+    return RunLayout(Path(outdir), "custom", STEPS, 0.0, 3.0).eval_samples(tag, sampler, n, seed)
 
 
 def run_inproc(script, capsys, args):
     """main() in this process via run_cli: (exit code, stdout, stderr) as a subprocess would give them."""
-    from quant_scripts.common import run_cli
+    from pipeline.cli import run_cli
     capsys.readouterr()
     try:
         run_cli(lambda: script.main([str(a) for a in args]))
@@ -84,7 +85,7 @@ def assert_one_line_error(code, err, *fragments):
 def reference(script, tiny, tmp_path_factory):
     """One uninterrupted single-process run: the file every other way of making it must equal."""
     outdir = tmp_path_factory.mktemp("ref")
-    from quant_scripts.common import run_cli
+    from pipeline.cli import run_cli
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -168,15 +169,15 @@ def test_torchrun_two_ranks_gives_the_same_file(reference, tiny, tmp_path):
 
 def test_killed_run_resumes_to_the_same_file(script, reference, tiny, tmp_path, capsys, monkeypatch):
     made = []
-    real = script.sample_batch
+    real = step.sample_batch
 
-    def dies_after_two(model, batch, **kw):
+    def dies_after_two(family, model, batch, *a, **kw):
         if len(made) == 2:
             raise KeyboardInterrupt       # what Ctrl-C or a kill between two batches leaves behind
         made.append(batch.index)
-        return real(model, batch, **kw)
+        return real(family, model, batch, *a, **kw)
 
-    monkeypatch.setattr(script, "sample_batch", dies_after_two)
+    monkeypatch.setattr(step, "sample_batch", dies_after_two)
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path))
     d = sample_dir(tmp_path)
     assert code == 130 and made == [0, 1]
@@ -185,8 +186,8 @@ def test_killed_run_resumes_to_the_same_file(script, reference, tiny, tmp_path, 
     (d / G.SHARDS / ".batch_000002.npz.tmp999").write_bytes(b"half a file")   # a write cut short
 
     made.clear()
-    monkeypatch.setattr(script, "sample_batch", lambda model, batch, **kw: made.append(batch.index) or
-                        real(model, batch, **kw))
+    monkeypatch.setattr(step, "sample_batch", lambda family, model, batch, *a, **kw: made.append(batch.index) or
+                        real(family, model, batch, *a, **kw))
     code, out, err = run_inproc(script, capsys, flags(tiny, tmp_path))
     assert code == 0, err
     assert made == [2, 3] and "2 to make" in out
@@ -201,9 +202,9 @@ def test_lost_shard_is_remade_and_nothing_else(script, reference, tiny, tmp_path
     (d / G.SHARDS / "batch_000003.npz").write_bytes(b"not a zip")     # unreadable counts as missing
     before = {p.name: p.stat().st_mtime_ns for p in (d / G.SHARDS).glob("batch_00000[02].npz")}
     made = []
-    real = script.sample_batch
-    monkeypatch.setattr(script, "sample_batch", lambda model, batch, **kw: made.append(batch.index) or
-                        real(model, batch, **kw))
+    real = step.sample_batch
+    monkeypatch.setattr(step, "sample_batch", lambda family, model, batch, *a, **kw: made.append(batch.index) or
+                        real(family, model, batch, *a, **kw))
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path))
     assert code == 0, err
     assert made == [1, 3]
@@ -266,8 +267,8 @@ def test_pixel_conversion_happens_once(script, tiny, tmp_path, capsys, monkeypat
     def known_decoder(model, z, batch_size=16):
         return ramp.repeat(len(z), 1, 1, 1)
 
-    import ldm.sample
-    monkeypatch.setattr(ldm.sample, "decode_latents", known_decoder)
+    from pipeline.families.compvis_ldm import ClassConditionalLDM
+    monkeypatch.setattr(ClassConditionalLDM, "decode", lambda self, model, z, batch_size=16: known_decoder(model, z))
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path))
     assert code == 0, err
     arr = load_samples(sample_dir(tmp_path) / G.SAMPLES)["arr_0"]
@@ -281,7 +282,7 @@ def test_pixel_conversion_happens_once(script, tiny, tmp_path, capsys, monkeypat
     assert arr[0, 0, 5, 0] == 0 and arr[0, -1, -1, 0] == 255    # clipped, not wrapped
 
 
-# ---- samplers through correction.variants, unconditional models -----------------------------------------------------
+# ---- samplers through pipeline.sampling, unconditional models -------------------------------------------------------
 
 def test_quantized_sampler_goes_through_build_variant(script, reference, tiny, tmp_path, capsys, monkeypatch):
     calls, generators = [], []
@@ -290,8 +291,8 @@ def test_quantized_sampler_goes_through_build_variant(script, reference, tiny, t
         def __init__(self, model):
             self.model_fn = lambda x, t, c: 0.5 * model.apply_model(x, t, c)
 
-        def check_sampling(self, **kw):
-            calls.append(("check", kw))
+        def check_sampling(self, settings):
+            calls.append(("check", settings.meta()))
 
         def correction_for(self, generator):
             generators.append(generator.initial_seed())
@@ -300,14 +301,11 @@ def test_quantized_sampler_goes_through_build_variant(script, reference, tiny, t
         def fingerprints(self):
             return {"quant": "0123abcd"}
 
-    def build_variant(name, model, run_dir, *, w_bits, a_bits, expect):
-        calls.append(("build", name, w_bits, a_bits, expect["steps"]))
+    def build_variant(spec, family, model, layout, tag, expect):
+        calls.append(("build", str(spec), tag.w_bits, tag.a_bits, expect["steps"]))
         return FakeVariant(model)
 
-    fake = types.ModuleType("correction.variants")
-    fake.VARIANTS, fake.build_variant = ("fp32", "none", "sd2-tensor"), build_variant
-    fake.spec_for = lambda name: None
-    monkeypatch.setitem(sys.modules, "correction.variants", fake)
+    monkeypatch.setattr(step, "build_variant", build_variant)
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path, "--sampler", "sd2-tensor", "--w_bits", 8))
     assert code == 0, err
     assert calls[0] == ("build", "sd2-tensor", 8, 8, STEPS)

@@ -12,9 +12,12 @@ from PIL import Image
 import tiny_models
 from conftest import REPO
 from correction.gaussian import GaussianFit, Granularity
-from correction.variants import VARIANTS, build_variant
-from quant.artifacts import ArtifactMismatch, file_fingerprint
-from quant_scripts.common import run_cli
+from pipeline.families import family_for
+from pipeline.layout import QuantTag, RunLayout
+from pipeline.sampler_spec import LISTED as VARIANTS, SamplerSpec, UnknownSampler
+from pipeline.sampling import build_variant
+from pipeline.artifacts import ArtifactMismatch, file_fingerprint
+from pipeline.cli import run_cli
 
 STEPS = 5
 RUN = f"scale3_eta0_steps{STEPS}"
@@ -91,7 +94,8 @@ def test_statistics_resume_after_a_kill(pipe, scripts, monkeypatch, capsys):
     (out2 / "custom" / RUN / "w4a8").mkdir(parents=True)
     shutil.copy(run / "w4a8" / "quant_w4a8.pt", out2 / "custom" / RUN / "w4a8")
     mod = scripts["collect_timestep_aware_statistics"]
-    real = mod.collect_noise_statistics
+    from pipeline.steps import noise_statistics as step
+    real = step.collect_noise_statistics
 
     def killed_after_3_batches(*a, on_batch, **kw):
         def ob(stats, done):
@@ -101,13 +105,13 @@ def test_statistics_resume_after_a_kill(pipe, scripts, monkeypatch, capsys):
         return real(*a, on_batch=ob, **kw)
 
     argv = common[:-1] + [str(out2), "--n", "12", "--batch_size", "3", "--no_progress", "--save_every", "2"]
-    monkeypatch.setattr(mod, "collect_noise_statistics", killed_after_3_batches)
+    monkeypatch.setattr(step, "collect_noise_statistics", killed_after_3_batches)
     with pytest.raises(KeyboardInterrupt):
         mod.main(argv)
     d2 = out2 / "custom" / RUN / "w4a8"
     assert (d2 / "noise_stats.partial.pt").exists() and not (d2 / "noise_stats.pt").exists()
     assert (d2 / "noise_stats_spill" / "t0001.f32").stat().st_size == 9 * 2 * 3 * 8 * 8 * 4
-    monkeypatch.setattr(mod, "collect_noise_statistics", real)
+    monkeypatch.setattr(step, "collect_noise_statistics", real)
     capsys.readouterr()
     mod.main(argv)
     out = capsys.readouterr().out
@@ -133,10 +137,18 @@ def test_statistics_resume_after_a_kill(pipe, scripts, monkeypatch, capsys):
 def test_every_variant_builds_and_samples(pipe, scripts):
     common, run, model, _ = pipe
     from ldm.sample import sample_latents
+    from ldm.util import load_config
     expect = {"model": common[1], "ckpt": file_fingerprint(common[3]), "steps": STEPS, "eta": 0.0, "scale": 3.0}
+    family = family_for(load_config(common[1]))
+    layout, tag = RunLayout(run.parent.parent, "custom", STEPS, 0.0, 3.0), QuantTag(4, 8)
+    assert layout.run_dir == run
+
+    def build(name):
+        return build_variant(SamplerSpec.parse(name), family, model, layout, tag, expect)
+
     outs = {}
     for name in VARIANTS:
-        v = build_variant(name, model, run, w_bits=4, a_bits=8, expect=expect)
+        v = build(name)
         assert v.quantized == (name != "fp32") and (v.fit is None) == (name in ("fp32", "none", "qncd"))
         g = torch.Generator().manual_seed(0)
         outs[name] = sample_latents(model, [0, 1, 2], steps=STEPS, eta=0.0, scale=3.0, generator=g,
@@ -150,7 +162,7 @@ def test_every_variant_builds_and_samples(pipe, scripts):
         changed = not torch.equal(outs[name], outs["none"])
         assert changed == (probes > 0 or name != "qncd"), name
     with pytest.raises(Exception, match="Generator"):
-        build_variant("sd2-tensor", model, run, w_bits=4, a_bits=8, expect=expect).correction_for(None)
+        build("sd2-tensor").correction_for(None)
     # the script: one sampler, deterministic; and the comparison grid
     sample = scripts["sample_quantized_ldm_imagenet"].main
     argv = common + ["--sampler", "sd2-channel", "--classes", "0", "1", "--n_samples_per_class", "2", "--no_progress"]
@@ -162,9 +174,10 @@ def test_every_variant_builds_and_samples(pipe, scripts):
     sample(common + ["--compare", "--classes", "0", "1", "2", "--no_progress"])
     grid = Image.open(next((run / "w4a8" / "samples").glob("compare_*.png")))
     assert grid.size[1] == 4 * 34 + 2 and grid.text["sampler"] == "fp32 | none | ptqd | dd2-channel"
+    assert grid.size[0] == 8 + 7 * len("dd2-channel") + 3 * 34 + 2   # --compare: one sample per class
     # QNCD's flags: --sample_reverse puts the probe on top of --sampler, --reverse_interval sets its period, and
     # both are in the output's name (a probe every 2 steps of the short chain changes the samples)
-    v = build_variant("qncd-r2+sd2-channel", model, run, w_bits=4, a_bits=8, expect=expect)
+    v = build("qncd-r2+sd2-channel")
     probe = v.correction_for(torch.Generator().manual_seed(1))
     assert probe.interval == 2 and probe.extra_calls(STEPS) > 0 and v.fit is not None
     sample(argv + ["--sample_reverse", "--reverse_interval", "2"])
@@ -176,7 +189,7 @@ def test_every_variant_builds_and_samples(pipe, scripts):
     (["--sampler", "fp32", "--sample_reverse"], "adds QNCD's probe to a quantized sampler; 'fp32' is not one"),
     (["--sampler", "qncd", "--sample_reverse"], "'qncd' is not one"),
     (["--sampler", "dd2-channel", "--reverse_interval", "5"], "add --sample_reverse"),
-    (["--sampler", "none", "--sample_reverse", "--reverse_interval", "0"], "--reverse_interval must be ≥ 1"),
+    (["--sampler", "none", "--sample_reverse", "--reverse_interval", "0"], "--reverse_interval must be >= 1"),
     (["--sampler", "qncd+bogus"], "unknown sampler 'qncd+bogus'"),
 ])
 def test_qncd_sampling_flags_are_checked_before_anything_loads(scripts, capsys, argv, message):
@@ -185,14 +198,15 @@ def test_qncd_sampling_flags_are_checked_before_anything_loads(scripts, capsys, 
 
 
 def test_qncd_sampler_names():
-    from correction.variants import qncd_name, spec_for
-    assert [qncd_name("none"), qncd_name("dd2-channel"), qncd_name("ptqd", 5)] == \
-        ["qncd", "qncd+dd2-channel", "qncd-r5+ptqd"]
-    assert spec_for("qncd-r5+ptqd").fit == "ptqd" and spec_for("qncd").fit is None
-    assert "R = 5" in spec_for("qncd-r5").description
-    for bad in ("qncd+none", "qncd+fp32", "qncd-r0", "qncd+qncd", "qncdx"):
-        with pytest.raises(Exception, match="unknown sampler"):
-            spec_for(bad)
+    from pipeline.sampler_spec import FitKind
+    parse = SamplerSpec.parse
+    assert [str(parse("none").with_probe()), str(parse("dd2-channel").with_probe()),
+            str(parse("ptqd").with_probe(5))] == ["qncd", "qncd+dd2-channel", "qncd-r5+ptqd"]
+    assert parse("qncd-r5+ptqd").fit is FitKind.PTQD and parse("qncd").fit is None
+    assert "R = 5" in parse("qncd-r5").description
+    for bad in ("qncd+none", "qncd+fp32", "qncd-r0", "qncd+qncd", "qncdx", "qncd-r10"):
+        with pytest.raises(UnknownSampler, match="unknown sampler"):
+            parse(bad)
 
 
 def test_mismatches_are_one_line_errors(pipe, scripts, capsys):

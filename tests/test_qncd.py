@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 import tiny_models
 from conftest import REPO
 from correction.gaussian import Granularity
-from correction.qncd import QNCDDDIMSampler, QNCDPLMSSampler, QNCDProbe, bias_estimate, probe_steps, renoise
-from ldm.models.diffusion.ddim import DDIMSchedule, ddim_step, sample_ddim
+from correction.qncd import QNCDProbe, bias_estimate, probe_steps, renoise
+from ldm.models.diffusion.ddim import DDIMSampler, DDIMSchedule, ddim_step, sample_ddim
 from ldm.models.diffusion.plms import PLMSSampler, plms_eps, plms_first_eps, sample_plms
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
@@ -258,7 +258,8 @@ def test_probe_recovers_a_planted_bias(tiny, alphas_cumprod, eta, b):
     eps = unet(x, torch.full((4,), step.t), context=c)
     mu = {}
     for name, fn in (("fp", lambda x, t, c: unet(x, t, context=c)), ("q", lambda x, t, c: unet(x, t, context=c) + b)):
-        probe = QNCDProbe(granularity=gran, generator=torch.Generator().manual_seed(5)).bind(fn, c)
+        probe = QNCDProbe(granularity=gran, generator=torch.Generator().manual_seed(5)).begin(
+            lambda x, t, fn=fn: fn(x, t, c), batch_size=4)
         with torch.no_grad():
             mu[name] = probe.estimate(eps, sigma, step, x)
     torch.testing.assert_close(mu["q"] - mu["fp"], b.expand_as(mu["q"]), atol=2e-6, rtol=0)
@@ -277,7 +278,7 @@ def test_probe_removes_a_planted_bias_along_a_chain(alphas_cumprod, eta, b):
         a = ac[t].view(-1, 1, 1, 1).float()
         return x * (1 - a).sqrt() / (a * 100 + 1 - a)
 
-    probe = QNCDProbe(granularity=gran).bind_eps_fn(lambda x, t: ideal(x, t) + b)
+    probe = QNCDProbe(granularity=gran)  # the loop hands it its ε (begin)
     used = []
     x_T = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     sample_ddim(lambda x, t, s: ideal(x, t) + b, x_T, DDIMSchedule.make(alphas_cumprod, 20, eta), correction=probe,
@@ -305,12 +306,12 @@ def counting(unet):
     return fn, calls
 
 
-@pytest.mark.parametrize("sampler_cls, extra", [(QNCDDDIMSampler, 0), (QNCDPLMSSampler, 1)], ids=["ddim", "plms"])
+@pytest.mark.parametrize("sampler_cls, extra", [(DDIMSampler, 0), (PLMSSampler, 1)], ids=["ddim", "plms"])
 @pytest.mark.parametrize("phase", [None, 9])
 def test_probe_overhead_in_unet_calls_matches_its_schedule(tiny, sampler_cls, extra, phase):
     fn, calls = counting(tiny.model.diffusion_model)
     probe = QNCDProbe(10, phase)
-    sampler = sampler_cls(tiny, probe, model_fn=fn)
+    sampler = sampler_cls(tiny, model_fn=fn, correction=probe)  # the loop's begin hook binds the probe
     c, uc = cond(tiny, [0, 1]), cond(tiny, [4, 4])
     sampler.sample(S=20, batch_size=2, shape=(3, 8, 8), conditioning=c, unconditional_conditioning=uc,
                    unconditional_guidance_scale=3.0, verbose=False, generator=torch.Generator().manual_seed(0))
@@ -321,7 +322,7 @@ def test_probe_overhead_in_unet_calls_matches_its_schedule(tiny, sampler_cls, ex
 
 def test_mu_is_reset_between_trajectories(tiny, alphas_cumprod):
     probe = QNCDProbe(5)
-    sampler = QNCDDDIMSampler(tiny, probe, model_fn=lambda x, t, c: tiny.apply_model(x, t, c) + 0.5)
+    sampler = DDIMSampler(tiny, model_fn=lambda x, t, c: tiny.apply_model(x, t, c) + 0.5, correction=probe)
     c = cond(tiny, [0, 1])
     sampler.sample(S=10, batch_size=2, shape=(3, 8, 8), conditioning=c, verbose=False)
     assert probe.mu is not None and len(probe.estimates) == 2
@@ -329,7 +330,7 @@ def test_mu_is_reset_between_trajectories(tiny, alphas_cumprod):
     eps, x = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     out, _ = probe(eps, torch.tensor(0.), step0, x)  # a new trajectory starts: the old μ must not leak into it
     assert torch.equal(out, eps) and probe.mu is None and probe.estimates == []
-    probe.bind(lambda x, t, c: tiny.apply_model(x, t, c), torch.zeros(3, 1, 16))
+    probe.begin(lambda x, t: tiny.apply_model(x, t, torch.zeros(3, 1, 16)), batch_size=3)
     with pytest.raises(Exception, match="bound to a batch of 3"):
         probe.estimate(eps, torch.tensor(0.), step0, x)
 
@@ -338,7 +339,7 @@ def test_probe_after_a_base_correction_estimates_only_the_residual(alphas_cumpro
     """A base that removes 0.2 of a planted 0.3: the probe sees (and removes) the remaining 0.1, not 0.3 again."""
     base = lambda eps, sigma, step, x: (eps - 0.2, sigma)  # noqa: E731
     fake = lambda x, t: torch.zeros_like(x) + 0.3  # noqa: E731  (its δ-mean is exactly 0.3 − mean(z))
-    probe = QNCDProbe(1, 0, base=base).bind_eps_fn(fake)
+    probe = QNCDProbe(1, 0, base=base).begin(fake)
     step = next(DDIMSchedule.make(alphas_cumprod, 10, 0.0).steps())
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     out, _ = probe(fake(x, None), torch.tensor(0.), step, x)
@@ -393,7 +394,7 @@ def test_plms_sampler_is_deterministic_and_compvis_shaped(tiny):
 
 
 def test_probe_binds_itself_to_the_ddim_loop_and_costs_its_schedule():
-    """Unbound, the probe gets the loop's guided ε (sample_ddim's bind_eps_fn hook): it works through the plain
+    """Unbound, the probe gets the loop's guided ε (the loops' begin hook): it works through the plain
     sample_latents / generation path, and its extra UNet calls are exactly its probe steps."""
     import tiny_models
     from correction.qncd import QNCDProbe

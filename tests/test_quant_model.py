@@ -8,6 +8,7 @@ import tiny_models
 from quant.layers import QuantLayer
 from quant.model import QuantModel
 from quant.policy import quantize_all_policy
+from quant.quantizer import PerChannel
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -42,7 +43,7 @@ def test_sqnr_floors(unet_and_data):
     ref = unet(x, t, context=c)
     results = {}
     for w, a in ((8, None), (4, None), (8, 8)):
-        qm = QuantModel(unet, w_bits=w, a_bits=a, policy=quantize_all_policy, channel_wise=True).init_weights_()
+        qm = QuantModel(unet, w_bits=w, a_bits=a, policy=quantize_all_policy, granularity=PerChannel(0)).init_weights_()
         qm.set_quant_state(weight=True)
         if a:
             qm.calibrate_activations_(batches[:2])
@@ -63,7 +64,7 @@ def test_act_quant_without_calibration_is_an_error(unet_and_data):
 
 @torch.no_grad()
 def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
-    from quant.artifacts import load_artifact, save_artifact
+    from pipeline.artifacts import load_artifact, save_artifact
     from quant.layers import WeightRounding
     unet, batches = unet_and_data
     qm = QuantModel(unet, w_bits=4, a_bits=8).init_weights_()

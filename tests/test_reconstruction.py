@@ -10,10 +10,11 @@ import torch
 
 import tiny_models
 from conftest import REPO
-from quant.artifacts import ArtifactMismatch, save_artifact
+from pipeline.artifacts import ArtifactMismatch, save_artifact
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
-from quant.pipeline import load_quant_model, partial_path, resumable_reconstruct
+from pipeline.layout import partial_path
+from pipeline.quantize import load_quant_model, resumable_reconstruct
 from quant.policy import Precision
 from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, RowCache, capture_unit_io,
                                   find_units, reconstruct_, sqnr_db)
@@ -132,7 +133,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, data, tmp_path, m
     whole = fresh(tiny)
     resumable_reconstruct(whole, cal, Phase.WEIGHT, cfg, tmp_path / "a.pt", meta, progress=False)
 
-    import quant.pipeline as pipeline
+    import pipeline.quantize as pipeline
     saves = {"n": 0}
     real_save = pipeline.save_artifact
 

@@ -34,7 +34,7 @@ def run_inproc(capsys):
     spec = importlib.util.spec_from_file_location("sample_fp32_imagenet", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from quant_scripts.common import run_cli
+    from pipeline.cli import run_cli
 
     def _run(*args):
         capsys.readouterr()

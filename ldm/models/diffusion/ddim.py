@@ -90,12 +90,27 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha
     return x_prev, pred_x0
 
 
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B]) -> the loop's guided ε
+
+
 class StepCorrection(Protocol):
-    """Changes the inputs of one DDIM update: (ε, σ_t) -> (ε', σ_t'). ``x`` is x_t; ``step`` carries t."""
+    """Changes the inputs of one update: (ε, σ_t) -> (ε', σ_t'). ``x`` is x_t; ``step`` carries t.
+
+    A correction that must query the denoiser itself (QNCD's probe) also defines ``begin(eps_fn, batch_size)``:
+    every loop (``sample_ddim``, ``sample_plms``) calls it once before the first step with its own guided
+    ``eps_fn(x, t)`` (same conditioning, guidance and model as the steps use) and the batch size. That is the only
+    way a correction receives the model."""
 
     def __call__(self, eps: torch.Tensor, sigma: torch.Tensor, step: DDIMStep,
                  x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
+
+
+def begin_trajectory(correction: StepCorrection | None, eps_fn: Callable[..., torch.Tensor], batch_size: int) -> None:
+    """The loops' one hook: hand ``correction`` the loop's guided ε as ``eps_fn(x, t)``, if it asks for it."""
+    begin = getattr(correction, "begin", None)
+    if begin is not None:
+        begin(lambda x, t: eps_fn(x, t, None), batch_size)
 
 
 def cfg_eps(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
@@ -128,17 +143,15 @@ def sample_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
                 blend_x: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Run the DDIM chain from x_T over ``schedule`` and return the final x (not the last x̂0).
 
-    ``eps_fn(x, t, step)`` returns the (guided) ε for x at timesteps t [B] (``step`` may be None when a correction
-    with ``bind_eps_fn`` queries it at a re-noised x). ``callback`` receives a dict with
+    ``eps_fn(x, t, step)`` returns the (guided) ε for x at timesteps t [B] (``step`` is None when a correction
+    queries it through ``begin``, e.g. at a re-noised x). ``callback`` receives a dict with
     ``i``, ``index``, ``t``, ``x`` (x_t), ``eps`` (after correction), ``sigma``, ``pred_x0`` and ``x_prev``.
     ``blend_x(x, t)`` replaces x_t before the step (CompVis' masked sampling: known regions re-noised from x0).
     """
     noise_sampler = noise_sampler or randn_sampler(x_T.shape, x_T.device)
     x = x_T
     b = x.shape[0]
-    if hasattr(correction, "bind_eps_fn"):
-        # a correction that queries the denoiser itself (e.g. a runtime noise probe) gets this loop's guided ε
-        correction.bind_eps_fn(lambda x_, t_: eps_fn(x_, t_, None), batch_size=b)
+    begin_trajectory(correction, eps_fn, b)
     steps = tqdm(schedule.steps(), total=len(schedule), desc="DDIM", disable=not progress, leave=False)
     for step in steps:
         t = torch.full((b,), step.t, device=x.device, dtype=torch.long)
@@ -164,9 +177,10 @@ def sample_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
 class DDIMSampler:
     """CompVis-compatible DDIM sampler over ``sample_ddim``.
 
-    ``model`` is a LatentDiffusion (for its ᾱ table, device and, by default, ``apply_model``). ``model_fn`` replaces
-    the denoiser (e.g. a quantized UNet) with the same ``(x, t, cond) -> ε`` signature; ``correction`` adjusts
-    the inputs of every DDIM update (see ``StepCorrection``).
+    ``model`` is a LatentDiffusion or DDPM (for its ᾱ table, device and, by default, ``apply_model``). ``model_fn``
+    replaces the denoiser (e.g. a quantized UNet) with the same ``(x, t, cond) -> ε`` signature; ``correction``
+    adjusts the inputs of every DDIM update (see ``StepCorrection``). ``schedule`` is accepted for CompVis call
+    compatibility and unused: the ᾱ table always comes from ``model``.
     """
 
     loop = staticmethod(sample_ddim)  # the sampling loop over the schedule; PLMSSampler swaps in its own
@@ -175,7 +189,6 @@ class DDIMSampler:
                  correction: StepCorrection | None = None, **kwargs):
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
-        self.schedule = schedule
         self.model_fn = model_fn if model_fn is not None else model.apply_model
         self.correction = correction
         self.ddim_schedule: DDIMSchedule | None = None
@@ -266,17 +279,3 @@ def _batch_len(c: Any) -> int:
         return len(c)
     return c.shape[0]
 
-
-# The seed's corrected-sampler names live in correction.samplers (ldm/ does not import correction/ at import time);
-# ``from ldm.models.diffusion.ddim import DDIMSampler_..._imagenet`` still works, resolved on first use.
-_CORRECTED_SAMPLERS = ("DDIMSampler_gaussian_quantCorrection_imagenet",
-                       "DDIMSampler_implicit_gaussian_quantCorrection_imagenet",
-                       "DDIMSampler_channel_wise_explicit_gaussian_quantCorrection_imagenet",
-                       "DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet")
-
-
-def __getattr__(name: str):
-    if name in _CORRECTED_SAMPLERS:
-        from correction import samplers
-        return getattr(samplers, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,8 @@ combination ε'_t of the current and previous model outputs:
 pseudo Runge-Kutta there) it is a pseudo improved Euler step: x' = φ(x_t, ε_t), ε'_t = (ε_t + ε(x', t_next)) / 2,
 one extra model call.
 
-Corrections: ``correction(ε_t, σ_t, step, x_t)`` acts on the model output at t, before the combination, and the
+Corrections: ``correction.begin`` is called before the first step as in ``sample_ddim``;
+``correction(ε_t, σ_t, step, x_t)`` acts on the model output at t, before the combination, and the
 corrected ε_t is what enters the history (as QNCD's PLMS does); the first step's second evaluation at t_next is not
 corrected (QNCD's choice: it has no step of its own). Coefficients of every combination sum to 1, so a constant
 bias subtracted from ε_t is subtracted from ε'_t.
@@ -26,7 +27,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, StepCorrection, ddim_step, randn_sampler)
+from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, StepCorrection, begin_trajectory, ddim_step,
+                                       randn_sampler)
 
 
 def plms_eps(eps_t: torch.Tensor, old_eps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -67,6 +69,7 @@ def sample_plms(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
     x = x_T
     b = x.shape[0]
     old_eps: list[torch.Tensor] = []
+    begin_trajectory(correction, eps_fn, b)
 
     def transfer(x_t, eps, step, alpha_t, alpha_prev, sigma):
         noise = noise_sampler(step) * temperature

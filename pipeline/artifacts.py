@@ -1,15 +1,19 @@
-"""One way to save and load every pipeline artifact: ``{"meta": {...}, **payload}``, written atomically, read with
-``weights_only=True``, and checked against what the next step asks for."""
+"""One way to save, load and reuse every pipeline artifact: ``{"meta": {...}, **payload}``, written atomically
+(``ldm.fileio``), read with ``weights_only=True``, and checked against what the next step asks for.
+
+``meta`` holds everything that decides the payload (model fingerprint, sampler settings, bits, hyper-parameters,
+seeds, the fingerprints of the artifacts it was made from), so ``is_current`` can tell whether a step may skip.
+"""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ldm.util import UserFacingError, save_atomic
+from ldm.fileio import file_fingerprint, save_atomic
+from ldm.util import UserFacingError
 
 FORMAT_VERSION = 1
 
@@ -18,21 +22,10 @@ class ArtifactMismatch(UserFacingError):
     pass
 
 
-def file_fingerprint(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:
-    """SHA-256 (first 16 hex digits) of a file's first 16 MiB and its size: cheap, and enough to tell models apart."""
-    path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(n_bytes))
-    h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()[:16]
-
-
 def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any]) -> Path:
     if "meta" in payload:
         raise ValueError("payload must not have a 'meta' key")
-    save_atomic({"meta": {"format": kind, "version": FORMAT_VERSION, **meta}, **payload}, path)
-    return Path(path)
+    return save_atomic({"meta": {"format": kind, "version": FORMAT_VERSION, **meta}, **payload}, path)
 
 
 def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | None = None,
@@ -58,3 +51,25 @@ def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | N
             raise ArtifactMismatch(f"{path} was made with {key}={meta.get(key)!r}, but {key}={want!r} is asked for; "
                                    f"rerun {produced_by} with matching settings or pass matching flags")
     return obj
+
+
+def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: bool = False,
+               what: str | None = "this result") -> bool:
+    """The one "is this artifact up to date?" check of the pipeline steps: True (and says so) when ``path`` holds
+    a ``kind`` artifact whose meta agrees with ``meta`` on every key, so the step may skip; False (saying why when
+    a file is there) when it must be made: absent, made with other settings, or ``force``. ``what=None``: silent."""
+    path = Path(path)
+    if force or not path.exists():
+        return False
+    try:
+        load_artifact(path, kind, meta)
+    except ArtifactMismatch:
+        if what is not None:
+            print(f"{path} was made with other settings; redoing it")
+        return False
+    if what is not None:
+        print(f"{path} already holds {what}; skipping (--force to redo)")
+    return True
+
+
+__all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint"]

@@ -1,10 +1,10 @@
-"""The library side of pipeline steps 2-3 (and the loader every later step uses): quantized-model artifacts,
-calibration-set loading with its checks, and resumable reconstruction.
+"""The assembly side of pipeline steps 2-3 (and the loader every later step uses): quantized-model artifacts through
+``quant.api.quantize`` (the one entry point), calibration-set loading with its checks, and resumable reconstruction.
 
-Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}.pt):
-    meta: model, ckpt (fingerprint), w_bits, a_bits (None for weights only), policy, channel_wise, smoothing (None
-          or the QNCD formula), steps, eta, scale, timesteps, calibration (fingerprint of calibration.pt), the phase
-          settings and the SQNRs measured
+Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}[sm{b}].pt):
+    meta: model, ckpt (fingerprint), w_bits, a_bits (None for weights only), sm_abit, policy, channel_wise,
+          split_shortcut, smoothing (None or the QNCD formula), steps, eta, scale, timesteps, calibration
+          (fingerprint of calibration.pt), the phase settings and the SQNRs measured
     quant_state: QuantModel.quant_state_dict() (Δ, z, rounding mode, round-up masks; no FP weights)
     smoothing: quant.smoothing.smoothing_state() when meta["smoothing"] is set
 Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and the summaries so far.
@@ -12,55 +12,66 @@ Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from quant.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from pipeline.layout import partial_path
+from quant.api import LayerFilter, QuantConfig, quantize
 from quant.model import QuantModel
 from quant.policy import POLICIES
-from quant.smoothing import load_smoothing_
+from quant.quantizer import PerChannel, PerTensor
 from quant.reconstruction import CalibrationData, Phase, ReconConfig, reconstruct_
 
 QUANT_KIND = "quant"
 PARTIAL_KIND = "quant_partial"
+CALIBRATION_KIND = "calibration"
+CALIBRATION_SCRIPT = "quant_scripts/collect_imagenet_calibration_set.py"
+WEIGHT_SCRIPT = "quant_scripts/quantize_weight.py"
+QUANT_SCRIPT = "quant_scripts/quantize_weight_activation.py"
 # what must agree between a quantized model and the request that loads it
 MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise", "sm_abit", "split_shortcut",
               "smoothing")
 
 
-def build_quant_model(unet: torch.nn.Module, meta: dict[str, Any]) -> QuantModel:
-    """An uncalibrated QuantModel shaped as ``meta`` says (bits, policy, granularity)."""
+def quant_config(meta: dict[str, Any]) -> tuple[QuantConfig, LayerFilter]:
+    """The ``QuantConfig`` and layer filter a quant artifact's meta (or a request shaped like one) describes."""
     if meta["policy"] not in POLICIES:
         raise ArtifactMismatch(f"unknown layer policy {meta['policy']!r}; this code knows {sorted(POLICIES)}")
-    return QuantModel(unet, w_bits=meta["w_bits"], a_bits=meta.get("a_bits"), policy=POLICIES[meta["policy"]],
-                      channel_wise=meta["channel_wise"], sm_abit=meta.get("sm_abit") if meta.get("a_bits") else None,
+    a_bits = meta.get("a_bits")
+    cfg = QuantConfig(w_bits=meta["w_bits"], a_bits=a_bits,
+                      granularity=PerChannel(0) if meta["channel_wise"] else PerTensor(),
+                      sm_abit=meta.get("sm_abit") if a_bits else None,
                       split_shortcut=bool(meta.get("split_shortcut")))
+    return cfg, POLICIES[meta["policy"]]
 
 
-def restore_quant_model(unet: torch.nn.Module, meta: dict[str, Any], obj: dict,
-                        path: str | os.PathLike) -> QuantModel:
-    """A QuantModel shaped as ``meta`` says, holding the quantized state of the loaded artifact ``obj`` (from
-    ``path``): its smoothing re-folded first (before the qparams), then its Δ, z and rounding. ``meta`` may add to
-    the artifact's (step 3 restores step 2's weights into a model with activation quantizers)."""
-    qm = build_quant_model(unet, meta)
+def make_quant_model(unet: torch.nn.Module, meta: dict[str, Any], obj: dict | None = None,
+                     path: str | os.PathLike | None = None) -> QuantModel:
+    """A QuantModel shaped as ``meta`` says; with ``obj`` (a loaded quant artifact, from ``path``) holding its
+    quantized state (smoothing re-folded first, then Δ, z and rounding). ``meta`` may add to the artifact's (step 3
+    restores step 2's weights into a model with activation quantizers)."""
+    cfg, filter_fn = quant_config(meta)
+    state = None
+    if obj is not None:
+        state = {"quant_state": obj["quant_state"], "smoothing": obj["smoothing"] if meta.get("smoothing") else None}
+    # step 3 with --sm_abit adds attention quantizers to step 2's weights-only state
+    fresh_attention = obj is not None and cfg.sm_abit is not None and obj["meta"].get("a_bits") is None
     try:
-        if meta.get("smoothing"):  # QNCD smoothing: S re-folded into the checkpoint weights, before the qparams
-            load_smoothing_(qm, obj["smoothing"])
-        qm.load_quant_state_dict_(obj["quant_state"])
-    except ValueError as e:
-        raise ArtifactMismatch(f"{path}: {e}") from None
-    return qm
+        return quantize(unet, cfg, filter_fn, state, fresh_attention=fresh_attention)
+    except (ValueError, KeyError) as e:
+        raise ArtifactMismatch(f"{path or 'the quantized model'}: {e}") from None
 
 
 def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],
-                     produced_by: str = "quant_scripts/quantize_weight_activation.py") -> tuple[QuantModel, dict]:
-    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...).
-    Quantization is switched on as the artifact was made (weights, and activations when it has a_bits)."""
+                     produced_by: str = QUANT_SCRIPT) -> tuple[QuantModel, dict]:
+    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...),
+    on ``unet``'s device. Quantization is switched on as the artifact was made (weights, and activations when it
+    has a_bits)."""
     obj = load_artifact(path, QUANT_KIND, expect, produced_by)
     meta = obj["meta"]
-    qm = restore_quant_model(unet, meta, obj, path)
+    qm = make_quant_model(unet, meta, obj, path)
     qm.to(next(unet.parameters()).device)
     qm.set_quant_state(weight=True, act=meta.get("a_bits") is not None)
     return qm.eval(), meta
@@ -70,7 +81,7 @@ def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps:
                      device: torch.device) -> tuple[CalibrationData, CalibrationData | None, dict]:
     """The calibration set (and its held-out part), checked: same model and sampler settings, and recorded on the
     DDIM grid that sampling will use (a set from another grid calibrates the wrong timesteps)."""
-    obj = load_artifact(path, "calibration", expect, "quant_scripts/collect_imagenet_calibration_set.py")
+    obj = load_artifact(path, CALIBRATION_KIND, expect, CALIBRATION_SCRIPT)
     got = obj["meta"].get("timesteps")
     if got != list(timesteps):
         raise ArtifactMismatch(f"{path} was recorded on the DDIM grid {got[:3]}...{got[-1:]} ({len(got)} steps), but "
@@ -79,11 +90,6 @@ def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps:
     held = (CalibrationData(obj["holdout_x"], obj["holdout_t"], obj.get("holdout_c"), device)
             if obj.get("holdout_x") is not None and len(obj["holdout_x"]) else None)
     return data, held, obj["meta"]
-
-
-def partial_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.stem + ".partial.pt")
 
 
 def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig,

@@ -1,19 +1,39 @@
-"""Plumbing shared by the pipeline scripts: model loading flags, device choice, one-line errors."""
+"""What the pipeline scripts share: one-line argument errors, presets, the model/sampling/quantization flags and
+their checks, device choice, loading a model through its family, the run layout and the meta every artifact of a
+run records. The scripts in quant_scripts/ are argument parsing plus calls into this package."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ldm.modules.diffusionmodules.util import make_ddim_timesteps
-from ldm.util import ConfigError, UserFacingError, load_config, load_model_from_config
+from ldm.fileio import file_fingerprint
+from ldm.util import UserFacingError, load_config
+from pipeline.families import ModelFamily, family_for
+from pipeline.layout import QuantTag, RunLayout
+from pipeline.sampler_spec import LISTED, SamplerSpec
+from pipeline.settings import SamplingSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <script>: <what>`` on stderr and exit status 2, no usage dump
+    (``--help`` still prints the whole usage)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli(main: Callable[[], None]) -> None:
@@ -60,6 +80,31 @@ def apply_preset(args: argparse.Namespace, default_preset: str) -> dict:
     return preset
 
 
+def script_parser(doc: str, preset: str, sampling: bool = True) -> ArgumentParser:
+    """A script's parser: its docstring's first line, the model flags and (``sampling``) the DDIM settings."""
+    p = ArgumentParser(description=doc.split("\n")[0])
+    add_model_args(p, preset)
+    if sampling:
+        add_sampling_args(p)
+    return p
+
+
+def add_output_args(p: argparse.ArgumentParser, outdir: str = "outputs", seed: int | None = None,
+                    force: str | None = "redo even if a matching artifact exists") -> None:
+    """--outdir, and --seed / --force where the script has them."""
+    p.add_argument("--outdir", default=outdir)
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=seed)
+    if force is not None:
+        p.add_argument("--force", action="store_true", help=force)
+
+
+def run_script(args: argparse.Namespace, preset: str, step: Callable[[argparse.Namespace], None]) -> None:
+    """Fill the flags left unset from the preset, then run the step (``pipeline.steps``)."""
+    apply_preset(args, preset)
+    step(args)
+
+
 def add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=None, choices=preset_names(),
                    help=f"model and defaults from configs/presets/ (default: {default_preset}; "
@@ -80,17 +125,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=None)
 
 
-def check_sampling_args(args: argparse.Namespace) -> None:
-    """One-line errors for sampling settings, before any model is loaded."""
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.eta < 0:
-        raise UserFacingError(f"--eta must be >= 0, got {args.eta}")
-    try:  # the step count alone decides whether the CompVis grid fits in T = 1000
-        make_ddim_timesteps("uniform", args.steps, 1000)
-    except ValueError as e:
-        raise UserFacingError(f"--steps {args.steps}: {e}") from None
+def check_sampling_args(args: argparse.Namespace) -> SamplingSettings:
+    """One-line errors for sampling settings, before any model is loaded; ``args.settings`` holds them checked."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
+    args.settings = SamplingSettings(args.steps, args.eta, args.scale)
+    return args.settings
+
+
+def check_positive(args: argparse.Namespace, *names: str, minimum: float = 1, flag: dict[str, str] | None = None
+                   ) -> None:
+    """One line for the first of ``names`` that is set and not a finite number >= ``minimum``."""
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and (not math.isfinite(v) or v < minimum):
+            what = "" if math.isfinite(v) else "a finite number "
+            raise UserFacingError(f"--{(flag or {}).get(name, name)} must be {what}>= {minimum:g}, got {v}")
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:
@@ -102,19 +152,21 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                    help="QNCD probe period R in steps (default 10); needs --sample_reverse")
 
 
-def resolve_sampler(args: argparse.Namespace) -> None:
-    """Fold ``--sample_reverse [--reverse_interval R]`` into ``args.sampler`` (qncd[-rR][+base]), so sample folders
-    and metadata name the probe and its period, then check the name; one-line errors for what means nothing."""
+def resolve_sampler(args: argparse.Namespace) -> SamplerSpec:
+    """``args.sampler`` parsed into ``args.spec``, with ``--sample_reverse [--reverse_interval R]`` folded in (the
+    name becomes qncd[-rR][+base], so sample folders and metadata name the probe and its period); one-line errors
+    for unknown names and for what means nothing."""
     if args.reverse_interval is not None and not args.sample_reverse:
         raise UserFacingError("--reverse_interval sets the period of QNCD's probe; add --sample_reverse")
+    spec = SamplerSpec.parse(args.sampler)
     if args.sample_reverse:
-        from correction.qncd import DEFAULT_INTERVAL
-        from correction.variants import qncd_name
-        args.sampler = qncd_name(args.sampler, DEFAULT_INTERVAL if args.reverse_interval is None
-                                 else args.reverse_interval)
-    if args.sampler != "fp32":
-        from correction.variants import spec_for
-        spec_for(args.sampler)  # an unknown name is one line naming the known ones, before anything loads
+        spec = spec.with_probe() if args.reverse_interval is None else spec.with_probe(args.reverse_interval)
+    args.spec, args.sampler = spec, str(spec)
+    return spec
+
+
+def sampler_help(default: str) -> str:
+    return f"sampler: one of {', '.join(LISTED)}, or qncd[-rR]+<base> (default {default})"
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,14 +189,21 @@ def resolve(path: str) -> Path:
     return p
 
 
-def load_ldm(args: argparse.Namespace, device: torch.device):
-    config = load_config(resolve(args.config))
-    try:
-        model = load_model_from_config(config, resolve(args.ckpt), trust=args.trust_checkpoint, device=device,
-                                       config_name=f"config {args.config}")
-    except TypeError as e:  # wrong or unknown params in the config
-        raise ConfigError(f"config {args.config} does not fit the model code: {e}") from None
-    return config, model
+def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
+    """The config and its model family, from the yaml alone (before any model is built)."""
+    path = resolve(args.config)
+    config = load_config(path)
+    return config, family_for(config, f"config {args.config}")
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFamily, Any]:
+    """(family, model): the checkpoint loaded strictly into the family's model, in eval mode on ``device``."""
+    config, family = model_family(args)
+    model = family.load(config, resolve(args.ckpt), device=device, trust=args.trust_checkpoint,
+                        config_name=f"config {args.config}")
+    if hasattr(args, "settings"):
+        args.settings.check_num_timesteps(model.num_timesteps)
+    return family, model
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
@@ -163,19 +222,25 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
 # ---- steps 2+: the run directory, the calibration set and quantized models ----------------------------------------
 
 
-def run_dir(args: argparse.Namespace) -> Path:
-    """outputs/<preset>/scale{s}_eta{η}_steps{S}: where every artifact of one sampler setting lives."""
-    return Path(args.outdir) / args.preset_used / f"scale{args.scale:g}_eta{args.eta:g}_steps{args.steps}"
+def layout(args: argparse.Namespace) -> RunLayout:
+    """Where every artifact of this run lives (outputs/<preset>/scale{s}_eta{η}_steps{S}/...)."""
+    return RunLayout(Path(args.outdir), args.preset_used, args.steps, float(args.eta), float(args.scale))
+
+
+def quant_tag(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
+    """The quantized model the flags select (--w_bits, --a_bits, --sm_abit)."""
+    if weights_only:
+        return QuantTag(args.w_bits)
+    return QuantTag(args.w_bits, args.a_bits, getattr(args, "sm_abit", None))
 
 
 def model_meta(args: argparse.Namespace) -> dict:
-    """What identifies the model and sampler settings in every artifact's meta."""
-    from quant.artifacts import file_fingerprint
+    """What identifies the model and sampler settings in every artifact's meta (checked before anything loads)."""
     ckpt = resolve(args.ckpt)
     if not ckpt.is_file():
-        raise UserFacingError(f"checkpoint not found: {args.ckpt}")
-    return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), "steps": args.steps,
-            "eta": float(args.eta), "scale": float(args.scale)}
+        hint = f"; {args.download_hint}" if getattr(args, "download_hint", None) else ""
+        raise UserFacingError(f"checkpoint not found: {args.ckpt}{hint}")
+    return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), **args.settings.meta()}
 
 
 def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel_wise: bool) -> None:
@@ -199,25 +264,36 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
                    help="precision of the reconstruction caches (float16 halves their memory)")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
                                                      "of memory (full-size UNets on small hosts)")
-    p.add_argument("--outdir", default="outputs")
-    p.add_argument("--force", action="store_true", help="redo even if a matching artifact exists")
+    add_output_args(p)
+
+
+def add_bits_args(p: argparse.ArgumentParser, w_bits: int, a_bits: int) -> None:
+    """Which quantized model a later step (4-7) uses: --w_bits, --a_bits and --sm_abit, as step 3 made it."""
+    p.add_argument("--w_bits", type=int, default=w_bits, choices=(4, 8), help="weight bits")
+    p.add_argument("--a_bits", type=int, default=a_bits, choices=(6, 8), help="activation bits")
+    p.add_argument("--sm_abit", type=int, default=None,
+                   help="the model step 3 made with --sm_abit (attention matmuls quantized, softmax at these bits)")
 
 
 def check_quant_args(args: argparse.Namespace) -> None:
+    """One-line errors for the quantization flags (steps 2-3), before any model is loaded. ``--quant_mode qncd``
+    is a recipe: it sets the flags it stands for, so the artifacts' meta name them."""
     from quant.policy import POLICIES
-    if args.quant_mode == "qncd":  # a recipe: it sets the flags it stands for, so the artifacts' meta name them
+    if args.quant_mode == "qncd":
         args.smoothing = args.smoothing or "code"
         if hasattr(args, "running_stat"):
             args.running_stat = args.running_stat or "all"
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
+    check_bits(args)
+    check_positive(args, "weight_iters", "act_init_samples", "recon_batch_size")
+    check_positive(args, "act_iters", "round_weight", minimum=0)
+    check_positive(args, "lr", "p", minimum=1e-12)
+
+
+def check_bits(args: argparse.Namespace) -> None:
     if getattr(args, "sm_abit", None) is not None and not 2 <= args.sm_abit <= 16:
         raise UserFacingError(f"--sm_abit must be in 2..16, got {args.sm_abit}")
-    for name in ("weight_iters", "act_init_samples", "recon_batch_size"):
-        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
-            raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "act_iters", 0) is not None and getattr(args, "act_iters", 0) < 0:
-        raise UserFacingError(f"--act_iters must be >= 0 (0: no step learning), got {args.act_iters}")
 
 
 def cache_spec(args: argparse.Namespace):

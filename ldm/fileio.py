@@ -1,0 +1,86 @@
+"""The project's one atomic write and its file fingerprints (the bottom layer: every package may import this).
+
+A file is written to a temporary name beside its target, then renamed over it (``os.replace`` is atomic on POSIX
+and Windows), so a reader sees the old file or the whole new one, never half of one. Temporary names are
+``.<name>.tmp<pid><suffix>`` (the suffix keeps writers that choose a format by extension, e.g. ``np.savez``, from
+adding their own); ``remove_stale_temporaries`` deletes those an interrupted writer left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+TMP_MARK = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an exception it becomes ``path``.
+    On any exception the temporary file is removed and ``path`` is untouched. ``keep_suffix``: the temporary name
+    ends with ``path``'s suffix (for writers that append a suffix otherwise, e.g. ``np.savez``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}{path.suffix if keep_suffix else ''}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], keep_suffix: bool = False) -> Path:
+    """``write(tmp)`` then rename to ``path``: the one atomic write every artifact, image and record goes through."""
+    with atomic_path(path, keep_suffix) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically."""
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | os.PathLike, record: Any) -> Path:
+    return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, name: str = "*") -> int:
+    """Delete the temporary files that interrupted writes of ``name`` (a glob) left in ``directory``; returns how
+    many. Only our own pattern ``.<name>.tmp*`` is touched."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    stale = list(directory.glob(f".{name}{TMP_MARK}*"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a whole file (reference batches, feature networks: what a reader can check with sha256sum)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:
+    """SHA-256 (first 16 hex digits) of a file's first 16 MiB and its size: cheap on multi-GB checkpoints, and
+    enough to tell models and pipeline artifacts apart."""
+    path = Path(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(n_bytes))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,213 @@
+"""One place that turns a sampler spec into what sampling needs: the denoiser ``model_fn`` and the per-step
+correction, each loaded from the run's artifacts and checked against the request (D²-DPM §"Dual denoising";
+PTQD §4; QNCD's runtime noise estimation; the seed's ``--correct_type`` names, spec d2dpm.md §3.7).
+
+Artifacts (``pipeline.layout``): the quantized model (step 3, kind "quant"), and for a corrected sampler the fit
+(step 5: ``gaussian_{tensor,channel}.pt`` kind "gaussian", or ``ptqd.pt`` kind "ptqd"). Every artifact is checked
+against ``expect`` (model, ckpt, steps, eta, scale), the bits, the model's DDIM grid and, for the fits, the
+fingerprint of the quantized model they were measured on. A missing or mismatched artifact is a one-line
+``ArtifactMismatch`` naming the script to run; nothing falls back to another sampler.
+
+To add a correction method: a ``StepCorrection`` in ``correction/``, a ``Method`` (and its name) in
+``pipeline.sampler_spec``, and its construction in ``make_correction`` below.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from correction.d2 import DeterministicD2, StochasticD2
+from correction.gaussian import GaussianFit
+from correction.ptqd import PTQDCorrection, PTQDFit
+from correction.qncd import QNCDProbe
+from correction.statistics import CorrectionError
+from ldm.fileio import file_fingerprint
+from ldm.models.diffusion.ddim import DDIMSchedule, ModelFn, StepCorrection
+from pipeline.artifacts import ArtifactMismatch, load_artifact
+from pipeline.families import ModelFamily
+from pipeline.layout import QuantTag, RunLayout
+from pipeline.quantize import QUANT_KIND, QUANT_SCRIPT, load_quant_model
+from pipeline.sampler_spec import FitKind, Method, SamplerSpec
+from pipeline.settings import SamplingSettings
+
+STATS_SCRIPT = "quant_scripts/collect_timestep_aware_statistics.py"
+FIT_SCRIPT = "quant_scripts/gaussian_modeling.py"
+NOISE_STATS_KIND = "noise_stats"
+GAUSSIAN_KIND = "gaussian"
+PTQD_KIND = "ptqd"
+
+Fit = GaussianFit | PTQDFit
+
+
+# ---- corrections from a spec --------------------------------------------------------------------------------------
+
+def make_correction(spec: SamplerSpec, fit: Fit | None, generator: torch.Generator | None) -> StepCorrection | None:
+    """A fresh ``StepCorrection`` for ``spec`` (None for fp32 and none). S-D² and the QNCD probe draw their noise
+    from ``generator``; the others ignore it. With a probe, the method is its base (the probe then estimates the
+    bias left after the base's correction)."""
+    if spec.needs_generator and generator is None:
+        raise CorrectionError(f"{spec} draws its correction noise from a torch.Generator; pass one "
+                              f"(e.g. torch.Generator().manual_seed(seed))")
+    base: StepCorrection | None = None
+    if spec.method is Method.PTQD:
+        base = PTQDCorrection(fit)
+    elif spec.method is Method.SD2:
+        base = StochasticD2(fit, generator)
+    elif spec.method is Method.DD2:
+        base = DeterministicD2(fit)
+    return base if spec.probe is None else QNCDProbe(spec.probe, base=base, generator=generator)
+
+
+# ---- the value object ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """What sampling with one sampler spec needs.
+
+    ``model_fn`` (x, t, c) -> ε: the FP denoiser for fp32, the quantized UNet behind the family's conditioning
+    routing otherwise. ``correction_for(generator)`` gives a fresh ``StepCorrection`` (None for fp32 and none).
+    ``artifacts`` maps each artifact used to its path; ``quant_meta`` and ``quant_model`` are the quantized UNet's
+    meta and QuantModel (None for fp32). Sample inside ``family.ema_scope(model)`` (the quantized UNet was copied
+    from the EMA weights)."""
+
+    spec: SamplerSpec
+    model_fn: ModelFn
+    fit: Fit | None = None
+    quant_meta: dict | None = None
+    quant_model: torch.nn.Module | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.spec)
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    @property
+    def quantized(self) -> bool:
+        return self.quant_meta is not None
+
+    def correction_for(self, generator: torch.Generator | None = None) -> StepCorrection | None:
+        return make_correction(self.spec, self.fit, generator)
+
+    def check_sampling(self, settings: SamplingSettings) -> None:
+        """One-line ``ConfigMismatch`` when the sampler's settings differ from those the fit was made for."""
+        if self.fit is not None:
+            self.fit.sampling.check(steps=settings.steps, eta=settings.eta, scale=settings.scale,
+                                    what=f"the {self.name} statistics")
+
+    def fingerprints(self) -> dict[str, str]:
+        """{artifact: fingerprint} of what this variant loaded (for the metadata of what it produces)."""
+        return {k: file_fingerprint(p) for k, p in self.artifacts.items()}
+
+
+# ---- which artifacts, and are they there ---------------------------------------------------------------------------
+
+def fit_path(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> tuple[Path, str] | None:
+    """(path, kind) of the fit ``spec`` reads, None when it reads none."""
+    if spec.fit is FitKind.PTQD:
+        return layout.ptqd(tag), PTQD_KIND
+    if spec.fit is FitKind.GAUSSIAN:
+        return layout.gaussian(tag, spec.granularity.value), GAUSSIAN_KIND
+    return None
+
+
+def required_artifacts(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> list[tuple[Path, str, str]]:
+    """(path, kind, the script that makes it) of every artifact ``spec`` reads, in pipeline order."""
+    out = []
+    if spec.quantized:
+        out.append((layout.quant(tag), QUANT_KIND, f"{QUANT_SCRIPT} {tag.flags}"))
+    fit = fit_path(spec, layout, tag)
+    if fit is not None:
+        out.append((*fit, f"{FIT_SCRIPT} {tag.flags}"))
+    return out
+
+
+def check_present(specs: Iterable[SamplerSpec], layout: RunLayout, tag: QuantTag) -> None:
+    """Stop with one line naming the first missing artifact and the script that makes it: cheap (no model is
+    loaded), so a script calls it before it creates folders or loads anything."""
+    for spec in specs:
+        for path, kind, script in required_artifacts(spec, layout, tag):
+            if not path.is_file():
+                what = f"{tag.title()} quantized model" if kind == QUANT_KIND else f"{kind} artifact"
+                if kind != QUANT_KIND and not layout.noise_stats(tag).is_file():
+                    script = f"{STATS_SCRIPT} {tag.flags}, then {script}"
+                raise ArtifactMismatch(f"{what} not found: {path}{layout.elsewhere(path)}; run {script} with "
+                                       f"these settings first")
+
+
+def load_fit(path: Path, kind: str, want: dict, produced_by: str) -> Fit:
+    """A Gaussian or PTQD fit artifact, meta checked against ``want`` and the payload's sampling settings against
+    the meta (a file edited by hand or written by other code is refused)."""
+    obj = load_artifact(path, kind, want, produced_by)
+    try:
+        fit = GaussianFit.from_dict(obj["fit"]) if kind == GAUSSIAN_KIND else PTQDFit.from_dict(obj["fit"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ArtifactMismatch(f"{path} holds no usable fit ({type(e).__name__}: {e}); rerun {produced_by}") from None
+    s = fit.sampling
+    if list(s.timesteps) != want["timesteps"] or s.steps != want["steps"] or \
+            not math.isclose(s.eta, want["eta"], abs_tol=1e-9) or not math.isclose(s.scale, want["scale"],
+                                                                                  abs_tol=1e-9):
+        raise ArtifactMismatch(f"{path}: its fit covers steps={s.steps}, eta={s.eta:g}, scale={s.scale:g}, but "
+                               f"steps={want['steps']}, eta={want['eta']:g}, scale={want['scale']:g} is asked for; "
+                               f"rerun {produced_by}")
+    return fit
+
+
+# ---- building -----------------------------------------------------------------------------------------------------
+
+def ddim_timesteps(model, steps: int, eta: float) -> list[int]:
+    """The model's DDIM grid for ``steps`` steps (ascending), as every artifact's meta records it."""
+    return DDIMSchedule.make(model.alphas_cumprod, steps, eta).timesteps.tolist()
+
+
+def quant_expect(expect: dict[str, Any], tag: QuantTag) -> dict[str, Any]:
+    """What a quantized model's meta must say for this request."""
+    return {**expect, "w_bits": tag.w_bits, "a_bits": tag.a_bits, "sm_abit": tag.sm_abit}
+
+
+def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayout, tag: QuantTag,
+                  expect: dict[str, Any]) -> Variant:
+    """Load and check everything ``spec`` needs. ``model`` is the loaded FP model of ``family``; ``expect`` is
+    ``pipeline.cli.model_meta`` (model, ckpt, steps, eta, scale) that every artifact must match, together with the
+    bits of ``tag`` and the model's DDIM grid for these steps and η."""
+    check_present([spec], layout, tag)
+    if not spec.quantized:
+        return Variant(spec, family.model_fn(model))
+    qpath = layout.quant(tag)
+    qwant = quant_expect(expect, tag)
+    qscript = f"{QUANT_SCRIPT} {tag.flags}"
+    with family.ema_scope(model):
+        qm, qmeta = load_quant_model(family.unet(model), qpath, qwant, qscript)
+    grid = ddim_timesteps(model, expect["steps"], expect["eta"])
+    if "timesteps" in qmeta and list(qmeta["timesteps"]) != grid:
+        raise ArtifactMismatch(f"{qpath} was calibrated on another DDIM grid than the model's {expect['steps']}-step "
+                               f"one; rerun {qscript}")
+    artifacts, fit = {"quant": qpath}, None
+    found = fit_path(spec, layout, tag)
+    if found is not None:
+        fpath, kind = found
+        fwant = {**qwant, "timesteps": grid, "quant": file_fingerprint(qpath)}
+        if kind == GAUSSIAN_KIND:
+            fwant["granularity"] = spec.granularity.value
+        try:
+            fit = load_fit(fpath, kind, fwant, f"{FIT_SCRIPT} {tag.flags}")
+        except ArtifactMismatch as e:
+            if "quant=" in str(e):
+                raise ArtifactMismatch(f"{fpath} was fitted on another {qpath.name} than the one there now; rerun "
+                                       f"{STATS_SCRIPT} and {FIT_SCRIPT}") from None
+            raise
+        artifacts["fit"] = fpath
+    return Variant(spec, family.unet_model_fn(model, qm), fit=fit, quant_meta=qmeta, quant_model=qm,
+                   artifacts=artifacts)
+
+
+__all__ = ["Variant", "make_correction", "build_variant", "check_present", "required_artifacts", "load_fit",
+           "fit_path", "ddim_timesteps", "quant_expect", "NOISE_STATS_KIND", "GAUSSIAN_KIND", "PTQD_KIND",
+           "STATS_SCRIPT", "FIT_SCRIPT"]

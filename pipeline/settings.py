@@ -1,0 +1,48 @@
+"""The sampler settings of a run (DDIM steps S, η, guidance scale s), validated once and checked against artifacts
+in one place."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+from ldm.util import UserFacingError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """``steps`` DDIM steps, η (0: deterministic DDIM; 1: DDPM-like), classifier-free guidance ``scale`` (1: none)."""
+
+    steps: int
+    eta: float
+    scale: float
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise UserFacingError(f"--steps must be >= 1, got {self.steps}")
+        for name in ("eta", "scale"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise UserFacingError(f"--{name} must be a finite number, got {v}")
+        if self.eta < 0:
+            raise UserFacingError(f"--eta must be >= 0, got {self.eta}")
+        if self.scale < 0:
+            raise UserFacingError(f"--scale must be >= 0 (1 = no guidance), got {self.scale}")
+        try:  # the step count alone decides whether the CompVis grid fits in T = 1000
+            make_ddim_timesteps("uniform", self.steps, 1000)
+        except ValueError as e:
+            raise UserFacingError(f"--steps {self.steps}: {e}") from None
+        object.__setattr__(self, "eta", float(self.eta))
+        object.__setattr__(self, "scale", float(self.scale))
+
+    def meta(self) -> dict[str, Any]:
+        """The keys every artifact of a run records and is checked on."""
+        return {"steps": self.steps, "eta": self.eta, "scale": self.scale}
+
+    def flags(self) -> str:
+        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}"
+
+    def check_num_timesteps(self, num_timesteps: int) -> None:
+        if self.steps > num_timesteps:
+            raise UserFacingError(f"--steps {self.steps} exceeds the model's {num_timesteps} timesteps")

@@ -1,0 +1,53 @@
+"""Step 1: a calibration set of UNet inputs (x_t, t, c) along FP DDIM trajectories (``quant.calibration``)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ldm.util import UserFacingError
+from pipeline import cli
+from pipeline.artifacts import is_current, save_artifact
+from pipeline.quantize import CALIBRATION_KIND
+from pipeline.sampling import ddim_timesteps
+from quant.calibration import TimestepDistribution, collect_calibration_set
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.calibration_trajectories_per_class is None:
+        args.calibration_trajectories_per_class = 1
+    if args.n < 1 or args.calibration_trajectories_per_class < 1 or args.n_holdout < 0:
+        raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1, --n_holdout >= 0")
+    settings = cli.check_sampling_args(args)
+    meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
+            "seed": args.seed}
+    _, family = cli.model_family(args)
+    out = cli.layout(args).calibration
+    if is_current(out, CALIBRATION_KIND, meta, args.force, "this calibration set"):
+        return
+    cli.ensure_writable_dir(out.parent)
+    device = cli.pick_device(args.device)
+    family, model = cli.load_model(args, device)
+    conditions = family.conditions(model, args.calibration_trajectories_per_class)
+    n_unconditional = None if conditions is not None else args.calibration_trajectories_per_class
+    what = (f"{n_unconditional} unconditional trajectories" if conditions is None else
+            family.describe(conditions, len(conditions)).replace("samples", "trajectories"))
+    print(f"[{args.preset_used}] recording {what}, {settings.steps} DDIM steps, eta {settings.eta}, scale "
+          f"{settings.scale}; keeping {args.n} inputs + {args.n_holdout} held out ({args.distribution}), seed "
+          f"{args.seed}, on {device}")
+    t0 = time.time()
+    scale = family.guidance_scale(settings.scale)
+    with family.ema_scope(model):
+        try:
+            data = collect_calibration_set(
+                model, conditions, n=args.n, steps=settings.steps, eta=settings.eta, scale=scale,
+                distribution=TimestepDistribution(args.distribution), seed=args.seed, n_unconditional=n_unconditional,
+                batch_size=args.batch_size, n_holdout=args.n_holdout, model_fn=family.model_fn(model),
+                conditioner=family.conditioner(model, scale) if conditions is not None else None)
+        except ValueError as e:
+            raise UserFacingError(f"{e}; raise --calibration_trajectories_per_class or lower --n") from None
+    meta["timesteps"] = ddim_timesteps(model, settings.steps, settings.eta)
+    save_artifact(out, CALIBRATION_KIND, meta, data)
+    counts = torch.bincount(data["t"]).nonzero().numel()
+    print(f"wrote {out}: {len(data['t'])} inputs over {counts} timesteps ({time.time() - t0:.1f} s)")

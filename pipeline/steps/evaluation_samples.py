@@ -1,0 +1,97 @@
+"""Step 7: class-balanced evaluation samples from any sampler spec, sharded and resumable (one process or torchrun
+ranks give the same file), merged into samples.npz (``evaluation.generation`` holds the plan, shards and merge)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from evaluation.generation import (LABEL_RULE, DistContext, PeerFailed, Plan, assign, env_rank, init_distributed,
+                                   merge_shards, pending_batches, prepare_dir, rank_device, shard_path, write_shard)
+from ldm.util import UserFacingError
+from pipeline import cli
+from pipeline.generate import sample_batch
+from pipeline.layout import FP32
+from pipeline.sampling import build_variant
+
+
+def check_args(args: argparse.Namespace) -> None:
+    cli.check_sampling_args(args)
+    cli.check_bits(args)
+    if args.eval_samples is None:
+        raise UserFacingError("the preset has no eval_samples; pass --n_samples")
+    cli.check_positive(args, "eval_samples", "decode_batch_size", flag={"eval_samples": "n_samples"})
+    if args.seed < 0:
+        raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
+    cli.resolve_sampler(args)
+
+
+def generate(args: argparse.Namespace) -> None:
+    check_args(args)
+    config, family = cli.model_family(args)
+    plan = Plan(args.eval_samples, args.batch_size, args.seed, family.num_classes(config))
+    expect = cli.model_meta(args)
+    layout = cli.layout(args)
+    tag = cli.quant_tag(args) if args.spec.quantized else FP32
+    sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed))
+    device = rank_device(cli.pick_device(args.device))
+    family, model = cli.load_model(args, device)
+    model_fn, correction_for, artifacts = family.model_fn(model), None, {}
+    if args.spec.quantized:
+        variant = build_variant(args.spec, family, model, layout, tag, expect)
+        variant.check_sampling(args.settings)
+        model_fn, correction_for, artifacts = variant.model_fn, variant.correction_for, variant.fingerprints()
+    settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts, "n": plan.n,
+                "seed": plan.seed, "batch_size": plan.batch_size, "classes": plan.num_classes,
+                "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False))}
+    ctx = init_distributed(device)
+    try:
+        run(ctx, args, family, model, plan, sdir, settings, model_fn, correction_for)
+    finally:
+        ctx.close()
+
+
+def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings: dict, model_fn,
+        correction_for) -> None:
+    def prepare() -> list[int]:
+        prepare_dir(sdir, settings, force=args.force)
+        return pending_batches(sdir, plan)
+
+    t0 = time.time()
+    pending = ctx.on_main(prepare)
+    mine = assign(pending, ctx.rank, ctx.world)
+    out = sdir / "samples.npz"
+    if ctx.main:
+        what = f"{plan.n} samples" + (f", {plan.n // plan.num_classes} per class" if plan.num_classes else "")
+        print(f"[{args.preset_used}] {args.sampler} ({settings['bits']}): {what}; {plan.num_batches} batches of "
+              f"{plan.batch_size}, {len(pending)} to make on {ctx.world} process(es); {args.steps} DDIM steps, "
+              f"eta {args.eta:g}, scale {args.scale:g}, seed {plan.seed}, on {model.betas.device}")
+    with family.ema_scope(model):
+        for b in tqdm(mine, desc="batches (rank 0)" if ctx.active else "batches", disable=not ctx.main):
+            batch = plan.batch(b)
+            images = sample_batch(family, model, batch, args.settings, model_fn=model_fn,
+                                  correction_for=correction_for, decode_batch_size=args.decode_batch_size)
+            write_shard(shard_path(sdir, b), images, batch.labels, batch.indices)
+    ctx.barrier()
+    if not ctx.main:
+        return
+    if pending or not out.exists():
+        merge_shards(sdir, plan, out)
+        print(f"wrote {out} ({plan.n} images; {len(pending)} batches made in {time.time() - t0:.1f} s)")
+    else:
+        print(f"{out} is complete; nothing to do")
+
+
+def main(args: argparse.Namespace) -> None:
+    """``generate`` with the torchrun error protocol: rank 0 reports, the other ranks exit quietly."""
+    try:
+        generate(args)
+    except PeerFailed:
+        sys.exit(2)            # rank 0 printed the reason
+    except UserFacingError:
+        if env_rank() != 0:    # every rank checks the same inputs; rank 0 says it once
+            sys.exit(2)
+        raise

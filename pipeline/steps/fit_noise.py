@@ -1,0 +1,124 @@
+"""Step 5: the Gaussian fits of the quantization noise (tensor- and channel-wise, D²-DPM Eqs. 7-10), PTQD's fit,
+the per-timestep plot (the paper's Fig. 2) and a table."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from correction.gaussian import Granularity, gaussian_from_moments, plot_fit
+from correction.ptqd import ptqd_from_moments
+from correction.statistics import Moments, NoiseStatistics, SamplingConfig
+from ldm.fileio import file_fingerprint
+from ldm.util import UserFacingError
+from pipeline import cli
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
+from pipeline.layout import partial_path
+from pipeline.sampling import (GAUSSIAN_KIND, NOISE_STATS_KIND, PTQD_KIND, STATS_SCRIPT, check_present,
+                               quant_expect)
+from pipeline.steps.noise_statistics import UNCORRECTED
+
+
+def filtered(obj: dict, stats: NoiseStatistics, k: float, spill: Path) -> tuple[dict, float | None]:
+    """{"tensor": Moments, "channel": Moments} after the k·σ filter (tensor-wise and per-channel thresholds), and
+    the k recorded (None: no filter)."""
+    if k == 0:
+        raw = stats.moments()
+        return {"tensor": raw, "channel": raw}, None
+    stored_k = obj["meta"].get("outlier_k") or 0.0
+    if obj.get("filtered") is not None and abs(stored_k - k) < 1e-12:
+        return {g: Moments(stats.timesteps, *(obj["filtered"][g][x] for x in ("n", "s1", "s2")))
+                for g in ("tensor", "channel")}, k
+    if partial_path(spill.with_name("noise_stats.pt")).exists():  # the spill then holds another collection's rows
+        raise UserFacingError(f"a statistics collection was interrupted in {spill.parent} and its spill is not that "
+                              f"of noise_stats.pt; finish it ({STATS_SCRIPT}) before refitting with another k")
+    if not spill.is_dir():
+        raise UserFacingError(f"the statistics were filtered at {stored_k:g}σ, a {k:g}σ filter needs the spilled "
+                              f"values; rerun {STATS_SCRIPT} with --outlier_k {k:g} (or --keep_spill), or drop "
+                              f"--outlier_k")
+    s = NoiseStatistics.from_state_dict(obj["state"], spill)
+    return {"tensor": s.filtered_moments(k, per_channel=False), "channel": s.filtered_moments(k, per_channel=True)}, k
+
+
+def print_table(tensor_fit, channel_fit, ptqd_fit) -> None:
+    """One line per timestep (t descending, sampling order): the tensor-wise Gaussian, the channel spread of μ_Δ
+    and σ_Δ, and PTQD's k_t and residual σ."""
+    print(f"{'t':>5} {'mu_eps':>8} {'mu_D':>9} {'sigma_D':>8} {'rho':>7} {'sigma_c':>8} | "
+          f"{'mu_D (ch min..max)':>19} {'sigma_D (ch)':>15} | {'ptqd k':>7} {'ptqd s':>7}")
+    for r in reversed(range(len(tensor_fit.timesteps))):
+        mu_c, sd_c = channel_fit.mu_y[r], channel_fit.sigma_y[r]
+        print(f"{tensor_fit.timesteps[r]:>5} {tensor_fit.mu_x[r, 0]:>8.4f} {tensor_fit.mu_y[r, 0]:>9.5f} "
+              f"{tensor_fit.sigma_y[r, 0]:>8.5f} {tensor_fit.rho[r, 0]:>7.4f} {tensor_fit.sigma_c[r, 0]:>8.5f} | "
+              f"{mu_c.min():>9.5f}..{mu_c.max():<9.5f} {sd_c.min():>7.5f}..{sd_c.max():<7.5f} | "
+              f"{ptqd_fit.slope[r]:>7.4f} {ptqd_fit.sigma[r]:>7.5f}")
+    t = tensor_fit
+    print(f"ranges over t: mu_D {t.mu_y.min():.5f}..{t.mu_y.max():.5f}, sigma_D {t.sigma_y.min():.5f}.."
+          f"{t.sigma_y.max():.5f}, rho {t.rho.min():.4f}..{t.rho.max():.4f}; channel-wise rho "
+          f"{channel_fit.rho.min():.4f}..{channel_fit.rho.max():.4f}")
+
+
+def load_statistics(args: argparse.Namespace, layout, tag, want: dict) -> dict:
+    """Step 4's artifact, made on the quantized model that is there now."""
+    qpath, spath = layout.quant(tag), layout.noise_stats(tag)
+    try:
+        return load_artifact(spath, NOISE_STATS_KIND, {**want, "quant": file_fingerprint(qpath)},
+                             f"{STATS_SCRIPT} {tag.flags}")
+    except ArtifactMismatch as e:
+        if "quant=" in str(e):
+            raise ArtifactMismatch(f"{spath} was collected with another {qpath.name} than the one there now; rerun "
+                                   f"{STATS_SCRIPT} {tag.flags}") from None
+        raise
+
+
+def fits_current(paths: dict, meta: dict, force: bool) -> bool:
+    """Whether the three fits hold these settings (the one reuse check, per artifact)."""
+    current = (is_current(paths[g], GAUSSIAN_KIND, {**meta, "granularity": g}, force, None)
+               for g in ("tensor", "channel"))
+    if all(current) and is_current(paths["ptqd"], PTQD_KIND, {k: v for k, v in meta.items() if k != "outlier_k"},
+                                   force, None):
+        print(f"{paths['ptqd'].parent} already holds these fits; skipping (--force to redo)")
+        return True
+    return False
+
+
+def run(args: argparse.Namespace) -> None:
+    cli.check_sampling_args(args)
+    cli.check_bits(args)
+    cli.check_positive(args, "outlier_k", minimum=0)
+    base = cli.model_meta(args)
+    layout, tag = cli.layout(args), cli.quant_tag(args)
+    spath = layout.noise_stats(tag)
+    check_present([UNCORRECTED], layout, tag)
+    want = quant_expect(base, tag)
+    obj = load_statistics(args, layout, tag, want)
+    smeta = obj["meta"]
+    stats = NoiseStatistics.from_state_dict(obj["state"])
+    sampling: SamplingConfig = stats.sampling
+    if list(sampling.timesteps) != list(smeta["timesteps"]):
+        raise ArtifactMismatch(f"{spath}: its statistics and its meta name different timesteps; rerun {STATS_SCRIPT}")
+    k = (smeta.get("outlier_k") or 0.0) if args.outlier_k is None else args.outlier_k
+    meta = {**want, "timesteps": list(sampling.timesteps), "quant": smeta["quant"],
+            "noise_stats": file_fingerprint(spath), "n": smeta["n"], "outlier_k": k or None}
+    paths = {"tensor": layout.gaussian(tag, "tensor"), "channel": layout.gaussian(tag, "channel"),
+             "ptqd": layout.ptqd(tag)}
+    png = layout.noise_plot(tag)
+    if png.exists() and fits_current(paths, meta, args.force):
+        return
+
+    t0 = time.time()
+    moments, k_used = filtered(obj, stats, k, layout.noise_stats_spill(tag))
+    fits = {g: gaussian_from_moments(moments[g], Granularity(g), sampling, k_used) for g in ("tensor", "channel")}
+    ptqd = ptqd_from_moments(stats.moments(), sampling)
+    for g, fit in fits.items():
+        save_artifact(paths[g], GAUSSIAN_KIND, {**meta, "granularity": g}, {"fit": fit.to_dict()})
+    save_artifact(paths["ptqd"], PTQD_KIND, {k_: v for k_, v in meta.items() if k_ != "outlier_k"},
+                  {"fit": ptqd.to_dict()})
+    filt = "no filter" if k_used is None else f"{k_used:g} sigma filter"
+    plot_fit(png, [fits["channel"], fits["tensor"]],
+             title=f"{args.preset_used} {tag.title()}: {smeta['n']} trajectories, {args.steps} steps, "
+                   f"eta {args.eta:g}, scale {args.scale:g}, {filt}")
+    print(f"[{args.preset_used}] {tag.title()}, {smeta['n']} trajectories x {args.steps} steps, eta "
+          f"{args.eta:g}, scale {args.scale:g}, {'no' if k_used is None else f'{k_used:g}σ'} outlier filter")
+    print_table(fits["tensor"], fits["channel"], ptqd)
+    print(f"wrote {', '.join(p.name for p in paths.values())} and {png.name} to {spath.parent} "
+          f"({time.time() - t0:.1f} s)")

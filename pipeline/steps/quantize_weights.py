@@ -1,0 +1,71 @@
+"""Step 2: weight quantization by BRECQ block reconstruction with AdaRound (W4 or W8), QNCD's smoothing first when
+asked, resumable after every unit."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ldm.fileio import file_fingerprint
+from pipeline import cli
+from pipeline.artifacts import is_current, save_artifact
+from pipeline.quantize import (QUANT_KIND, finish_partial, load_calibration, make_quant_model,
+                               resumable_reconstruct)
+from pipeline.sampling import ddim_timesteps
+from quant.api import quantized_state
+from quant.reconstruction import Phase, ReconConfig, sqnr_db
+from quant.smoothing import Formula, apply_smoothing_, smoothing_factors
+
+
+def weight_meta(args: argparse.Namespace, base: dict) -> dict:
+    """What identifies a step-2 model: the run's meta, the QuantConfig's flags and every reconstruction setting."""
+    return {**base, "w_bits": args.w_bits, "a_bits": None, "policy": args.policy, "channel_wise": args.channel_wise,
+            "split_shortcut": args.split_shortcut or None, "smoothing": args.smoothing}
+
+
+def run(args: argparse.Namespace) -> None:
+    cli.check_sampling_args(args)
+    cli.check_quant_args(args)
+    base = cli.model_meta(args)
+    cli.model_family(args)  # a config of no known family stops here, before anything is written
+    layout, tag = cli.layout(args), cli.quant_tag(args, weights_only=True)
+    out, cal_path = layout.quant(tag), layout.calibration
+    meta = {**weight_meta(args, base), "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
+            "weight_iters": args.weight_iters, "recon_batch_size": args.recon_batch_size,
+            "round_weight": args.round_weight, "seed": args.seed}
+    if is_current(out, QUANT_KIND, meta, args.force, "this quantized model"):
+        return
+    cli.ensure_writable_dir(out.parent)
+    device = cli.pick_device(args.device)
+    family, model = cli.load_model(args, device)
+    timesteps = ddim_timesteps(model, args.steps, args.eta)
+    data, held, _ = load_calibration(cal_path, base, timesteps, device)
+    meta["timesteps"] = timesteps
+    torch.manual_seed(args.seed)
+
+    t0 = time.time()
+    with family.ema_scope(model):
+        qm = make_quant_model(family.unet(model), meta).to(device)
+    if args.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
+        factors = smoothing_factors(qm, data, Formula(args.smoothing))
+        apply_smoothing_(qm, factors)
+        print(f"QNCD smoothing ({args.smoothing} formula) of {len(factors)} ResBlocks; S in "
+              f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
+              f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+    qm.init_weights_()
+    held = held or data
+    sqnr_nearest = sqnr_db(qm, held)
+    granularity = "per-channel" if args.channel_wise else "per-tensor"
+    print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR "
+          f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
+          f"{args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, on {device}")
+    cfg = ReconConfig(iters=args.weight_iters, batch_size=args.recon_batch_size, round_weight=args.round_weight,
+                      cache=cli.cache_spec(args), seed=args.seed)
+    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta)
+    sqnr_ada = sqnr_db(qm, held)
+    meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada, seconds=time.time() - t0)
+    save_artifact(out, QUANT_KIND, meta, {**quantized_state(qm, bool(args.smoothing)), "summaries": summaries})
+    finish_partial(out)
+    print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
+          f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")
