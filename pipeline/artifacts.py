@@ -19,7 +19,12 @@ FORMAT_VERSION = 1
 
 
 class ArtifactMismatch(UserFacingError):
-    pass
+    """One line naming the artifact, what differs and how to fix it; ``key`` is the meta key that differs (None
+    when the file is missing, unreadable or of another kind)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any]) -> Path:
@@ -49,7 +54,7 @@ def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | N
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ArtifactMismatch(f"{path} was made with {key}={meta.get(key)!r}, but {key}={want!r} is asked for; "
-                                   f"rerun {produced_by} with matching settings or pass matching flags")
+                                   f"rerun {produced_by} with matching settings or pass matching flags", key)
     return obj
 
 

@@ -190,10 +190,11 @@ def resolve(path: str) -> Path:
 
 
 def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
-    """The config and its model family, from the yaml alone (before any model is built)."""
-    path = resolve(args.config)
-    config = load_config(path)
-    return config, family_for(config, f"config {args.config}")
+    """The config and its model family, from the yaml alone (before any model is built); read once per run."""
+    if getattr(args, "config_family", None) is None:
+        config = load_config(resolve(args.config))
+        args.config_family = (config, family_for(config, f"config {args.config}"))
+    return args.config_family
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFamily, Any]:
@@ -244,7 +245,7 @@ def model_meta(args: argparse.Namespace) -> dict:
 
 
 def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel_wise: bool) -> None:
-    p.add_argument("--w_bits", type=int, default=w_bits, choices=(4, 8), help="weight bits")
+    add_bits_args(p, w_bits)
     p.add_argument("--policy", default=policy, help="layer policy: d2dpm (skip/Downsample FP32, head/stem W8A8) or "
                                                    "all (Q-Diffusion: every Conv/Linear at the target bits)")
     p.add_argument("--channel_wise", action=argparse.BooleanOptionalAction, default=channel_wise,
@@ -267,12 +268,14 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     add_output_args(p)
 
 
-def add_bits_args(p: argparse.ArgumentParser, w_bits: int, a_bits: int) -> None:
-    """Which quantized model a later step (4-7) uses: --w_bits, --a_bits and --sm_abit, as step 3 made it."""
+def add_bits_args(p: argparse.ArgumentParser, w_bits: int, a_bits: int | None = None,
+                  sm_help: str = "the model step 3 made with --sm_abit (attention matmuls quantized, softmax at "
+                                 "these bits)") -> None:
+    """Which quantized model: --w_bits, and (``a_bits`` given) --a_bits and --sm_abit."""
     p.add_argument("--w_bits", type=int, default=w_bits, choices=(4, 8), help="weight bits")
-    p.add_argument("--a_bits", type=int, default=a_bits, choices=(6, 8), help="activation bits")
-    p.add_argument("--sm_abit", type=int, default=None,
-                   help="the model step 3 made with --sm_abit (attention matmuls quantized, softmax at these bits)")
+    if a_bits is not None:
+        p.add_argument("--a_bits", type=int, default=a_bits, choices=(6, 8), help="activation bits")
+        p.add_argument("--sm_abit", type=int, default=None, help=sm_help)
 
 
 def check_quant_args(args: argparse.Namespace) -> None:

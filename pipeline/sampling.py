@@ -167,9 +167,16 @@ def ddim_timesteps(model, steps: int, eta: float) -> list[int]:
     return DDIMSchedule.make(model.alphas_cumprod, steps, eta).timesteps.tolist()
 
 
+EXPECT_KEYS = ("model", "ckpt", "steps", "eta", "scale")
+
+
 def quant_expect(expect: dict[str, Any], tag: QuantTag) -> dict[str, Any]:
-    """What a quantized model's meta must say for this request."""
-    return {**expect, "w_bits": tag.w_bits, "a_bits": tag.a_bits, "sm_abit": tag.sm_abit}
+    """What a quantized model's meta (and that of everything measured on it) must say for this request: the run's
+    model and sampler settings (``pipeline.cli.model_meta``) and the bits of ``tag``."""
+    missing = [k for k in EXPECT_KEYS if k not in expect]
+    if missing:
+        raise ValueError(f"expect must name {', '.join(EXPECT_KEYS)} (pipeline.cli.model_meta); missing {missing}")
+    return {**{k: expect[k] for k in EXPECT_KEYS}, "w_bits": tag.w_bits, "a_bits": tag.a_bits, "sm_abit": tag.sm_abit}
 
 
 def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayout, tag: QuantTag,
@@ -199,7 +206,7 @@ def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayo
         try:
             fit = load_fit(fpath, kind, fwant, f"{FIT_SCRIPT} {tag.flags}")
         except ArtifactMismatch as e:
-            if "quant=" in str(e):
+            if e.key == "quant":
                 raise ArtifactMismatch(f"{fpath} was fitted on another {qpath.name} than the one there now; rerun "
                                        f"{STATS_SCRIPT} and {FIT_SCRIPT}") from None
             raise

@@ -212,19 +212,26 @@ def eval_rows(args, layout: RunLayout, m: dict) -> list[Row]:
 
 
 def model_sizes(args, layout: RunLayout):
-    """The FP32 UNet and the packed W4 / W8 files (quant.export), written to <run>/export; (sizes, unet)."""
+    """The FP32 UNet and the packed W4 / W8 files (quant.export), written to <run>/export; (sizes, unet). The
+    quantized models are checked against this preset's model and sampler settings before they are packed."""
+    from ldm.fileio import file_fingerprint
+    from ldm.util import load_config
+    from pipeline.families import family_for
     from pipeline.quantize import load_quant_model
     from quant.export import pack_quant_model
-    from ldm.util import load_config, load_model_from_config
 
     preset = load_preset(args.preset)
-    model = load_model_from_config(load_config(REPO_ROOT / preset["config"]), REPO_ROOT / preset["ckpt"])
-    unet = model.model.diffusion_model
+    config = load_config(REPO_ROOT / preset["config"])
+    family = family_for(config, preset["config"])
+    model = family.load(config, REPO_ROOT / preset["ckpt"], device=torch.device("cpu"))
+    unet = family.unet(model)  # the presets (fashion, cin256-v2) have use_ema false: these are the weights quantized
+    expect = {"model": preset["config"], "ckpt": file_fingerprint(REPO_ROOT / preset["ckpt"]),
+              "steps": layout.steps, "eta": layout.eta, "scale": layout.scale}
     export = layout.run_dir / "export"
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
     for w in (4, 8):
-        qm, _ = load_quant_model(unet, layout.quant(QuantTag(w)), {})
+        qm, _ = load_quant_model(unet, layout.quant(QuantTag(w)), {**expect, "w_bits": w, "a_bits": None})
         save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
     return sizes, unet

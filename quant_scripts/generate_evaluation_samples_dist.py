@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, evaluation_samples.main)
+    evaluation_samples.main(parse_args(argv), PRESET)  # applies the preset inside the torchrun error protocol
 
 
 if __name__ == "__main__":

@@ -85,9 +85,11 @@ def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings:
         print(f"{out} is complete; nothing to do")
 
 
-def main(args: argparse.Namespace) -> None:
-    """``generate`` with the torchrun error protocol: rank 0 reports, the other ranks exit quietly."""
+def main(args: argparse.Namespace, preset: str) -> None:
+    """The preset, then ``generate``, with the torchrun error protocol: rank 0 reports, the other ranks exit
+    quietly."""
     try:
+        cli.apply_preset(args, preset)
         generate(args)
     except PeerFailed:
         sys.exit(2)            # rank 0 printed the reason

@@ -64,7 +64,7 @@ def load_statistics(args: argparse.Namespace, layout, tag, want: dict) -> dict:
         return load_artifact(spath, NOISE_STATS_KIND, {**want, "quant": file_fingerprint(qpath)},
                              f"{STATS_SCRIPT} {tag.flags}")
     except ArtifactMismatch as e:
-        if "quant=" in str(e):
+        if e.key == "quant":
             raise ArtifactMismatch(f"{spath} was collected with another {qpath.name} than the one there now; rerun "
                                    f"{STATS_SCRIPT} {tag.flags}") from None
         raise
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> None:
     layout, tag = cli.layout(args), cli.quant_tag(args)
     spath = layout.noise_stats(tag)
     check_present([UNCORRECTED], layout, tag)
+    cli.ensure_writable_dir(spath.parent)
     want = quant_expect(base, tag)
     obj = load_statistics(args, layout, tag, want)
     smeta = obj["meta"]

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from correction.statistics import CorrectionError, Moments, NoiseStatistics, SamplingConfig, collect_noise_statistics
 from ldm.fileio import file_fingerprint

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> None:
     summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta)
     sqnr_ada = sqnr_db(qm, held)
     meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada, seconds=time.time() - t0)
-    save_artifact(out, QUANT_KIND, meta, {**quantized_state(qm, bool(args.smoothing)), "summaries": summaries})
+    state = quantized_state(qm, bool(args.smoothing))
+    save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state})
     finish_partial(out)
     print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
           f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")

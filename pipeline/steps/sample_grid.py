@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from evaluation.images import labelled_rows, make_grid, save_png, to_uint8
-from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.generate import sample_images
 from pipeline.sampler_spec import SamplerSpec
@@ -20,12 +19,15 @@ CORRECTION_SEED_OFFSET = 1_000_003  # S-D² / probe noise generator: seed + offs
 COMPARE = ("fp32", "none", "ptqd", "dd2-channel")  # --compare rows; the last is replaced by a D² --sampler
 
 
+def check_grid_args(args: argparse.Namespace) -> None:
+    """The grid's flags, before any folder is made or model loaded."""
+    cli.check_sampling_args(args)
+    cli.check_positive(args, "n_samples_per_class", "n_samples")
+
+
 def grid_conditions(family, model, args: argparse.Namespace, uncond=None) -> tuple[list | None, int, str]:
     """(conditions, grid row length, description): ``--classes`` x ``--n_samples_per_class`` for a conditional
     family (default: its first 10 classes), ``--n_samples`` unconditional samples otherwise."""
-    for name in ("n_samples_per_class", "n_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserFacingError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if family.conditions(model, 1) is None:
         return None, min(args.n_samples, 8), f"{args.n_samples} unconditional samples (no guidance)"
     if args.classes is None:
@@ -40,7 +42,8 @@ def grid_conditions(family, model, args: argparse.Namespace, uncond=None) -> tup
 
 def fp32_grid(args: argparse.Namespace) -> None:
     """Step 0: a grid of FP samples (the model works before anything is quantized)."""
-    settings = cli.check_sampling_args(args)
+    check_grid_args(args)
+    settings = args.settings
     outdir = cli.ensure_writable_dir(args.outdir)
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
@@ -90,7 +93,7 @@ def compare_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def quantized_grid(args: argparse.Namespace) -> None:
     """Step 6: one grid for ``--sampler``, or the ``--compare`` rows (call ``compare_defaults`` on the flags
     before the preset is applied)."""
-    cli.check_sampling_args(args)
+    check_grid_args(args)
     cli.check_bits(args)
     cli.resolve_sampler(args)
     base = cli.model_meta(args)
