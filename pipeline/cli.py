@@ -143,6 +143,13 @@ def check_positive(args: argparse.Namespace, *names: str, minimum: float = 1, fl
             raise UserFacingError(f"--{(flag or {}).get(name, name)} must be {what}>= {minimum:g}, got {v}")
 
 
+def add_sampler_args(p: argparse.ArgumentParser, sampler: str, w_bits: int, a_bits: int) -> None:
+    """--sampler (parsed by ``resolve_sampler``), QNCD's probe flags and the bits of the quantized model it uses."""
+    p.add_argument("--sampler", default=sampler, help=sampler_help(sampler))
+    add_probe_args(p)
+    add_bits_args(p, w_bits, a_bits)
+
+
 def add_probe_args(p: argparse.ArgumentParser) -> None:
     """QNCD's sampling-time flags (spec qncd_ptqd.md A.5), as a modifier of ``--sampler``."""
     p.add_argument("--sample_reverse", action="store_true",

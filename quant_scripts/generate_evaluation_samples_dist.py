@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline import cli  # noqa: E402
-from pipeline.cli import add_bits_args, add_probe_args  # noqa: E402
 from pipeline.steps import evaluation_samples  # noqa: E402
 
 # ---- defaults (edit here or override with flags; N and the batch size come from the preset) --------------------
@@ -35,9 +34,7 @@ OUTDIR = "outputs"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
-    p.add_argument("--sampler", default=SAMPLER, help=cli.sampler_help(SAMPLER))
-    add_probe_args(p)
-    add_bits_args(p, W_BITS, A_BITS)
+    cli.add_sampler_args(p, SAMPLER, W_BITS, A_BITS)
     p.add_argument("--n_samples", dest="eval_samples", type=int, default=None,
                    help="number of samples N, a multiple of the class count (default: the preset's eval_samples)")
     p.add_argument("--seed", type=int, default=SEED, help="base seed; batch b's seeds derive from it and b")

@@ -25,7 +25,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
-from pipeline.cli import add_bits_args, add_probe_args  # noqa: E402
 from pipeline.steps import sample_grid  # noqa: E402
 
 # ---- defaults (edit here or override with flags; model paths and sampling settings live in the preset) -------
@@ -41,12 +40,10 @@ OUTDIR = "outputs"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
-    p.add_argument("--sampler", default=SAMPLER, help=cli.sampler_help(SAMPLER))
-    add_probe_args(p)
+    cli.add_sampler_args(p, SAMPLER, W_BITS, A_BITS)
     p.add_argument("--compare", action="store_true",
                    help="one grid, a row per sampler: FP | uncorrected | PTQD | --sampler (D-D² channel if "
                         "--sampler is one of those)")
-    add_bits_args(p, W_BITS, A_BITS)
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class ids, one grid row each (default: the preset's; all classes of a custom model)")
     p.add_argument("--n_samples_per_class", type=int, default=None, help="default: the preset's (1 with --compare)")

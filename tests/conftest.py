@@ -51,3 +51,46 @@ def assert_close_ref(ours, ref, name: str = "") -> None:
     err = (ours.double() - ref.double()).abs().max().item()
     tol = 1e-4 * max(1.0, ref.abs().max().item())
     assert err <= tol, f"{name}: max |ours - ref| = {err:.3e} > {tol:.3e}"
+
+
+def load_script(path: Path, name: str | None = None):
+    """A script (quant_scripts/*.py, evaluator.py) as a module, so tests call its main(argv) in this process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name or f"script_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_main(main, args, capsys):
+    """main(argv) through pipeline.cli.run_cli, as the script runs it: a CompletedProcess-like record with the exit
+    code and the captured stdout / stderr (no interpreter start-up)."""
+    import subprocess
+    from pipeline.cli import run_cli
+    capsys.readouterr()
+    try:
+        run_cli(lambda: main([str(a) for a in args]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def error_line(proc) -> str:
+    """The one stderr line of a script that stopped on bad input (exit status 2), asserted to be just that."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """(config, checkpoint) files of a tiny random class-conditional LDM ("cond") and an unconditional one
+    ("uncond"), written once per test module."""
+    import tiny_models
+    d = tmp_path_factory.mktemp("models")
+    cond = tiny_models.config(tiny_models.CLASS_COND)
+    uncond = tiny_models.config(tiny_models.UNCOND_KL)
+    return {"cond": tiny_models.write(cond, tiny_models.build(cond), d, "cond"),
+            "uncond": tiny_models.write(uncond, tiny_models.build(uncond), d, "uncond")}

@@ -2,27 +2,13 @@
 infinite values included (a NaN passes `eta < 0`), and argparse's own errors are one line too."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import REPO
-from pipeline.cli import run_cli
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"checks_{name}", REPO / "quant_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, error_line, load_script, run_main
 
 
 def one_line(name: str, argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: load(name).main(argv))
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    return error_line(run_main(load_script(REPO / "quant_scripts" / f"{name}.py").main, argv, capsys))
 
 
 @pytest.mark.parametrize("script, argv, fragment", [

@@ -13,8 +13,7 @@ import tiny_models
 from correction.d2 import DeterministicD2, StochasticD2, absorb_variance, eps_coefficient
 from correction.gaussian import GaussianFit, Granularity, fit_gaussian, plot_fit
 from correction.ptqd import PTQDCorrection, PTQDFit, fit_ptqd
-from correction.samplers import (DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet,
-                                 DDIMSampler_gaussian_quantCorrection_imagenet)
+from correction.samplers import DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet
 from correction.statistics import (ConfigMismatch, CorrectionError, MissingTimestep, NoiseStatistics,
                                    SamplingConfig, collect_noise_statistics)
 from ldm.models.diffusion.ddim import DDIMSchedule

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, require_shared
+from conftest import REPO, SHARED, load_script, require_shared, run_main
 from evaluation import metrics as M
 from evaluation.features import FeatureNetworkError, check_compatible, choose_network, compute_activations
 from evaluation.npz_io import BatchError, check_pair, open_batch
@@ -288,21 +288,8 @@ def run_script(*args, cwd=REPO):
 @pytest.fixture
 def run_inproc(capsys):
     """evaluator.main in this process (no interpreter start-up); same exit code and streams as the script."""
-    spec = importlib.util.spec_from_file_location("evaluator_cli", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from pipeline.cli import run_cli
-
-    def _run(*args):
-        capsys.readouterr()
-        try:
-            run_cli(lambda: module.main([str(a) for a in args]))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return _run
+    module = load_script(SCRIPT, "evaluator_cli")
+    return lambda *args: run_main(module.main, args, capsys)
 
 
 def assert_one_line_error(proc, *fragments):

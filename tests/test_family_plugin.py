@@ -3,15 +3,13 @@ unconditional, registered from outside pipeline/families/) and runs steps 1-7 th
 no edit to quant/ or correction/; and --sm_abit models run through steps 3-7."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 import tiny_models
-from conftest import REPO
+from conftest import REPO, load_script
 from pipeline.families import family_for, families
 from pixel_family import PIXEL_DDPM, PixelDDPM, register, unregister
 
@@ -21,16 +19,9 @@ SCRIPTS = ("sample_fp32_imagenet", "collect_imagenet_calibration_set", "quantize
            "generate_evaluation_samples_dist")
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"plugin_{name}", REPO / "quant_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def scripts():
-    return {n: load_script(n) for n in SCRIPTS}
+    return {n: load_script(REPO / "quant_scripts" / f"{n}.py") for n in SCRIPTS}
 
 
 @pytest.fixture

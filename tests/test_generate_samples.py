@@ -3,7 +3,6 @@ process give the same file, class balance, resume after a kill or a lost shard, 
 plugged in through pipeline.sampling, and one-line errors."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_models
-from conftest import REPO
+from conftest import REPO, error_line, load_script, run_main
 from evaluation import generation as G
 from pipeline.layout import RunLayout
 from pipeline.steps import evaluation_samples as step
@@ -35,19 +33,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("generate_evaluation_samples_dist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "generate_evaluation_samples_dist")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    cond = tiny_models.config(tiny_models.CLASS_COND)
-    uncond = tiny_models.config(tiny_models.UNCOND_KL)
-    return {"cond": tiny_models.write(cond, tiny_models.build(cond), d, "cond"),
-            "uncond": tiny_models.write(uncond, tiny_models.build(uncond), d, "uncond")}
+def tiny(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def flags(tiny, outdir, *extra, kind="cond"):
@@ -62,23 +53,14 @@ def sample_dir(outdir, sampler="fp32", tag="fp32", n=N, seed=SEED) -> Path:
 
 def run_inproc(script, capsys, args):
     """main() in this process via run_cli: (exit code, stdout, stderr) as a subprocess would give them."""
-    from pipeline.cli import run_cli
-    capsys.readouterr()
-    try:
-        run_cli(lambda: script.main([str(a) for a in args]))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    proc = run_main(script.main, args, capsys)
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    line = error_line(subprocess.CompletedProcess([], code, "", err))
     for f in fragments:
-        assert f in lines[0], lines[0]
+        assert f in line, line
 
 
 @pytest.fixture(scope="module")

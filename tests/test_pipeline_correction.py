@@ -2,7 +2,6 @@
 kill), Gaussian and PTQD fits, corrected sampling with every variant, and the one-line errors on mismatches."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 
 import pytest
@@ -10,24 +9,17 @@ import torch
 from PIL import Image
 
 import tiny_models
-from conftest import REPO
+from conftest import REPO, error_line, load_script, run_main
 from correction.gaussian import GaussianFit, Granularity
+from pipeline.artifacts import ArtifactMismatch, file_fingerprint
 from pipeline.families import family_for
 from pipeline.layout import QuantTag, RunLayout
-from pipeline.sampler_spec import LISTED as VARIANTS, SamplerSpec, UnknownSampler
+from pipeline.sampler_spec import LISTED as VARIANTS
+from pipeline.sampler_spec import SamplerSpec, UnknownSampler
 from pipeline.sampling import build_variant
-from pipeline.artifacts import ArtifactMismatch, file_fingerprint
-from pipeline.cli import run_cli
 
 STEPS = 5
 RUN = f"scale3_eta0_steps{STEPS}"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "quant_scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def scripts():
     names = ("collect_imagenet_calibration_set", "quantize_weight", "quantize_weight_activation",
              "collect_timestep_aware_statistics", "gaussian_modeling", "sample_quantized_ldm_imagenet",
              "generate_evaluation_samples_dist")
-    return {n: load_script(n) for n in names}
+    return {n: load_script(REPO / "quant_scripts" / f"{n}.py") for n in names}
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +48,8 @@ def pipe(tmp_path_factory, scripts):
 
 
 def run_one_line(main, argv, capsys):
-    """main(argv) under run_cli: the exit status and the one stderr line it printed."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: main(argv))
-    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
-    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    """main(argv) under run_cli: the one stderr line it printed (exit status 2)."""
+    return error_line(run_main(main, argv, capsys))
 
 
 def test_artifacts_carry_their_meta(pipe):

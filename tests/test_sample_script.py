@@ -11,8 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import tiny_models
-from conftest import REPO
+from conftest import REPO, error_line, load_script, run_main
 
 SCRIPT = REPO / "quant_scripts" / "sample_fp32_imagenet.py"
 
@@ -22,47 +21,22 @@ def run(*args, cwd=None):
                           cwd=cwd or REPO, timeout=300)
 
 
-class Proc:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
 @pytest.fixture
 def run_inproc(capsys):
     """The script's main() in this process (fast); same exit code and stderr as a subprocess."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sample_fp32_imagenet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from pipeline.cli import run_cli
-
-    def _run(*args):
-        capsys.readouterr()
-        try:
-            run_cli(lambda: module.main([str(a) for a in args]))
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out = capsys.readouterr()
-        return Proc(code, out.out, out.err)
-    return _run
+    module = load_script(SCRIPT, "sample_fp32_imagenet")
+    return lambda *args: run_main(module.main, args, capsys)
 
 
 def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    line = error_line(proc)
     for f in fragments:
-        assert f in lines[0], lines[0]
+        assert f in line, line
 
 
 @pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("models")
-    cond = tiny_models.config(tiny_models.CLASS_COND)
-    uncond = tiny_models.config(tiny_models.UNCOND_KL)
-    return {"cond": tiny_models.write(cond, tiny_models.build(cond), d, "cond"),
-            "uncond": tiny_models.write(uncond, tiny_models.build(uncond), d, "uncond")}
+def tiny_files(tiny_checkpoints):
+    return tiny_checkpoints
 
 
 def test_fixture_model_grid_is_reproducible(small_dir, tmp_path):

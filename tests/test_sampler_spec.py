@@ -2,11 +2,9 @@
 same name; unknown names are one line listing the valid ones."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import REPO
+from conftest import REPO, error_line, load_script, run_main
 from correction.gaussian import Granularity
 from pipeline.sampler_spec import BASES, LISTED, FitKind, Method, SamplerSpec, UnknownSampler
 
@@ -50,12 +48,6 @@ def test_unknown_names_are_one_line_listing_the_valid_ones(name):
 
 
 def test_scripts_print_the_one_line(capsys):
-    path = REPO / "quant_scripts" / "generate_evaluation_samples_dist.py"
-    spec = importlib.util.spec_from_file_location("gen", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    from pipeline.cli import run_cli
-    with pytest.raises(SystemExit) as e:
-        run_cli(lambda: module.main(["--sampler", "dd2-pixel", "--n_samples", "10"]))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert e.value.code == 2 and len(err) == 1 and "unknown sampler 'dd2-pixel'" in err[0] and "dd2-channel" in err[0]
+    module = load_script(REPO / "quant_scripts" / "generate_evaluation_samples_dist.py")
+    line = error_line(run_main(module.main, ["--sampler", "dd2-pixel", "--n_samples", "10"], capsys))
+    assert "unknown sampler 'dd2-pixel'" in line and "dd2-channel" in line
