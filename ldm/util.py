@@ -7,13 +7,15 @@ with ``trust=True`` (CLI flag ``--trust_checkpoint``, or the environment variabl
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import pickle
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -39,6 +41,31 @@ class ConfigError(UserFacingError):
 
 class CheckpointError(UserFacingError):
     pass
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <script>: <what>`` on stderr and exit status 2, no usage dump
+    (``--help`` still prints the whole usage). Every script of the project parses with it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's ``main``; a UserFacingError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserFacingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -14,38 +13,16 @@ from typing import Any, Callable
 import torch
 
 from ldm.fileio import file_fingerprint
-from ldm.util import UserFacingError, load_config
+from ldm.util import ArgumentParser, UserFacingError, load_config
+from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
 from pipeline.sampler_spec import LISTED, SamplerSpec
 from pipeline.settings import SamplingSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <script>: <what>`` on stderr and exit status 2, no usage dump
-    (``--help`` still prints the whole usage)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run ``main``; a UserFacingError becomes one line on stderr and exit status 2."""
-    try:
-        main()
-    except UserFacingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+W_BITS = (3, 4, 8)   # the paper's W4 / W8, and W3 where 4-bit weights stop being hard
+A_BITS = (4, 6, 8)   # A8, QNCD's A6, and A4 where pure PTQ breaks in the literature
 
 
 PRESET_DIR = REPO_ROOT / "configs" / "presets"
@@ -279,9 +256,9 @@ def add_bits_args(p: argparse.ArgumentParser, w_bits: int, a_bits: int | None = 
                   sm_help: str = "the model step 3 made with --sm_abit (attention matmuls quantized, softmax at "
                                  "these bits)") -> None:
     """Which quantized model: --w_bits, and (``a_bits`` given) --a_bits and --sm_abit."""
-    p.add_argument("--w_bits", type=int, default=w_bits, choices=(4, 8), help="weight bits")
+    p.add_argument("--w_bits", type=int, default=w_bits, choices=W_BITS, help="weight bits")
     if a_bits is not None:
-        p.add_argument("--a_bits", type=int, default=a_bits, choices=(6, 8), help="activation bits")
+        p.add_argument("--a_bits", type=int, default=a_bits, choices=A_BITS, help="activation bits")
         p.add_argument("--sm_abit", type=int, default=None, help=sm_help)
 
 

@@ -28,7 +28,7 @@ LayerFilter = Callable[[str, nn.Module], Precision]
 class QuantConfig:
     """What a quantized UNet is, apart from its layer filter and its calibrated values.
 
-    ``w_bits``: 4 or 8 (the paper's W4 / W8); ``a_bits``: None (weights only, step 2), 6 or 8. ``granularity``:
+    ``w_bits``: e.g. 4 or 8 (the paper's W4 / W8), 3; ``a_bits``: None (weights only, step 2), 8, 6 or 4. ``granularity``:
     of the weight ranges. ``sm_abit``: also quantize the attention matmuls, the softmax output at this many bits
     (Q-Diffusion; needs ``a_bits``). ``split_shortcut``: Q-Diffusion's separate ranges for the [h ; skip] halves of
     the decoder skip convs' input."""

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from evaluation.report import (Row, quality_without_with_lines, smoothing_effect_lines,  # noqa: E402
-                               sqnr_without_with_lines, update_readme, write_report)
+from evaluation.fidelity import Bootstrap  # noqa: E402
+from evaluation.report import (Row, fidelity_lines, quality_without_with_lines,  # noqa: E402
+                               smoothing_effect_lines, sqnr_without_with_lines, update_readme, write_report)
 from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
 from pipeline.cli import REPO_ROOT, ArgumentParser, load_preset, run_cli  # noqa: E402
@@ -74,6 +75,13 @@ QNCD_VARIANTS = (
 )
 
 
+W4A4, W3A8 = QuantTag(4, 4), QuantTag(3, 8)
+# --hard: the settings where quantization hurts (issue: a benchmark that can tell the methods apart)
+HARD_VARIANTS = tuple(Variant(tag.title(), method, sampler, tag) for tag in (W4A4, W3A8) for method, sampler in (
+    ("uncorrected", "none"), ("PTQD", "ptqd"), ("S-D² (tensor)", "sd2-tensor"), ("D-D² (tensor)", "dd2-tensor"),
+    ("S-D² (channel)", "sd2-channel"), ("D-D² (channel)", "dd2-channel"), ("QNCD probe", "qncd")))
+
+
 def sm_variants(sm_abit: int) -> tuple[Variant, ...]:
     """--sm_abit B: W4A8 with the attention matmuls quantized too (softmax at B bits), uncorrected and with D-D²."""
     tag = QuantTag(4, 8, sm_abit)
@@ -93,11 +101,15 @@ MODES = {
 }
 
 
+SCRIPT_PATHS = {"evaluator": "evaluator.py", "fidelity": "evaluation/fidelity.py"}
+
+
 def script(name: str):
     """A pipeline script as a module (each has main(argv))."""
-    path = REPO_ROOT / ("evaluator.py" if name == "evaluator" else f"quant_scripts/{name}.py")
+    path = REPO_ROOT / SCRIPT_PATHS.get(name, f"quant_scripts/{name}.py")
     spec = importlib.util.spec_from_file_location(f"demo_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -138,7 +150,8 @@ class Driver:
 
 
 def variants(args) -> tuple[Variant, ...]:
-    return VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (sm_variants(args.sm_abit) if args.sm_abit else ())
+    return (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
+            + (sm_variants(args.sm_abit) if args.sm_abit else ()))
 
 
 def quant_settings(args) -> list[QuantTag]:
@@ -197,6 +210,11 @@ def build_stages(args, layout: RunLayout, m: dict) -> list[Stage]:
                                 [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json"),
                                  "--cache_dir", str(run.parent / "evaluator_cache")],
                                 [d / "eval.json"], skip_if_exists=True))
+            if v.tag is not None:  # paired with the FP samples of the same seed (same x_T and noise)
+                fp = layout.eval_samples(FP32, "fp32", m["n_eval"], seed) / "samples.npz"
+                stages.append(Stage(f"fidelity {v.setting} {v.method} seed {seed}", "fidelity",
+                                    [str(fp), str(d / "samples.npz"), "--json", str(d / "fidelity.json")],
+                                    [d / "fidelity.json"], skip_if_exists=True))
     return stages
 
 
@@ -262,15 +280,31 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver) -> Path:
                else "evaluator (all variants and seeds)" if name.startswith("evaluate ") else name)
         timings[key] = timings.get(key, 0.0) + seconds
     context["stage_times_each"] = driver.timings
-    sections, extra = smoothing_sections(args, layout, m, unet, rows, sqnr) if args.smooth else ({}, {})
+    lines, fidelity = fidelity_lines(fidelity_groups(args, layout, m), Bootstrap())
+    sections, extra = {"Paired fidelity to the FP samples": lines}, {"fidelity": fidelity}
+    if args.smooth:
+        more_sections, more_extra = smoothing_sections(args, layout, m, unet, rows, sqnr)
+        sections.update(more_sections)
+        extra.update(more_extra)
     return write_report(run.parent, rows, context, sizes, timings, sqnr, images, sections, extra)
+
+
+def fidelity_groups(args, layout: RunLayout, m: dict) -> dict[str, list[tuple[str, str, list[dict]]]]:
+    """{setting: [(method, sampler, [fidelity record per seed])]} of every quantized variant."""
+    groups: dict[str, list] = {}
+    for v in variants(args):
+        if v.tag is not None:
+            recs = [json.loads((layout.eval_samples(v.tag, v.sampler, m["n_eval"], seed) / "fidelity.json")
+                               .read_text()) for seed in args.seeds]
+            groups.setdefault(v.setting, []).append((v.method, v.sampler, recs))
+    return groups
 
 
 def sqnr_rows(args, layout: RunLayout) -> dict[str, dict]:
     """{row name: {"sqnr": dB, "note": ...}} from the meta of the run's quant artifacts (the ε SQNRs steps 2-3
     measured on the held-out inputs); a missing artifact is left out."""
     rows = {}
-    for w in (4, 8):
+    for w in sorted({4, 8} | {t.w_bits for t in quant_settings(args)}):
         path = layout.quant(QuantTag(w))
         if path.exists():
             meta = load_artifact(path, "quant")["meta"]
@@ -343,6 +377,8 @@ def parse_args(argv=None):
     p.add_argument("--smooth", action="store_true",
                    help="quantize with QNCD's embedding-derived smoothing (--scale_split_static); its own outdir "
                         "(<outdir>-smooth), so every row of the report is then the smoothed model's")
+    p.add_argument("--hard", action="store_true",
+                   help="add W4A4 and W3A8, each uncorrected, with PTQD, the four D² variants and the QNCD probe")
     p.add_argument("--sm_abit", type=int, default=None, choices=(8, 16),
                    help="add W4A8 rows with the attention matmuls quantized too (softmax at this many bits)")
     p.add_argument("--preset", default=PRESET)

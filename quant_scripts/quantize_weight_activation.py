@@ -42,7 +42,7 @@ RUNNING_STAT = None       # Q-Diffusion/QNCD --running_stat: None (off), "all" o
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
     add_quant_args(p, W_BITS, POLICY, CHANNEL_WISE)
-    p.add_argument("--a_bits", type=int, default=A_BITS, choices=(6, 8), help="activation bits")
+    p.add_argument("--a_bits", type=int, default=A_BITS, choices=cli.A_BITS, help="activation bits")
     p.add_argument("--sm_abit", type=int, default=SM_ABIT,
                    help="also quantize the attention matmuls: q, k, v at --a_bits and the softmax output at this many "
                         "bits (Q-Diffusion; 16 for SD). Default: attention matmuls stay FP (D²-DPM)")

@@ -58,6 +58,8 @@ def load_script(path: Path, name: str | None = None):
     import importlib.util
     spec = importlib.util.spec_from_file_location(name or f"script_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    import sys
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

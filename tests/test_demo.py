@@ -55,6 +55,15 @@ def test_quick_demo_end_to_end(tmp_path):
             mean, spread = r["summary"][key]
             assert mean == mean and spread >= 0, (r["sampler"], key)  # finite
     assert "| W4A8 | D-D² (channel) |" in report and "| — ± —" not in report
+    # paired fidelity to FP for every quantized row, grouped by setting, with intervals and the verdicts
+    fid = record["extra"]["fidelity"]
+    quantized = [(r["setting"], r["method"]) for r in rows if r["sampler"] != "fp32"]
+    assert sorted((s, m) for s in fid for m in fid[s]) == sorted(quantized)
+    for s, m in quantized:
+        d = fid[s][m]
+        assert d["n"] == 30 and d["psnr"]["ci"][0] <= d["psnr"]["mean"] <= d["psnr"]["ci"][1], (s, m)
+        assert (m == "uncorrected") == ("vs_uncorrected" not in d), (s, m)
+    assert "## Paired fidelity to the FP samples" in report and "W4A8: closer to FP than the uncorrected" in report
     assert record["sizes"]["W4"] < record["sizes"]["W8"] < record["sizes"]["FP32"]
     assert (out / "fashion" / "fid_by_method.png").stat().st_size > 0
     assert all((out / "fashion" / p).exists() for p in record["images"].values())

@@ -1,0 +1,336 @@
+"""Paired fidelity to the full-precision model: how close each quantized sample is to the FP sample made from the
+same x_T and sampler noise (as SVDQuant and DMQ report it: PSNR, SSIM, a learned-feature distance), with bootstrap
+intervals over samples, and the paired difference of two variants against the same FP file.
+
+Per sample i (features -> statistics -> metric, each a function of its own):
+    psnr_i   = 10 log10(255² / MSE_i) on the uint8 images; identical images get the uint8 ceiling
+               10 log10(255² · H·W·C) (the PSNR of one value off by one LSB), so means stay finite
+    ssim_i   = mean SSIM (Wang et al. 2004: Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, L 255, population
+               covariances) over the valid region where the window fits, then over channels
+    fdist_i  = ‖f(x_i) − f(x̂_i)‖₂ in the evaluation network's pool features (the LPIPS analogue here)
+and over the batch fid_to_fp = FID of the samples against the FP samples as the reference.
+A paired difference (variant A − variant B, both against the same FP samples) has far less variance than a
+difference of two FIDs: the same seeds make the same images up to the quantization error.
+
+    python -m evaluation.fidelity FP.npz SAMPLES.npz [--vs OTHER.npz] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from evaluation.features import NETWORKS, compute_activations, load_network
+from evaluation.generation import MANIFEST
+from evaluation.npz_io import ImageBatch, open_batch
+from evaluation.statistics import FIDStatistics
+from ldm.fileio import file_sha256, write_json_atomic
+from ldm.util import ArgumentParser, UserFacingError, run_cli
+
+PER_SAMPLE = ("psnr", "ssim", "feature_distance")
+HIGHER_IS_CLOSER = {"psnr": True, "ssim": True, "feature_distance": False, "fid_to_fp": False}
+# what may differ between two sample sets of one plan (step 7's manifest.json): the sampler and its artifacts
+PLAN_FREE_KEYS = ("sampler", "bits", "artifacts")
+
+
+class FidelityError(UserFacingError):
+    pass
+
+
+# ---- per-sample metrics (pure) ------------------------------------------------------------------------------------
+
+def psnr_ceiling(shape: Sequence[int]) -> float:
+    """The largest finite PSNR between two uint8 images of ``shape`` (H, W, C): one value off by one."""
+    return 10 * math.log10(255.0 ** 2 * float(np.prod(shape)))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 [N] PSNR in dB between uint8 [N, H, W, C] batches (data range 255); identical pairs get the
+    ceiling ``psnr_ceiling``."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(axis=1)
+    out = np.full(len(a), psnr_ceiling(a.shape[1:]))
+    hit = mse > 0
+    out[hit] = 10 * np.log10(255.0 ** 2 / mse[hit])
+    return out
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """float64 [size, size] Gaussian weights summing to 1 (MATLAB's fspecial('gaussian', size, sigma))."""
+    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    g = np.exp(-x ** 2 / (2 * sigma ** 2))
+    w = np.outer(g, g)
+    return w / w.sum()
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: np.ndarray | None = None, k1: float = 0.01, k2: float = 0.03,
+         data_range: float = 255.0) -> np.ndarray:
+    """float64 [N] SSIM (Wang et al. 2004, Eq. 13) between uint8 [N, H, W, C] batches: weighted local means,
+    population variances and covariance under ``window`` (default ``gaussian_window()``), the SSIM map over the
+    valid region (no padding), averaged over it and then over channels."""
+    w = gaussian_window() if window is None else window
+    if a.shape[1] < w.shape[0] or a.shape[2] < w.shape[1]:
+        raise ValueError(f"images of {a.shape[1]}×{a.shape[2]} are smaller than the {w.shape[0]}×{w.shape[1]} window")
+    x = torch.from_numpy(a.astype(np.float64)).permute(0, 3, 1, 2)   # [N, C, H, W]
+    y = torch.from_numpy(b.astype(np.float64)).permute(0, 3, 1, 2)
+    c = x.shape[1]
+    kernel = torch.from_numpy(w)[None, None].repeat(c, 1, 1, 1)        # depthwise: one window per channel
+
+    def filt(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(z, kernel, groups=c)
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x = filt(x * x) - mu_x ** 2
+    var_y = filt(y * y) - mu_y ** 2
+    cov = filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(2, 3)).mean(dim=1).numpy()
+
+
+def feature_distance(fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
+    """float64 [N] Euclidean distance between paired feature vectors [N, D]."""
+    return np.linalg.norm(fa.astype(np.float64) - fb.astype(np.float64), axis=1)
+
+
+def fid(reference: np.ndarray, features: np.ndarray) -> float:
+    """FID of ``features`` against ``reference`` (pool features [N, D])."""
+    return float(FIDStatistics.from_features(reference).frechet_distance(FIDStatistics.from_features(features)))
+
+
+# ---- intervals -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Percentile bootstrap over samples: ``resamples`` draws of N indices with replacement from ``seed``; the same
+    draws for every metric (so paired quantities stay paired). ``fid_resamples``: fewer, each needs two sqrtm."""
+
+    resamples: int = 1000
+    fid_resamples: int = 200
+    seed: int = 0
+    level: float = 0.95
+
+    def indices(self, n: int, resamples: int | None = None) -> np.ndarray:
+        return np.random.default_rng(self.seed).integers(0, n, size=(resamples or self.resamples, n))
+
+    def interval(self, draws: np.ndarray) -> list[float]:
+        tail = (1 - self.level) / 2 * 100
+        return [float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))]
+
+    def mean(self, values: np.ndarray) -> dict:
+        """{"mean", "ci"} of a per-sample metric."""
+        return {"mean": float(values.mean()), "ci": self.interval(values[self.indices(len(values))].mean(axis=1))}
+
+    def statistic(self, fn: Callable[[np.ndarray], float], n: int) -> list[float] | None:
+        """Interval of a whole-batch statistic ``fn(indices)`` (e.g. FID); None with ``fid_resamples`` 0."""
+        if self.fid_resamples < 1:
+            return None
+        return self.interval(np.array([fn(idx) for idx in self.indices(n, self.fid_resamples)]))
+
+
+def summarize(per: dict[str, np.ndarray], fp_pool: np.ndarray, pool: np.ndarray, boot: Bootstrap) -> dict:
+    """Mean and interval of every per-sample metric, and FID-to-FP with its interval."""
+    out = {k: boot.mean(per[k]) for k in PER_SAMPLE}
+    out["fid_to_fp"] = {"mean": fid(fp_pool, pool),
+                        "ci": boot.statistic(lambda i: fid(fp_pool[i], pool[i]), len(pool))}
+    return out
+
+
+def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], fp_pool: np.ndarray, pool_a: np.ndarray,
+                      pool_b: np.ndarray, boot: Bootstrap) -> dict:
+    """Per metric: mean of (A − B) over the same samples with its interval, whether the interval excludes 0, and
+    which side is closer to FP when it does."""
+    out = {}
+    for k in PER_SAMPLE:
+        out[k] = boot.mean(a[k] - b[k])
+    out["fid_to_fp"] = {"mean": fid(fp_pool, pool_a) - fid(fp_pool, pool_b),
+                        "ci": boot.statistic(lambda i: fid(fp_pool[i], pool_a[i]) - fid(fp_pool[i], pool_b[i]),
+                                             len(fp_pool))}
+    for k, d in out.items():
+        lo, hi = d["ci"] if d["ci"] is not None else (math.nan, math.nan)
+        d["excludes_zero"] = bool(lo > 0 or hi < 0)
+        if d["excludes_zero"]:
+            a_closer = (d["mean"] > 0) == HIGHER_IS_CLOSER[k]
+            d["closer_to_fp"] = "samples" if a_closer else "other"
+        else:
+            d["closer_to_fp"] = None
+    return out
+
+
+# ---- files --------------------------------------------------------------------------------------------------------
+
+def read_manifest(path: Path) -> dict | None:
+    m = path.parent / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text())
+    except (OSError, ValueError):
+        raise FidelityError(f"{m} is unreadable; regenerate the samples (step 7) or move the manifest away") from None
+
+
+def check_same_plan(fp: ImageBatch, other: ImageBatch) -> dict | None:
+    """The plan both files were made from (step 7's manifests, sampler aside), or None when either has no manifest
+    (then sample i of one is compared with sample i of the other; ``open_paired`` says so on stderr)."""
+    if fp.shape != other.shape:
+        raise FidelityError(f"{fp.path} holds {fp.shape[0]} images of {fp.shape[1:]} and {other.path} "
+                            f"{other.shape[0]} of {other.shape[1:]}; compare samples made from the same plan")
+    mf, mo = read_manifest(fp.path), read_manifest(other.path)
+    if mf is None or mo is None:
+        return None
+    plan_f = {k: v for k, v in mf.items() if k not in PLAN_FREE_KEYS}
+    plan_o = {k: v for k, v in mo.items() if k not in PLAN_FREE_KEYS}
+    if plan_f != plan_o:
+        key = next(k for k in sorted(set(plan_f) | set(plan_o)) if plan_f.get(k) != plan_o.get(k))
+        raise FidelityError(f"{fp.path} and {other.path} come from different plans: {key}={plan_f.get(key)!r} vs "
+                            f"{plan_o.get(key)!r}; make both with the same --n_samples, --seed, --batch_size, "
+                            f"steps, η, scale and model (step 7)")
+    return plan_f
+
+
+def read_labels(batch: ImageBatch) -> np.ndarray | None:
+    with np.load(batch.path) as f:
+        return np.asarray(f["arr_1"]) if "arr_1" in f.files else None
+
+
+def check_labels(fp: ImageBatch, other: ImageBatch) -> None:
+    a, b = read_labels(fp), read_labels(other)
+    if a is not None and b is not None and not np.array_equal(a, b):
+        first = int(np.flatnonzero(a != b)[0]) if a.shape == b.shape else 0
+        raise FidelityError(f"the labels (arr_1) of {fp.path} and {other.path} differ (first at sample {first}); "
+                            f"paired metrics need the same class for the same sample")
+
+
+def pixel_metrics(fp: ImageBatch, other: ImageBatch, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-sample PSNR and SSIM, streamed in chunks in file order."""
+    ps, ss = [], []
+    for a, b in zip(fp.iter_images(chunk), other.iter_images(chunk), strict=True):
+        ps.append(psnr(a, b))
+        ss.append(ssim(a, b))
+    return {"psnr": np.concatenate(ps), "ssim": np.concatenate(ss)}
+
+
+def is_gray(batch: ImageBatch, chunk: int = 1024) -> bool:
+    """Whether every image has R = G = B (the embedded default's Fashion images are gray stored as RGB)."""
+    return all(bool((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all())
+               for x in batch.iter_images(chunk))
+
+
+def choose_features(requested: str, fp: ImageBatch) -> str:
+    """``auto``: the embedded Fashion classifier for gray images, the OpenAI Inception graph otherwise (color
+    32×32 images are CIFAR-like, not Fashion)."""
+    if requested != "auto":
+        return requested
+    return "fashion" if is_gray(fp) else "inception"
+
+
+# ---- the comparison -----------------------------------------------------------------------------------------------
+
+def open_paired(fp_path: str | Path, path: str | Path) -> tuple[ImageBatch, ImageBatch, dict | None]:
+    fp, other = open_batch(fp_path, "FP"), open_batch(path, "sample")
+    plan = check_same_plan(fp, other)
+    check_labels(fp, other)
+    if plan is None:
+        print(f"note: no {MANIFEST} beside {fp.path} or {other.path}: comparing sample by sample in index order, "
+              f"trusting that both were made from the same seeds", file=sys.stderr)
+    return fp, other, plan
+
+
+def measure(fp: ImageBatch, other: ImageBatch, network, fp_pool: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Per-sample PSNR, SSIM and feature distance of ``other`` against ``fp``, and ``other``'s pool features."""
+    per = pixel_metrics(fp, other)
+    pool = compute_activations(network, other, desc=f"features {other.path.parent.name or other.path.name}")["pool"]
+    per["feature_distance"] = feature_distance(fp_pool, pool)
+    return per, pool
+
+
+def compare(fp_path: str | Path, path: str | Path, vs: str | Path | None = None, features: str = "auto",
+            boot: Bootstrap = Bootstrap(), device: str = "cpu") -> dict:
+    """The fidelity record of ``path`` (and of ``vs``, with the paired difference) against the FP samples."""
+    fp, other, plan = open_paired(fp_path, path)
+    rival = open_paired(fp_path, vs)[1] if vs is not None else None
+    network = load_network(choose_features(features, fp), device=device)
+    fp_pool = compute_activations(network, fp, desc="features FP")["pool"]
+    per, pool = measure(fp, other, network, fp_pool)
+    record = {"fp": {"path": str(fp.path), "sha256": file_sha256(fp.path)},
+              "samples": {"path": str(other.path), "sha256": file_sha256(other.path)},
+              "plan": plan, "n": other.n, "feature_network": network.name,
+              "bootstrap": {"resamples": boot.resamples, "fid_resamples": boot.fid_resamples, "seed": boot.seed,
+                            "level": boot.level, "method": "percentile, resampling samples with replacement"},
+              "psnr_identical": int((per["psnr"] >= psnr_ceiling(fp.shape[1:])).sum()),
+              "metrics": summarize(per, fp_pool, pool, boot),
+              "per_sample": {k: per[k].tolist() for k in PER_SAMPLE}}
+    if rival is not None:
+        per_b, pool_b = measure(fp, rival, network, fp_pool)
+        record["vs"] = {"path": str(rival.path), "sha256": file_sha256(rival.path),
+                        "metrics": summarize(per_b, fp_pool, pool_b, boot),
+                        "per_sample": {k: per_b[k].tolist() for k in PER_SAMPLE},
+                        "difference": paired_difference(per, per_b, fp_pool, pool, pool_b, boot)}
+    return record
+
+
+NAMES = {"psnr": ("PSNR (dB)", "{:.2f}"), "ssim": ("SSIM", "{:.4f}"),
+         "feature_distance": ("Feature distance", "{:.4f}"), "fid_to_fp": ("FID to FP", "{:.3f}")}
+
+
+def _fmt(d: dict, pattern: str, signed: bool = False) -> str:
+    p = pattern.replace("{:", "{:+") if signed else pattern
+    ci = "" if d["ci"] is None else f" [{p.format(d['ci'][0])}, {p.format(d['ci'][1])}]"
+    return p.format(d["mean"]) + ci
+
+
+def report_lines(record: dict) -> list[str]:
+    level = int(record["bootstrap"]["level"] * 100)
+    lines = [f"{NAMES[k][0]}: {_fmt(d, NAMES[k][1])}" for k, d in record["metrics"].items()]
+    lines.append(f"({record['n']} paired samples; {level} % bootstrap intervals, seed {record['bootstrap']['seed']}; "
+                 f"features {record['feature_network']})")
+    if "vs" in record:
+        lines.append(f"against {record['vs']['path']}:")
+        lines += [f"{NAMES[k][0]}: {_fmt(d, NAMES[k][1])}" for k, d in record["vs"]["metrics"].items()]
+        lines.append("paired difference (samples − other):")
+        for k, d in record["vs"]["difference"].items():
+            verdict = (f"{d['closer_to_fp']} closer to FP" if d["excludes_zero"] else "inside the noise")
+            lines.append(f"Δ {NAMES[k][0]}: {_fmt(d, NAMES[k][1], signed=True)} -> {verdict}")
+    return lines
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("fp_samples", help="the FP model's samples (.npz, arr_0 uint8 NHWC), e.g. step 7's fp32 ones")
+    p.add_argument("samples", help="a variant's samples made from the same plan (same N, seed, steps, η, scale)")
+    p.add_argument("--vs", default=None, help="another variant's samples: the paired difference samples − vs")
+    p.add_argument("--json", default=None, help="also write the record (per-sample arrays included) here")
+    p.add_argument("--features", default="auto", choices=("auto", *NETWORKS),
+                   help="feature network for the feature distance and FID: auto = fashion for gray images (the "
+                        "embedded default), inception otherwise")
+    p.add_argument("--bootstrap", type=int, default=Bootstrap.resamples, help="bootstrap resamples (per-sample means)")
+    p.add_argument("--fid_bootstrap", type=int, default=Bootstrap.fid_resamples,
+                   help="bootstrap resamples for FID to FP (0: no interval)")
+    p.add_argument("--seed", type=int, default=Bootstrap.seed, help="seed of the bootstrap draws")
+    p.add_argument("--device", default="cpu", help="torch device of the Fashion classifier")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.bootstrap < 1 or args.fid_bootstrap < 0:
+        raise FidelityError(f"--bootstrap must be >= 1 and --fid_bootstrap >= 0, got {args.bootstrap}, "
+                            f"{args.fid_bootstrap}")
+    out = Path(args.json) if args.json else None
+    if out is not None and out.is_dir():
+        raise FidelityError(f"--json {out} is a directory; give a file name")
+    record = compare(args.fp_samples, args.samples, args.vs, args.features,
+                     Bootstrap(args.bootstrap, args.fid_bootstrap, args.seed), args.device)
+    print("\n".join(report_lines(record)))
+    if out is not None:
+        write_json_atomic(out, record)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
