@@ -48,6 +48,6 @@ quality: $(STAMP) data
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# make demo [QUICK=1] [PAPER=1] [FRESH=1] [QNCD=1] [SMOOTH=1] -- the whole pipeline on the embedded default + outputs/<mode>/fashion/report.md
+# make demo [QUICK=1] [PAPER=1] [FRESH=1] [QNCD=1] [SMOOTH=1] [HARD=1] -- the whole pipeline on the embedded default + outputs/<mode>/fashion/report.md
 demo: $(STAMP)
-	$(PY) quant_scripts/demo.py $(if $(QUICK),--quick) $(if $(PAPER),--paper) $(if $(FRESH),--fresh) $(if $(QNCD),--qncd) $(if $(SMOOTH),--smooth)
+	$(PY) quant_scripts/demo.py $(if $(QUICK),--quick) $(if $(PAPER),--paper) $(if $(FRESH),--fresh) $(if $(QNCD),--qncd) $(if $(SMOOTH),--smooth) $(if $(HARD),--hard)
