@@ -99,8 +99,19 @@ def feature_distance(fa: np.ndarray, fb: np.ndarray) -> np.ndarray:
 
 
 def fid(reference: np.ndarray, features: np.ndarray) -> float:
-    """FID of ``features`` against ``reference`` (pool features [N, D])."""
+    """FID of ``features`` against ``reference`` (pool features [N, D]), as the evaluator computes it (sqrtm)."""
     return float(FIDStatistics.from_features(reference).frechet_distance(FIDStatistics.from_features(features)))
+
+
+def fid_by_eigenvalues(reference: np.ndarray, features: np.ndarray) -> float:
+    """The same Fréchet distance with tr √(Σ₁Σ₂) = Σ √λ_i(Σ₁Σ₂) (the eigenvalues of a product of two PSD matrices
+    are real and ≥ 0): ~20× faster than sqrtm, for the bootstrap's hundreds of draws; equal to ``fid`` within float64
+    round-off (tests/test_fidelity.py)."""
+    a, b = reference.astype(np.float64), features.astype(np.float64)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    lam = np.linalg.eigvals(s1 @ s2).real
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
 
 
 # ---- intervals -------------------------------------------------------------------------------------------------
@@ -137,7 +148,7 @@ def summarize(per: dict[str, np.ndarray], fp_pool: np.ndarray, pool: np.ndarray,
     """Mean and interval of every per-sample metric, and FID-to-FP with its interval."""
     out = {k: boot.mean(per[k]) for k in PER_SAMPLE}
     out["fid_to_fp"] = {"mean": fid(fp_pool, pool),
-                        "ci": boot.statistic(lambda i: fid(fp_pool[i], pool[i]), len(pool))}
+                        "ci": boot.statistic(lambda i: fid_by_eigenvalues(fp_pool[i], pool[i]), len(pool))}
     return out
 
 
@@ -149,8 +160,8 @@ def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray], fp_poo
     for k in PER_SAMPLE:
         out[k] = boot.mean(a[k] - b[k])
     out["fid_to_fp"] = {"mean": fid(fp_pool, pool_a) - fid(fp_pool, pool_b),
-                        "ci": boot.statistic(lambda i: fid(fp_pool[i], pool_a[i]) - fid(fp_pool[i], pool_b[i]),
-                                             len(fp_pool))}
+                        "ci": boot.statistic(lambda i: fid_by_eigenvalues(fp_pool[i], pool_a[i])
+                                             - fid_by_eigenvalues(fp_pool[i], pool_b[i]), len(fp_pool))}
     for k, d in out.items():
         lo, hi = d["ci"] if d["ci"] is not None else (math.nan, math.nan)
         d["excludes_zero"] = bool(lo > 0 or hi < 0)

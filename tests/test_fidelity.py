@@ -162,3 +162,13 @@ def test_report_ranks_methods_and_states_the_verdict():
     assert data["W4A8"]["same"]["vs_uncorrected"]["psnr"]["verdict"] == "inside the noise"
     sentence = lines[-1]
     assert "better (PSNR, feature distance)" in sentence and "inside the noise on every metric: same" in sentence
+
+
+def test_fast_fid_equals_the_evaluators_fid():
+    """The bootstrap's eigenvalue form of the Fréchet distance agrees with the sqrtm form the evaluator uses."""
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(400, 24))
+    b = a @ rng.normal(0, 0.3, size=(24, 24)) + rng.normal(0.2, 1, size=(400, 24))
+    ref = F.fid(a, b)
+    assert ref > 1 and abs(F.fid_by_eigenvalues(a, b) - ref) < 1e-6 * ref
+    assert abs(F.fid_by_eigenvalues(a, a)) < 1e-8
