@@ -242,14 +242,15 @@ def choose_features(requested: str, fp: ImageBatch) -> str:
 
 # ---- the comparison -----------------------------------------------------------------------------------------------
 
-def open_paired(fp_path: str | Path, path: str | Path) -> tuple[ImageBatch, ImageBatch, dict | None]:
-    fp, other = open_batch(fp_path, "FP"), open_batch(path, "sample")
+def open_paired(fp: ImageBatch, path: str | Path) -> tuple[ImageBatch, dict | None]:
+    """``path`` opened and checked against the (already opened) FP batch: same plan, same labels."""
+    other = open_batch(path, "sample")
     plan = check_same_plan(fp, other)
     check_labels(fp, other)
     if plan is None:
         print(f"note: no {MANIFEST} beside {fp.path} or {other.path}: comparing sample by sample in index order, "
               f"trusting that both were made from the same seeds", file=sys.stderr)
-    return fp, other, plan
+    return other, plan
 
 
 def measure(fp: ImageBatch, other: ImageBatch, network, fp_pool: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -263,8 +264,9 @@ def measure(fp: ImageBatch, other: ImageBatch, network, fp_pool: np.ndarray) -> 
 def compare(fp_path: str | Path, path: str | Path, vs: str | Path | None = None, features: str = "auto",
             boot: Bootstrap = Bootstrap(), device: str = "cpu") -> dict:
     """The fidelity record of ``path`` (and of ``vs``, with the paired difference) against the FP samples."""
-    fp, other, plan = open_paired(fp_path, path)
-    rival = open_paired(fp_path, vs)[1] if vs is not None else None
+    fp = open_batch(fp_path, "FP")   # opened (and its pixels verified) once, for both comparisons
+    other, plan = open_paired(fp, path)
+    rival = open_paired(fp, vs)[0] if vs is not None else None
     network = load_network(choose_features(features, fp), device=device)
     fp_pool = compute_activations(network, fp, desc="features FP")["pool"]
     per, pool = measure(fp, other, network, fp_pool)

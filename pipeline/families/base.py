@@ -106,8 +106,8 @@ class ModelFamily:
         """Images [N, 3, H, W] in [-1, 1] from sampled latents."""
         raise NotImplementedError
 
-    def describe(self, conditions: Sequence[Any] | None, n: int) -> str:
-        return f"{n} unconditional samples" if conditions is None else f"{len(conditions)} conditioned samples"
+    def describe(self, conditions: Sequence[Any] | None, n: int, noun: str = "samples") -> str:
+        return f"{n} unconditional {noun}" if conditions is None else f"{len(conditions)} conditioned {noun}"
 
     def __repr__(self) -> str:
         return f"<model family {self.name}>"

@@ -92,9 +92,9 @@ class ClassConditionalLDM(_LatentDiffusion):
             raise UserFacingError(f"class ids {bad} out of range for a model with {n - 1} classes (0..{n - 2}; "
                                   f"{n - 1} is the null class)")
 
-    def describe(self, conditions: Sequence[Any] | None, n: int) -> str:
+    def describe(self, conditions: Sequence[Any] | None, n: int, noun: str = "samples") -> str:
         k = len(set(conditions or ()))
-        return f"{len(conditions or ())} class-conditional samples over {k} classes"
+        return f"{len(conditions or ())} class-conditional {noun} over {k} classes"
 
 
 class UnconditionalLDM(_LatentDiffusion):

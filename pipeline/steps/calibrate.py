@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> None:
     settings = cli.check_sampling_args(args)
     meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
             "seed": args.seed}
-    _, family = cli.model_family(args)
+    cli.model_family(args)  # a config of no known family stops here, before anything is written
     out = cli.layout(args).calibration
     if is_current(out, CALIBRATION_KIND, meta, args.force, "this calibration set"):
         return
@@ -31,8 +31,7 @@ def run(args: argparse.Namespace) -> None:
     family, model = cli.load_model(args, device)
     conditions = family.conditions(model, args.calibration_trajectories_per_class)
     n_unconditional = None if conditions is not None else args.calibration_trajectories_per_class
-    what = (f"{n_unconditional} unconditional trajectories" if conditions is None else
-            family.describe(conditions, len(conditions)).replace("samples", "trajectories"))
+    what = family.describe(conditions, n_unconditional or 0, noun="trajectories")
     print(f"[{args.preset_used}] recording {what}, {settings.steps} DDIM steps, eta {settings.eta}, scale "
           f"{settings.scale}; keeping {args.n} inputs + {args.n_holdout} held out ({args.distribution}), seed "
           f"{args.seed}, on {device}")

@@ -28,10 +28,11 @@ def check_grid_args(args: argparse.Namespace) -> None:
 def grid_conditions(family, model, args: argparse.Namespace, uncond=None) -> tuple[list | None, int, str]:
     """(conditions, grid row length, description): ``--classes`` x ``--n_samples_per_class`` for a conditional
     family (default: its first 10 classes), ``--n_samples`` unconditional samples otherwise."""
-    if family.conditions(model, 1) is None:
+    every = family.conditions(model, 1)
+    if every is None:
         return None, min(args.n_samples, 8), f"{args.n_samples} unconditional samples (no guidance)"
     if args.classes is None:
-        args.classes = family.conditions(model, 1)[:10]
+        args.classes = every[:10]
     family.check_conditions(model, args.classes, uncond)
     labels = [c for c in args.classes for _ in range(args.n_samples_per_class)]
     null = family.null_condition(model) if uncond is None else uncond
