@@ -17,12 +17,8 @@ original's 4σ outlier filter on Δ (``NoiseStatistics.filtered_moments``) and u
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
 from correction.statistics import (DELTA, EPS_HAT, CorrectionError, Moments, NoiseStatistics, SamplingConfig,
@@ -143,99 +139,3 @@ def fit_gaussian(stats: NoiseStatistics, granularity: Granularity, outlier_k: fl
     else:
         moments = stats.filtered_moments(outlier_k, per_channel=granularity is Granularity.CHANNEL)
     return gaussian_from_moments(moments, granularity, stats.sampling, outlier_k)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Plot (paper Fig. 2: the noise statistics against the timestep), drawn with Pillow (no matplotlib dependency)
-# ---------------------------------------------------------------------------------------------------------------------
-
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (188, 189, 34)]
-_PANELS = (("mean of Delta  (mu_D)", "mu_y"), ("std of Delta  (sigma_D)", "sigma_y"),
-           ("corr(eps_hat, Delta)  (rho)", "rho"))
-_PW, _PH, _ML, _MR, _MT, _MB = 380, 280, 62, 14, 28, 40  # panel size and margins, pixels
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> np.ndarray:
-    """Round tick values (1, 2 or 5 × 10^k apart) inside [lo, hi], about n of them."""
-    raw = (hi - lo) / max(n - 1, 1)
-    mag = 10 ** np.floor(np.log10(raw))
-    step = mag * min((m for m in (1, 2, 5, 10) if m * mag >= raw), default=10)
-    return np.arange(np.ceil(lo / step), np.floor(hi / step) + 1) * step
-
-
-def _draw_panel(draw, font, x0: int, title: str, series: list, key: str) -> None:
-    left, top, right, bottom = x0 + _ML, _MT, x0 + _PW - _MR, _PH - _MB
-    ys = np.concatenate([s[3][key] for s in series])
-    xs = np.concatenate([s[2] for s in series])
-    lo, hi = float(ys.min()), float(ys.max())
-    pad = (hi - lo) * 0.08 or max(abs(hi) * 0.1, 1e-3)
-    lo, hi = lo - pad, hi + pad
-    xlo, xhi = float(xs.min()), float(xs.max())
-    if xhi == xlo:
-        xlo, xhi = xlo - 1, xhi + 1
-
-    def px(t, v):
-        return (left + (t - xlo) / (xhi - xlo) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top))
-
-    draw.text((left, 6), title, fill="black", font=font)
-    draw.rectangle((left, top, right, bottom), outline="black")
-    for v in _ticks(lo, hi):
-        y = px(xlo, v)[1]
-        draw.line((left - 4, y, left, y), fill="black")
-        draw.line((left + 1, y, right - 1, y), fill=(232, 232, 232))
-        draw.text((x0 + 6, y - 6), f"{v + 0.0:.3g}", fill="black", font=font)
-    for t in _ticks(xlo, xhi):
-        x = px(t, lo)[0]
-        draw.line((x, bottom, x, bottom + 4), fill="black")
-        draw.text((x - 10, bottom + 6), f"{t:.0f}", fill="black", font=font)
-    draw.text(((left + right) / 2 - 3, bottom + 22), "t", fill="black", font=font)
-    if lo < 0 < hi:
-        y = px(xlo, 0.0)[1]
-        draw.line((left + 1, y, right - 1, y), fill=(150, 150, 150))
-    for _, color, ts, vals in series:
-        pts = [px(t, v) for t, v in zip(ts.tolist(), vals[key].tolist(), strict=True)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for x, y in pts:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
-
-
-def plot_fit(path: str | os.PathLike, fits: Sequence[GaussianFit], title: str | None = None) -> Path:
-    """PNG of μ_Δ, σ_Δ and ρ against t (D²-DPM Fig. 2): one line for a tensor-wise fit (black), one per channel
-    for a channel-wise fit. Pass both to compare them. Written atomically."""
-    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
-
-    from ldm.fileio import write_atomic
-
-    if not fits:
-        raise ValueError("nothing to plot: pass at least one fit")
-    series = []
-    for fit in fits:
-        ts = np.asarray(fit.timesteps, dtype=np.float64)
-        tables = {k: getattr(fit, k).numpy() for _, k in _PANELS}
-        if fit.granularity is Granularity.TENSOR:
-            series.append(("tensor-wise", (0, 0, 0), ts, {k: v[:, 0] for k, v in tables.items()}))
-        else:
-            for c in range(fit.channels):
-                series.append((f"channel {c}", _PALETTE[c % len(_PALETTE)], ts,
-                               {k: v[:, c] for k, v in tables.items()}))
-    legend_rows = -(-len(series) // 6)
-    head = 22 if title else 0
-    img = Image.new("RGB", (3 * _PW, head + _PH + 8 + 18 * legend_rows), "white")
-    font = ImageFont.load_default()
-    canvas = Image.new("RGB", (3 * _PW, _PH), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, (panel_title, key) in enumerate(_PANELS):
-        _draw_panel(draw, font, k * _PW, panel_title, series, key)
-    img.paste(canvas, (0, head))
-    draw = ImageDraw.Draw(img)
-    if title:
-        draw.text((_ML, 4), title, fill="black", font=font)
-    for j, (label, color, _, _) in enumerate(series):
-        x, y = _ML + (j % 6) * 180, head + _PH + 4 + 18 * (j // 6)
-        draw.line((x, y + 6, x + 24, y + 6), fill=color, width=3)
-        draw.text((x + 30, y), label, fill="black", font=font)
-    info = PngImagePlugin.PngInfo()
-    info.add_text("content", "D2-DPM noise statistics: mu_D, sigma_D, rho vs t")
-    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG", pnginfo=info))

@@ -1,12 +1,12 @@
-"""The demo report: per-setting metric tables (mean ± spread over seeds), model sizes, stage times, pictures.
+"""The demo report: per-setting metric tables (mean ± spread over seeds), paired fidelity to FP, model sizes, stage
+times, figures and pictures.
 
-Inputs are the evaluator's JSON records (one per setting, method and seed) and measured numbers; nothing here
-computes a metric. ``write_report`` writes report.md, report.json and fid_by_method.png (a bar chart drawn with
-Pillow, so no plotting dependency is needed).
+Inputs are the evaluator's and evaluation.fidelity's JSON records (one per setting, method and seed) and measured
+numbers; nothing here computes a metric. ``write_report`` writes report.md and report.json; ``report_figures``
+draws the figures with evaluation.plots (matplotlib) and returns the data behind each, which report.json keeps.
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.fidelity import HIGHER_IS_CLOSER, PER_SAMPLE, Bootstrap
-from ldm.fileio import write_atomic, write_json_atomic, write_text_atomic
+from evaluation.plots import bits_figure, interval, methods_figure
+from ldm.fileio import write_json_atomic, write_text_atomic
 
 METRICS = (("inception_score", "IS", "{:.2f}"), ("fid", "FID", "{:.2f}"), ("sfid", "sFID", "{:.2f}"),
            ("precision", "Prec.", "{:.3f}"), ("recall", "Rec.", "{:.3f}"),
@@ -60,44 +60,72 @@ def metrics_table(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
-def bar_chart(path: str | os.PathLike, labels: Sequence[str], means: Sequence[float], spreads: Sequence[float],
-              title: str = "FID by method (lower is better)") -> Path:
-    """Horizontal bars with spread whiskers, one per label; written atomically as PNG."""
-    font = ImageFont.load_default()
-    bar_h, gap, left, right, top = 22, 8, 260, 90, 40
-    width = 900
-    height = top + len(labels) * (bar_h + gap) + 30
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    d.text((10, 10), title, fill="black", font=font)
-    vmax = max((m + s for m, s in zip(means, spreads, strict=True) if math.isfinite(m)), default=1.0) or 1.0
-    span = width - left - right
-    for i, (label, m, s) in enumerate(zip(labels, means, spreads, strict=True)):
-        y = top + i * (bar_h + gap)
-        d.text((10, y + 5), label, fill="black", font=font)
-        if not math.isfinite(m):
+FIDELITY_AXES = (("psnr", "PSNR to FP (dB)", "higher"), ("ssim", "SSIM to FP", "higher"),
+                 ("feature_distance", "feature distance to FP", "lower"))
+FID_AXIS = "FID to the reference"
+PAIRED_AXIS = "Δ PSNR vs uncorrected, paired (dB)"
+
+
+def row_label(setting: str, method: str) -> str:
+    return setting if method in ("—", "") else f"{setting} {method}"
+
+
+def report_figures(outdir: str | os.PathLike, rows: Sequence[Row], fidelity: dict[str, dict] | None,
+                   settings: Sequence[str] | None = None) -> dict[str, dict]:
+    """methods.png (every row as a point with its interval: FID against the reference, then the paired metrics)
+    and, where the fidelity records span two or more of ``settings`` (in that order), fidelity_vs_bits.png.
+    Returns {name: {"file", "caption", "data"}}: the data is exactly what was drawn."""
+    outdir = Path(outdir)
+    fidelity = fidelity or {}
+    per_setting: dict[str, list[dict]] = {}
+    references = {}
+    for r in rows:
+        s = r.summary("fid")
+        if s is None:
             continue
-        x1 = left + span * m / vmax
-        d.rectangle([left, y, x1, y + bar_h], fill=(70, 130, 180))
-        lo, hi = left + span * max(m - s, 0) / vmax, left + span * (m + s) / vmax
-        d.line([lo, y + bar_h / 2, hi, y + bar_h / 2], fill="black", width=2)
-        for x in (lo, hi):
-            d.line([x, y + 4, x, y + bar_h - 4], fill="black", width=2)
-        d.text((hi + 6, y + 5), f"{m:.2f}", fill="black", font=font)
-    return write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+        if r.sampler == "fp32":
+            references[FID_AXIS] = {"label": row_label(r.setting, r.method), "value": s[0]}
+            continue
+        if not per_setting.get(r.setting):
+            per_setting[r.setting] = [{"metric": FID_AXIS, "better": "lower", "points": {}}]
+        per_setting[r.setting][0]["points"][r.method] = interval(s[0], s[0] - s[1], s[0] + s[1])
+    for setting, methods in fidelity.items():
+        panels = per_setting.setdefault(setting, [])
+        for key, label, better in FIDELITY_AXES:
+            panels.append({"metric": label, "better": better,
+                           "points": {m: interval(d[key]["mean"], *d[key]["ci"]) for m, d in methods.items()}})
+        paired = {m: interval(d["vs_uncorrected"]["psnr"]["mean"], *d["vs_uncorrected"]["psnr"]["ci"])
+                  for m, d in methods.items() if "vs_uncorrected" in d}
+        if paired:  # the question the marginal intervals cannot answer: closer than the uncorrected model?
+            panels.append({"metric": PAIRED_AXIS, "better": "higher", "points": paired})
+            references[PAIRED_AXIS] = {"label": "uncorrected", "value": 0.0}
+    out = {"methods": {"file": "methods.png", "caption": "Every method of each setting with its interval (paired "
+                       "metrics: 95 % bootstrap over samples; FID: half-range over seeds)",
+                       "data": methods_figure(outdir / "methods.png", per_setting,
+                                              "Quality and fidelity to FP by setting", references)}}
+    swept = [st for st in (settings or ()) if st in fidelity]
+    if len(swept) >= 2:
+        methods = list(dict.fromkeys(m for st in swept for m in fidelity[st]))
+        bit_panels = [{"metric": label, "better": better,
+                       "series": {m: [interval(fidelity[st][m][key]["mean"], *fidelity[st][m][key]["ci"])
+                                      if m in fidelity[st] else None for st in swept] for m in methods}}
+                      for key, label, better in FIDELITY_AXES]
+        out["bits"] = {"file": "fidelity_vs_bits.png", "caption": "Fidelity to FP against bit width (95 % paired "
+                       "bootstrap intervals)", "data": bits_figure(outdir / "fidelity_vs_bits.png", swept, bit_panels,
+                                                                    "Fidelity to FP across bit widths")}
+    return out
 
 
 def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[str, Any],
                  sizes: dict[str, int], timings: dict[str, float], sqnr: dict[str, dict],
                  images: dict[str, str], sections: dict[str, list[str]] | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """report.md + report.json + fid_by_method.png in ``outdir``. ``context`` states the conditions (N, seeds,
-    steps, η, scale, machine); ``images`` maps a caption to a PNG path relative to ``outdir``; ``sections`` (title ->
-    markdown lines) follow the SQNR table, and ``extra`` (their numbers) goes into report.json."""
+                 extra: dict[str, Any] | None = None, figures: dict[str, dict] | None = None) -> Path:
+    """report.md + report.json in ``outdir``. ``context`` states the conditions (N, seeds, steps, η, scale,
+    machine); ``images`` maps a caption to a PNG path relative to ``outdir``; ``sections`` (title -> markdown lines)
+    follow the SQNR table, and ``extra`` (their numbers) goes into report.json; ``figures`` ({name: {"file",
+    "caption", "data"}}, as report_figures returns) are shown and their data kept in report.json."""
     outdir = Path(outdir)
-    chart = bar_chart(outdir / "fid_by_method.png", [f"{r.setting} {r.method}" for r in rows],
-                      [(r.summary("fid") or (math.nan, 0))[0] for r in rows],
-                      [(r.summary("fid") or (math.nan, 0))[1] for r in rows])
+    figures = figures or {}
     c = context
     md = [f"# {c['title']}", "",
           f"Conditions: {c['n']} samples per variant and seed (class-balanced), seeds {c['seeds']}, DDIM "
@@ -107,7 +135,7 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
           f"samples the classifier assigns to the class they were drawn for.", "",
           "## Sample quality", ""]
     md += metrics_table(rows)
-    md += ["", f"![FID by method]({chart.name})", "", "## Quantized UNet: ε SQNR on held-out calibration inputs", "",
+    md += ["", "## Quantized UNet: ε SQNR on held-out calibration inputs", "",
            "| model | SQNR (dB) | notes |", "|---|---|---|"]
     for name, d in sqnr.items():
         md.append(f"| {name} | {d['sqnr']:.2f} | {d.get('note', '')} |")
@@ -122,11 +150,13 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
         md.append(f"| {name} | {b:,} | {b / 2 ** 20:.2f} | {fp / b:.2f}× |" if fp else f"| {name} | {b:,} | | |")
     md += ["", "## Wall time of each pipeline stage", "", "| stage | seconds |", "|---|---|"]
     md += [f"| {k.replace('|', '/')} | {v:.1f} |" for k, v in timings.items()]
-    md += [f"| **total** | {sum(timings.values()):.1f} |", "", "## Pictures", ""]
+    md += [f"| **total** | {sum(timings.values()):.1f} |", "", "## Figures and pictures", ""]
+    md += [f"**{f['caption']}**\n\n![{f['caption']}]({f['file']})\n" for f in figures.values()]
     md += [f"**{caption}**\n\n![{caption}]({p})\n" for caption, p in images.items()]
     outdir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(outdir / "report.md", "\n".join(md) + "\n")
     record = {"context": context, "sizes": sizes, "timings": timings, "sqnr": sqnr, "images": images,
+              "figures": figures,
               **({"extra": extra} if extra else {}),
               "rows": [{"setting": r.setting, "method": r.method, "sampler": r.sampler,
                         "per_seed": {str(s): rec["metrics"] for s, rec in sorted(r.records.items())},
@@ -190,7 +220,7 @@ def update_readme(report: Path, readme: Path, tag: str = "demo-results") -> bool
     body = md[md.index("Conditions:"):md.index("## Wall time")]
     # the report's sections become subsections of the README section holding the markers
     depth = "####" if tag == "demo-qncd-results" else "###"
-    body = body.replace("## ", f"{depth} ").replace("![FID by method](fid_by_method.png)\n", "")
+    body = body.replace("## ", f"{depth} ")
     total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
     if total:
         seconds = float(total.split("|")[2])

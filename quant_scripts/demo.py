@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from evaluation.fidelity import Bootstrap  # noqa: E402
-from evaluation.report import (Row, fidelity_lines, quality_without_with_lines,  # noqa: E402
+from evaluation.report import (Row, fidelity_lines, quality_without_with_lines, report_figures,  # noqa: E402
                                smoothing_effect_lines, sqnr_without_with_lines, update_readme, write_report)
 from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
+from ldm.util import UserFacingError  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
 from pipeline.cli import REPO_ROOT, ArgumentParser, load_preset, run_cli  # noqa: E402
 from pipeline.layout import FP32, QuantTag, RunLayout  # noqa: E402
@@ -76,10 +77,18 @@ QNCD_VARIANTS = (
 
 
 W4A4, W3A8 = QuantTag(4, 4), QuantTag(3, 8)
-# --hard: the settings where quantization hurts (issue: a benchmark that can tell the methods apart)
-HARD_VARIANTS = tuple(Variant(tag.title(), method, sampler, tag) for tag in (W4A4, W3A8) for method, sampler in (
-    ("uncorrected", "none"), ("PTQD", "ptqd"), ("S-D² (tensor)", "sd2-tensor"), ("D-D² (tensor)", "dd2-tensor"),
-    ("S-D² (channel)", "sd2-channel"), ("D-D² (channel)", "dd2-channel"), ("QNCD probe", "qncd")))
+# the methods every setting of the bit-width sweep runs (--hard), and the settings in report order
+METHODS = (("uncorrected", "none"), ("PTQD", "ptqd"), ("S-D² (tensor)", "sd2-tensor"), ("D-D² (tensor)", "dd2-tensor"),
+           ("S-D² (channel)", "sd2-channel"), ("D-D² (channel)", "dd2-channel"), ("QNCD probe", "qncd"))
+SWEEP = (W8A8, W4A8, W4A6, W4A4, W3A8)
+# --hard: the bit-width sweep W8A8 … W4A4, W3A8, each with every method (issue: a benchmark that can tell the
+# methods apart); its report goes to <outdir>/<preset>/bits/
+HARD_VARIANTS = tuple(Variant(tag.title(), method, sampler, tag) for tag in SWEEP for method, sampler in METHODS)
+SETTING_ORDER = ("FP32",) + tuple(t.title() for t in SWEEP)
+# --long: the paper's second protocol (D²-DPM Table 2: 250 DDIM steps, guidance scale 1.5, η 0 or 1) at W4A8
+LONG_PROTOCOL = dict(steps=250, scale=1.5)
+LONG_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
+    Variant("W4A8", method, sampler, W4A8) for method, sampler in METHODS[:2] + METHODS[4:6] + METHODS[3:4])
 
 
 def sm_variants(sm_abit: int) -> tuple[Variant, ...]:
@@ -98,6 +107,9 @@ MODES = {
                   weight_iters_8=2, act_iters=2, act_init=32, stats=20),
     "paper": dict(outdir="outputs/paper", seeds=SEEDS, n_eval=10000, n_cal=1024, n_holdout=128, traj=None,
                   weight_iters=10000, weight_iters_8=10000, act_iters=5000, act_init=32, stats=1024),
+    # 250 steps cost 12.5x the default's per sample: fewer samples, trajectories, statistics and iterations
+    "long": dict(outdir="outputs", seeds=(0,), n_eval=200, n_cal=None, n_holdout=None, traj=3, weight_iters=250,
+                 weight_iters_8=100, act_iters=100, act_init=None, stats=128),
 }
 
 
@@ -150,8 +162,14 @@ class Driver:
 
 
 def variants(args) -> tuple[Variant, ...]:
-    return (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
-            + (sm_variants(args.sm_abit) if args.sm_abit else ()))
+    """The report's rows: each (model, sampler) once, FP32 first, then the settings in SETTING_ORDER."""
+    if args.mode == "long":
+        return LONG_VARIANTS
+    chosen = (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
+              + (sm_variants(args.sm_abit) if args.sm_abit else ()))
+    unique = list({(v.tag, v.sampler): v for v in reversed(chosen)}.values())[::-1]  # the first of each kept
+    order = {s: i for i, s in enumerate(SETTING_ORDER)}
+    return tuple(sorted(unique, key=lambda v: order.get(v.setting, len(order))))  # stable: methods keep their order
 
 
 def quant_settings(args) -> list[QuantTag]:
@@ -187,18 +205,22 @@ def _opt(flag, value) -> list[str]:
 
 
 def build_stages(args, layout: RunLayout, m: dict) -> list[Stage]:
-    common = ["--preset", args.preset, "--outdir", m["outdir"]]
+    common = ["--preset", args.preset, "--outdir", m["outdir"], "--steps", str(layout.steps), "--eta",
+              f"{layout.eta:g}", "--scale", f"{layout.scale:g}"]
     run = layout.run_dir
-    stages = [
+    grids = [  # (left out of the 250-step protocol: its report is about numbers, and they would cost minutes)
         Stage("FP32 grid", "sample_fp32_imagenet", ["--preset", args.preset, "--outdir", str(run / "grids")],
               [run / "grids"], skip_if_exists=True, pattern="fp32_*.png"),
+        Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
+              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [layout.grids(W4A8)],
+              skip_if_exists=True, pattern="compare_*.png")] if args.mode != "long" else []
+    stages = [
+        *grids[:1],
         Stage("calibration set", "collect_imagenet_calibration_set",
               common + _opt("--n", m["n_cal"]) + _opt("--n_holdout", m["n_holdout"])
               + _opt("--calibration_trajectories_per_class", m["traj"]), [layout.calibration]),
         *quant_stages(args, layout, m, common),
-        Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
-              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [layout.grids(W4A8)],
-              skip_if_exists=True, pattern="compare_*.png"),
+        *grids[1:],
     ]
     for seed in args.seeds:
         for v in variants(args):
@@ -248,45 +270,87 @@ def model_sizes(args, layout: RunLayout):
     export = layout.run_dir / "export"
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
-    for w in (4, 8):
+    for w in sorted({t.w_bits for t in quant_settings(args)}):
         qm, _ = load_quant_model(unet, layout.quant(QuantTag(w)), {**expect, "w_bits": w, "a_bits": None})
         save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
     return sizes, unet
 
 
-def make_report(args, layout: RunLayout, m: dict, driver: Driver) -> Path:
-    run = layout.run_dir
+def report_dir(args, layout: RunLayout) -> Path:
+    """Where this mode's report goes: <root>/ for the default, <root>/bits/ for the sweep, the run folder for the
+    250-step protocol (one per η), so no mode overwrites another's report."""
+    root = layout.run_dir.parent
+    return layout.run_dir if args.mode == "long" else root / "bits" if args.hard else root
+
+
+def readme_tag(args) -> str | None:
+    """The README section this run's report regenerates (None: it updates none)."""
+    if args.outdir is not None or args.sm_abit or args.mode in ("quick", "paper"):
+        return None
+    if args.mode == "long":
+        return f"demo-long-eta{args.eta:g}-results"
+    if args.hard:
+        return "demo-bits-results"
+    return {(False, False): "demo-results", (True, True): "demo-qncd-results"}.get((args.qncd, args.smooth))
+
+
+def noise_figure(layout: RunLayout, tag: QuantTag, path: Path) -> dict | None:
+    """The paper's Fig. 2 for one model's fits, drawn into the report folder; {"file", "caption", "data"}."""
+    from correction.gaussian import GaussianFit
+    from pipeline.steps.fit_noise import plot_noise
+
+    files = [layout.gaussian(tag, g) for g in ("channel", "tensor")]
+    if not all(f.exists() for f in files):
+        return None
+    fits = [GaussianFit.from_dict(load_artifact(f, "gaussian")["fit"]) for f in files]
+    caption = f"Quantization noise per timestep ({tag.title()}; D²-DPM Fig. 2)"
+    data = plot_noise(path, fits, f"{tag.title()}: Δ = ε̂_q − ε̂ per timestep, {layout.steps} steps, η "
+                                  f"{layout.eta:g}, scale {layout.scale:g}")
+    return {"file": path.name, "caption": caption, "data": data}
+
+
+def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[Stage]) -> Path:
+    run, where = layout.run_dir, report_dir(args, layout)
+    where.mkdir(parents=True, exist_ok=True)
     rows = eval_rows(args, layout, m)
     sizes, unet = model_sizes(args, layout)
     sqnr = sqnr_rows(args, layout)
     images = {}
     for caption, pattern in (("FP32 samples", "grids/fp32_*.png"), ("FP | uncorrected | PTQD | D-D² (W4A8)",
-                                                                     "w4a8/samples/compare_*.png"),
-                             ("Quantization noise per timestep (W4A8)", "w4a8/noise_stats.png")):
+                                                                     "w4a8/samples/compare_*.png")):
         found = sorted(run.glob(pattern))
         if found:
-            images[caption] = os.path.relpath(found[-1], run.parent)
+            images[caption] = os.path.relpath(found[-1], where)
     context = {"title": f"D²-DPM / PTQD on the embedded default ({args.preset}), mode {args.mode}"
-                        + (", QNCD smoothing" if args.smooth else ""),
-               "n": m["n_eval"], "seeds": list(args.seeds), "steps": 20, "eta": 0.0, "scale": 3.0,
-               "reference": REFERENCE, "features": rows[0].records[args.seeds[0]].get("feature_network"),
+                        + (", bit-width sweep" if args.hard else "") + (", QNCD smoothing" if args.smooth else ""),
+               "n": m["n_eval"], "seeds": list(args.seeds), "steps": layout.steps, "eta": layout.eta,
+               "scale": layout.scale, "reference": REFERENCE,
+               "features": rows[0].records[args.seeds[0]].get("feature_network"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
     # per-stage times; the many sampling and evaluation stages are summed (the JSON keeps each one)
     timings: dict[str, float] = {}
+    names = {stage.name for stage in stages}  # (the sweep shares its timings file with the default run)
     for name, seconds in driver.timings.items():
+        if name not in names:
+            continue
         key = ("evaluation samples (all variants and seeds)" if name.startswith("samples ")
-               else "evaluator (all variants and seeds)" if name.startswith("evaluate ") else name)
+               else "evaluator (all variants and seeds)" if name.startswith("evaluate ")
+               else "paired fidelity (all variants and seeds)" if name.startswith("fidelity ") else name)
         timings[key] = timings.get(key, 0.0) + seconds
-    context["stage_times_each"] = driver.timings
+    context["stage_times_each"] = {k: v for k, v in driver.timings.items() if k in names}
     lines, fidelity = fidelity_lines(fidelity_groups(args, layout, m), Bootstrap())
     sections, extra = {"Paired fidelity to the FP samples": lines}, {"fidelity": fidelity}
     if args.smooth:
         more_sections, more_extra = smoothing_sections(args, layout, m, unet, rows, sqnr)
         sections.update(more_sections)
         extra.update(more_extra)
-    return write_report(run.parent, rows, context, sizes, timings, sqnr, images, sections, extra)
+    figures = report_figures(where, rows, fidelity, SETTING_ORDER[1:])
+    noise = noise_figure(layout, W4A8, where / "noise_statistics_w4a8.png")
+    if noise:
+        figures["noise_w4a8"] = noise
+    return write_report(where, rows, context, sizes, timings, sqnr, images, sections, extra, figures)
 
 
 def fidelity_groups(args, layout: RunLayout, m: dict) -> dict[str, list[tuple[str, str, list[dict]]]]:
@@ -372,6 +436,9 @@ def parse_args(argv=None):
     group = p.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="small counts, about 3 minutes on a CPU")
     group.add_argument("--paper", action="store_true", help="paper-sized counts (for a GPU)")
+    group.add_argument("--long", action="store_true",
+                       help="the paper's second protocol at W4A8: 250 DDIM steps, guidance scale 1.5, η from --eta")
+    p.add_argument("--eta", type=float, default=0.0, choices=(0.0, 1.0), help="DDIM η of --long (0 or 1)")
     p.add_argument("--fresh", action="store_true", help="delete this mode's outputs and start over")
     p.add_argument("--qncd", action="store_true", help="add the QNCD probe rows (W4A8) and the W4A6 setting")
     p.add_argument("--smooth", action="store_true",
@@ -389,7 +456,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    args.mode = "quick" if args.quick else "paper" if args.paper else "default"
+    args.mode = "quick" if args.quick else "paper" if args.paper else "long" if args.long else "default"
+    if args.eta and not args.long:
+        raise UserFacingError("--eta applies to --long (the 250-step protocol); the other modes use the preset's η")
     m = dict(MODES[args.mode])
     if args.outdir is not None:
         m["outdir"] = args.outdir
@@ -397,22 +466,24 @@ def main(argv=None) -> None:
         m["outdir"] = m["outdir"].rstrip("/") + "-smooth"
     args.seeds = list(args.seeds or m["seeds"])
     preset = load_preset(args.preset)
-    layout = RunLayout(Path(m["outdir"]), args.preset, preset["steps"], preset["eta"], preset["scale"])
+    steps, eta, scale = ((LONG_PROTOCOL["steps"], args.eta, LONG_PROTOCOL["scale"]) if args.long
+                         else (preset["steps"], preset["eta"], preset["scale"]))
+    layout = RunLayout(Path(m["outdir"]), args.preset, steps, float(eta), float(scale))
     root = layout.run_dir.parent
     if args.fresh and root.exists():
         print(f"--fresh: removing {root}")
         shutil.rmtree(root)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
-    driver = Driver(root, root / "demo_timings.json")
+    # the 250-step protocol's stages have the default's names: its times are kept in its own run folder
+    driver = Driver(root, (layout.run_dir if args.long else root) / "demo_timings.json")
     stages = build_stages(args, layout, m)
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         driver.run(stage, len(stages), i)
-    report = make_report(args, layout, m, driver)
+    report = make_report(args, layout, m, driver, stages)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
-    tag = {(False, False): "demo-results", (True, True): "demo-qncd-results"}.get((args.qncd, args.smooth))
-    if args.mode == "default" and args.outdir is None and tag and not args.sm_abit and \
-            update_readme(report, REPO_ROOT / "README.md", tag=tag):
+    tag = readme_tag(args)
+    if tag and update_readme(report, REPO_ROOT / "README.md", tag=tag):
         print(f"updated the {tag} section of README.md")
     print(report.read_text())
 

@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from correction.gaussian import Granularity, gaussian_from_moments, plot_fit
+from correction.gaussian import GaussianFit, Granularity, gaussian_from_moments
 from correction.ptqd import ptqd_from_moments
 from correction.statistics import Moments, NoiseStatistics, SamplingConfig
+from evaluation.plots import noise_statistics_figure
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
 from pipeline import cli
@@ -17,6 +18,19 @@ from pipeline.layout import partial_path
 from pipeline.sampling import (GAUSSIAN_KIND, NOISE_STATS_KIND, PTQD_KIND, STATS_SCRIPT, check_present,
                                quant_expect)
 from pipeline.steps.noise_statistics import UNCORRECTED
+
+
+def plot_noise(path: Path, fits: list[GaussianFit], title: str) -> dict:
+    """The paper's Fig. 2 of these fits (μ_Δ, σ_Δ, ρ against t; a channel-wise fit as one line per channel), as
+    evaluation.plots draws it; returns the data drawn."""
+    series = {}
+    for fit in fits:
+        tables = {k: getattr(fit, k).numpy() for k in ("mu_y", "sigma_y", "rho")}
+        if fit.granularity is Granularity.TENSOR:
+            series["tensor-wise"] = {k: v[:, 0] for k, v in tables.items()}
+        else:
+            series.update({f"channel {c}": {k: v[:, c] for k, v in tables.items()} for c in range(fit.channels)})
+    return noise_statistics_figure(path, fits[0].timesteps, series, title)
 
 
 def filtered(obj: dict, stats: NoiseStatistics, k: float, spill: Path) -> tuple[dict, float | None]:
@@ -114,10 +128,10 @@ def run(args: argparse.Namespace) -> None:
         save_artifact(paths[g], GAUSSIAN_KIND, {**meta, "granularity": g}, {"fit": fit.to_dict()})
     save_artifact(paths["ptqd"], PTQD_KIND, {k_: v for k_, v in meta.items() if k_ != "outlier_k"},
                   {"fit": ptqd.to_dict()})
-    filt = "no filter" if k_used is None else f"{k_used:g} sigma filter"
-    plot_fit(png, [fits["channel"], fits["tensor"]],
-             title=f"{args.preset_used} {tag.title()}: {smeta['n']} trajectories, {args.steps} steps, "
-                   f"eta {args.eta:g}, scale {args.scale:g}, {filt}")
+    filt = "no filter" if k_used is None else f"{k_used:g}σ filter"
+    plot_noise(png, [fits["channel"], fits["tensor"]],
+               title=f"{args.preset_used} {tag.title()}: {smeta['n']} trajectories, {args.steps} steps, "
+                     f"η {args.eta:g}, scale {args.scale:g}, {filt}")
     print(f"[{args.preset_used}] {tag.title()}, {smeta['n']} trajectories x {args.steps} steps, eta "
           f"{args.eta:g}, scale {args.scale:g}, {'no' if k_used is None else f'{k_used:g}σ'} outlier filter")
     print_table(fits["tensor"], fits["channel"], ptqd)
