@@ -32,8 +32,7 @@ def _pyplot():
 
 def _save(fig, path: str | os.PathLike) -> Path:
     plt = _pyplot()
-    try:
-        fig.tight_layout()
+    try:  # (every figure is made with layout="constrained": titles and labels never overlap)
         return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     finally:
         plt.close(fig)
@@ -60,21 +59,22 @@ def methods_figure(path: str | os.PathLike, settings: dict[str, list[dict]], tit
         raise ValueError("nothing to plot: no points in any panel")
     references = references or {}
     metrics = list(dict.fromkeys(p["metric"] for panels in settings.values() for p in panels))
-    heights = [max(len(p["points"]) for p in panels) for panels in settings.values()]
+    heights = [len({label for p in panels for label in p["points"]}) for panels in settings.values()]
     fig, axes = plt.subplots(len(settings), len(metrics), squeeze=False, gridspec_kw={"height_ratios": heights},
+                             layout="constrained",
                              figsize=(3.4 * len(metrics) + 2.0, 0.3 * sum(heights) + 1.0 * len(settings) + 0.6))
     for row, (setting, panels) in zip(axes, settings.items(), strict=True):
         by_metric = {p["metric"]: p for p in panels}
+        labels = list(dict.fromkeys(label for p in panels for label in p["points"]))  # one y per method in a row
+        y = np.arange(len(labels))[::-1]
         for ax, metric in zip(row, metrics, strict=True):
             panel = by_metric.get(metric)
             if panel is None:
                 ax.set_axis_off()
                 continue
-            labels = list(panel["points"])
-            y = np.arange(len(labels))[::-1]
             for yi, label in zip(y, labels, strict=True):
-                v = panel["points"][label]
-                if math.isfinite(v["mean"]):
+                v = panel["points"].get(label)
+                if v is not None and math.isfinite(v["mean"]):
                     ax.errorbar(v["mean"], yi, xerr=[[v["mean"] - v["lo"]], [v["hi"] - v["mean"]]], fmt="o",
                                 ms=4, color=_COLOURS[0], ecolor="black", elinewidth=1, capsize=3)
             ref = references.get(metric)
@@ -100,7 +100,7 @@ def bits_figure(path: str | os.PathLike, settings: Sequence[str], panels: Sequen
             if len(values) != len(settings):
                 raise ValueError(f"{method}: {len(values)} values for {len(settings)} settings")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False, layout="constrained")
     x = np.arange(len(settings))
     for ax, panel in zip(axes[0], panels, strict=True):
         for k, (method, values) in enumerate(panel["series"].items()):
@@ -135,7 +135,7 @@ def noise_statistics_figure(path: str | os.PathLike, timesteps: Sequence[int], s
             if np.shape(tables[key]) != (len(t),):
                 raise ValueError(f"{name} {key}: {np.size(tables[key])} values for {len(t)} steps")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), squeeze=False, layout="constrained")
     for ax, (key, label) in zip(axes[0], NOISE_PANELS, strict=True):
         for k, (name, tables) in enumerate(series.items()):
             values = np.asarray(tables[key], dtype=np.float64)

@@ -209,15 +209,19 @@ def quality_without_with_lines(seeds: Sequence[int], n: int,
               f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
 
 
-def update_readme(report: Path, readme: Path, tag: str = "demo-results") -> bool:
+def update_readme(report: Path, readme: Path, tag: str = "demo-results", keep: Sequence[str] | None = None) -> bool:
     """Copy the report's conditions, tables and total time between the README's ``<!-- {tag}:start/end -->``
-    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`)."""
+    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`); ``keep``: only the report
+    sections of these titles (default: all up to the stage times)."""
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
     text = readme.read_text()
     if start not in text or end not in text:
         return False
     md = report.read_text()
     body = md[md.index("Conditions:"):md.index("## Wall time")]
+    if keep is not None:
+        head, *parts = body.split("\n## ")
+        body = "\n## ".join([head] + [part for part in parts if part.split("\n", 1)[0] in keep]) + "\n"
     # the report's sections become subsections of the README section holding the markers
     depth = "####" if tag == "demo-qncd-results" else "###"
     body = body.replace("## ", f"{depth} ")
@@ -257,7 +261,16 @@ def versus(records: Sequence[dict], baseline: Sequence[dict], boot: Bootstrap) -
         better = (lo > 0) if HIGHER_IS_CLOSER[k] else (hi < 0)
         worse = (hi < 0) if HIGHER_IS_CLOSER[k] else (lo > 0)
         out[k] = {**d, "verdict": "closer" if better else "farther" if worse else "inside the noise"}
+        if not (better or worse):
+            out[k]["n_to_resolve"] = samples_to_resolve(d, sum(r["n"] for r in records))
     return out
+
+
+def samples_to_resolve(d: dict, n: int) -> int | None:
+    """About how many paired samples an interval like ``d`` (measured on ``n``) needs to exclude 0 at its mean: the
+    half-width shrinks as 1/√N, so N ≈ n · (half-width / |mean|)². None for a mean of exactly 0."""
+    half = (d["ci"][1] - d["ci"][0]) / 2
+    return None if d["mean"] == 0 else int(np.ceil(n * (half / abs(d["mean"])) ** 2))
 
 
 def fidelity_lines(groups: dict[str, list[tuple[str, str, list[dict]]]], boot: Bootstrap) -> tuple[list[str], dict]:
@@ -289,6 +302,38 @@ def fidelity_lines(groups: dict[str, list[tuple[str, str, list[dict]]]], boot: B
     return lines, data
 
 
+def sweep_lines(fidelity: dict[str, dict], rows: Sequence[Row], sqnr: dict[str, dict],
+                settings: Sequence[str]) -> tuple[list[str], dict]:
+    """One table over the bit-width sweep: per setting and method the paired metrics with their intervals, the
+    paired Δ PSNR against the uncorrected model (and, inside the noise, about how many samples would resolve it),
+    FID to the reference and to FP, and the setting's ε SQNR; then each setting's verdict sentence."""
+    fid = {(r.setting, r.method): r.summary("fid") for r in rows}
+    lines = ["| setting | ε SQNR (dB) | method | PSNR (dB) | SSIM | feature distance | Δ PSNR vs uncorrected "
+             "(paired) | FID | FID to FP |", "|---|---|---|---|---|---|---|---|---|"]
+    data = {}
+    for setting in (s for s in settings if s in fidelity):
+        q = sqnr.get(setting, {}).get("sqnr")
+        for method, d in sorted(fidelity[setting].items(), key=lambda kv: -kv[1]["psnr"]["mean"]):
+            cells = [f"{d[k]['mean']:{f}} [{d[k]['ci'][0]:{f}}, {d[k]['ci'][1]:{f}}]"
+                     for k, f in (("psnr", ".2f"), ("ssim", ".4f"), ("feature_distance", ".4f"))]
+            v = d.get("vs_uncorrected", {}).get("psnr")
+            delta = "—" if v is None else f"{v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" + (
+                f" (N≈{v['n_to_resolve']:,} to resolve)" if v.get("n_to_resolve") else
+                " ✓" if v["verdict"] == "closer" else " ✗" if v["verdict"] == "farther" else "")
+            f = fid.get((setting, method))
+            lines.append(f"| {setting} | {'—' if q is None else f'{q:.2f}'} | {method} | {' | '.join(cells)} | "
+                         f"{delta} | {'—' if f is None else f'{f[0]:.3f}'} | {d['fid_to_fp']['mean']:.3f} |")
+            data.setdefault(setting, {})[method] = {"sqnr_db": q, "fid": None if f is None else f[0]}
+    lines += ["", "✓: closer to FP than the uncorrected model beyond the noise (95 % paired bootstrap, PSNR); ✗: "
+              "farther; N≈: paired samples an interval of this width needs to exclude 0 at the measured mean "
+              "(the half-width shrinks as 1/√N)."]
+    for setting in (s for s in settings if s in fidelity):
+        verdicts = {m: d["vs_uncorrected"] for m, d in fidelity[setting].items() if "vs_uncorrected" in d}
+        if verdicts:
+            lines += ["", verdict_sentence(setting, verdicts, 95)]
+    return lines, data
+
+
 def verdict_sentence(setting: str, verdicts: dict[str, dict], level: int) -> str:
     """One sentence: which methods are closer to / farther from FP than the uncorrected model, on which metrics."""
     closer = {m: [k for k, d in v.items() if d["verdict"] == "closer"] for m, v in verdicts.items()}
@@ -296,7 +341,9 @@ def verdict_sentence(setting: str, verdicts: dict[str, dict], level: int) -> str
     name = {"psnr": "PSNR", "ssim": "SSIM", "feature_distance": "feature distance"}
     parts = [f"{m} ({', '.join(name[k] for k in ks)})" for m, ks in closer.items() if ks]
     worse = [f"{m} ({', '.join(name[k] for k in ks)})" for m, ks in farther.items() if ks]
-    noise = [m for m in verdicts if not closer[m] and not farther[m]]
+    noise = [m + (f" (N≈{v['psnr']['n_to_resolve']:,} samples would resolve its PSNR difference)"
+                  if v["psnr"].get("n_to_resolve") else "")
+             for m, v in verdicts.items() if not closer[m] and not farther[m]]
     text = f"{setting}: closer to FP than the uncorrected model beyond the noise ({level} % paired bootstrap): "
     text += ", ".join(parts) if parts else "none"
     if worse:

@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 from evaluation.fidelity import Bootstrap  # noqa: E402
 from evaluation.report import (Row, fidelity_lines, quality_without_with_lines, report_figures,  # noqa: E402
-                               smoothing_effect_lines, sqnr_without_with_lines, update_readme, write_report)
+                               smoothing_effect_lines, sqnr_without_with_lines, sweep_lines, update_readme,
+                               write_report)
 from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
@@ -84,6 +85,7 @@ SWEEP = (W8A8, W4A8, W4A6, W4A4, W3A8)
 # --hard: the bit-width sweep W8A8 … W4A4, W3A8, each with every method (issue: a benchmark that can tell the
 # methods apart); its report goes to <outdir>/<preset>/bits/
 HARD_VARIANTS = tuple(Variant(tag.title(), method, sampler, tag) for tag in SWEEP for method, sampler in METHODS)
+SWEEP_SECTION = "Bit-width sweep: fidelity to FP, quality and ε SQNR"
 SETTING_ORDER = ("FP32",) + tuple(t.title() for t in SWEEP)
 # --long: the paper's second protocol (D²-DPM Table 2: 250 DDIM steps, guidance scale 1.5, η 0 or 1) at W4A8
 LONG_PROTOCOL = dict(steps=250, scale=1.5)
@@ -346,6 +348,10 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[S
         more_sections, more_extra = smoothing_sections(args, layout, m, unet, rows, sqnr)
         sections.update(more_sections)
         extra.update(more_extra)
+    if args.hard:
+        lines, data = sweep_lines(fidelity, rows, sqnr, SETTING_ORDER[1:])
+        sections = {SWEEP_SECTION: lines, **sections}
+        extra["sweep"] = data
     figures = report_figures(where, rows, fidelity, SETTING_ORDER[1:])
     noise = noise_figure(layout, W4A8, where / "noise_statistics_w4a8.png")
     if noise:
@@ -483,7 +489,7 @@ def main(argv=None) -> None:
     report = make_report(args, layout, m, driver, stages)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
     tag = readme_tag(args)
-    if tag and update_readme(report, REPO_ROOT / "README.md", tag=tag):
+    if tag and update_readme(report, REPO_ROOT / "README.md", tag=tag, keep=[SWEEP_SECTION] if args.hard else None):
         print(f"updated the {tag} section of README.md")
     print(report.read_text())
 
