@@ -6,6 +6,8 @@
     python quant_scripts/demo.py --fresh      # start over (deletes this mode's outputs first)
     python quant_scripts/demo.py --qncd       # + QNCD probe rows at W4A8 and the W4A6 setting
     python quant_scripts/demo.py --smooth     # the same with QNCD smoothing at quantization (outputs-smooth/)
+    python quant_scripts/demo.py --hard       # the bit-width sweep W8A8 … W4A4, W3A8 x every method (fashion/bits/)
+    python quant_scripts/demo.py --long --eta 1   # the paper's 250-step, scale-1.5 protocol at W4A8 (η 0 or 1)
 
 A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
 artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
@@ -476,9 +478,10 @@ def main(argv=None) -> None:
                          else (preset["steps"], preset["eta"], preset["scale"]))
     layout = RunLayout(Path(m["outdir"]), args.preset, steps, float(eta), float(scale))
     root = layout.run_dir.parent
-    if args.fresh and root.exists():
-        print(f"--fresh: removing {root}")
-        shutil.rmtree(root)
+    fresh = layout.run_dir if args.long else root  # (the 250-step runs share the root with the default's)
+    if args.fresh and fresh.exists():
+        print(f"--fresh: removing {fresh}")
+        shutil.rmtree(fresh)
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     # the 250-step protocol's stages have the default's names: its times are kept in its own run folder
     driver = Driver(root, (layout.run_dir if args.long else root) / "demo_timings.json")

@@ -8,7 +8,7 @@ Reads .../w{b}/quant_w{b}.pt (step 2) and calibration.pt (step 1); writes .../w{
 artifact every later step loads. Each layer's input is quantized with one per-tensor asymmetric range shared by all
 timesteps and both guidance branches: initialised by the L2.4 clipping search over ACT_INIT_SAMPLES calibration
 inputs (weights quantized), then the step sizes Δ_a are trained unit by unit (Adam 4e-4, cosine decay, L2.4 loss, FP
-unit inputs). Resumable after every unit like step 2.
+unit inputs, or with --act_inputs quantized the quantized prefix's). Resumable after every unit like step 2.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ ACT_INIT_SAMPLES = None   # calibration inputs for the initial ranges (None: the
 RECON_BATCH_SIZE = 16     # D²-DPM: 16
 LR = 4e-4
 P_NORM = 2.4
+ACT_INPUTS = "fp"         # each unit's inputs during step learning: "fp" (D²-DPM) or "quantized" (the quantized
+                          # prefix, weights and activations on: Q-Diffusion / BRECQ's asymmetric reconstruction)
 SEED = 0
 RUNNING_STAT = None       # Q-Diffusion/QNCD --running_stat: None (off), "all" or "softmax" (--rs_sm_only)
 # -------------------------------------------------------------------------------------------------------------------
@@ -58,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recon_batch_size", type=int, default=RECON_BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--p", type=float, default=P_NORM, help="L_p exponent of the reconstruction loss")
+    p.add_argument("--act_inputs", choices=("fp", "quantized"), default=ACT_INPUTS,
+                   help="where each unit's inputs come from while its step sizes are learned: the FP model (D²-DPM) "
+                        "or the quantized prefix, so a unit learns to undo the error before it (BRECQ, Q-Diffusion)")
     p.add_argument("--seed", type=int, default=SEED)
     return p.parse_args(argv)
 

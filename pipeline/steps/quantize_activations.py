@@ -36,7 +36,9 @@ def activation_meta(args: argparse.Namespace, w_meta: dict, w_path) -> dict:
     meta = {**w_meta, "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
             "act_iters": args.act_iters, "act_init_samples": args.act_init_samples,
             "act_batch_size": args.recon_batch_size, "act_lr": args.lr, "act_p": args.p, "act_seed": args.seed,
-            "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {})}
+            "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {}),
+            # recorded when not D²-DPM's FP inputs (artifacts made before the option stay current)
+            **({"act_inputs": args.act_inputs} if args.act_inputs != "fp" else {})}
     for k in ("format", "version", "seconds"):
         meta.pop(k, None)
     return meta
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"[{args.preset_used}] {tag.title()}: SQNR W only {sqnr_w:.2f} dB, with initial activation ranges "
           f"{sqnr_init:.2f} dB; now {what}, on {device}")
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
-                                          p=args.p, cache=cli.cache_spec(args), seed=args.seed)
+                                          p=args.p, cache=cli.cache_spec(args), seed=args.seed,
+                                          asym=args.act_inputs == "quantized")
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta) if args.act_iters else []
     if args.running_stat:
         meta["sqnr_before_running_stat_db"] = sqnr_db(qm, held, weight=True, act=True)
