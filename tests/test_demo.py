@@ -42,6 +42,43 @@ def test_update_readme_replaces_only_its_own_section(tmp_path):
     assert not demo.update_readme(report, readme, tag="missing")
 
 
+def test_update_readme_keeps_only_the_sections_asked(tmp_path):
+    from quant_scripts import demo
+    report = tmp_path / "report.md"
+    report.write_text("# t\n\nConditions: N 10.\n\n## Sample quality\n\nbig table\n\n## Bit-width sweep\n\n| row |\n\n"
+                      "## Paired fidelity\n\nmore\n\n## Wall time\n\n| **total** | 60.0 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- demo-bits-results:start -->\nold\n<!-- demo-bits-results:end -->\n")
+    assert demo.update_readme(report, readme, tag="demo-bits-results", keep=["Bit-width sweep"])
+    text = readme.read_text()
+    assert "Conditions: N 10." in text and "### Bit-width sweep\n\n| row |" in text
+    assert "big table" not in text and "more" not in text and "1.0 min" in text
+
+
+def test_sweep_rows_are_unique_and_in_setting_order():
+    from quant_scripts import demo
+    args = demo.parse_args(["--hard", "--qncd"])
+    args.mode = "default"
+    rows = demo.variants(args)
+    keys = [(v.tag, v.sampler) for v in rows]
+    assert len(keys) == len(set(keys))
+    order = [demo.SETTING_ORDER.index(v.setting) for v in rows]
+    assert order == sorted(order) and rows[0].setting == "FP32"
+    for tag in demo.SWEEP:  # every setting has every method
+        assert {v.sampler for v in rows if v.tag == tag} >= {s for _, s in demo.METHODS}, tag
+    args = demo.parse_args(["--long", "--eta", "1"])
+    args.mode = "long"
+    assert [v.sampler for v in demo.variants(args)][0] == "fp32" and {v.tag for v in demo.variants(args)} == {
+        None, demo.W4A8}
+
+
+def test_eta_belongs_to_the_long_protocol():
+    err = subprocess.run([sys.executable, str(REPO / "quant_scripts/demo.py"), "--eta", "1"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert err.returncode == 2 and err.stderr.strip().splitlines() == [
+        "error: --eta applies to --long (the 250-step protocol); the other modes use the preset's η"]
+
+
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     _, first = run_demo(out)
