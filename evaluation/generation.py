@@ -52,6 +52,12 @@ class GenerationError(UserFacingError):
 
 def balanced_labels(n: int, num_classes: int) -> np.ndarray:
     """int64 [n]: sample i gets class i mod C, so every class has n / C samples and every run agrees."""
+    check_balanced(n, num_classes)
+    return np.arange(n, dtype=np.int64) % num_classes
+
+
+def check_balanced(n: int, num_classes: int) -> None:
+    """``GenerationError`` unless n samples split evenly over the classes (checked without building the labels)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if n < 1 or n % num_classes:
@@ -59,7 +65,6 @@ def balanced_labels(n: int, num_classes: int) -> np.ndarray:
         hint = f"e.g. {lower} or {upper}" if lower else f"e.g. {upper}"
         raise GenerationError(f"{n} samples cannot be split evenly over {num_classes} classes; class-balanced "
                               f"labels need a multiple of {num_classes} ({hint})")
-    return np.arange(n, dtype=np.int64) % num_classes
 
 
 def batch_seeds(base_seed: int, index: int) -> tuple[int, int]:
@@ -98,7 +103,7 @@ class Plan:
         if self.num_classes is None and self.n < 1:
             raise GenerationError(f"the number of samples must be >= 1, got {self.n}")
         if self.num_classes is not None:
-            balanced_labels(self.n, self.num_classes)   # raises when N is not a multiple of C
+            check_balanced(self.n, self.num_classes)  # (a plan costs memory independent of N: no label array)
 
     @property
     def num_batches(self) -> int:

@@ -29,3 +29,30 @@ def test_bad_flags_stop_with_one_line_and_write_nothing(script, argv, fragment, 
     line = one_line(script, argv + ["--outdir", str(tmp_path / "out")], capsys)
     assert fragment in line, line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_billion_sample_plan_is_checked_in_bounded_memory(tmp_path):
+    """The plan alone (--dry_run) for 10⁹ samples: no label array, no list of batches, no model, nothing written."""
+    import subprocess
+    import sys
+    probe = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+             "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", probe, str(REPO / "quant_scripts/generate_evaluation_samples_dist.py"),
+                           "--n_samples", "1000000000", "--dry_run", "--outdir", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1,000,000,000 samples, 100,000,000 per class; 4,000,000 batches of 250" in proc.stdout
+    rss_kb = int(proc.stdout.split("maxrss_kb")[1])
+    assert rss_kb < 1024 * 1024, f"{rss_kb / 1024:.0f} MB"
+    assert not out.exists()
+
+
+def test_plan_balance_is_checked_without_building_labels():
+    from evaluation.generation import GenerationError, Plan
+    plan = Plan(10 ** 15, 250, 0, 10)  # would be 8 PB of labels if they were built
+    assert plan.num_batches == 4 * 10 ** 12 and list(plan.batch(plan.num_batches - 1).labels) == [
+        i % 10 for i in range(10 ** 15 - 250, 10 ** 15)]
+    with pytest.raises(GenerationError, match="cannot be split evenly over 10 classes"):
+        Plan(10 ** 15 + 1, 250, 0, 10)

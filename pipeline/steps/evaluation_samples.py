@@ -36,6 +36,8 @@ def generate(args: argparse.Namespace) -> None:
     expect = cli.model_meta(args)
     layout = cli.layout(args)
     tag = cli.quant_tag(args) if args.spec.quantized else FP32
+    if args.dry_run:
+        return dry_run(args, plan, layout.eval_samples(tag, args.sampler, plan.n, plan.seed))
     sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed))
     device = rank_device(cli.pick_device(args.device))
     family, model = cli.load_model(args, device)
@@ -52,6 +54,16 @@ def generate(args: argparse.Namespace) -> None:
         run(ctx, args, family, model, plan, sdir, settings, model_fn, correction_for)
     finally:
         ctx.close()
+
+
+def dry_run(args: argparse.Namespace, plan: Plan, sdir: Path) -> None:
+    """The plan alone: what would be made, where, and how much is already there; no model is loaded and nothing is
+    written. Memory does not grow with N (the shard count is read from the folder, not from a list of batches)."""
+    done = sum(1 for _ in shard_path(sdir, 0).parent.glob("batch_*.npz")) if sdir.is_dir() else 0
+    per_class = f", {plan.n // plan.num_classes:,} per class" if plan.num_classes else ", unconditional"
+    print(f"[{args.preset_used}] dry run, {args.sampler}: {plan.n:,} samples{per_class}; {plan.num_batches:,} "
+          f"batches of {plan.batch_size}, {done:,} shard(s) already in {sdir}; {args.steps} DDIM steps, eta "
+          f"{args.eta:g}, scale {args.scale:g}, base seed {plan.seed}; nothing written (drop --dry_run to make them)")
 
 
 def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings: dict, model_fn,
