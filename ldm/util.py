@@ -118,7 +118,8 @@ def load_config(path: str | os.PathLike) -> Any:
 # Checkpoints
 
 
-def _download_hint(path: Path) -> str:
+def download_hint(path: Path) -> str:
+    """How to get a missing checkpoint: the download command for the released ones, else a pointer to --ckpt."""
     name = path.parent.name
     url = CHECKPOINT_URLS.get(name)
     if url is None:
@@ -139,7 +140,7 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}; {_download_hint(path)}")
+        raise CheckpointError(f"checkpoint not found: {path}; {download_hint(path)}")
     trust = trust or trust_from_env()
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)

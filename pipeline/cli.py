@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from ldm.fileio import file_fingerprint
-from ldm.util import ArgumentParser, UserFacingError, load_config
+from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_hint, load_config
 from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
@@ -223,8 +223,7 @@ def model_meta(args: argparse.Namespace) -> dict:
     """What identifies the model and sampler settings in every artifact's meta (checked before anything loads)."""
     ckpt = resolve(args.ckpt)
     if not ckpt.is_file():
-        hint = f"; {args.download_hint}" if getattr(args, "download_hint", None) else ""
-        raise UserFacingError(f"checkpoint not found: {args.ckpt}{hint}")
+        raise CheckpointError(f"checkpoint not found: {args.ckpt}; {download_hint(Path(args.ckpt))}")
     return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), **args.settings.meta()}
 
 

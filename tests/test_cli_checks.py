@@ -56,3 +56,13 @@ def test_plan_balance_is_checked_without_building_labels():
         i % 10 for i in range(10 ** 15 - 250, 10 ** 15)]
     with pytest.raises(GenerationError, match="cannot be split evenly over 10 classes"):
         Plan(10 ** 15 + 1, 250, 0, 10)
+
+
+@pytest.mark.skipif((REPO / "models/ldm/cin256-v2/model.ckpt").exists(), reason="the cin256 checkpoint is here")
+def test_missing_released_checkpoint_names_the_download_before_building_anything(capsys, tmp_path):
+    line = one_line("collect_imagenet_calibration_set", ["--preset", "cin256", "--outdir", str(tmp_path / "o")],
+                    capsys)
+    assert line == ("error: checkpoint not found: models/ldm/cin256-v2/model.ckpt; download it with: mkdir -p "
+                    "models/ldm/cin256-v2 && wget -O models/ldm/cin256-v2/model.ckpt "
+                    "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt")
+    assert not (tmp_path / "o").exists()
