@@ -21,7 +21,7 @@ import numpy as np
 from evaluation.features import (INCEPTION_GRAPH, check_compatible, check_image_size, choose_network,
                                  compute_activations, load_network)
 from evaluation.metrics import IS_SPLIT_SIZE, NHOOD_SIZE, evaluate_features, inception_split_sizes
-from evaluation.npz_io import check_pair, open_batch, verify_pixels
+from evaluation.npz_io import check_pair, degenerate_warning, open_batch, verify_pixels
 from ldm.fileio import file_sha256, write_atomic, write_json_atomic
 from ldm.util import UserFacingError
 from pipeline.cli import ArgumentParser, ensure_writable_dir, pick_device, run_cli
@@ -87,16 +87,17 @@ def cached_activations(network, batch, batch_size: int | None, cache_dir: Path, 
     return acts
 
 
-def class_accuracy(softmax: np.ndarray, sample_path: Path) -> float | None:
-    """Fraction of samples whose classifier argmax is the label in the sample file's arr_1 (None without labels or
-    when arr_1 does not hold one label per sample)."""
+def class_accuracy(softmax: np.ndarray, sample_path: Path) -> tuple[float | None, str | None]:
+    """(fraction of samples whose classifier argmax is the label in the sample file's arr_1, None) ; (None, None)
+    without labels; (None, warning) when arr_1 does not hold one integer label per sample."""
     with np.load(sample_path) as f:
         if "arr_1" not in f.files:
-            return None
+            return None, None
         labels = np.asarray(f["arr_1"]).reshape(-1)
     if labels.shape[0] != softmax.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        return None
-    return float(np.mean(np.argmax(softmax, axis=1) == labels))
+        return None, (f"arr_1 of {sample_path} holds {labels.shape[0]} {labels.dtype} values for "
+                      f"{softmax.shape[0]} samples, not one integer label each: no classifier accuracy")
+    return float(np.mean(np.argmax(softmax, axis=1) == labels)), None
 
 
 def main(argv=None) -> dict:
@@ -109,9 +110,13 @@ def main(argv=None) -> dict:
     sample = open_batch(args.sample_batch, "sample", verify=False)
     check_pair(ref, sample)
     kind = choose_network(args.features, ref)
+    warnings = []
     for batch in (ref, sample):
         check_image_size(kind, batch)
-        verify_pixels(batch)
+        warning = degenerate_warning(batch, verify_pixels(batch))
+        if warning:
+            warnings.append(warning)
+            print(f"warning: {warning}", file=sys.stderr)
     # torch resolves the device of the Fashion classifier; TensorFlow places the Inception graph itself
     device = pick_device(args.device) if kind == "fashion" else args.device
 
@@ -146,7 +151,11 @@ def main(argv=None) -> dict:
         raise UserFacingError(f"metric computation failed: {' '.join(str(e).split())}") from None
     for key, label in LABELS:
         print(f"{label}: {metrics[key]}")  # = print(label + ":", value): shortest round-trip repr as the reference
-    accuracy = class_accuracy(sets["sample"]["softmax"], sample.path) if kind == "fashion" else None
+    accuracy, warning = (class_accuracy(sets["sample"]["softmax"], sample.path) if kind == "fashion"
+                         else (None, None))
+    if warning:
+        warnings.append(warning)
+        print(f"warning: {warning}", file=sys.stderr)
     if accuracy is not None:
         # not an OpenAI-evaluator line: how often the classifier agrees with the class each sample was drawn for
         print(f"Classifier accuracy: {accuracy}", file=sys.stderr)
@@ -161,7 +170,7 @@ def main(argv=None) -> dict:
               "settings": {"inception_score_split_size": IS_SPLIT_SIZE, "inception_score_splits": splits,
                            "nearest_neighbours": NHOOD_SIZE, "distances": "squared euclidean, float32",
                            "image_size": list(ref.image_size), "device": str(device)},
-              "environment": _versions()}
+              "environment": _versions(), "warnings": warnings}
     if json_path is not None:
         write_json_atomic(json_path, record)
         print(f"wrote {json_path}", file=sys.stderr)

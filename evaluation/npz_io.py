@@ -154,19 +154,35 @@ def _check_stats(where: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
     return {k: arrays[k] for k in STAT_KEYS}
 
 
-def verify_pixels(batch: ImageBatch) -> None:
+def verify_pixels(batch: ImageBatch) -> dict[str, int]:
     """One pass over arr_0 before any compute: every byte is read (the zip CRC is checked at the end of the
     member), so a damaged file fails here and not halfway through feature extraction; and non-uint8 integer
     images must already lie in 0..255 (the reference casts to float32 without rescaling, so 16-bit or signed
-    pixels would silently give meaningless features)."""
+    pixels would silently give meaningless features). Returns the counts of degenerate images seen on the way:
+    {"constant_images": one value everywhere, "black_images": all 0 (what NaN samples become), "n"}."""
     lo = hi = None
+    constant = black = 0
     for chunk in batch._iter_raw(256):
         if chunk.dtype != np.uint8:
             lo = chunk.min() if lo is None else min(lo, chunk.min())
             hi = chunk.max() if hi is None else max(hi, chunk.max())
+        flat = chunk.reshape(len(chunk), -1)
+        lows, highs = flat.min(axis=1), flat.max(axis=1)
+        constant += int(np.count_nonzero(lows == highs))
+        black += int(np.count_nonzero(highs == 0))
     if lo is not None and (lo < 0 or hi > 255):
         raise BatchError(f"{batch.describe()}: arr_0 values span {lo}..{hi}, outside 0..255; the evaluator takes "
                          f"8-bit pixels (uint8), not rescaled or 16-bit data")
+    return {"constant_images": constant, "black_images": black, "n": batch.n}
+
+
+def degenerate_warning(batch: ImageBatch, counts: dict[str, int]) -> str | None:
+    """One line when a batch holds constant images (a model that produced NaN or inf decodes to all-black ones)."""
+    if not counts["constant_images"]:
+        return None
+    return (f"{counts['constant_images']} of {counts['n']} images of the {batch.describe()} are constant "
+            f"({counts['black_images']} all black, what NaN or inf samples become): its metrics describe a broken "
+            f"batch; check the sampler's settings and output")
 
 
 def open_batch(path: str | Path, role: str, verify: bool = True) -> ImageBatch:

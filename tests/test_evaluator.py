@@ -477,3 +477,25 @@ def test_reference_activation_cache_gives_the_same_record(fashion_images, tmp_pa
     assert len(list(cache.glob("activations_*.npz"))) == 1
     metrics = [json.loads((tmp_path / f"{k}.json").read_text())["metrics"] for k in "abc"]
     assert metrics[0] == metrics[1] == metrics[2]
+
+
+def test_degenerate_batches_and_wrong_labels_are_flagged(fashion_images, tmp_path, run_inproc):
+    """All-black images (what NaN samples become) and an arr_1 of the wrong length: the metrics are still printed, but
+    each problem is one warning line and listed under "warnings" in the JSON."""
+    arr, _ = fashion_images
+    ref_path = save(tmp_path / "ref.npz", arr[:100])
+    broken = arr[5000:5080].copy()
+    broken[:30] = 0                                                     # 30 black samples
+    sample_path = save(tmp_path / "s.npz", broken, np.zeros(79, np.int64))   # one label short
+    out = tmp_path / "r.json"
+    proc = run_inproc(ref_path, sample_path, "--json", out, "--features", "fashion")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert "30 of 80 images of the sample batch" in warnings[0] and "(30 all black" in warnings[0]
+    assert "holds 79 int64 values for 80 samples" in warnings[1]
+    record = json.loads(out.read_text())
+    assert [f"warning: {w}" for w in record["warnings"]] == warnings
+    assert "classifier_accuracy" not in record["metrics"]
+    clean = run_inproc(ref_path, save(tmp_path / "ok.npz", arr[5000:5080]), "--json", out, "--features", "fashion")
+    assert clean.returncode == 0 and "warning" not in clean.stderr and json.loads(out.read_text())["warnings"] == []
