@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -191,16 +190,23 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFam
     return family, model
 
 
-def ensure_writable_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` and check that files can be written there (before any compute is spent)."""
+def ensure_writable_dir(path: str | os.PathLike, create: bool = False) -> Path:
+    """Check, before any compute is spent, that files can be written in ``path``: it or its nearest existing
+    ancestor must be a writable directory. Nothing is created unless ``create`` (the writers make their folders as
+    they write), so a run that then fails validation leaves no empty folder behind."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
-            pass
-    except OSError as e:
-        raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another --outdir") \
-            from None
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
+        raise UserFacingError(f"output directory {path} is not writable ({why} at {probe}); pass another --outdir")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another --outdir") \
+                from None
     return path
 
 
@@ -285,5 +291,5 @@ def check_bits(args: argparse.Namespace) -> None:
 def cache_spec(args: argparse.Namespace):
     from quant.reconstruction import CacheSpec
     if args.cache_dir is not None:
-        ensure_writable_dir(args.cache_dir)
+        ensure_writable_dir(args.cache_dir, create=True)  # (the memmap caches need it)
     return CacheSpec(dtype=getattr(torch, args.cache_dtype), directory=args.cache_dir)

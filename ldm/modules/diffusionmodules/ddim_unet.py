@@ -46,7 +46,8 @@ def get_timestep_embedding(timesteps: torch.Tensor, embedding_dim: int,
         raise ValueError(f"timesteps must be a 1-D tensor [B], got shape {tuple(timesteps.shape)}")
     half = embedding_dim // 2
     if half < 2:
-        raise ValueError(f"embedding_dim must be at least 4 (the exponent divides by dim // 2 - 1), got {embedding_dim}")
+        raise ValueError(f"embedding_dim must be at least 4 (the exponent divides by dim // 2 - 1), "
+                         f"got {embedding_dim}")
     scale = math.log(10000) / (half - 1)
     freqs = torch.exp(torch.arange(half, dtype=dtype) * -scale).to(timesteps.device)
     args = timesteps.to(dtype)[:, None] * freqs[None, :]
@@ -91,8 +92,10 @@ class UNetSpec:
             raise TypeError(f"unknown UNet hyper-parameters: {unknown}")
         missing = sorted(k for k, v in values.items() if v is None)
         if missing:
-            raise ValueError(f"the DDIM UNet config lacks {missing} (model.* in the yml; resolution = data.image_size)")
-        spec = cls(ch=int(values["ch"]), out_ch=int(values["out_ch"]), ch_mult=tuple(int(m) for m in values["ch_mult"]),
+            raise ValueError(f"the DDIM UNet config lacks {missing} "
+                             f"(model.* in the yml; resolution = data.image_size)")
+        spec = cls(ch=int(values["ch"]), out_ch=int(values["out_ch"]),
+                   ch_mult=tuple(int(m) for m in values["ch_mult"]),
                    num_res_blocks=int(values["num_res_blocks"]),
                    attn_resolutions=tuple(int(r) for r in values["attn_resolutions"]),
                    dropout=float(values["dropout"]), in_channels=int(values["in_channels"]),
@@ -130,7 +133,8 @@ class Model(nn.Module):
     (followed by an AttnBlock where the side is in ``attn_resolutions``), then a Downsample except on the last
     level. The decoder mirrors it with ``num_res_blocks + 1`` blocks per level, each concatenating one encoder
     activation (the skip), and an Upsample except on level 0. Construct with ``Model(config)`` (the yml's namespace
-    or dict) and/or keyword arguments ``ch``, ``out_ch``, ``ch_mult``, ... , ``resolution``.
+    or dict) and/or keyword arguments ``ch``, ``out_ch``, ``ch_mult``, ... , ``resolution``. Dropout (0.1 for
+    CIFAR-10) is active in training mode only: sample after ``eval()``.
     """
 
     def __init__(self, config: Any = None, **kwargs: Any):
