@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldm.fileio import remove_stale_temporaries
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from pipeline.layout import partial_path
 from quant.api import LayerFilter, QuantConfig, quantize
@@ -119,4 +120,7 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
 
 
 def finish_partial(out_path: str | os.PathLike) -> None:
-    partial_path(out_path).unlink(missing_ok=True)
+    """The final artifact is written: drop the progress checkpoint and any temporary a killed write of it left."""
+    partial = partial_path(out_path)
+    partial.unlink(missing_ok=True)
+    remove_stale_temporaries(partial.parent, partial.name)
