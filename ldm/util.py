@@ -132,7 +132,7 @@ def trust_from_env() -> bool:
     return os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes")
 
 
-def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
+def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, accept: tuple[type, ...] = (dict,)) -> Any:
     """Read a ``.ckpt``/``.pt`` file into a dict, with ``weights_only=True`` unless ``trust`` is set.
 
     Raises CheckpointError with a one-line message for: a missing file (with the download command for the
@@ -159,7 +159,7 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False) -> dict:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated? {msg[:160]}); "
                               f"download it again") from None
-    if not isinstance(obj, dict):
+    if not isinstance(obj, accept):  # (``accept`` widens it for callers that explain other layouts themselves)
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict with 'state_dict'")
     return obj
 

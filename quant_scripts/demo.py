@@ -112,8 +112,8 @@ MODES = {
     "paper": dict(outdir="outputs/paper", seeds=SEEDS, n_eval=10000, n_cal=1024, n_holdout=128, traj=None,
                   weight_iters=10000, weight_iters_8=10000, act_iters=5000, act_init=32, stats=1024),
     # 250 steps cost 12.5x the default's per sample: fewer samples, trajectories, statistics and iterations
-    "long": dict(outdir="outputs", seeds=(0,), n_eval=200, n_cal=None, n_holdout=None, traj=3, weight_iters=250,
-                 weight_iters_8=100, act_iters=100, act_init=None, stats=128),
+    "long": dict(outdir="outputs", seeds=(0,), n_eval=100, n_cal=None, n_holdout=None, traj=3, weight_iters=250,
+                 weight_iters_8=100, act_iters=100, act_init=None, stats=64),
 }
 
 
