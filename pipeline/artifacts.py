@@ -81,9 +81,10 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
         return False
     try:
         load_artifact(path, kind, meta)
-    except ArtifactMismatch:
-        if what is not None:
-            print(f"{path} was made with other settings; redoing it")
+    except ArtifactMismatch as e:
+        if what is not None:  # a damaged file (no differing key) is not "other settings"
+            print(f"{path} was made with other settings ({e.key} differs); redoing it" if e.key else
+                  f"{path} cannot be used ({e}); redoing it")
         return False
     if what is not None:
         print(f"{path} already holds {what}; skipping (--force to redo)")

@@ -107,8 +107,12 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
             qm.to(next(qm.parameters()).device)
             start, summaries = int(obj["next_unit"]), list(obj["summaries"])
             print(f"resuming {phase.value} reconstruction at unit {start} from {ckpt}")
-        except (ArtifactMismatch, ValueError, KeyError):
-            print(f"ignoring {ckpt}: it was made with other settings")
+        except (ArtifactMismatch, ValueError, KeyError) as e:
+            # say which: a damaged file (a killed write) is not "other settings"
+            why = (f"its {e.key} differs" if isinstance(e, ArtifactMismatch) and e.key else
+                   "it cannot be read (an interrupted write?)" if isinstance(e, ArtifactMismatch) else
+                   f"its content does not fit this model ({type(e).__name__})")
+            print(f"ignoring {ckpt}: {why}; starting this phase over")
 
     def checkpoint(next_unit: int, summary: dict) -> None:
         summaries.append(summary)

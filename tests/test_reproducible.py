@@ -80,11 +80,13 @@ def test_same_seed_reruns_are_byte_identical(scripts, model_files, reference, tm
 def test_a_changed_setting_redoes_the_step(scripts, reference, tmp_path, capsys):
     _, common = copy_of(reference, tmp_path)
     capsys.readouterr()
+    scripts["quantize_weight"].main(common + ["--weight_iters", "3", "--cache_dtype", "bfloat16"])
+    assert "was made with other settings (cache_dtype differs); redoing it" in capsys.readouterr().out
     scripts["collect_imagenet_calibration_set"].main(
         common + ["--n", "24", "--n_holdout", "8", "--calibration_trajectories_per_class", "3"])
-    assert "was made with other settings; redoing it" in capsys.readouterr().out
+    assert "was made with other settings (trajectories_per_condition differs); redoing it" in capsys.readouterr().out
     scripts["quantize_weight"].main(common + ["--weight_iters", "3", "--cache_dtype", "bfloat16"])
-    assert "was made with other settings; redoing it" in capsys.readouterr().out
+    assert "was made with other settings (calibration differs); redoing it" in capsys.readouterr().out
     scripts["quantize_weight"].main(common + ["--weight_iters", "3", "--cache_dtype", "bfloat16"])
     assert "already holds this quantized model; skipping" in capsys.readouterr().out
 
@@ -101,3 +103,16 @@ def test_a_killed_checkpoint_write_leaves_nothing_after_the_rerun(scripts, refer
     assert sorted(p.name for p in w4.parent.iterdir() if p.name.startswith(".")) == []
     key = str(w4.relative_to(out))
     assert digests(out)[key] == reference[2][key]
+
+
+def test_a_truncated_progress_file_is_named_as_such(scripts, reference, tmp_path, capsys):
+    out, common = copy_of(reference, tmp_path)
+    w4 = next(out.rglob("quant_w4.pt"))
+    partial = w4.with_name("quant_w4.partial.pt")
+    partial.write_bytes(w4.read_bytes()[:1000])    # what a kill during the checkpoint's rename-less write leaves
+    w4.unlink()
+    capsys.readouterr()
+    scripts["quantize_weight"].main(common + ["--weight_iters", "3"])
+    said = capsys.readouterr().out
+    assert f"ignoring {partial}: it cannot be read (an interrupted write?); starting this phase over" in said
+    assert "other settings" not in said and not partial.exists()
