@@ -66,3 +66,20 @@ def test_missing_released_checkpoint_names_the_download_before_building_anything
                     "models/ldm/cin256-v2 && wget -O models/ldm/cin256-v2/model.ckpt "
                     "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt")
     assert not (tmp_path / "o").exists()
+
+
+def test_too_many_calibration_inputs_stop_before_any_trajectory(capsys, tmp_path, monkeypatch):
+    import quant.calibration
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled trajectories before checking the count")
+    monkeypatch.setattr(quant.calibration, "sample_latents", no_sampling)
+    line = one_line("collect_imagenet_calibration_set", ["--n", "100000", "--outdir", str(tmp_path / "o")], capsys)
+    assert "100128 calibration samples asked for, but only 20 x 520 inputs are recorded" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_null_class_is_not_a_class_to_sample(capsys, tmp_path):
+    """(Every script asks the model family, so the FP and the quantized grid agree on the valid range.)"""
+    line = one_line("sample_fp32_imagenet", ["--classes", "3", "10", "--outdir", str(tmp_path / "o")], capsys)
+    assert line == "error: class ids [10] out of range for a model with 10 classes (0..9; 10 is the null class)"
