@@ -83,3 +83,15 @@ def test_the_null_class_is_not_a_class_to_sample(capsys, tmp_path):
     """(Every script asks the model family, so the FP and the quantized grid agree on the valid range.)"""
     line = one_line("sample_fp32_imagenet", ["--classes", "3", "10", "--outdir", str(tmp_path / "o")], capsys)
     assert line == "error: class ids [10] out of range for a model with 10 classes (0..9; 10 is the null class)"
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("sample_fp32_imagenet", ["--classes", "10"]),
+    ("generate_evaluation_samples_dist", ["--sampler", "dd2-channel", "--w_bits", "3"]),
+    ("quantize_weight", ["--w_bits", "3"]),
+    ("quantize_weight_activation", ["--w_bits", "3", "--a_bits", "4"]),
+    ("collect_timestep_aware_statistics", ["--w_bits", "3", "--a_bits", "4"]),
+])
+def test_a_run_that_fails_validation_leaves_no_folder(script, argv, capsys, tmp_path):
+    line = one_line(script, argv + ["--outdir", str(tmp_path / "o")], capsys)
+    assert line.startswith("error: ") and not (tmp_path / "o").exists(), line
