@@ -57,7 +57,7 @@ def _check_json_target(path: str | None) -> Path | None:
     out = Path(path)
     if out.is_dir():
         raise UserFacingError(f"--json {out} is a directory; give a file name")
-    ensure_writable_dir(out.parent if str(out.parent) else Path("."))
+    ensure_writable_dir(out.parent if str(out.parent) else Path("."), flag="--json path")
     return out
 
 
@@ -82,7 +82,7 @@ def cached_activations(network, batch, batch_size: int | None, cache_dir: Path, 
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
     acts = compute_activations(network, batch, batch_size, desc=f"reference ({kind})")
-    ensure_writable_dir(cache_dir)
+    ensure_writable_dir(cache_dir, flag="--cache_dir")
     write_atomic(path, lambda tmp: np.savez(tmp, **acts), keep_suffix=True)
     return acts
 

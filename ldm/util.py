@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import pickle
+import re
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -145,12 +146,19 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, accept: t
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).split("\n")]
-        unsafe = next((line for line in lines if "Unsupported global" in line), None)
-        if unsafe is None:  # not a pickle of disallowed objects, just not a valid file
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found is None:  # not a refusal of a global: a damaged file, or a raw pickle torch's reader cannot walk
+            op = re.search(r"Unsupported operand \d+", text)
+            if op:
+                raise CheckpointError(f"cannot read checkpoint {path} with weights_only loading ({op.group(0)}): a "
+                                      f"corrupt file, or a plain pickle that only loads by running code from it; "
+                                      f"download it again, or if you trust its source, rerun with --trust_checkpoint "
+                                      f"(or {TRUST_ENV_VAR}=1)") from None
+            lines = [line.strip() for line in text.split("\n") if line.strip()]
             raise CheckpointError(f"cannot read checkpoint {path} (corrupt or truncated? "
                                   f"{(lines[-3] if len(lines) > 2 else lines[0])[:120]}); download it again") from None
-        why = unsafe.split("WeightsUnpickler error: ")[-1].split(" was not an allowed")[0]
+        why = found.group(1)  # a global weights_only loading refuses: it would only load by running code
         raise CheckpointError(
             f"{path} holds Python objects that weights_only loading refuses ({why}); if you trust its "
             f"source, rerun with --trust_checkpoint (or {TRUST_ENV_VAR}=1), or convert it once with "

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ldm.fileio import file_fingerprint, save_atomic
+from ldm.fileio import file_fingerprint, remove_stale_temporaries, save_atomic, write_json_atomic
 from ldm.util import UserFacingError
 
 FORMAT_VERSION = 1
@@ -30,7 +30,20 @@ class ArtifactMismatch(UserFacingError):
 def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any]) -> Path:
     if "meta" in payload:
         raise ValueError("payload must not have a 'meta' key")
+    remove_stale_temporaries(Path(path).parent, Path(path).name)  # what a killed earlier write of it left
     return save_atomic({"meta": {"format": kind, "version": FORMAT_VERSION, **meta}, **payload}, path)
+
+
+def timing_path(path: str | os.PathLike) -> Path:
+    """Where an artifact's wall times go: beside it, outside its content, so that same-seed reruns write
+    byte-identical artifacts (and every later fingerprint of them agrees)."""
+    path = Path(path)
+    return path.with_name(path.stem + ".timing.json")
+
+
+def save_timing(path: str | os.PathLike, **seconds: float | None) -> Path:
+    """Record how long the steps that made ``path`` took (``timing_path``), atomically."""
+    return write_json_atomic(timing_path(path), {k: v for k, v in seconds.items()})
 
 
 def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | None = None,
@@ -68,13 +81,15 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
         return False
     try:
         load_artifact(path, kind, meta)
-    except ArtifactMismatch:
-        if what is not None:
-            print(f"{path} was made with other settings; redoing it")
+    except ArtifactMismatch as e:
+        if what is not None:  # a damaged file (no differing key) is not "other settings"
+            print(f"{path} was made with other settings ({e.key} differs); redoing it" if e.key else
+                  f"{path} cannot be used ({e}); redoing it")
         return False
     if what is not None:
         print(f"{path} already holds {what}; skipping (--force to redo)")
     return True
 
 
-__all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint"]
+__all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint",
+           "save_timing", "timing_path"]

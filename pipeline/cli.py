@@ -190,7 +190,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFam
     return family, model
 
 
-def ensure_writable_dir(path: str | os.PathLike, create: bool = False) -> Path:
+def ensure_writable_dir(path: str | os.PathLike, create: bool = False, flag: str = "--outdir") -> Path:
     """Check, before any compute is spent, that files can be written in ``path``: it or its nearest existing
     ancestor must be a writable directory. Nothing is created unless ``create`` (the writers make their folders as
     they write), so a run that then fails validation leaves no empty folder behind."""
@@ -200,12 +200,12 @@ def ensure_writable_dir(path: str | os.PathLike, create: bool = False) -> Path:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
-        raise UserFacingError(f"output directory {path} is not writable ({why} at {probe}); pass another --outdir")
+        raise UserFacingError(f"output directory {path} is not writable ({why} at {probe}); pass another {flag}")
     if create:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another --outdir") \
+            raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another {flag}") \
                 from None
     return path
 
@@ -291,5 +291,5 @@ def check_bits(args: argparse.Namespace) -> None:
 def cache_spec(args: argparse.Namespace):
     from quant.reconstruction import CacheSpec
     if args.cache_dir is not None:
-        ensure_writable_dir(args.cache_dir, create=True)  # (the memmap caches need it)
+        ensure_writable_dir(args.cache_dir, create=True, flag="--cache_dir")  # (the memmap caches need it)
     return CacheSpec(dtype=getattr(torch, args.cache_dtype), directory=args.cache_dir)

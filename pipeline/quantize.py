@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldm.fileio import remove_stale_temporaries
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from pipeline.layout import partial_path
 from quant.api import LayerFilter, QuantConfig, quantize
@@ -106,8 +107,12 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
             qm.to(next(qm.parameters()).device)
             start, summaries = int(obj["next_unit"]), list(obj["summaries"])
             print(f"resuming {phase.value} reconstruction at unit {start} from {ckpt}")
-        except (ArtifactMismatch, ValueError, KeyError):
-            print(f"ignoring {ckpt}: it was made with other settings")
+        except (ArtifactMismatch, ValueError, KeyError) as e:
+            # say which: a damaged file (a killed write) is not "other settings"
+            why = (f"its {e.key} differs" if isinstance(e, ArtifactMismatch) and e.key else
+                   "it cannot be read (an interrupted write?)" if isinstance(e, ArtifactMismatch) else
+                   f"its content does not fit this model ({type(e).__name__})")
+            print(f"ignoring {ckpt}: {why}; starting this phase over")
 
     def checkpoint(next_unit: int, summary: dict) -> None:
         summaries.append(summary)
@@ -119,4 +124,7 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
 
 
 def finish_partial(out_path: str | os.PathLike) -> None:
-    partial_path(out_path).unlink(missing_ok=True)
+    """The final artifact is written: drop the progress checkpoint and any temporary a killed write of it left."""
+    partial = partial_path(out_path)
+    partial.unlink(missing_ok=True)
+    remove_stale_temporaries(partial.parent, partial.name)

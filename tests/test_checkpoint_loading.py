@@ -65,9 +65,26 @@ def test_corrupt_checkpoint(tiny, tmp_path):
     data = Path(tiny[3]).read_bytes()
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    for name in ("cut.ckpt", "junk.ckpt"):
-        with pytest.raises(CheckpointError, match="corrupt or truncated"):
-            load_checkpoint_file(tmp_path / name)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint_file(tmp_path / "cut.ckpt")
+    # bytes torch reads as a legacy pickle: it cannot tell junk from a pickle that would run code, and says both
+    with pytest.raises(CheckpointError, match=r"a corrupt file, or a plain pickle that only loads by running code "
+                                              r"from it; .* --trust_checkpoint"):
+        load_checkpoint_file(tmp_path / "junk.ckpt")
+
+
+def test_a_pickle_that_would_run_code_names_what_and_the_opt_in(tmp_path):
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"state_dict": {"w": Payload()}}, tmp_path / "evil.ckpt")
+    with pytest.raises(CheckpointError, match=r"holds Python objects that weights_only loading refuses "
+                                              r"\((posix|nt).system\); if you trust its source, rerun with "
+                                              r"--trust_checkpoint"):
+        load_checkpoint_file(tmp_path / "evil.ckpt")
 
 
 def test_unsafe_pickle_needs_explicit_opt_in(tiny, tmp_path, monkeypatch):

@@ -66,3 +66,32 @@ def test_missing_released_checkpoint_names_the_download_before_building_anything
                     "models/ldm/cin256-v2 && wget -O models/ldm/cin256-v2/model.ckpt "
                     "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt")
     assert not (tmp_path / "o").exists()
+
+
+def test_too_many_calibration_inputs_stop_before_any_trajectory(capsys, tmp_path, monkeypatch):
+    import quant.calibration
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled trajectories before checking the count")
+    monkeypatch.setattr(quant.calibration, "sample_latents", no_sampling)
+    line = one_line("collect_imagenet_calibration_set", ["--n", "100000", "--outdir", str(tmp_path / "o")], capsys)
+    assert "100128 calibration samples asked for, but only 20 x 520 inputs are recorded" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_null_class_is_not_a_class_to_sample(capsys, tmp_path):
+    """(Every script asks the model family, so the FP and the quantized grid agree on the valid range.)"""
+    line = one_line("sample_fp32_imagenet", ["--classes", "3", "10", "--outdir", str(tmp_path / "o")], capsys)
+    assert line == "error: class ids [10] out of range for a model with 10 classes (0..9; 10 is the null class)"
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("sample_fp32_imagenet", ["--classes", "10"]),
+    ("generate_evaluation_samples_dist", ["--sampler", "dd2-channel", "--w_bits", "3"]),
+    ("quantize_weight", ["--w_bits", "3"]),
+    ("quantize_weight_activation", ["--w_bits", "3", "--a_bits", "4"]),
+    ("collect_timestep_aware_statistics", ["--w_bits", "3", "--a_bits", "4"]),
+])
+def test_a_run_that_fails_validation_leaves_no_folder(script, argv, capsys, tmp_path):
+    line = one_line(script, argv + ["--outdir", str(tmp_path / "o")], capsys)
+    assert line.startswith("error: ") and not (tmp_path / "o").exists(), line

@@ -323,6 +323,7 @@ def test_cli_other_bad_inputs(tmp_path, run_inproc):
          ["Inception graph", "not found", "classify_image_graph_def.pb", "openaipublic.blob.core.windows.net"]),
         ((ref, ref, "--batch_size", 0), ["--batch_size must be >= 1"]),
         ((ref, ref, "--json", tmp_path), ["is a directory"]),
+        ((ref, ref, "--json", ref / "x.json"), ["a file is in the way", "pass another --json path"]),
     ]
     for args, fragments in cases:
         assert_one_line_error(run_inproc(*args, "--json", out) if "--json" not in map(str, args)

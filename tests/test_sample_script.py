@@ -94,6 +94,15 @@ def test_unknown_target(tiny_files, tmp_path, run_inproc):
                           "UNetModelXL")
 
 
+def test_a_width_groupnorm_cannot_take_is_one_line(tiny_files, tmp_path, run_inproc):
+    cfg, ckpt = tiny_files["cond"]
+    c = OmegaConf.load(cfg)
+    c.model.params.unet_config.params.model_channels = 33
+    OmegaConf.save(c, tmp_path / "odd.yaml")
+    assert_one_line_error(run_inproc("--config", tmp_path / "odd.yaml", "--ckpt", ckpt, "--outdir", tmp_path),
+                          "does not fit the model code", "divisible by num_groups")
+
+
 def test_unwritable_outdir(tiny_files, tmp_path, run_inproc):
     cfg, ckpt = tiny_files["cond"]
     (tmp_path / "a_file").write_text("x")

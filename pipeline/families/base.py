@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddim import DDIMSampler, ModelFn
 from ldm.sample import Conditioner
-from ldm.util import ConfigError, load_model_from_config
+from ldm.util import ConfigError, UserFacingError, load_model_from_config
 
 
 def config_target(config: Any) -> str:
@@ -56,8 +56,10 @@ class ModelFamily:
         """The model with its checkpoint, strictly loaded, in eval mode on ``device``."""
         try:
             return load_model_from_config(config, ckpt, trust=trust, device=device, config_name=config_name)
-        except TypeError as e:  # wrong or unknown params in the config
-            raise ConfigError(f"{config_name} does not fit the model code: {e}") from None
+        except UserFacingError:
+            raise
+        except (TypeError, ValueError) as e:  # unknown params, or values the modules refuse (GroupNorm widths...)
+            raise ConfigError(f"{config_name} does not fit the model code: {' '.join(str(e).split())}") from None
 
     # ---- the UNet ----------------------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ def run(args: argparse.Namespace) -> None:
         raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1, --n_holdout >= 0")
     settings = cli.check_sampling_args(args)
     meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
-            "seed": args.seed}
+            "seed": args.seed, "trajectories_per_condition": args.calibration_trajectories_per_class,
+            "batch_size": args.batch_size}
     cli.model_family(args)  # a config of no known family stops here, before anything is written
     out = cli.layout(args).calibration
     if is_current(out, CALIBRATION_KIND, meta, args.force, "this calibration set"):

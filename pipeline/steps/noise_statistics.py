@@ -13,8 +13,9 @@ from correction.statistics import CorrectionError, Moments, NoiseStatistics, Sam
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
 from pipeline import cli
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact, save_timing
 from pipeline.layout import partial_path
+from pipeline.quantize import finish_partial
 from pipeline.sampler_spec import Method, SamplerSpec
 from pipeline.sampling import NOISE_STATS_KIND, build_variant, check_present, quant_expect
 
@@ -139,9 +140,9 @@ def write(args, out: Path, meta: dict, stats: NoiseStatistics, seconds: float, d
     if args.outlier_k > 0:
         payload["filtered"] = {"tensor": moments_dict(stats.filtered_moments(args.outlier_k, per_channel=False)),
                                "channel": moments_dict(stats.filtered_moments(args.outlier_k, per_channel=True))}
-    meta["seconds"] = seconds if done0 == 0 else None
     save_artifact(out, NOISE_STATS_KIND, meta, payload)
-    partial_path(out).unlink(missing_ok=True)
+    save_timing(out, seconds=seconds if done0 == 0 else None)  # (None: resumed, the time covers part of the work)
+    finish_partial(out)
     if not args.keep_spill:
         clear_spill(spill)
     m = stats.moments().pooled()

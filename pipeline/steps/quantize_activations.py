@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
 from pipeline import cli
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact, save_timing
 from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, finish_partial, load_calibration, make_quant_model,
                                resumable_reconstruct)
 from pipeline.sampling import ddim_timesteps
@@ -34,7 +34,7 @@ def check_args(args: argparse.Namespace) -> None:
 def activation_meta(args: argparse.Namespace, w_meta: dict, w_path) -> dict:
     """Step 2's meta plus every setting of this step (what an up-to-date step-3 artifact must match)."""
     meta = {**w_meta, "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
-            "act_iters": args.act_iters, "act_init_samples": args.act_init_samples,
+            "act_iters": args.act_iters, "act_init_samples": args.act_init_samples, "act_cache_dtype": args.cache_dtype,
             "act_batch_size": args.recon_batch_size, "act_lr": args.lr, "act_p": args.p, "act_seed": args.seed,
             "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {}),
             # recorded when not D²-DPM's FP inputs (artifacts made before the option stay current)
@@ -101,12 +101,12 @@ def run(args: argparse.Namespace) -> None:
         meta["sqnr_before_running_stat_db"] = sqnr_db(qm, held, weight=True, act=True)
         running_stat_(qm, data, args)
     sqnr_final = sqnr_db(qm, held, weight=True, act=True)
-    meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final,
-                act_seconds=time.time() - t0)
+    meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
     payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}
     if meta.get("smoothing"):
         payload["smoothing"] = w_obj["smoothing"]
     save_artifact(out, QUANT_KIND, meta, payload)
+    save_timing(out, act_seconds=time.time() - t0)
     finish_partial(out)
     print(f"{tag.title()} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after {what} "
           f"({time.time() - t0:.0f} s); wrote {out}")

@@ -9,7 +9,7 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from pipeline import cli
-from pipeline.artifacts import is_current, save_artifact
+from pipeline.artifacts import is_current, save_artifact, save_timing
 from pipeline.quantize import (QUANT_KIND, finish_partial, load_calibration, make_quant_model,
                                resumable_reconstruct)
 from pipeline.sampling import ddim_timesteps
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> None:
     out, cal_path = layout.quant(tag), layout.calibration
     meta = {**weight_meta(args, base), "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
             "weight_iters": args.weight_iters, "recon_batch_size": args.recon_batch_size,
-            "round_weight": args.round_weight, "seed": args.seed}
+            "round_weight": args.round_weight, "seed": args.seed, "cache_dtype": args.cache_dtype}
     if is_current(out, QUANT_KIND, meta, args.force, "this quantized model"):
         return
     cli.ensure_writable_dir(out.parent)
@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> None:
                       cache=cli.cache_spec(args), seed=args.seed)
     summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta)
     sqnr_ada = sqnr_db(qm, held)
-    meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada, seconds=time.time() - t0)
+    meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
     state = quantized_state(qm, bool(args.smoothing))
     save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state})
+    save_timing(out, seconds=time.time() - t0)
     finish_partial(out)
     print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
           f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")
