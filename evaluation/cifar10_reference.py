@@ -13,7 +13,6 @@ numpy arrays: a file that asks for anything else is refused with one line, never
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.fileio import write_atomic
+from ldm.fileio import file_md5, write_atomic
 from ldm.util import ArgumentParser, UserFacingError, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,14 +68,6 @@ def parse_batch(raw: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_batches(source: Path, split: str, check_md5: bool = True) -> dict[str, bytes]:
     """The raw batch files of ``split`` from the .tar.gz or the unpacked folder (the folder itself or its parent)."""
     names = SPLITS[split]
@@ -90,7 +81,7 @@ def read_batches(source: Path, split: str, check_md5: bool = True) -> dict[str, 
     if not source.is_file():
         raise ArchiveError(f"{source} not found; download cifar-10-python.tar.gz from "
                            f"https://www.cs.toronto.edu/~kriz/cifar.html")
-    if check_md5 and (got := _md5(source)) != ARCHIVE_MD5:
+    if check_md5 and (got := file_md5(source)) != ARCHIVE_MD5:
         raise ArchiveError(f"{source} has MD5 {got}, the published archive {ARCHIVE_MD5}: a corrupt or different "
                            f"download; fetch it again (or pass --skip_md5 for a repacked copy)")
     try:

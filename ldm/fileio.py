@@ -66,13 +66,23 @@ def remove_stale_temporaries(directory: str | os.PathLike, name: str = "*") -> i
     return len(stale)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a whole file (reference batches, feature networks: what a reader can check with sha256sum)."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a whole file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a whole file (reference batches, feature networks: what a reader can check with sha256sum)."""
+    return file_digest(path, "sha256")
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex MD5 of a whole file: what published datasets and checkpoints state (checked, never used to identify)."""
+    return file_digest(path, "md5")
 
 
 def file_fingerprint(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:

@@ -9,7 +9,6 @@ copy is named before 50,000 samples are made from it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ldm.fileio import atomic_path
+from ldm.fileio import atomic_path, file_md5
 from ldm.util import CheckpointError, load_checkpoint_file, load_state_dict_checked
 
 # name -> (URL, MD5, path under the cache root); facts from the original code (fixture README of ddim_cifar10)
@@ -40,14 +39,6 @@ def released_path(name: str, root: str | os.PathLike | None = None) -> Path:
     if name not in RELEASED:
         raise CheckpointError(f"unknown released checkpoint {name!r}; known: {', '.join(sorted(RELEASED))}")
     return Path(root or cache_root()) / RELEASED[name][2]
-
-
-def file_md5(path: str | os.PathLike) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_md5(path: str | os.PathLike, name: str) -> Path:
