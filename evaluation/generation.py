@@ -88,12 +88,15 @@ class Batch:
 
 @dataclass(frozen=True)
 class Plan:
-    """N samples in batches of ``batch_size`` by global index; ``num_classes`` None means unconditional."""
+    """N samples in batches of ``batch_size`` by global index; ``num_classes`` None means unconditional.
+    ``class_ids``: sample only these classes (sample i has class_ids[i mod K], K = len(class_ids) = num_classes),
+    for quick runs of a many-class model; None means classes 0..C−1."""
 
     n: int
     batch_size: int
     seed: int
     num_classes: int | None = None
+    class_ids: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -104,6 +107,12 @@ class Plan:
             raise GenerationError(f"the number of samples must be >= 1, got {self.n}")
         if self.num_classes is not None:
             check_balanced(self.n, self.num_classes)  # (a plan costs memory independent of N: no label array)
+        if self.class_ids is not None and len(self.class_ids) != self.num_classes:
+            raise ValueError(f"class_ids holds {len(self.class_ids)} ids but num_classes is {self.num_classes}")
+
+    def _classes(self, indices: np.ndarray) -> np.ndarray:
+        k = indices % self.num_classes
+        return k if self.class_ids is None else np.asarray(self.class_ids, dtype=np.int64)[k]
 
     @property
     def num_batches(self) -> int:
@@ -111,14 +120,14 @@ class Plan:
 
     @property
     def labels(self) -> np.ndarray | None:
-        return None if self.num_classes is None else balanced_labels(self.n, self.num_classes)
+        return None if self.num_classes is None else self._classes(balanced_labels(self.n, self.num_classes))
 
     def batch(self, index: int) -> Batch:
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} out of range 0..{self.num_batches - 1}")
         start, stop = index * self.batch_size, min((index + 1) * self.batch_size, self.n)
         indices = np.arange(start, stop, dtype=np.int64)
-        labels = None if self.num_classes is None else indices % self.num_classes
+        labels = None if self.num_classes is None else self._classes(indices)
         return Batch(index, indices, labels, *batch_seeds(self.seed, index))
 
 
@@ -277,9 +286,15 @@ def env_rank() -> int:
 
 
 def rank_device(device: torch.device) -> torch.device:
-    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); CPU stays CPU."""
+    """Under torchrun each rank takes its own GPU (cuda:LOCAL_RANK, made the current device before anything is
+    loaded); CPU stays CPU. A launcher that shows each rank fewer GPUs than ranks per node gets one line."""
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local, visible = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= visible:
+            raise GenerationError(f"rank with LOCAL_RANK {local} sees only {visible} GPU(s); start one process per "
+                                  f"visible GPU (torchrun --nproc_per_node {visible}) or make every GPU visible")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -334,8 +349,10 @@ def init_distributed(device: torch.device) -> DistContext:
         return DistContext()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # device_id binds NCCL to this rank's GPU (barriers and broadcasts then need no guess)
     torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                         timeout=BARRIER_TIMEOUT)
+                                         timeout=BARRIER_TIMEOUT,
+                                         **({"device_id": device} if device.type == "cuda" else {}))
     return DistContext(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 

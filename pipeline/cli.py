@@ -161,7 +161,22 @@ def pick_device(name: str) -> torch.device:
         raise UserFacingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserFacingError(f"device '{name}' asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda":
+        exact_cuda_numerics()
     return device
+
+
+def exact_cuda_numerics() -> None:
+    """FP32 means FP32 on a GPU too: PyTorch runs FP32 convolutions in TF32 by default (10-bit mantissa, ~1e-3
+    relative error), which would blur the very quantization noise being measured (SQNRs, reconstruction targets,
+    Δ = ε_q − ε_fp). TF32 off for convolutions and matmuls, cuDNN's deterministic algorithms, and deterministic
+    PyTorch ops where they exist (warn, not fail, where they do not), so a rerun on the same GPU repeats itself."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # (read when cuBLAS starts: before any CUDA work)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve(path: str) -> Path:
@@ -250,8 +265,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     p.add_argument("--quant_mode", default="brecq", choices=("brecq", "qncd"),
                    help="qncd: QNCD's calibration recipe, i.e. --scale_split_static (code formula unless given) and, "
                         "at step 3, --running_stat")
-    p.add_argument("--cache_dtype", default="float32", choices=("float32", "float16", "bfloat16"),
-                   help="precision of the reconstruction caches (float16 halves their memory)")
+    p.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="precision of the reconstruction caches (float16 halves their memory; default: the "
+                        "preset's, else float32)")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
                                                      "of memory (full-size UNets on small hosts)")
     add_output_args(p)
@@ -275,6 +291,8 @@ def check_quant_args(args: argparse.Namespace) -> None:
         args.smoothing = args.smoothing or "code"
         if hasattr(args, "running_stat"):
             args.running_stat = args.running_stat or "all"
+    if getattr(args, "cache_dtype", "absent") is None:   # neither the flag nor the preset chose
+        args.cache_dtype = "float32"
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
     check_bits(args)

@@ -101,9 +101,12 @@ class RunLayout:
     def grids(self, tag: QuantTag | str) -> Path:
         return self.model_dir(tag) / "samples"
 
-    def eval_samples(self, tag: QuantTag | str, sampler: str, n: int, seed: int) -> Path:
-        """Step 7's folder (the evaluation protocol: N class-balanced samples from one base seed)."""
-        return self.model_dir(tag) / f"samples_{sampler}_n{n}_seed{seed}"
+    def eval_samples(self, tag: QuantTag | str, sampler: str, n: int, seed: int,
+                     classes: tuple[int, ...] | None = None) -> Path:
+        """Step 7's folder (the evaluation protocol: N class-balanced samples from one base seed; a class subset,
+        not comparable with the full protocol, is named in the folder)."""
+        subset = "" if classes is None else "_classes" + "-".join(str(c) for c in classes)
+        return self.model_dir(tag) / f"samples_{sampler}_n{n}_seed{seed}{subset}"
 
     def elsewhere(self, path: Path) -> str:
         """' (it exists for other settings: sample with --steps 20 --eta 0 --scale 3)' when the same file exists in

@@ -94,7 +94,8 @@ def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps:
 
 
 def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig,
-                          out_path: str | os.PathLike, meta: dict[str, Any], progress: bool = True) -> list[dict]:
+                          out_path: str | os.PathLike, meta: dict[str, Any], progress: bool = True,
+                          timings: list | None = None) -> list[dict]:
     """``reconstruct_`` with a checkpoint after every unit in ``<out>.partial.pt``. A partial checkpoint whose meta
     equals ``meta`` (same model, bits, settings, calibration set) is resumed from; any other is ignored and replaced.
     The caller writes the final artifact and then calls ``finish_partial``."""
@@ -119,7 +120,7 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
         save_artifact(ckpt, PARTIAL_KIND, meta, {"next_unit": next_unit, "summaries": summaries,
                                                  "quant_state": qm.quant_state_dict()})
 
-    reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress)
+    reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress, timings=timings)
     return summaries
 
 

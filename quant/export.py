@@ -41,13 +41,13 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.flatten().to(torch.uint8)
     pad = (-flat.numel()) % per
     flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per)
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=flat.device) * bits
     return (flat << shifts).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8) * bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
     codes = (packed[:, None] >> shifts) & (2 ** bits - 1)
     return codes.flatten()[:numel].long()
 

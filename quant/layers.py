@@ -89,10 +89,11 @@ class QuantLayer(nn.Module):
     def _act_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.split is None:
             return self.a_scale, self.a_zero_point
-        sizes = torch.tensor([self.split, x.shape[1] - self.split], device=x.device)
         shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
-        return (self.a_scale.repeat_interleave(sizes).view(shape),
-                self.a_zero_point.repeat_interleave(sizes).view(shape))
+        k, rest = self.split, x.shape[1] - self.split
+        # expand + cat: no per-forward device->host sync (repeat_interleave with tensor repeats had one on CUDA)
+        return (torch.cat([self.a_scale[:1].expand(k), self.a_scale[1:].expand(rest)]).view(shape),
+                torch.cat([self.a_zero_point[:1].expand(k), self.a_zero_point[1:].expand(rest)]).view(shape))
 
     @torch.no_grad()
     def init_adaround_(self) -> None:

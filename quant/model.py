@@ -220,7 +220,7 @@ class QuantModel(nn.Module):
             if name in quantizers:
                 if d.get("bits") != layer.scheme.bits:
                     raise ValueError(f"{name}: state for {d.get('bits')} bits, this model has {layer.scheme.bits}")
-                dev = layer.a_zero_point.device
+                dev = next(self.model.parameters()).device   # (a fresh quantizer's buffers may still be on the CPU)
                 layer.a_scale = nn.Parameter(d["a_scale"].to(dev), requires_grad=False)
                 layer.a_zero_point, layer.a_ready = d["a_zero_point"].to(dev), bool(d["a_ready"])
                 continue

@@ -27,6 +27,7 @@ import enum
 import inspect
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -106,6 +107,8 @@ class RowCache:
         self.data: torch.Tensor | np.memmap | None = None
         self.shape: tuple[int, ...] | None = None
         self._file = None
+        self._stage: torch.Tensor | None = None     # pinned staging rows for asynchronous copies to a GPU
+        self._staged: torch.cuda.Event | None = None
 
     def append(self, rows: torch.Tensor) -> None:
         rows = rows.detach()
@@ -119,12 +122,21 @@ class RowCache:
                 self.data = np.memmap(self._file.name, dtype=np_dtype, mode="w+", shape=(self.n, *self.shape))
         k = rows.shape[0]
         if isinstance(self.data, torch.Tensor):
-            self.data[self.filled:self.filled + k] = rows.to("cpu", self.spec.dtype)
+            self.data[self.filled:self.filled + k] = rows.to(self.spec.dtype).cpu()  # (cast first: fewer bytes)
         else:
             self.data[self.filled:self.filled + k] = rows.to("cpu", torch.float32).numpy()
         self.filled += k
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache holds (in memory, or in its memmap file)."""
+        if self.data is None:
+            return 0
+        return int(self.data.nbytes) if isinstance(self.data, np.memmap) else self.data.numel() * self.data.element_size()
+
     def rows(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if isinstance(self.data, torch.Tensor) and device.type == "cuda":
+            return self._rows_to_gpu(idx, device)
         if isinstance(self.data, torch.Tensor):
             out = self.data[idx]
         else:
@@ -132,6 +144,21 @@ class RowCache:
             # memmap reads are fastest in order; restore the requested order
             out = out[torch.as_tensor(np.argsort(np.argsort(idx.numpy())))]
         return out.to(device, torch.float32)
+
+    def _rows_to_gpu(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Gather into a pinned staging buffer, copy without blocking, widen to float32 on the GPU (a float16 cache
+        sends half the bytes). The buffer is reused once the previous copy out of it has finished."""
+        k = len(idx)
+        if self._stage is None or self._stage.shape[0] < k:
+            self._stage = torch.empty((k, *self.shape), dtype=self.data.dtype, pin_memory=True)
+        elif self._staged is not None:
+            self._staged.synchronize()
+        stage = self._stage[:k]
+        torch.index_select(self.data, 0, idx, out=stage)
+        out = stage.to(device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return out.float()
 
 
 class _Stop(Exception):
@@ -310,28 +337,40 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
                 with torch.no_grad():  # a step size must stay positive
                     for q in params:
                         q.clamp_(min=1e-8)
-            last = rec.item()
+            last = rec.detach()   # (read back only when shown: .item() every iteration stalls a GPU)
             if k == 0:
-                first = last
-            if k % 100 == 0:
-                bar.set_postfix(rec=f"{last:.4g}")
+                first = last.item()
+            if k % 100 == 0 and progress:
+                bar.set_postfix(rec=f"{last.item():.4g}")
     finally:
         for q in params:
             q.requires_grad_(False)
     if phase is Phase.WEIGHT:
         for layer in layers:
             layer.rounding = WeightRounding.ADAROUND_HARD
-    return {"rec_first": first, "rec_last": last}
+    return {"rec_first": first, "rec_last": float(last)}
 
 
 # ---- the verbs ------------------------------------------------------------------------------------------------
 
 
+def unit_kind(unit: Unit) -> str:
+    """The unit's kind for timing tables: its block class, or "layer"."""
+    return type(unit.module).__name__ if unit.is_block else "layer"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig, *,
                  start_unit: int = 0, checkpoint: Callable[[int, dict], None] | None = None,
-                 skip_eight_bit: bool = True, progress: bool = True) -> list[dict]:
+                 skip_eight_bit: bool = True, progress: bool = True, timings: list | None = None) -> list[dict]:
     """Reconstruct every unit from ``start_unit`` on, in order. After unit i, ``checkpoint(i + 1, summary)`` runs
-    (save the quantized state there; resume with ``start_unit = i + 1`` after loading it).
+    (save the quantized state there; resume with ``start_unit = i + 1`` after loading it). ``timings``, if given,
+    receives one record per unit: name, kind, rows, iters, capture_s (the cache passes), optimise_s and cache_bytes
+    (what a full-size run needs to project; kept out of the summaries so artifacts stay byte-identical).
 
     Weight phase: weights quantized, activations FP. Activation phase: weights (hard-rounded) and activations
     quantized, only the activation steps learned. Everything runs in eval mode (no dropout) on the model's device.
@@ -354,6 +393,8 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
         for i in outer:
             unit = units[i]
             outer.set_postfix(unit=unit.name)
+            _sync(device)
+            t0 = time.perf_counter()
             # FP pass: targets (and the inputs too, unless they must come from the quantized prefix)
             inputs, target = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=False,
                                              act=False, want_output=True, want_inputs=not cfg.asym)
@@ -361,8 +402,15 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
                 inputs, _ = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=True,
                                             act=act, want_output=False)
             qm.set_quant_state(weight=True, act=act)
+            _sync(device)
+            t1 = time.perf_counter()
             with _threads(cfg.cpu_threads if device.type == "cpu" else None):
                 summary = {"unit": unit.name, **optimise_unit(unit, phase, inputs, target, cfg, i, device, progress)}
+            _sync(device)
+            if timings is not None:
+                timings.append({"unit": unit.name, "kind": unit_kind(unit), "rows": len(data), "iters": cfg.iters,
+                                "capture_s": t1 - t0, "optimise_s": time.perf_counter() - t1,
+                                "cache_bytes": sum(c.nbytes for c in [*inputs, target] if c is not None)})
             summaries.append(summary)
             if checkpoint is not None:
                 checkpoint(i + 1, summary)

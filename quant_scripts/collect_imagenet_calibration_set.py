@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out inputs for measuring the quantized UNet's error (not used to calibrate)")
     p.add_argument("--distribution", default=TIMESTEP_DISTRIBUTION, choices=[d.value for d in TimestepDistribution])
     p.add_argument("--calibration_trajectories_per_class", type=int, default=None)
+    p.add_argument("--calibration_classes", type=int, nargs="+", default=None,
+                   help="record trajectories of these class ids only (default: every real class, as the paper); "
+                        "a quick or rehearsal run on a full-size model")
     cli.add_output_args(p, OUTDIR, SEED, force="recollect even if a matching calibration set exists")
     return p.parse_args(argv)
 

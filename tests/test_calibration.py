@@ -88,3 +88,12 @@ def test_collect_script_writes_a_checked_artifact(tmp_path, capsys):
         script.main(args[:4] + ["--n", "500"] + args[6:])
     with pytest.raises(UserFacingError, match=">= 0"):
         script.main(args + ["--n_holdout", "-1"])
+    # a class subset (a rehearsal of a 1000-class model): its own set, with exactly that class and the null class
+    capsys.readouterr()
+    script.main(args + ["--calibration_trajectories_per_class", "5", "--calibration_classes", "2", "2"])
+    assert "differs); redoing it" in capsys.readouterr().out
+    art = load_artifact(out, "calibration", {"classes": [2]})
+    assert art["x"].shape == (40, 3, 8, 8)
+    assert torch.unique(torch.cat([art["c"], art["holdout_c"]]).flatten(1), dim=0).shape[0] == 2
+    with pytest.raises(UserFacingError, match=r"class ids \[7\] out of range"):
+        script.main(args + ["--calibration_classes", "7", "--force"])

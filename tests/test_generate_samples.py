@@ -108,6 +108,16 @@ def test_plan_labels_batches_and_seeds():
     assert sorted(sum(shares, [])) == pending and shares[0] == [0, 5, 11]
 
 
+def test_plan_over_a_class_subset():
+    plan = G.Plan(6, 4, 0, 3, (7, 2, 5))
+    np.testing.assert_array_equal(plan.labels, [7, 2, 5, 7, 2, 5])
+    np.testing.assert_array_equal(plan.batch(1).labels, [2, 5])
+    # the same seeds as the full plan: only the labels differ
+    assert plan.batch(1).seed == G.Plan(6, 4, 0, 3).batch(1).seed
+    with pytest.raises(ValueError, match="class_ids holds 2 ids but num_classes is 3"):
+        G.Plan(6, 4, 0, 3, (1, 2))
+
+
 def test_unbalanced_n_is_refused():
     with pytest.raises(G.GenerationError, match="multiple of 10 .e.g. 1000 or 1010."):
         G.Plan(1001, 250, 0, 10)
@@ -310,6 +320,17 @@ def test_unconditional_model_has_no_labels(script, tiny, tmp_path, capsys):
     assert list(s) == ["arr_0"] and s["arr_0"].shape == (3, 32, 32, 3)
 
 
+def test_class_subset_run(script, tiny, tmp_path, capsys):
+    args = flags(tiny, tmp_path, "--classes", 3, 1)
+    args[args.index("--n_samples") + 1] = 4
+    code, _, err = run_inproc(script, capsys, args)
+    assert code == 0, err
+    d = RunLayout(Path(tmp_path), "custom", STEPS, 0.0, 3.0).eval_samples("fp32", "fp32", 4, SEED, (3, 1))
+    assert d.name.endswith("_classes3-1") and not sample_dir(tmp_path, n=4).exists()
+    s = load_samples(d / G.SAMPLES)
+    np.testing.assert_array_equal(s["arr_1"], [3, 1, 3, 1])
+
+
 # ---- bad inputs ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,fragment", [
@@ -318,6 +339,8 @@ def test_unconditional_model_has_no_labels(script, tiny, tmp_path, capsys):
     (("--n_samples", 0), "--n_samples must be >= 1"),
     (("--seed", -1), "--seed must be >= 0"),
     (("--steps", 3), "--steps 3"),
+    (("--classes", 1, 4), "--classes [4] out of range for a model with 4 classes"),
+    (("--classes", 1, 2, 3), "8 samples cannot be split evenly over 3 classes"),
 ])
 def test_bad_inputs(script, tiny, tmp_path, capsys, extra, fragment):
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path) + list(extra))

@@ -37,6 +37,18 @@ def test_fake_quant_gradients_flow_through_ste():
     assert scale.grad is not None and scale.grad != 0
 
 
+def test_inference_fake_quant_is_bit_identical_to_the_ste_path():
+    g = torch.Generator().manual_seed(0)
+    scale, zp = torch.tensor(0.0371), torch.tensor(7.0)
+    ties = (torch.arange(-300, 300) + 0.5) * scale               # exactly between two grid points
+    wide = torch.randn(10_000, generator=g) * torch.logspace(-6, 6, 10_000)
+    for x in (ties, wide):
+        with torch.no_grad():
+            fast = fake_quant(x, scale, zp, 0, 255)
+        ref = fake_quant(x.clone().requires_grad_(True), scale, zp, 0, 255)   # the autograd (STE) path
+        assert torch.equal(fast, ref.detach())
+
+
 def _brute_force(rows, scheme, n=80, p=2.4):
     out = []
     for row in rows:
@@ -52,7 +64,7 @@ def _brute_force(rows, scheme, n=80, p=2.4):
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("max_elements", [2 ** 25, 1000])  # one chunk, and many chunks of candidates
+@pytest.mark.parametrize("max_elements", [2 ** 25, 40])  # the rows whole, and column blocks of 10
 def test_mse_search_matches_brute_force(symmetric, max_elements):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 3, 3, 3, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.01]).view(4, 1, 1, 1)
@@ -63,6 +75,16 @@ def test_mse_search_matches_brute_force(symmetric, max_elements):
     torch.testing.assert_close(scale.flatten(), ref_scale)
     torch.testing.assert_close(zp.flatten(), ref_zp)
     assert scale[2] < qparams_from_range(w[2].min(), w[2].max(), scheme)[0]  # the outlier got clipped
+
+
+def test_blocked_search_of_one_long_row_agrees():
+    # a per-tensor activation range over many inputs: one row searched in column blocks, or whole
+    x = torch.randn(3, 64, 17, generator=torch.Generator().manual_seed(1)) ** 3
+    scheme = QScheme(4, granularity=PerTensor())
+    whole, blocked = choose_qparams(x, scheme), choose_qparams(x, scheme, max_elements=1000)
+    torch.testing.assert_close(blocked[0], whole[0])
+    torch.testing.assert_close(blocked[1], whole[1])
+    assert whole[0] < qparams_from_range(x.min(), x.max(), scheme)[0]   # heavy tails: the search clipped
 
 
 def test_per_tensor_and_other_axis():

@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> None:
     meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
             "seed": args.seed, "trajectories_per_condition": args.calibration_trajectories_per_class,
             "batch_size": args.batch_size}
+    classes = getattr(args, "calibration_classes", None)
+    # None = every class (a set recorded before this key existed reads as None too, and still matches)
+    meta["classes"] = None if classes is None else sorted(set(classes))
     cli.model_family(args)  # a config of no known family stops here, before anything is written
     out = cli.layout(args).calibration
     if is_current(out, CALIBRATION_KIND, meta, args.force, "this calibration set"):
@@ -31,6 +34,11 @@ def run(args: argparse.Namespace) -> None:
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
     conditions = family.conditions(model, args.calibration_trajectories_per_class)
+    if classes is not None:
+        if conditions is None:
+            raise UserFacingError("--calibration_classes needs a class-conditional model; this one is unconditional")
+        family.check_conditions(model, meta["classes"])
+        conditions = [c for c in meta["classes"] for _ in range(args.calibration_trajectories_per_class)]
     n_unconditional = None if conditions is not None else args.calibration_trajectories_per_class
     what = family.describe(conditions, n_unconditional or 0, noun="trajectories")
     print(f"[{args.preset_used}] recording {what}, {settings.steps} DDIM steps, eta {settings.eta}, scale "

@@ -32,13 +32,23 @@ def check_args(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     check_args(args)
     config, family = cli.model_family(args)
-    plan = Plan(args.eval_samples, args.batch_size, args.seed, family.num_classes(config))
+    classes = getattr(args, "classes", None)
+    if classes is not None:
+        classes = tuple(dict.fromkeys(classes))  # (order kept, duplicates dropped)
+        n_model = family.num_classes(config)
+        if n_model is None:
+            raise UserFacingError("--classes needs a class-conditional model; this one is unconditional")
+        bad = [c for c in classes if not 0 <= c < n_model]
+        if bad:
+            raise UserFacingError(f"--classes {bad} out of range for a model with {n_model} classes (0..{n_model - 1})")
+    plan = Plan(args.eval_samples, args.batch_size, args.seed,
+                family.num_classes(config) if classes is None else len(classes), classes)
     expect = cli.model_meta(args)
     layout = cli.layout(args)
     tag = cli.quant_tag(args) if args.spec.quantized else FP32
     if args.dry_run:
-        return dry_run(args, plan, layout.eval_samples(tag, args.sampler, plan.n, plan.seed))
-    sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed))
+        return dry_run(args, plan, layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes))
+    sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes))
     device = rank_device(cli.pick_device(args.device))
     family, model = cli.load_model(args, device)
     model_fn, correction_for, artifacts = family.model_fn(model), None, {}
@@ -48,6 +58,7 @@ def generate(args: argparse.Namespace) -> None:
         model_fn, correction_for, artifacts = variant.model_fn, variant.correction_for, variant.fingerprints()
     settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts, "n": plan.n,
                 "seed": plan.seed, "batch_size": plan.batch_size, "classes": plan.num_classes,
+                **({"class_ids": list(classes)} if classes else {}),
                 "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False))}
     ctx = init_distributed(device)
     try:

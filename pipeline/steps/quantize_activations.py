@@ -82,11 +82,14 @@ def run(args: argparse.Namespace) -> None:
     with family.ema_scope(model):
         qm = make_quant_model(family.unet(model), meta, w_obj, w_path).to(device)
     held = held or data
+    clock = time.time()
     sqnr_w = sqnr_db(qm, held, weight=True, act=False)
+    sqnr_s, clock = time.time() - clock, time.time()
     # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.act_init_samples]
     qm.set_quant_state(weight=True)
     qm.calibrate_activations_(data.rows(pick).batches(64))
+    init_s = time.time() - clock
     sqnr_init = sqnr_db(qm, held, weight=True, act=True)
     stages = [f"step-size learning ({args.act_iters} iterations per unit)"] if args.act_iters else []
     stages += [f"running stat ({args.running_stat})"] if args.running_stat else []
@@ -96,7 +99,9 @@ def run(args: argparse.Namespace) -> None:
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
                                           p=args.p, cache=cli.cache_spec(args), seed=args.seed,
                                           asym=args.act_inputs == "quantized")
-    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta) if args.act_iters else []
+    units: list[dict] = []
+    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \
+        if args.act_iters else []
     if args.running_stat:
         meta["sqnr_before_running_stat_db"] = sqnr_db(qm, held, weight=True, act=True)
         running_stat_(qm, data, args)
@@ -106,7 +111,8 @@ def run(args: argparse.Namespace) -> None:
     if meta.get("smoothing"):
         payload["smoothing"] = w_obj["smoothing"]
     save_artifact(out, QUANT_KIND, meta, payload)
-    save_timing(out, act_seconds=time.time() - t0)
+    save_timing(out, act_seconds=time.time() - t0, calibrate_activations_s=init_s, act_init_samples=len(pick),
+                sqnr_s=sqnr_s, held_out=len(held), units=units)
     finish_partial(out)
     print(f"{tag.title()} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after {what} "
           f"({time.time() - t0:.0f} s); wrote {out}")

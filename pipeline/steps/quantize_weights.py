@@ -53,21 +53,27 @@ def run(args: argparse.Namespace) -> None:
         print(f"QNCD smoothing ({args.smoothing} formula) of {len(factors)} ResBlocks; S in "
               f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
               f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+    clock = time.time()
     qm.init_weights_()
+    init_s, clock = time.time() - clock, time.time()
     held = held or data
     sqnr_nearest = sqnr_db(qm, held)
+    sqnr_s = time.time() - clock
     granularity = "per-channel" if args.channel_wise else "per-tensor"
     print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR "
           f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
           f"{args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, on {device}")
     cfg = ReconConfig(iters=args.weight_iters, batch_size=args.recon_batch_size, round_weight=args.round_weight,
                       cache=cli.cache_spec(args), seed=args.seed)
-    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta)
+    units: list[dict] = []
+    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units)
     sqnr_ada = sqnr_db(qm, held)
     meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
     state = quantized_state(qm, bool(args.smoothing))
     save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state})
-    save_timing(out, seconds=time.time() - t0)
+    # the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects each from here)
+    save_timing(out, seconds=time.time() - t0, init_weights_s=init_s, sqnr_s=sqnr_s, held_out=len(held),
+                units=units)
     finish_partial(out)
     print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
           f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")

@@ -373,7 +373,7 @@ class LatentDiffusion(DDPM):
             if self.cond_stage_trainable:
                 c = self.get_learned_conditioning(c)
             if self.shorten_cond_schedule:
-                tc = self.cond_ids[t].to(self.device)
+                tc = self.cond_ids[t.cpu()].to(self.device)  # (a CPU table, CUDA timesteps)
                 c = self.q_sample(x_start=c, t=tc, noise=torch.randn_like(c.float()))
         return self.p_losses(x, c, t, *args, **kwargs)
 

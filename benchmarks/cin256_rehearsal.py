@@ -1,0 +1,414 @@
+"""Full-size dress rehearsal: the cin256-v2 pipeline, steps 1-7, through the real scripts, with measured time and
+memory per stage and their projection to the paper's counts.
+
+    python benchmarks/cin256_rehearsal.py --device cpu            # this laptop-class CPU: tens of minutes
+    python benchmarks/cin256_rehearsal.py --device cuda --json rehearsal.json
+
+What it does. cin256-v2 (configs/latent-diffusion/cin256-v2.yaml: 400.9 M-parameter UNet on 3×64×64 latents,
+VQ-f4 first stage, ClassEmbedder) is built with seeded random weights and written as a weights-only CompVis
+checkpoint in a work folder. Then every pipeline script runs on it with ``--preset cin256 --ckpt <that file>``, so
+the preset's policy, units, caches and sampler settings are the ones measured, at reduced counts: a few
+calibration trajectories and inputs, a few reconstruction iterations per unit, a few statistics and evaluation
+samples. Each stage runs in its own process, which records its wall time, the model-load time, its peak host
+memory (ru_maxrss) and, on CUDA, its peak GPU memory (torch.cuda.max_memory_allocated). Steps 2-3 also record,
+per unit, the cache-filling time, the optimisation time and the cache bytes (``<artifact>.timing.json``).
+
+The projection to the paper's counts (1,000 calibration trajectories, 1,024 calibration inputs, 10,000 / 5,000
+iterations per unit at batch 8 / 16, activation ranges from 32 inputs, 1,024 × 20 statistics samples, 50,000
+evaluation samples; batch 16) scales each measured part by the count it grows with: trajectories and samples
+linearly, cache passes with the calibration inputs, optimisation with the iterations (and the mini-batch size
+when the rehearsal's is smaller), and memory by the caches' bytes and the per-sample activation bytes measured
+by a forward probe at two batch sizes. Every number comes from this run; the goals printed beside them are issue
+15's: steps 1-3 in at most 4 GPU-hours, every stage within 24 GB, W4A8 sampling at most 1.3× FP32
+(benchmarks/fake_quant_overhead.py measures that ratio).
+
+The evaluator needs TensorFlow and the OpenAI Inception graph for 256×256 images; without them its stage is
+reported as not run (it is an optional extra).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
+GiB = 2 ** 30
+# the paper's counts (D²-DPM on cin256-v2) and the preset's batch
+PAPER = {"trajectories": 1000, "calibration": 1024, "holdout": 128, "weight_iters": 10_000, "weight_batch": 8,
+         "act_iters": 5_000, "act_batch": 16, "act_init": 32, "stats": 1024, "eval": 50_000, "batch": 16,
+         "cache_batch": 128}
+GOALS = {"calibration_hours": 4.0, "memory_gib": 24.0, "sampling_ratio": 1.3}
+
+
+# ---- one stage in its own process -----------------------------------------------------------------------------------
+
+def probe_main(record: Path, script: str, argv: list[str]) -> int:
+    """Run ``script`` as __main__ with ``argv``; write wall time, model-load time and peak memory to ``record``."""
+    import torch
+
+    from pipeline import cli
+    load_s = []
+    real_load = cli.load_model
+
+    def timed_load(*a, **k):  # the one model load of every step: timed so projections can leave it out
+        t0 = time.perf_counter()
+        out = real_load(*a, **k)
+        load_s.append(time.perf_counter() - t0)
+        return out
+
+    cli.load_model = timed_load
+    sys.argv = [script, *argv]
+    t0, code = time.perf_counter(), 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    wall = time.perf_counter() - t0
+    gpu = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized()
+           else None)
+    record.write_text(json.dumps({"wall_s": wall, "load_s": sum(load_s), "exit": code,
+                                  "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                                  "peak_gpu_bytes": gpu}))
+    return code
+
+
+def forward_probe_main(record: Path, device: str, batches: list[int]) -> int:
+    """Peak memory of a no-grad UNet forward and a VQ-f4 decode at growing batch sizes (the slopes are the
+    per-sample activation bytes), and the bytes of every quantizable layer's input per sample (what step 3's range
+    initialisation holds)."""
+    import torch
+
+    from ldm.util import instantiate_from_config, load_config
+    dev = torch.device(device)
+    cfg = load_config(REPO / CONFIG).model.params
+    torch.manual_seed(0)
+    unet = instantiate_from_config(cfg.unet_config).eval().to(dev)
+    vq = instantiate_from_config(cfg.first_stage_config).eval().to(dev)
+
+    def peak() -> int:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            return torch.cuda.max_memory_allocated(dev)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    layer_inputs = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: layer_inputs.append(a[0].numel() * 4))
+             for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    rows = []
+    with torch.inference_mode():
+        for b in sorted(batches):
+            x = torch.randn(b, 3, 64, 64, device=dev)
+            t = torch.full((b,), 500, device=dev)
+            c = torch.randn(b, 1, cfg.unet_config.params.context_dim, device=dev)
+            layer_inputs.clear()
+            t0 = time.perf_counter()
+            unet(x, t, context=c)
+            t_unet = time.perf_counter() - t0
+            p_unet = peak()
+            t0 = time.perf_counter()
+            vq.decode(x)
+            t_dec = time.perf_counter() - t0
+            rows.append({"batch": b, "unet_s": t_unet, "decode_s": t_dec, "peak_after_unet": p_unet,
+                         "peak_after_decode": peak(), "layer_input_bytes": sum(layer_inputs)})
+    for h in hooks:
+        h.remove()
+    record.write_text(json.dumps({"rows": rows, "device": device}))
+    return 0
+
+
+def run_stage(name: str, script: str, argv: list[str], work: Path, log) -> dict:
+    record = work / "records" / f"{name}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", str(record), "--", script, *argv]
+    print(f"\n=== {name}: python {script} {' '.join(argv)}", flush=True)
+    log.write(f"\n=== {name}: {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0 or not record.is_file():
+        raise SystemExit(f"error: stage {name} failed (exit {proc.returncode}); see {log.name}")
+    rec = json.loads(record.read_text())
+    print(f"    {rec['wall_s']:.1f} s (model load {rec['load_s']:.1f} s), peak host "
+          f"{rec['peak_host_bytes'] / GiB:.2f} GiB", flush=True)
+    return rec
+
+
+# ---- the rehearsal --------------------------------------------------------------------------------------------------
+
+def write_checkpoint(path: Path, seed: int) -> dict:
+    """cin256-v2 with seeded random weights as a weights-only CompVis checkpoint."""
+    import torch
+
+    from ldm.fileio import save_atomic
+    from ldm.util import instantiate_from_config, load_config
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = instantiate_from_config(load_config(REPO / CONFIG).model)
+    sd = model.state_dict()
+    save_atomic({"state_dict": sd, "global_step": 0}, path)
+    n_unet = sum(p.numel() for p in model.model.diffusion_model.parameters())
+    del model, sd
+    return {"seconds": time.perf_counter() - t0, "bytes": path.stat().st_size, "unet_parameters": n_unet}
+
+
+def file_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def read_timing(artifact: Path) -> dict:
+    from pipeline.artifacts import timing_path
+    return json.loads(timing_path(artifact).read_text())
+
+
+def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
+    common = ["--preset", "cin256", "--ckpt", str(work / "model.ckpt"), "--outdir", str(work / "outputs"),
+              "--device", args.device]
+    bits = ["--w_bits", "4"]
+    wa = [*bits, "--a_bits", "8"]
+    classes = [str(c) for c in range(args.classes)]
+    cache = ["--cache_dtype", args.cache_dtype] if args.cache_dtype else []
+    out = [
+        ("1 calibration", "quant_scripts/collect_imagenet_calibration_set.py",
+         [*common, "--calibration_classes", *classes, "--calibration_trajectories_per_class", "1",
+          "--n", str(args.n_calibration), "--n_holdout", str(args.n_holdout)]),
+        ("2 weights (BRECQ/AdaRound)", "quant_scripts/quantize_weight.py",
+         [*common, *bits, "--weight_iters", str(args.iters), *cache]),
+        ("3 activations", "quant_scripts/quantize_weight_activation.py",
+         [*common, *wa, "--act_iters", str(args.iters), "--act_init_samples", str(args.act_init), *cache]),
+        ("4 noise statistics", "quant_scripts/collect_timestep_aware_statistics.py",
+         [*common, *wa, "--n", str(args.samples), "--no_progress"]),
+        ("5 Gaussian fits", "quant_scripts/gaussian_modeling.py", [*common, *wa]),
+        ("6 grid (dd2-channel)", "quant_scripts/sample_quantized_ldm_imagenet.py",
+         [*common, *wa, "--sampler", "dd2-channel", "--classes", "0", "--n_samples_per_class", "1", "--no_progress"]),
+    ]
+    for sampler in ("fp32", "dd2-channel"):
+        out.append((f"7 samples ({sampler})", "quant_scripts/generate_evaluation_samples_dist.py",
+                    [*common, *wa, "--sampler", sampler, "--n_samples", str(args.samples),
+                     "--classes", *classes[:args.samples]]))
+    return out
+
+
+def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
+    """Each stage at the paper's counts: time and peak host memory (see the module docstring for the rules)."""
+    from pipeline.layout import QuantTag, RunLayout
+    layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
+    rows = fwd["rows"]
+    lo, hi = rows[0], rows[-1]
+    per_sample_act = max(0.0, (hi["peak_after_unet"] - lo["peak_after_unet"]) / (hi["batch"] - lo["batch"]))
+    per_image_dec = max(0.0, (hi["peak_after_decode"] - hi["peak_after_unet"]) / hi["batch"])
+    layer_in = hi["layer_input_bytes"] / hi["batch"]
+    out = []
+
+    def row(name, rec, seconds, peak, why):
+        out.append({"stage": name, "measured_s": rec["wall_s"], "measured_peak_bytes": rec["peak_host_bytes"],
+                    "measured_peak_gpu_bytes": rec.get("peak_gpu_bytes"), "projected_s": seconds,
+                    "projected_peak_bytes": peak, "rule": why})
+
+    for name, rec in recs.items():
+        load, compute = rec["load_s"], rec["wall_s"] - rec["load_s"]
+        step = name.split()[0]
+        if step == "1":   # UNet forwards ∝ trajectories; the batch grows from 2K to 32 rows
+            f = PAPER["trajectories"] / args.classes
+            row(name, rec, load + compute * f,
+                rec["peak_host_bytes"] + per_sample_act * max(0, 2 * PAPER["batch"] - 2 * args.classes),
+                f"forwards x{f:g}")
+        elif step in ("2", "3"):
+            path = layout.quant(QuantTag(4) if step == "2" else QuantTag(4, 8))
+            t = read_timing(path)
+            units = t["units"]
+            iters, rows_used = units[0]["iters"], units[0]["rows"]
+            want_iters, want_batch = ((PAPER["weight_iters"], PAPER["weight_batch"]) if step == "2" else
+                                      (PAPER["act_iters"], PAPER["act_batch"]))
+            used_batch = min(want_batch, rows_used)   # the rehearsal's mini-batch (capped by its rows)
+            cap = sum(u["capture_s"] for u in units)
+            opt = sum(u["optimise_s"] for u in units)
+            init = t.get("init_weights_s", 0.0) + t.get("calibrate_activations_s", 0.0) * (
+                PAPER["act_init"] / t.get("act_init_samples", 1) if step == "3" else 0)
+            sqnr = t["sqnr_s"] * PAPER["holdout"] / t["held_out"]
+            other = rec["wall_s"] - load - cap - opt - t.get("init_weights_s", 0.0) - \
+                t.get("calibrate_activations_s", 0.0) - t["sqnr_s"]
+            seconds = (load + init + sqnr + max(other, 0.0) + cap * PAPER["calibration"] / rows_used
+                       + opt * (want_iters / iters) * (want_batch / used_batch))
+            grow = max(u["cache_bytes"] for u in units) * (PAPER["calibration"] / rows_used - 1)
+            fwd_grow = per_sample_act * max(0, min(PAPER["cache_batch"], PAPER["calibration"]) - rows_used)
+            init_grow = layer_in * (PAPER["act_init"] - t.get("act_init_samples", 0)) if step == "3" else 0
+            row(name, rec, seconds, rec["peak_host_bytes"] + max(grow + fwd_grow, init_grow),
+                f"{len(units)} units; caches x{PAPER['calibration'] / rows_used:g}, iterations "
+                f"x{want_iters / iters:g}" + (f" (batch {used_batch} -> {want_batch})" if used_batch < want_batch
+                                              else ""))
+        elif step == "4":
+            f = PAPER["stats"] / args.samples
+            row(name, rec, load + compute * f,
+                rec["peak_host_bytes"] + 2 * per_sample_act * max(0, 2 * PAPER["batch"] - 2 * args.samples),
+                f"trajectories x{f:g}")
+        elif step == "7":
+            f = PAPER["eval"] / args.samples
+            row(name, rec, load + compute * f, rec["peak_host_bytes"] + per_sample_act * max(
+                0, 2 * PAPER["batch"] - 2 * args.samples) + per_image_dec * max(0, PAPER["batch"] - args.samples),
+                f"samples x{f:g}")
+        else:
+            row(name, rec, rec["wall_s"], rec["peak_host_bytes"], "as measured")
+    return out
+
+
+def artifact_sizes(work: Path) -> list[tuple[str, int]]:
+    root = work / "outputs"
+    sizes = [("model.ckpt", file_bytes(work / "model.ckpt"))]
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.suffix in (".pt", ".npz", ".png") and "shards" not in p.parts:
+            sizes.append((str(p.relative_to(root)), p.stat().st_size))
+    return sizes
+
+
+def unit_table(work: Path) -> list[dict]:
+    from pipeline.layout import QuantTag, RunLayout
+    layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
+    table = []
+    for phase, tag in (("weight", QuantTag(4)), ("activation", QuantTag(4, 8))):
+        units = read_timing(layout.quant(tag))["units"]
+        kinds = sorted({u["kind"] for u in units})
+        for kind in kinds:
+            us = [u for u in units if u["kind"] == kind]
+            table.append({"phase": phase, "kind": kind, "units": len(us),
+                          "s_per_iter": sum(u["optimise_s"] for u in us) / sum(u["iters"] for u in us),
+                          "capture_s_per_row": sum(u["capture_s"] for u in us) / sum(u["rows"] for u in us),
+                          "max_cache_bytes": max(u["cache_bytes"] for u in us), "rows": us[0]["rows"]})
+    return table
+
+
+def evaluator_stage(work: Path, args, log) -> dict | None:
+    """The evaluator on the two sample batches (FP32 as the reference), when TensorFlow and the graph are here."""
+    from evaluator import INCEPTION_GRAPH
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        return None
+    if not Path(INCEPTION_GRAPH).is_file():
+        return None
+    from pipeline.layout import FP32, QuantTag, RunLayout
+    layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
+    classes = tuple(range(min(args.classes, args.samples)))
+    fp = layout.eval_samples(FP32, "fp32", args.samples, 0, classes) / "samples.npz"
+    q = layout.eval_samples(QuantTag(4, 8), "dd2-channel", args.samples, 0, classes) / "samples.npz"
+    return run_stage("evaluator", "evaluator.py", [str(fp), str(q), "--device", args.device], work, log)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (every script gets it)")
+    ap.add_argument("--workdir", default=None, help="keep the checkpoint and artifacts here (default: a temporary "
+                                                    "folder, removed at the end)")
+    ap.add_argument("--classes", type=int, default=2, help="calibration trajectories (one per class 0..K-1)")
+    ap.add_argument("--n_calibration", type=int, default=8, help="calibration inputs kept (paper: 1,024)")
+    ap.add_argument("--n_holdout", type=int, default=2, help="held-out inputs for the SQNRs (paper set: 128)")
+    ap.add_argument("--iters", type=int, default=4, help="reconstruction iterations per unit, both phases")
+    ap.add_argument("--act_init", type=int, default=4, help="inputs for the activation ranges (preset: 32)")
+    ap.add_argument("--samples", type=int, default=2, help="statistics and evaluation samples")
+    ap.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                    help="override the preset's reconstruction cache dtype")
+    ap.add_argument("--seed", type=int, default=0, help="the random weights")
+    ap.add_argument("--json", default=None, help="also write every record and projection here")
+    ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_forward_probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._probe:
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+        return probe_main(Path(args._probe), rest[0], rest[1:])
+    if args._forward_probe:
+        return forward_probe_main(Path(args._forward_probe), args.device, [1, 4])
+    if args.samples > args.classes:
+        raise SystemExit("error: --samples must be <= --classes (one sample per calibrated class)")
+
+    started = time.perf_counter()
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cin256_rehearsal_"))
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "rehearsal.log"
+    print(f"cin256 rehearsal in {work} on {args.device}; script output in {log_path}")
+    try:
+        with open(log_path, "a") as log:
+            ckpt = work / "model.ckpt"
+            made = write_checkpoint(ckpt, args.seed) if not ckpt.is_file() else {"seconds": 0.0,
+                                                                                 "bytes": ckpt.stat().st_size}
+            print(f"checkpoint: {made['bytes'] / GiB:.2f} GiB in {made['seconds']:.1f} s")
+            fwd_rec = work / "records" / "forward_probe.json"
+            fwd_rec.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_forward_probe", str(fwd_rec),
+                            "--device", args.device], cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+            fwd = json.loads(fwd_rec.read_text())
+            recs = {name: run_stage(name, script, argv_, work, log) for name, script, argv_ in stages(args, work)}
+            ev = evaluator_stage(work, args, log)
+        report = summarise(args, work, recs, fwd, made, ev, time.perf_counter() - started)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def summarise(args, work: Path, recs: dict, fwd: dict, made: dict, ev: dict | None, total_s: float) -> dict:
+    import torch
+    proj = project(args, work, recs, fwd)
+    units = unit_table(work)
+    sizes = artifact_sizes(work)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "torch": torch.__version__, "device": args.device,
+               "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
+    print(f"\n## cin256-v2 rehearsal ({machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
+          f"device {args.device}{', ' + machine['gpu'] if machine['gpu'] else ''}); wall {total_s / 60:.1f} min")
+    print(f"counts: {args.classes} calibration trajectories, {args.n_calibration} + {args.n_holdout} calibration "
+          f"inputs, {args.iters} iterations per unit, {args.act_init} range inputs, {args.samples} statistics and "
+          f"evaluation samples; 20 DDIM steps, eta 0, scale 3, batch 16 (the preset)")
+    gpu = any(r["measured_peak_gpu_bytes"] for r in proj)
+    print(f"\n{'stage':28s} {'measured':>10s} {'peak GiB':>9s}{' GPU GiB' if gpu else ''} | {'projected':>11s} "
+          f"{'peak GiB':>9s}  rule")
+    for r in proj:
+        g = f" {r['measured_peak_gpu_bytes'] / GiB:7.2f}" if gpu else ""
+        print(f"{r['stage']:28s} {fmt_s(r['measured_s']):>10s} {r['measured_peak_bytes'] / GiB:9.2f}{g} | "
+              f"{fmt_s(r['projected_s']):>11s} {r['projected_peak_bytes'] / GiB:9.2f}  {r['rule']}")
+    calib = sum(r["projected_s"] for r in proj if r["stage"][0] in "123")
+    peak = max(r["projected_peak_bytes"] for r in proj)
+    print(f"\nprojected steps 1-3 (W4A8 calibration at the paper's counts): {calib / 3600:.1f} h on {args.device} "
+          f"(goal: <= {GOALS['calibration_hours']:g} GPU-hours{'' if gpu else '; this is a CPU figure'})")
+    print(f"projected largest peak memory of a stage: {peak / GiB:.1f} GiB host (goal: fits "
+          f"{GOALS['memory_gib']:g} GB) -> {'fits' if peak <= GOALS['memory_gib'] * 1e9 else 'DOES NOT fit'}")
+    print(f"\n{'phase':10s} {'unit kind':22s} {'units':>5s} {'s/iter':>8s} {'capture s/row':>13s} "
+          f"{'cache MiB (rows)':>17s}")
+    for u in units:
+        print(f"{u['phase']:10s} {u['kind']:22s} {u['units']:5d} {u['s_per_iter']:8.3f} "
+              f"{u['capture_s_per_row']:13.3f} {u['max_cache_bytes'] / 2**20:11.1f} ({u['rows']})")
+    print("\nartifacts:")
+    for name, b in sizes:
+        print(f"  {b / 2**20:10.1f} MiB  {name}")
+    r0 = fwd["rows"]
+    print(f"\nforward probe: UNet {r0[-1]['unet_s'] / r0[-1]['batch']:.2f} s/sample at batch {r0[-1]['batch']}, "
+          f"VQ-f4 decode {r0[-1]['decode_s'] / r0[-1]['batch']:.2f} s/image; quantizable-layer inputs "
+          f"{r0[-1]['layer_input_bytes'] / r0[-1]['batch'] / 2**20:.0f} MiB per sample")
+    print("evaluator: " + ("ran" if ev else "not run (needs TensorFlow and the OpenAI Inception graph for 256x256)"))
+    return {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+            "paper_counts": PAPER, "goals": GOALS, "checkpoint": made, "forward_probe": fwd, "stages": recs,
+            "projection": proj, "units": units, "artifacts": sizes, "evaluator": ev, "total_s": total_s,
+            "projected_calibration_s": calib, "projected_peak_bytes": peak}
+
+
+def fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
