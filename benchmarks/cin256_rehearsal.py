@@ -147,7 +147,9 @@ def run_stage(name: str, script: str, argv: list[str], work: Path, log) -> dict:
 # ---- the rehearsal --------------------------------------------------------------------------------------------------
 
 def write_checkpoint(path: Path, seed: int) -> dict:
-    """cin256-v2 with seeded random weights as a weights-only CompVis checkpoint."""
+    """cin256-v2 with seeded random weights as a weights-only CompVis checkpoint. CompVis initialises the output
+    convs of the UNet, its ResBlocks and transformers to zero (a fresh model predicts ε = 0 exactly, and its SQNR
+    is undefined); those get PyTorch's default random init too."""
     import torch
 
     from ldm.fileio import save_atomic
@@ -155,6 +157,9 @@ def write_checkpoint(path: Path, seed: int) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = instantiate_from_config(load_config(REPO / CONFIG).model)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+            m.reset_parameters()
     sd = model.state_dict()
     save_atomic({"state_dict": sd, "global_step": 0}, path)
     n_unet = sum(p.numel() for p in model.model.diffusion_model.parameters())

@@ -12,7 +12,8 @@ Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
@@ -122,6 +123,23 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
 
     reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress, timings=timings)
     return summaries
+
+
+class Stopwatch:
+    """The total wall time of the calls made through ``wrap(fn)`` (steps 2-3 record where their time goes, for
+    projections to full-size runs, in ``<artifact>.timing.json``)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
 
 
 def finish_partial(out_path: str | os.PathLike) -> None:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock
+from ldm.util import UserFacingError
 from quant.attention import ActQuantizer
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
@@ -132,7 +133,9 @@ class RowCache:
         """Bytes this cache holds (in memory, or in its memmap file)."""
         if self.data is None:
             return 0
-        return int(self.data.nbytes) if isinstance(self.data, np.memmap) else self.data.numel() * self.data.element_size()
+        if isinstance(self.data, np.memmap):
+            return int(self.data.nbytes)
+        return self.data.numel() * self.data.element_size()
 
     def rows(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
         if isinstance(self.data, torch.Tensor) and device.type == "cuda":
@@ -436,4 +439,8 @@ def sqnr_db(qm: QuantModel, data: CalibrationData, batch_size: int = 64, weight:
             noise += float((out - ref).pow(2).sum())
     finally:
         qm.set_quant_state(**state)
+    if not signal > 0:  # (0, or nan from a diverged model): no ratio to take
+        raise UserFacingError(f"the FP UNet's output is {'identically zero' if signal == 0 else 'not finite'} on "
+                              f"these {len(data)} inputs, so no SQNR exists; is the checkpoint trained (CompVis "
+                              f"initialises the output convs to zero)?")
     return 10 * math.log10(signal / max(noise, 1e-30))

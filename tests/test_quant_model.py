@@ -85,3 +85,19 @@ def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         QuantModel(unet, w_bits=4, a_bits=8, policy=quantize_all_policy).load_quant_state_dict_(
             qm.quant_state_dict())
+
+
+def test_sqnr_of_a_zero_output_model_is_one_clear_error(unet_and_data):
+    import copy
+
+    from ldm.util import UserFacingError
+    from quant.reconstruction import CalibrationData
+    from quant.reconstruction import sqnr_db as model_sqnr_db
+    unet, batches = unet_and_data
+    zero = copy.deepcopy(unet)
+    torch.nn.init.zeros_(zero.out[-1].weight)   # CompVis' initialisation of the output conv
+    torch.nn.init.zeros_(zero.out[-1].bias)
+    qm = QuantModel(zero, w_bits=8, a_bits=None).init_weights_()
+    x, t, c = batches[0]
+    with pytest.raises(UserFacingError, match="identically zero on these 4 inputs, so no SQNR exists"):
+        model_sqnr_db(qm, CalibrationData(x, t, c, torch.device("cpu")))

@@ -40,7 +40,8 @@ def generate(args: argparse.Namespace) -> None:
             raise UserFacingError("--classes needs a class-conditional model; this one is unconditional")
         bad = [c for c in classes if not 0 <= c < n_model]
         if bad:
-            raise UserFacingError(f"--classes {bad} out of range for a model with {n_model} classes (0..{n_model - 1})")
+            raise UserFacingError(f"--classes {bad} out of range for a model with {n_model} classes "
+                                  f"(0..{n_model - 1})")
     plan = Plan(args.eval_samples, args.batch_size, args.seed,
                 family.num_classes(config) if classes is None else len(classes), classes)
     expect = cli.model_meta(args)

@@ -13,8 +13,8 @@ from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact, save_timing
-from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, finish_partial, load_calibration, make_quant_model,
-                               resumable_reconstruct)
+from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, Stopwatch, finish_partial, load_calibration,
+                               make_quant_model, resumable_reconstruct)
 from pipeline.sampling import ddim_timesteps
 from pipeline.steps.quantize_weights import weight_meta
 from quant.reconstruction import Phase, ReconConfig, sqnr_db
@@ -82,15 +82,13 @@ def run(args: argparse.Namespace) -> None:
     with family.ema_scope(model):
         qm = make_quant_model(family.unet(model), meta, w_obj, w_path).to(device)
     held = held or data
-    clock = time.time()
-    sqnr_w = sqnr_db(qm, held, weight=True, act=False)
-    sqnr_s, clock = time.time() - clock, time.time()
+    init, sqnr = Stopwatch(), Stopwatch()
+    sqnr_w = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=False)
     # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.act_init_samples]
     qm.set_quant_state(weight=True)
-    qm.calibrate_activations_(data.rows(pick).batches(64))
-    init_s = time.time() - clock
-    sqnr_init = sqnr_db(qm, held, weight=True, act=True)
+    init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(64))
+    sqnr_init = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     stages = [f"step-size learning ({args.act_iters} iterations per unit)"] if args.act_iters else []
     stages += [f"running stat ({args.running_stat})"] if args.running_stat else []
     what = " + ".join(stages) or "initial ranges only"
@@ -103,16 +101,16 @@ def run(args: argparse.Namespace) -> None:
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \
         if args.act_iters else []
     if args.running_stat:
-        meta["sqnr_before_running_stat_db"] = sqnr_db(qm, held, weight=True, act=True)
+        meta["sqnr_before_running_stat_db"] = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
         running_stat_(qm, data, args)
-    sqnr_final = sqnr_db(qm, held, weight=True, act=True)
+    sqnr_final = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
     payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}
     if meta.get("smoothing"):
         payload["smoothing"] = w_obj["smoothing"]
     save_artifact(out, QUANT_KIND, meta, payload)
-    save_timing(out, act_seconds=time.time() - t0, calibrate_activations_s=init_s, act_init_samples=len(pick),
-                sqnr_s=sqnr_s, held_out=len(held), units=units)
+    save_timing(out, act_seconds=time.time() - t0, calibrate_activations_s=init.seconds,
+                act_init_samples=len(pick), sqnr_s=sqnr.seconds, held_out=len(held), units=units)
     finish_partial(out)
     print(f"{tag.title()} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after {what} "
           f"({time.time() - t0:.0f} s); wrote {out}")

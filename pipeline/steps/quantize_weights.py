@@ -10,7 +10,7 @@ import torch
 from ldm.fileio import file_fingerprint
 from pipeline import cli
 from pipeline.artifacts import is_current, save_artifact, save_timing
-from pipeline.quantize import (QUANT_KIND, finish_partial, load_calibration, make_quant_model,
+from pipeline.quantize import (QUANT_KIND, Stopwatch, finish_partial, load_calibration, make_quant_model,
                                resumable_reconstruct)
 from pipeline.sampling import ddim_timesteps
 from quant.api import quantized_state
@@ -53,12 +53,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"QNCD smoothing ({args.smoothing} formula) of {len(factors)} ResBlocks; S in "
               f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
               f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
-    clock = time.time()
-    qm.init_weights_()
-    init_s, clock = time.time() - clock, time.time()
+    init, sqnr = Stopwatch(), Stopwatch()
+    init.wrap(qm.init_weights_)()
     held = held or data
-    sqnr_nearest = sqnr_db(qm, held)
-    sqnr_s = time.time() - clock
+    sqnr_nearest = sqnr.wrap(sqnr_db)(qm, held)
     granularity = "per-channel" if args.channel_wise else "per-tensor"
     print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR "
           f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
@@ -67,12 +65,12 @@ def run(args: argparse.Namespace) -> None:
                       cache=cli.cache_spec(args), seed=args.seed)
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units)
-    sqnr_ada = sqnr_db(qm, held)
+    sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
     meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
     state = quantized_state(qm, bool(args.smoothing))
     save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state})
     # the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects each from here)
-    save_timing(out, seconds=time.time() - t0, init_weights_s=init_s, sqnr_s=sqnr_s, held_out=len(held),
+    save_timing(out, seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds, held_out=len(held),
                 units=units)
     finish_partial(out)
     print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "

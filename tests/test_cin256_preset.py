@@ -1,0 +1,98 @@
+"""The cin256 preset's full-size settings are the ones benchmarks/cin256_rehearsal.py showed are needed, and every
+script's CUDA device gets exact FP32 numerics.
+
+The rehearsal (README, "Full-size rehearsal") measured on cin256-v2: the largest reconstruction unit,
+output_blocks.9.0, caches its inputs and FP outputs for every calibration row; at the paper's 1,024 rows that is
+12.0 GiB in float32, on top of two UNet copies (FP and quantized) and the capture forward, which does not fit a
+24 GB host. With the preset's float16 caches it is 6.0 GiB. Here the cache bytes are recomputed from the unit
+shapes on the meta device (no weights, no compute), so a change to the preset, the policy, the units or the
+cache layout that breaks the budget fails here.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from conftest import REPO, load_script
+
+GiB = 2 ** 30
+PAPER_ROWS = 1024
+# What the rehearsal measured besides the caches (peak host memory of step 2 minus its caches, at the paper's
+# counts, rounded up), and the goal: every stage within 24 GB.
+BUDGET_BYTES = 24e9
+REST_BYTES = 14 * GiB
+
+
+def parsed(script: str, *argv: str) -> argparse.Namespace:
+    from pipeline import cli
+    mod = load_script(REPO / "quant_scripts" / f"{script}.py")
+    args = mod.parse_args(list(argv))
+    cli.apply_preset(args, mod.PRESET)
+    cli.check_quant_args(args)
+    return args
+
+
+@pytest.mark.parametrize("script", ["quantize_weight", "quantize_weight_activation"])
+def test_cin256_caches_are_float16_and_fashion_keeps_float32(script):
+    assert parsed(script, "--preset", "cin256").cache_dtype == "float16"
+    assert parsed(script, "--preset", "fashion").cache_dtype == "float32"
+    assert parsed(script).cache_dtype == "float32"                                 # the default preset
+    assert parsed(script, "--preset", "cin256", "--cache_dtype", "float32").cache_dtype == "float32"  # flag wins
+
+
+def unit_cache_elements() -> dict[str, int]:
+    """Per reconstruction unit of cin256-v2 under the default policy: elements of one row of its input and output
+    caches (what RowCache holds per calibration input), from a forward on the meta device."""
+    from ldm.util import instantiate_from_config, load_config
+    from quant.api import QuantConfig, quantize
+    from quant.reconstruction import _bind, find_units
+    cfg = load_config(REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml").model.params.unet_config
+    with torch.device("meta"):
+        qm = quantize(instantiate_from_config(cfg).eval(), QuantConfig(w_bits=4, a_bits=8))
+    units, sizes = find_units(qm), {}
+
+    def hook(name):
+        def record(module, args, kwargs, out):
+            inputs = [v for v in _bind(module, args, kwargs) if isinstance(v, torch.Tensor)]
+            sizes[name] = sum(v[0].numel() for v in inputs) + out[0].numel()
+        return record
+
+    handles = [u.module.register_forward_hook(hook(u.name), with_kwargs=True) for u in units]
+    with torch.no_grad(), torch.device("meta"):
+        qm(torch.zeros(1, 3, 64, 64), torch.zeros(1, dtype=torch.long), context=torch.zeros(1, 1, 512))
+    for h in handles:
+        h.remove()
+    assert len(sizes) == len(units) == 74
+    return sizes
+
+
+def test_largest_unit_cache_at_paper_counts_fits_with_the_preset_dtype():
+    sizes = unit_cache_elements()
+    largest = max(sizes, key=sizes.get)
+    dtype = getattr(torch, parsed("quantize_weight", "--preset", "cin256").cache_dtype)
+    per_row = sizes[largest] * torch.empty((), dtype=dtype).element_size()
+    assert largest == "output_blocks.9.0"
+    assert REST_BYTES + PAPER_ROWS * per_row <= BUDGET_BYTES
+    # and float32 would not: the setting is needed, not a precaution
+    assert REST_BYTES + PAPER_ROWS * sizes[largest] * 4 > BUDGET_BYTES
+
+
+def test_cuda_device_gets_exact_fp32_numerics(monkeypatch):
+    from pipeline import cli
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.allow_tf32 = True   # PyTorch's default for convolutions
+    try:
+        assert cli.pick_device("cuda") == torch.device("cuda")
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.deterministic,
+         torch.backends.cudnn.benchmark) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4], warn_only=saved[5])
+    assert cli.pick_device("cpu") == torch.device("cpu")
