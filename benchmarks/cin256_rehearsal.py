@@ -47,8 +47,7 @@ CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
 GiB = 2 ** 30
 # the paper's counts (D²-DPM on cin256-v2) and the preset's batch
 PAPER = {"trajectories": 1000, "calibration": 1024, "holdout": 128, "weight_iters": 10_000, "weight_batch": 8,
-         "act_iters": 5_000, "act_batch": 16, "act_init": 32, "stats": 1024, "eval": 50_000, "batch": 16,
-         "cache_batch": 128}
+         "act_iters": 5_000, "act_batch": 16, "act_init": 32, "stats": 1024, "eval": 50_000, "batch": 16}
 GOALS = {"calibration_hours": 4.0, "memory_gib": 24.0, "sampling_ratio": 1.3}
 
 
@@ -84,53 +83,78 @@ def probe_main(record: Path, script: str, argv: list[str]) -> int:
     return code
 
 
-def forward_probe_main(record: Path, device: str, batches: list[int]) -> int:
-    """Peak memory of a no-grad UNet forward and a VQ-f4 decode at growing batch sizes (the slopes are the
-    per-sample activation bytes), and the bytes of every quantizable layer's input per sample (what step 3's range
-    initialisation holds)."""
+def current_rss() -> int:
+    """Resident bytes now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def forward_probe_main(record: Path, device: str, what: str, batch: int) -> int:
+    """Extra peak memory and time of one no-grad UNet forward or one VQ-f4 decode at ``batch``, in a fresh process
+    (a process's peak RSS never goes down, so each measurement gets its own); for the UNet also the bytes of every
+    quantizable layer's input (what step 3's range initialisation holds per sample)."""
     import torch
 
     from ldm.util import instantiate_from_config, load_config
     dev = torch.device(device)
     cfg = load_config(REPO / CONFIG).model.params
     torch.manual_seed(0)
-    unet = instantiate_from_config(cfg.unet_config).eval().to(dev)
-    vq = instantiate_from_config(cfg.first_stage_config).eval().to(dev)
-
-    def peak() -> int:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            return torch.cuda.max_memory_allocated(dev)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
+    net = instantiate_from_config(cfg.unet_config if what == "unet" else cfg.first_stage_config).eval().to(dev)
     layer_inputs = []
     hooks = [m.register_forward_pre_hook(lambda m, a: layer_inputs.append(a[0].numel() * 4))
-             for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    rows = []
+             for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    x = torch.randn(batch, 3, 64, 64, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = current_rss()
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        for b in sorted(batches):
-            x = torch.randn(b, 3, 64, 64, device=dev)
-            t = torch.full((b,), 500, device=dev)
-            c = torch.randn(b, 1, cfg.unet_config.params.context_dim, device=dev)
-            layer_inputs.clear()
-            t0 = time.perf_counter()
-            unet(x, t, context=c)
-            t_unet = time.perf_counter() - t0
-            p_unet = peak()
-            t0 = time.perf_counter()
-            vq.decode(x)
-            t_dec = time.perf_counter() - t0
-            rows.append({"batch": b, "unet_s": t_unet, "decode_s": t_dec, "peak_after_unet": p_unet,
-                         "peak_after_decode": peak(), "layer_input_bytes": sum(layer_inputs)})
+        if what == "unet":
+            net(x, torch.full((batch,), 500, device=dev),
+                context=torch.randn(batch, 1, cfg.unet_config.params.context_dim, device=dev))
+        else:
+            net.decode(x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        extra = torch.cuda.max_memory_allocated(dev) - before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     for h in hooks:
         h.remove()
-    record.write_text(json.dumps({"rows": rows, "device": device}))
+    record.write_text(json.dumps({"what": what, "batch": batch, "seconds": time.perf_counter() - t0,
+                                  "extra_peak_bytes": max(extra, 0),
+                                  "layer_input_bytes": sum(layer_inputs) if what == "unet" else None}))
     return 0
+
+
+def forward_probe(args, work: Path, log) -> dict:
+    """Per-sample activation bytes of the UNet forward and of the decoder: slopes between two batch sizes."""
+    out = {}
+    for what in ("unet", "decode"):
+        rows = []
+        for b in (2, 4):
+            rec = work / "records" / f"forward_{what}_b{b}.json"
+            if not rec.is_file():
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_forward_probe", str(rec),
+                                "--probe_what", what, "--probe_batch", str(b), "--device", args.device],
+                               cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+            rows.append(json.loads(rec.read_text()))
+        slope = max(0.0, (rows[1]["extra_peak_bytes"] - rows[0]["extra_peak_bytes"]) / 2)
+        out[what] = {"rows": rows, "bytes_per_sample": slope,
+                     "seconds_per_sample": rows[1]["seconds"] / rows[1]["batch"]}
+    out["layer_input_bytes_per_sample"] = out["unet"]["rows"][1]["layer_input_bytes"] / 4
+    return out
 
 
 def run_stage(name: str, script: str, argv: list[str], work: Path, log) -> dict:
     record = work / "records" / f"{name}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
+    if record.is_file():  # a finished stage of an earlier run in this --workdir (--fresh to redo everything)
+        print(f"\n=== {name}: measured earlier ({record})", flush=True)
+        return json.loads(record.read_text())
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", str(record), "--", script, *argv]
     print(f"\n=== {name}: python {script} {' '.join(argv)}", flush=True)
     log.write(f"\n=== {name}: {' '.join(cmd)}\n")
@@ -210,11 +234,12 @@ def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
     """Each stage at the paper's counts: time and peak host memory (see the module docstring for the rules)."""
     from pipeline.layout import QuantTag, RunLayout
     layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
-    rows = fwd["rows"]
-    lo, hi = rows[0], rows[-1]
-    per_sample_act = max(0.0, (hi["peak_after_unet"] - lo["peak_after_unet"]) / (hi["batch"] - lo["batch"]))
-    per_image_dec = max(0.0, (hi["peak_after_decode"] - hi["peak_after_unet"]) / hi["batch"])
-    layer_in = hi["layer_input_bytes"] / hi["batch"]
+    from pipeline.cli import load_preset
+    cache_batch = load_preset("cin256").get("cache_batch_size", 128)   # rows per cache-filling forward
+    per_sample_act = fwd["unet"]["bytes_per_sample"]       # one more row in a no-grad UNet forward
+    per_image_dec = fwd["decode"]["bytes_per_sample"]       # one more image in a VQ-f4 decode
+    layer_in = fwd["layer_input_bytes_per_sample"]
+    guided = 2 * PAPER["batch"]                              # rows the UNet sees per batch with guidance
     out = []
 
     def row(name, rec, seconds, peak, why):
@@ -228,7 +253,7 @@ def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
         if step == "1":   # UNet forwards ∝ trajectories; the batch grows from 2K to 32 rows
             f = PAPER["trajectories"] / args.classes
             row(name, rec, load + compute * f,
-                rec["peak_host_bytes"] + per_sample_act * max(0, 2 * PAPER["batch"] - 2 * args.classes),
+                rec["peak_host_bytes"] + per_sample_act * max(0, guided - 2 * args.classes),
                 f"forwards x{f:g}")
         elif step in ("2", "3"):
             path = layout.quant(QuantTag(4) if step == "2" else QuantTag(4, 8))
@@ -248,22 +273,24 @@ def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
             seconds = (load + init + sqnr + max(other, 0.0) + cap * PAPER["calibration"] / rows_used
                        + opt * (want_iters / iters) * (want_batch / used_batch))
             grow = max(u["cache_bytes"] for u in units) * (PAPER["calibration"] / rows_used - 1)
-            fwd_grow = per_sample_act * max(0, min(PAPER["cache_batch"], PAPER["calibration"]) - rows_used)
-            init_grow = layer_in * (PAPER["act_init"] - t.get("act_init_samples", 0)) if step == "3" else 0
+            fwd_grow = per_sample_act * max(0, min(cache_batch, PAPER["calibration"]) - rows_used)
+            used_init = t.get("act_init_samples", 0)   # ranges: every layer's input of 32 rows, in batches
+            init_grow = (layer_in * (PAPER["act_init"] - used_init) + per_sample_act * max(
+                0, min(cache_batch, PAPER["act_init"]) - used_init)) if step == "3" else 0
             row(name, rec, seconds, rec["peak_host_bytes"] + max(grow + fwd_grow, init_grow),
                 f"{len(units)} units; caches x{PAPER['calibration'] / rows_used:g}, iterations "
                 f"x{want_iters / iters:g}" + (f" (batch {used_batch} -> {want_batch})" if used_batch < want_batch
                                               else ""))
         elif step == "4":
             f = PAPER["stats"] / args.samples
-            row(name, rec, load + compute * f,
-                rec["peak_host_bytes"] + 2 * per_sample_act * max(0, 2 * PAPER["batch"] - 2 * args.samples),
+            row(name, rec, load + compute * f,   # (the FP and the quantized forward run one after the other)
+                rec["peak_host_bytes"] + per_sample_act * max(0, guided - 2 * args.samples),
                 f"trajectories x{f:g}")
         elif step == "7":
             f = PAPER["eval"] / args.samples
-            row(name, rec, load + compute * f, rec["peak_host_bytes"] + per_sample_act * max(
-                0, 2 * PAPER["batch"] - 2 * args.samples) + per_image_dec * max(0, PAPER["batch"] - args.samples),
-                f"samples x{f:g}")
+            grow = max(per_sample_act * max(0, guided - 2 * args.samples),           # sampling, then decoding
+                       per_image_dec * max(0, PAPER["batch"] - args.samples))
+            row(name, rec, load + compute * f, rec["peak_host_bytes"] + grow, f"samples x{f:g}")
         else:
             row(name, rec, rec["wall_s"], rec["peak_host_bytes"], "as measured")
     return out
@@ -328,33 +355,36 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the random weights")
     ap.add_argument("--json", default=None, help="also write every record and projection here")
     ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fresh", action="store_true", help="with --workdir: measure every stage again (default: "
+                                                          "stages with a record there are reused)")
     ap.add_argument("--_forward_probe", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--probe_what", default="unet", help=argparse.SUPPRESS)
+    ap.add_argument("--probe_batch", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._probe:
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
         return probe_main(Path(args._probe), rest[0], rest[1:])
     if args._forward_probe:
-        return forward_probe_main(Path(args._forward_probe), args.device, [1, 4])
+        return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch)
     if args.samples > args.classes:
         raise SystemExit("error: --samples must be <= --classes (one sample per calibrated class)")
 
     started = time.perf_counter()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cin256_rehearsal_"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.fresh:
+        shutil.rmtree(work / "records", ignore_errors=True)
+    (work / "records").mkdir(parents=True, exist_ok=True)
     log_path = work / "rehearsal.log"
     print(f"cin256 rehearsal in {work} on {args.device}; script output in {log_path}")
     try:
         with open(log_path, "a") as log:
-            ckpt = work / "model.ckpt"
-            made = write_checkpoint(ckpt, args.seed) if not ckpt.is_file() else {"seconds": 0.0,
-                                                                                 "bytes": ckpt.stat().st_size}
+            ckpt, made_rec = work / "model.ckpt", work / "records" / "checkpoint.json"
+            if not (ckpt.is_file() and made_rec.is_file()):
+                made_rec.write_text(json.dumps(write_checkpoint(ckpt, args.seed)))
+            made = json.loads(made_rec.read_text())
             print(f"checkpoint: {made['bytes'] / GiB:.2f} GiB in {made['seconds']:.1f} s")
-            fwd_rec = work / "records" / "forward_probe.json"
-            fwd_rec.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_forward_probe", str(fwd_rec),
-                            "--device", args.device], cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
-            fwd = json.loads(fwd_rec.read_text())
+            fwd = forward_probe(args, work, log)
             recs = {name: run_stage(name, script, argv_, work, log) for name, script, argv_ in stages(args, work)}
             ev = evaluator_stage(work, args, log)
         report = summarise(args, work, recs, fwd, made, ev, time.perf_counter() - started)
@@ -400,10 +430,10 @@ def summarise(args, work: Path, recs: dict, fwd: dict, made: dict, ev: dict | No
     print("\nartifacts:")
     for name, b in sizes:
         print(f"  {b / 2**20:10.1f} MiB  {name}")
-    r0 = fwd["rows"]
-    print(f"\nforward probe: UNet {r0[-1]['unet_s'] / r0[-1]['batch']:.2f} s/sample at batch {r0[-1]['batch']}, "
-          f"VQ-f4 decode {r0[-1]['decode_s'] / r0[-1]['batch']:.2f} s/image; quantizable-layer inputs "
-          f"{r0[-1]['layer_input_bytes'] / r0[-1]['batch'] / 2**20:.0f} MiB per sample")
+    print(f"\nforward probe (batch 2 and 4): UNet {fwd['unet']['seconds_per_sample']:.2f} s and "
+          f"{fwd['unet']['bytes_per_sample'] / 2**20:.0f} MiB per row, VQ-f4 decode "
+          f"{fwd['decode']['seconds_per_sample']:.2f} s and {fwd['decode']['bytes_per_sample'] / 2**20:.0f} MiB per "
+          f"image; quantizable-layer inputs {fwd['layer_input_bytes_per_sample'] / 2**20:.0f} MiB per sample")
     print("evaluator: " + ("ran" if ev else "not run (needs TensorFlow and the OpenAI Inception graph for 256x256)"))
     return {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "paper_counts": PAPER, "goals": GOALS, "checkpoint": made, "forward_probe": fwd, "stages": recs,

@@ -20,6 +20,7 @@ from pipeline.sampler_spec import LISTED, SamplerSpec
 from pipeline.settings import SamplingSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CACHE_BATCH_SIZE = 128   # rows per forward pass when steps 2-3 fill their caches (quant.reconstruction.ReconConfig)
 W_BITS = (3, 4, 8)   # the paper's W4 / W8, and W3 where 4-bit weights stop being hard
 A_BITS = (4, 6, 8)   # A8, QNCD's A6, and A4 where pure PTQ breaks in the literature
 
@@ -268,6 +269,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     p.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="precision of the reconstruction caches (float16 halves their memory; default: the "
                         "preset's, else float32)")
+    p.add_argument("--cache_batch_size", type=int, default=None,
+                   help=f"rows per forward pass while the caches fill (memory of that pass; default: the preset's, "
+                        f"else {CACHE_BATCH_SIZE})")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
                                                      "of memory (full-size UNets on small hosts)")
     add_output_args(p)
@@ -293,10 +297,12 @@ def check_quant_args(args: argparse.Namespace) -> None:
             args.running_stat = args.running_stat or "all"
     if getattr(args, "cache_dtype", "absent") is None:   # neither the flag nor the preset chose
         args.cache_dtype = "float32"
+    if getattr(args, "cache_batch_size", "absent") is None:
+        args.cache_batch_size = CACHE_BATCH_SIZE
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
     check_bits(args)
-    check_positive(args, "weight_iters", "act_init_samples", "recon_batch_size")
+    check_positive(args, "weight_iters", "act_init_samples", "recon_batch_size", "cache_batch_size")
     check_positive(args, "act_iters", "round_weight", minimum=0)
     check_positive(args, "lr", "p", minimum=1e-12)
 

@@ -52,13 +52,16 @@ class QuantConfig:
 
 
 def quantize(unet: nn.Module, config: QuantConfig, filter_fn: LayerFilter = d2dpm_policy,
-             state: dict[str, Any] | None = None, fresh_attention: bool = False) -> QuantModel:
+             state: dict[str, Any] | None = None, fresh_attention: bool = False, copy: bool = True) -> QuantModel:
     """A QuantModel over a copy of ``unet`` whose layers ``filter_fn`` selects, shaped by ``config``. With
     ``state`` (``quantized_state(qm)`` of a model made with the same config and filter from the same weights), its
     smoothing, Δ, z and rounding are restored exactly; ``ValueError`` if it does not fit. ``fresh_attention``: the
-    state is a weights-only model's and ``config.sm_abit`` adds attention quantizers, left to calibrate."""
+    state is a weights-only model's and ``config.sm_abit`` adds attention quantizers, left to calibrate.
+    ``copy=False`` wraps ``unet`` itself instead of a copy (its layers are replaced): one UNet in memory instead
+    of two, for callers that need no separate FP network (with quantization off the QuantModel is exactly FP)."""
     qm = QuantModel(unet, w_bits=config.w_bits, a_bits=config.a_bits, policy=filter_fn,
-                    granularity=config.granularity, sm_abit=config.sm_abit, split_shortcut=config.split_shortcut)
+                    granularity=config.granularity, sm_abit=config.sm_abit, split_shortcut=config.split_shortcut,
+                    copy_model=copy)
     if state is not None:
         if state.get("smoothing") is not None:  # S re-folded into the checkpoint weights, before the qparams
             load_smoothing_(qm, state["smoothing"])

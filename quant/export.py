@@ -26,7 +26,7 @@ def integer_codes(layer: QuantLayer) -> torch.Tensor:
     if layer.rounding is WeightRounding.NEAREST:
         q = quantize(layer.weight, layer.w_scale, layer.w_zero_point, s.qmin, s.qmax)
     elif layer.rounding is WeightRounding.ADAROUND_HARD:
-        h = (layer.alpha >= 0).to(layer.weight.dtype)
+        h = layer.round_up.to(layer.weight.dtype)
         q = torch.clamp(torch.floor(layer.weight / layer.w_scale) + h + layer.w_zero_point, s.qmin, s.qmax)
     else:
         raise ValueError("soft AdaRound rounding cannot be exported; finish reconstruction first")

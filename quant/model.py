@@ -189,7 +189,7 @@ class QuantModel(nn.Module):
                  "a_scale": layer.a_scale.detach().cpu(), "a_zero_point": layer.a_zero_point.detach().cpu(),
                  "rounding": layer.rounding.value, "w_ready": layer.w_ready, "a_ready": layer.a_ready}
             if layer.rounding is WeightRounding.ADAROUND_HARD:
-                d["round_up"] = (layer.alpha >= 0).detach().cpu()
+                d["round_up"] = layer.round_up.cpu()
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:
                 d["alpha"] = layer.alpha.detach().cpu()
             if layer.split:
@@ -233,12 +233,11 @@ class QuantModel(nn.Module):
             layer.a_zero_point = d["a_zero_point"].to(dev)
             layer.w_ready, layer.a_ready = bool(d["w_ready"]), bool(d["a_ready"])
             layer.rounding = WeightRounding(d["rounding"])
+            layer.alpha, layer.round_up = None, None
             if layer.rounding is WeightRounding.ADAROUND_HARD:
-                layer.alpha = nn.Parameter(d["round_up"].to(dev, layer.weight.dtype) * 2 - 1, requires_grad=False)
+                layer.round_up = d["round_up"].to(dev, torch.bool)
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:
                 layer.alpha = nn.Parameter(d["alpha"].to(dev))
-            else:
-                layer.alpha = None
         return self
 
 

@@ -166,8 +166,16 @@ def adaround_init_alpha(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def adaround_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, alpha: torch.Tensor,
                         qmin: int, qmax: int, hard: bool) -> torch.Tensor:
     """W_q = (clamp(floor(W/Δ) + h + z) − z)·Δ with h = h(α) (soft) or [α ≥ 0] (hard, after optimisation)."""
-    h = (alpha >= 0).to(w.dtype) if hard else adaround_h(alpha)
-    q = torch.clamp(torch.floor(w / scale) + h + zero_point, qmin, qmax)
+    if hard:
+        return rounded_fake_quant(w, scale, zero_point, alpha >= 0, qmin, qmax)
+    q = torch.clamp(torch.floor(w / scale) + adaround_h(alpha) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def rounded_fake_quant(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, round_up: torch.Tensor,
+                       qmin: int, qmax: int) -> torch.Tensor:
+    """The hardened AdaRound weight from its round-up mask (bool): W_q = (clamp(floor(W/Δ) + [up] + z) − z)·Δ."""
+    q = torch.clamp(torch.floor(w / scale) + round_up.to(w.dtype) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 

@@ -40,7 +40,7 @@ from ldm.modules.attention import BasicTransformerBlock
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock
 from ldm.util import UserFacingError
 from quant.attention import ActQuantizer
-from quant.layers import QuantLayer, WeightRounding
+from quant.layers import QuantLayer
 from quant.model import QuantModel
 from quant.policy import Precision
 from quant.quantizer import TempDecay, round_reg
@@ -350,7 +350,7 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
             q.requires_grad_(False)
     if phase is Phase.WEIGHT:
         for layer in layers:
-            layer.rounding = WeightRounding.ADAROUND_HARD
+            layer.harden_()
     return {"rec_first": first, "rec_last": float(last)}
 
 

@@ -224,7 +224,7 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
         if is_smoothed(block):
             raise ValueError(f"{name} is already smoothed; smoothing twice would fold S twice")
         conv, s = block.out_layers[3], factors[name]
-        if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None):
+        if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None or conv.round_up is not None):
             raise RuntimeError(f"{name}.out_layers.3 already has weight quantizers: apply smoothing before "
                                f"init_weights_() (Δ_w must be chosen on W·S)")
         if s.ndim != 1 or s.numel() != conv.weight.shape[1]:

@@ -35,11 +35,13 @@ def parsed(script: str, *argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("script", ["quantize_weight", "quantize_weight_activation"])
-def test_cin256_caches_are_float16_and_fashion_keeps_float32(script):
-    assert parsed(script, "--preset", "cin256").cache_dtype == "float16"
-    assert parsed(script, "--preset", "fashion").cache_dtype == "float32"
-    assert parsed(script).cache_dtype == "float32"                                 # the default preset
-    assert parsed(script, "--preset", "cin256", "--cache_dtype", "float32").cache_dtype == "float32"  # flag wins
+def test_cin256_caches_are_float16_in_batches_of_32_and_fashion_keeps_the_defaults(script):
+    cin = parsed(script, "--preset", "cin256")
+    assert (cin.cache_dtype, cin.cache_batch_size) == ("float16", 32)
+    for args in (parsed(script, "--preset", "fashion"), parsed(script)):   # (fashion is the default preset)
+        assert (args.cache_dtype, args.cache_batch_size) == ("float32", 128)
+    flags = parsed(script, "--preset", "cin256", "--cache_dtype", "float32", "--cache_batch_size", "8")
+    assert (flags.cache_dtype, flags.cache_batch_size) == ("float32", 8)     # flags win
 
 
 def unit_cache_elements() -> dict[str, int]:

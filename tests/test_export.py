@@ -37,7 +37,8 @@ def test_packed_weights_equal_the_fake_quantized_ones():
             name, layer = next((n, m) for n, m in qm.quant_layers() if m.w_scheme.bits == 4)
             layer.init_adaround_()
             layer.alpha.data = torch.randn_like(layer.alpha)
-            layer.rounding = WeightRounding.ADAROUND_HARD
+            layer.harden_()
+            assert layer.rounding is WeightRounding.ADAROUND_HARD and layer.alpha is None
         packed = pack_quant_model(qm)
         weights = unpack_weights(packed)
         for n, m in qm.quant_layers():

@@ -65,14 +65,18 @@ def test_act_quant_without_calibration_is_an_error(unet_and_data):
 @torch.no_grad()
 def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     from pipeline.artifacts import load_artifact, save_artifact
-    from quant.layers import WeightRounding
+    from quant.quantizer import adaround_fake_quant
     unet, batches = unet_and_data
     qm = QuantModel(unet, w_bits=4, a_bits=8).init_weights_()
     qm.calibrate_activations_(batches[:1])
     for _, layer in qm.quant_layers():
         layer.init_adaround_()
         layer.alpha.add_(torch.randn_like(layer.alpha))  # as if reconstruction had moved the rounding
-        layer.rounding = WeightRounding.ADAROUND_HARD
+        alpha, s = layer.alpha.detach().clone(), layer.w_scheme
+        layer.harden_()                                   # only the mask [α ≥ 0] is kept, as a bool
+        assert layer.alpha is None and layer.round_up.dtype == torch.bool
+        assert torch.equal(layer.quantized_weight(), adaround_fake_quant(
+            layer.weight, layer.w_scale, layer.w_zero_point, alpha, s.qmin, s.qmax, hard=True))
     qm.set_quant_state(weight=True, act=True)
     x, t, c = batches[-1]
     ref = qm(x, t, context=c)

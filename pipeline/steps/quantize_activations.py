@@ -37,8 +37,10 @@ def activation_meta(args: argparse.Namespace, w_meta: dict, w_path) -> dict:
             "act_iters": args.act_iters, "act_init_samples": args.act_init_samples, "act_cache_dtype": args.cache_dtype,
             "act_batch_size": args.recon_batch_size, "act_lr": args.lr, "act_p": args.p, "act_seed": args.seed,
             "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {}),
-            # recorded when not D²-DPM's FP inputs (artifacts made before the option stay current)
-            **({"act_inputs": args.act_inputs} if args.act_inputs != "fp" else {})}
+            # recorded when not D²-DPM's FP inputs / the default cache pass (earlier artifacts stay current)
+            **({"act_inputs": args.act_inputs} if args.act_inputs != "fp" else {}),
+            **({"act_cache_batch_size": args.cache_batch_size}
+               if args.cache_batch_size != cli.CACHE_BATCH_SIZE else {})}
     for k in ("format", "version", "seconds"):
         meta.pop(k, None)
     return meta
@@ -79,15 +81,24 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
 
     t0 = time.time()
+    # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
     with family.ema_scope(model):
-        qm = make_quant_model(family.unet(model), meta, w_obj, w_path).to(device)
+        calibrate_and_save(args, meta, w_obj, w_path, family.unet(model), data, held, out, t0, device)
+
+
+def calibrate_and_save(args: argparse.Namespace, meta: dict, w_obj: dict, w_path, unet: torch.nn.Module, data,
+                       held, out, t0: float, device: torch.device) -> None:
+    """Activation ranges, step-size learning unit by unit (and QNCD's running stat), the SQNRs, the artifact."""
+    tag = cli.quant_tag(args)
+    qm = make_quant_model(unet, meta, w_obj, w_path, copy=False).to(device)
     held = held or data
     init, sqnr = Stopwatch(), Stopwatch()
     sqnr_w = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=False)
     # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.act_init_samples]
     qm.set_quant_state(weight=True)
-    init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(64))
+    # (batches of at most 64, fewer where the preset's cache pass is smaller: cin256's per-row activations are large)
+    init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(min(64, args.cache_batch_size)))
     sqnr_init = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     stages = [f"step-size learning ({args.act_iters} iterations per unit)"] if args.act_iters else []
     stages += [f"running stat ({args.running_stat})"] if args.running_stat else []
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> None:
           f"{sqnr_init:.2f} dB; now {what}, on {device}")
     cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
                                           p=args.p, cache=cli.cache_spec(args), seed=args.seed,
+                                          cache_batch_size=args.cache_batch_size,
                                           asym=args.act_inputs == "quantized")
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \

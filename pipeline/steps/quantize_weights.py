@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> None:
     out, cal_path = layout.quant(tag), layout.calibration
     meta = {**weight_meta(args, base), "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
             "weight_iters": args.weight_iters, "recon_batch_size": args.recon_batch_size,
-            "round_weight": args.round_weight, "seed": args.seed, "cache_dtype": args.cache_dtype}
+            "round_weight": args.round_weight, "seed": args.seed, "cache_dtype": args.cache_dtype,
+            # recorded when not the default (artifacts made before the option stay current)
+            **({"cache_batch_size": args.cache_batch_size} if args.cache_batch_size != cli.CACHE_BATCH_SIZE else {})}
     if is_current(out, QUANT_KIND, meta, args.force, "this quantized model"):
         return
     cli.ensure_writable_dir(out.parent)
@@ -45,8 +47,15 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
 
     t0 = time.time()
+    # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
     with family.ema_scope(model):
-        qm = make_quant_model(family.unet(model), meta).to(device)
+        quantize_and_save(args, meta, family.unet(model), data, held, out, t0, device)
+
+
+def quantize_and_save(args: argparse.Namespace, meta: dict, unet: torch.nn.Module, data, held, out, t0: float,
+                      device: torch.device) -> None:
+    """Smoothing (QNCD), weight ranges, AdaRound unit by unit, the SQNRs, then the artifact and its timings."""
+    qm = make_quant_model(unet, meta, copy=False).to(device)
     if args.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
         factors = smoothing_factors(qm, data, Formula(args.smoothing))
         apply_smoothing_(qm, factors)
@@ -62,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
           f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
           f"{args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, on {device}")
     cfg = ReconConfig(iters=args.weight_iters, batch_size=args.recon_batch_size, round_weight=args.round_weight,
-                      cache=cli.cache_spec(args), seed=args.seed)
+                      cache=cli.cache_spec(args), cache_batch_size=args.cache_batch_size, seed=args.seed)
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units)
     sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
