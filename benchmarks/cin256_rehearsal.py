@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import runpy
 import shutil
@@ -150,7 +151,7 @@ def forward_probe(args, work: Path, log) -> dict:
 
 
 def run_stage(name: str, script: str, argv: list[str], work: Path, log) -> dict:
-    record = work / "records" / f"{name}.json"
+    record = work / "records" / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
     record.parent.mkdir(parents=True, exist_ok=True)
     if record.is_file():  # a finished stage of an earlier run in this --workdir (--fresh to redo everything)
         print(f"\n=== {name}: measured earlier ({record})", flush=True)
