@@ -17,7 +17,7 @@ import torch
 
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
-from quant.quantizer import quantize
+from quant.quantizer import pack_bits, quantize, unpack_bits
 
 
 def integer_codes(layer: QuantLayer) -> torch.Tensor:
@@ -31,25 +31,6 @@ def integer_codes(layer: QuantLayer) -> torch.Tensor:
     else:
         raise ValueError("soft AdaRound rounding cannot be exported; finish reconstruction first")
     return (q - s.qmin).round().long()  # shift signed grids to 0..2^b − 1
-
-
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes in [0, 2^bits) -> uint8 bytes: ⌊8/bits⌋ codes per byte (bits 1, 2, 4, 8), little end first."""
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"packing supports 1, 2, 4 or 8 bits, got {bits}")
-    per = 8 // bits
-    flat = codes.flatten().to(torch.uint8)
-    pad = (-flat.numel()) % per
-    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per)
-    shifts = torch.arange(per, dtype=torch.uint8, device=flat.device) * bits
-    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
-    codes = (packed[:, None] >> shifts) & (2 ** bits - 1)
-    return codes.flatten()[:numel].long()
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
 from quant.policy import Precision, d2dpm_policy
-from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, qparams_from_range
+from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range, unpack_bits
 
 
 class QuantModel(nn.Module):
@@ -181,7 +181,7 @@ class QuantModel(nn.Module):
 
     def quant_state_dict(self) -> dict[str, dict]:
         """Per quantized layer: Δ/z of weights and activations, the rounding mode and, for AdaRound, α (soft) or
-        the round-up mask (hard; 1 bit of information per weight). The FP master weights are not included: they
+        the round-up mask (hard; packed, 1 bit per weight). The FP master weights are not included: they
         come from the model checkpoint."""
         out = {}
         for name, layer in self.quant_layers():
@@ -189,7 +189,7 @@ class QuantModel(nn.Module):
                  "a_scale": layer.a_scale.detach().cpu(), "a_zero_point": layer.a_zero_point.detach().cpu(),
                  "rounding": layer.rounding.value, "w_ready": layer.w_ready, "a_ready": layer.a_ready}
             if layer.rounding is WeightRounding.ADAROUND_HARD:
-                d["round_up"] = layer.round_up.cpu()
+                d["round_up_bits"] = pack_bits(layer.round_up.cpu(), 1)   # 1 bit a weight on disk
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:
                 d["alpha"] = layer.alpha.detach().cpu()
             if layer.split:
@@ -235,10 +235,23 @@ class QuantModel(nn.Module):
             layer.rounding = WeightRounding(d["rounding"])
             layer.alpha, layer.round_up = None, None
             if layer.rounding is WeightRounding.ADAROUND_HARD:
-                layer.round_up = d["round_up"].to(dev, torch.bool)
+                layer.round_up = _round_up_mask(name, d, layer.weight).to(dev)
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:
                 layer.alpha = nn.Parameter(d["alpha"].to(dev))
         return self
+
+
+def _round_up_mask(name: str, d: dict, weight: torch.Tensor) -> torch.Tensor:
+    """The hardened AdaRound mask of a saved layer: packed bits (``round_up_bits``) or, from artifacts written before
+    the packing, a bool tensor (``round_up``)."""
+    if "round_up_bits" in d:
+        bits, n = d["round_up_bits"], weight.numel()
+        if bits.dtype != torch.uint8 or bits.numel() != -(-n // 8):
+            raise ValueError(f"{name}: round-up mask of {bits.numel()} bytes, this layer needs {-(-n // 8)}")
+        return unpack_bits(bits, 1, n).view(weight.shape).bool()
+    if tuple(d["round_up"].shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: round-up mask of shape {tuple(d['round_up'].shape)}, weight {tuple(weight.shape)}")
+    return d["round_up"].bool()
 
 
 @torch.no_grad()

@@ -199,3 +199,24 @@ class TempDecay:
         if k < w:
             return None
         return self.end + (self.start - self.end) * max(0.0, 1 - (k - w) / (self.iters - w))
+
+
+# ---- bit packing (exported weights, AdaRound round-up masks) -------------------------------------------------
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes in [0, 2^bits) -> uint8 bytes: ⌊8/bits⌋ codes per byte (bits 1, 2, 4, 8), little end first."""
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"packing supports 1, 2, 4 or 8 bits, got {bits}")
+    per = 8 // bits
+    flat = codes.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % per
+    flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, per)
+    shifts = torch.arange(per, dtype=torch.uint8, device=flat.device) * bits
+    return (flat << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    codes = (packed[:, None] >> shifts) & (2 ** bits - 1)
+    return codes.flatten()[:numel].long()

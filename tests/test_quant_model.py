@@ -86,6 +86,18 @@ def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     fresh.load_quant_state_dict_(load_artifact(path, "quant_model", {"w_bits": 4})["quant_state"])
     fresh.set_quant_state(weight=True, act=True)
     assert torch.equal(fresh(x, t, context=c), ref)
+    # masks are stored 8 per byte; a file from before the packing (bool masks) loads to the same model
+    state = qm.quant_state_dict()
+    name, layer = next(iter(qm.quant_layers()))
+    assert state[name]["round_up_bits"].numel() == -(-layer.weight.numel() // 8)
+    old = {n: ({k: v for k, v in d.items() if k != "round_up_bits"} | {"round_up": dict(qm.quant_layers())[n].round_up}
+               if "round_up_bits" in d else d) for n, d in state.items()}
+    legacy = QuantModel(unet, w_bits=4, a_bits=8).load_quant_state_dict_(old)
+    legacy.set_quant_state(weight=True, act=True)
+    assert torch.equal(legacy(x, t, context=c), ref)
+    state[name]["round_up_bits"] = state[name]["round_up_bits"][:-1]
+    with pytest.raises(ValueError, match="round-up mask of .* bytes, this layer needs"):
+        QuantModel(unet, w_bits=4, a_bits=8).load_quant_state_dict_(state)
     with pytest.raises(ValueError, match="does not fit this model"):
         QuantModel(unet, w_bits=4, a_bits=8, policy=quantize_all_policy).load_quant_state_dict_(
             qm.quant_state_dict())
