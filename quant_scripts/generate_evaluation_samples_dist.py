@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_samples", dest="eval_samples", type=int, default=None,
                    help="number of samples N, a multiple of the class count (default: the preset's eval_samples)")
     p.add_argument("--seed", type=int, default=SEED, help="base seed; batch b's seeds derive from it and b")
-    p.add_argument("--classes", type=int, nargs="+", default=None,
+    # (its own dest: a preset's `classes` are the grid's classes, not an evaluation subset)
+    p.add_argument("--classes", dest="eval_classes", type=int, nargs="+", default=None,
                    help="sample only these class ids (sample i gets the (i mod K)-th; N a multiple of K): a quick "
                         "run of a many-class model, named in the folder; its FID is not the paper's protocol")
     p.add_argument("--dry_run", action="store_true",

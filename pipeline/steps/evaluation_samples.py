@@ -32,7 +32,7 @@ def check_args(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     check_args(args)
     config, family = cli.model_family(args)
-    classes = getattr(args, "classes", None)
+    classes = getattr(args, "eval_classes", None)
     if classes is not None:
         classes = tuple(dict.fromkeys(classes))  # (order kept, duplicates dropped)
         n_model = family.num_classes(config)
