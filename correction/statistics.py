@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSchedule, DDIMStep, ModelFn, cfg_eps, randn_sampler, sample_ddim
+from ldm.models.diffusion.ddim import (DDIMSchedule, DDIMStep, ModelFn, cfg_eps, model_schedule, randn_sampler,
+                                      sample_ddim)
 from ldm.sample import Conditioner, class_conditioner, latent_shape
 from ldm.util import UserFacingError
 
@@ -55,30 +56,41 @@ class MissingTimestep(CorrectionError):
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """DDIM settings a set of statistics is valid for. ``timesteps`` ascending, as ``DDIMSchedule`` stores them;
-    they are the keys of every per-timestep table (t ∈ {1, 51, …, 951} for 20 steps)."""
+    """DDIM settings a set of statistics is valid for. ``timesteps`` ascending and distinct, as ``DDIMSchedule``
+    stores them; they are the keys of every per-timestep table (t ∈ {1, 51, …, 951} for 20 steps). ``length`` is the
+    number of steps of the chain; it exceeds ``len(timesteps)`` only for a grid that repeats timesteps (the original
+    quad grid of the pixel DDIM: 100 steps over 96 timesteps), whose repeats share their timestep's row."""
 
     steps: int
     eta: float
     scale: float
     timesteps: tuple[int, ...]
+    length: int | None = None
 
     def __post_init__(self):
         ts = tuple(int(t) for t in self.timesteps)
-        if self.steps < 1 or self.eta < 0 or not ts or list(ts) != sorted(set(ts)):
-            raise ValueError(f"invalid sampling config: steps={self.steps}, eta={self.eta}, timesteps={ts}")
+        length = len(ts) if self.length is None else int(self.length)
+        if self.steps < 1 or self.eta < 0 or not ts or list(ts) != sorted(set(ts)) or length < len(ts):
+            raise ValueError(f"invalid sampling config: steps={self.steps}, eta={self.eta}, timesteps={ts}, "
+                             f"length={length}")
         object.__setattr__(self, "timesteps", ts)
+        object.__setattr__(self, "length", length)
         object.__setattr__(self, "steps", int(self.steps))
         object.__setattr__(self, "eta", float(self.eta))
         object.__setattr__(self, "scale", float(self.scale))
 
     @classmethod
     def from_schedule(cls, schedule: DDIMSchedule, steps: int, scale: float) -> "SamplingConfig":
-        return cls(steps, schedule.eta, scale, tuple(schedule.timesteps.tolist()))
+        return cls(steps, schedule.eta, scale, tuple(sorted(set(schedule.timesteps.tolist()))), len(schedule))
 
     @classmethod
     def make(cls, alphas_cumprod, steps: int, eta: float, scale: float) -> "SamplingConfig":
         return cls.from_schedule(DDIMSchedule.make(alphas_cumprod, steps, eta), steps, scale)
+
+    @classmethod
+    def for_model(cls, model, steps: int, eta: float, scale: float) -> "SamplingConfig":
+        """The settings of ``model``'s own schedule (``ldm.models.diffusion.ddim.model_schedule``)."""
+        return cls.from_schedule(model_schedule(model, steps, eta), steps, scale)
 
     def row(self, t: int, what: str = "the statistics") -> int:
         """Row of timestep ``t`` in the per-timestep tables."""
@@ -103,7 +115,7 @@ class SamplingConfig:
         (σ_t = η √((1 − ᾱ_prev)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)). The guidance scale does not travel with a step:
         ``check`` it where the sampler is configured."""
         n = step.i + step.index + 1
-        if n != len(self.timesteps):
+        if n != self.length:
             raise ConfigMismatch(f"{what} were collected for {self.steps} DDIM steps, but sampling runs {n}; sample "
                                  f"with steps={self.steps} or collect statistics (and refit) for {n} steps")
         a, ap = step.alpha, step.alpha_prev
@@ -117,13 +129,16 @@ class SamplingConfig:
         return self.row(step.t, what)
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "eta": self.eta, "scale": self.scale,
-                "timesteps": torch.tensor(self.timesteps, dtype=torch.int64)}
+        d = {"steps": self.steps, "eta": self.eta, "scale": self.scale,
+             "timesteps": torch.tensor(self.timesteps, dtype=torch.int64)}
+        if self.length != len(self.timesteps):   # only a grid with repeated timesteps records it
+            d["length"] = self.length
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingConfig":
         return cls(int(d["steps"]), float(d["eta"]), float(d["scale"]),
-                   tuple(torch.as_tensor(d["timesteps"]).tolist()))
+                   tuple(torch.as_tensor(d["timesteps"]).tolist()), d.get("length"))
 
 
 def _fmt_ts(ts: Sequence[int]) -> str:
@@ -406,10 +421,14 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     saved by ``on_batch(stats, samples_done)`` continues at the next batch (same ``batch_size``). ``conditioner``
     turns a batch of ``labels`` into (c, uc) (default: class conditioning against ``uncond_label``)."""
     cfg = stats.sampling
-    schedule = DDIMSchedule.make(model.alphas_cumprod, cfg.steps, cfg.eta)
-    if tuple(schedule.timesteps.tolist()) != cfg.timesteps:
+    schedule = model_schedule(model, cfg.steps, cfg.eta)
+    if SamplingConfig.from_schedule(schedule, cfg.steps, cfg.scale) != cfg:
         raise ConfigMismatch(f"the model's {cfg.steps}-step DDIM schedule visits t = "
-                             f"{_fmt_ts(schedule.timesteps.tolist())}, the statistics t = {_fmt_ts(cfg.timesteps)}")
+                             f"{_fmt_ts(schedule.timesteps.tolist())} ({len(schedule)} steps), the statistics "
+                             f"t = {_fmt_ts(cfg.timesteps)} ({cfg.length} steps)")
+    # a repeated timestep (original quad grid) leaves x_t unchanged: its ε pair is counted once, at the first visit
+    first_visit = {st.i for st in schedule.steps() if st.index == len(schedule) - 1
+                   or schedule.timesteps[st.index + 1] != st.t}
     conditional = labels is not None
     total = len(labels) if conditional else n
     if not total:
@@ -437,8 +456,8 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
 
         def eps_fn(x, t, step, c=c, uc=uc):
             e_fp = cfg_eps(fp_model_fn, x, t, c, uc, scale)
-            e_q = cfg_eps(q_model_fn, x, t, c, uc, scale)
-            stats.update(step.t, e_q, e_fp)
+            if step.i in first_visit:
+                stats.update(step.t, cfg_eps(q_model_fn, x, t, c, uc, scale), e_fp)
             return e_fp  # FP trajectory
 
         sample_ddim(eps_fn, x_T, schedule, noise_sampler=randn_sampler(size, device, g), progress=progress)

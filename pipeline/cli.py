@@ -17,7 +17,7 @@ from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
 from pipeline.sampler_spec import LISTED, SamplerSpec
-from pipeline.settings import SamplingSettings
+from pipeline.settings import SamplingSettings, grid_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CACHE_BATCH_SIZE = 128   # rows per forward pass when steps 2-3 fill their caches (quant.reconstruction.ReconConfig)
@@ -100,13 +100,20 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=None, help="DDIM η (0 deterministic, 1 DDPM-like; paper: 0)")
     p.add_argument("--scale", type=float, default=None, help="classifier-free guidance scale (1 = none; paper: 3)")
     p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--skip_type", default=None, choices=("uniform", "quad"),
+                   help="timestep grid of the pixel DDIM (QNCD CIFAR-10: quad; default: the preset's); LDMs sample "
+                        "their CompVis uniform grid")
+    p.add_argument("--corrected_grid", action="store_true",
+                   help="the corrected grid instead of the original's (quad: rounded and de-duplicated, no repeated "
+                        "timesteps; uniform: exactly --steps steps)")
 
 
 def check_sampling_args(args: argparse.Namespace) -> SamplingSettings:
     """One-line errors for sampling settings, before any model is loaded; ``args.settings`` holds them checked."""
     if args.batch_size is not None and args.batch_size < 1:
         raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
-    args.settings = SamplingSettings(args.steps, args.eta, args.scale)
+    grid = grid_name(getattr(args, "skip_type", None), getattr(args, "corrected_grid", False))
+    args.settings = SamplingSettings(args.steps, args.eta, args.scale, grid)
     return args.settings
 
 
@@ -181,8 +188,12 @@ def exact_cuda_numerics() -> None:
 
 
 def resolve(path: str) -> Path:
-    """Paths in the constants are relative to the repository root; user-given relative paths to the cwd."""
-    p = Path(path)
+    """Paths in the constants are relative to the repository root; user-given relative paths to the cwd;
+    ``released:NAME`` is where a released pixel-DDPM checkpoint is kept (``ddim_checkpoint.released_path``)."""
+    if str(path).startswith("released:"):
+        from ldm.modules.diffusionmodules.ddim_checkpoint import released_path
+        return released_path(str(path).removeprefix("released:"))
+    p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
         return REPO_ROOT / p
     return p
@@ -203,6 +214,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFam
                         config_name=f"config {args.config}")
     if hasattr(args, "settings"):
         args.settings.check_num_timesteps(model.num_timesteps)
+        family.use_grid(model, args.settings.grid)
     return family, model
 
 
@@ -231,7 +243,9 @@ def ensure_writable_dir(path: str | os.PathLike, create: bool = False, flag: str
 
 def layout(args: argparse.Namespace) -> RunLayout:
     """Where every artifact of this run lives (outputs/<preset>/scale{s}_eta{η}_steps{S}/...)."""
-    return RunLayout(Path(args.outdir), args.preset_used, args.steps, float(args.eta), float(args.scale))
+    settings = getattr(args, "settings", None)
+    return RunLayout(Path(args.outdir), args.preset_used, args.steps, float(args.eta), float(args.scale),
+                     settings.grid if settings is not None else None)
 
 
 def quant_tag(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
@@ -245,7 +259,10 @@ def model_meta(args: argparse.Namespace) -> dict:
     """What identifies the model and sampler settings in every artifact's meta (checked before anything loads)."""
     ckpt = resolve(args.ckpt)
     if not ckpt.is_file():
-        raise CheckpointError(f"checkpoint not found: {args.ckpt}; {download_hint(Path(args.ckpt))}")
+        released = str(args.ckpt).startswith("released:")
+        hint = (f"fetch it (MD5-checked) with: python -m ldm.modules.diffusionmodules.ddim_checkpoint "
+                f"{str(args.ckpt).removeprefix('released:')}" if released else download_hint(Path(args.ckpt)))
+        raise CheckpointError(f"checkpoint not found: {ckpt}; {hint}")
     return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), **args.settings.meta()}
 
 

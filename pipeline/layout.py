@@ -55,7 +55,7 @@ class QuantTag:
 
 FP32 = "fp32"  # the folder of the full-precision model's evaluation samples
 
-_RUN_NAME = re.compile(r"scale(?P<scale>.+)_eta(?P<eta>.+)_steps(?P<steps>\d+)")
+_RUN_NAME = re.compile(r"scale(?P<scale>.+)_eta(?P<eta>.+)_steps(?P<steps>\d+)(?:_(?P<grid>[a-z-]+))?")
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,12 @@ class RunLayout:
     steps: int
     eta: float
     scale: float
+    grid: str | None = None   # a timestep grid other than the family's default adds _<grid> (e.g. _quad)
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.outdir) / self.preset / f"scale{self.scale:g}_eta{self.eta:g}_steps{self.steps}"
+        grid = "" if self.grid is None else f"_{self.grid}"
+        return Path(self.outdir) / self.preset / f"scale{self.scale:g}_eta{self.eta:g}_steps{self.steps}{grid}"
 
     @property
     def calibration(self) -> Path:
@@ -116,7 +118,9 @@ class RunLayout:
         for p in sorted(self.run_dir.parent.glob(f"*/{rel}")):
             m = _RUN_NAME.fullmatch(p.relative_to(self.run_dir.parent).parts[0])
             if m and m.group(0) != self.run_dir.name:
-                found.append(f"--steps {m.group('steps')} --eta {m.group('eta')} --scale {m.group('scale')}")
+                grid = f" --skip_type {m.group('grid')}".replace("-corrected", " --corrected_grid") \
+                    if m.group("grid") else ""
+                found.append(f"--steps {m.group('steps')} --eta {m.group('eta')} --scale {m.group('scale')}{grid}")
         return f" (it exists for other settings: sample with {' or '.join(found[:3])})" if found else ""
 
 

@@ -26,7 +26,7 @@ from correction.ptqd import PTQDCorrection, PTQDFit
 from correction.qncd import QNCDProbe
 from correction.statistics import CorrectionError
 from ldm.fileio import file_fingerprint
-from ldm.models.diffusion.ddim import DDIMSchedule, ModelFn, StepCorrection
+from ldm.models.diffusion.ddim import ModelFn, StepCorrection, model_schedule
 from pipeline.artifacts import ArtifactMismatch, load_artifact
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, RunLayout
@@ -151,7 +151,7 @@ def load_fit(path: Path, kind: str, want: dict, produced_by: str) -> Fit:
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactMismatch(f"{path} holds no usable fit ({type(e).__name__}: {e}); rerun {produced_by}") from None
     s = fit.sampling
-    if list(s.timesteps) != want["timesteps"] or s.steps != want["steps"] or \
+    if list(s.timesteps) != sorted(set(want["timesteps"])) or s.steps != want["steps"] or \
             not math.isclose(s.eta, want["eta"], abs_tol=1e-9) or not math.isclose(s.scale, want["scale"],
                                                                                   abs_tol=1e-9):
         raise ArtifactMismatch(f"{path}: its fit covers steps={s.steps}, eta={s.eta:g}, scale={s.scale:g}, but "
@@ -164,7 +164,7 @@ def load_fit(path: Path, kind: str, want: dict, produced_by: str) -> Fit:
 
 def ddim_timesteps(model, steps: int, eta: float) -> list[int]:
     """The model's DDIM grid for ``steps`` steps (ascending), as every artifact's meta records it."""
-    return DDIMSchedule.make(model.alphas_cumprod, steps, eta).timesteps.tolist()
+    return model_schedule(model, steps, eta).timesteps.tolist()
 
 
 EXPECT_KEYS = ("model", "ckpt", "steps", "eta", "scale")

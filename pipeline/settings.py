@@ -17,6 +17,7 @@ class SamplingSettings:
     steps: int
     eta: float
     scale: float
+    grid: str | None = None   # the timestep grid when not the family's default (pixel DDIM: quad, uniform, ...)
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -37,12 +38,29 @@ class SamplingSettings:
         object.__setattr__(self, "scale", float(self.scale))
 
     def meta(self) -> dict[str, Any]:
-        """The keys every artifact of a run records and is checked on."""
-        return {"steps": self.steps, "eta": self.eta, "scale": self.scale}
+        """The keys every artifact of a run records and is checked on (``grid`` only when one was chosen, so the
+        artifacts of CompVis runs keep their keys)."""
+        return {"steps": self.steps, "eta": self.eta, "scale": self.scale,
+                **({"grid": self.grid} if self.grid is not None else {})}
 
     def flags(self) -> str:
-        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}"
+        grid = "" if self.grid is None else " " + grid_flags(self.grid)
+        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}{grid}"
 
     def check_num_timesteps(self, num_timesteps: int) -> None:
         if self.steps > num_timesteps:
             raise UserFacingError(f"--steps {self.steps} exceeds the model's {num_timesteps} timesteps")
+
+
+def grid_name(skip_type: str | None, corrected: bool) -> str | None:
+    """``--skip_type`` and ``--corrected_grid`` as one grid name (``ldm.models.diffusion.generalized.GRIDS``)."""
+    if skip_type is None:
+        if corrected:
+            raise UserFacingError("--corrected_grid needs a --skip_type (uniform or quad)")
+        return None
+    return f"{skip_type}-corrected" if corrected else skip_type
+
+
+def grid_flags(grid: str) -> str:
+    skip, _, fix = grid.partition("-")
+    return f"--skip_type {skip}" + (" --corrected_grid" if fix else "")

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSchedule, ModelFn
+from ldm.models.diffusion.ddim import ModelFn, model_schedule
 from ldm.sample import Conditioner, sample_latents
 
 
@@ -60,8 +60,13 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     class conditioning against the null class).
     """
     model_fn = model_fn or model.apply_model
-    schedule = DDIMSchedule.make(model.alphas_cumprod, steps, eta)
-    t_to_step = {st.t: st.i for st in schedule.steps()}
+    schedule = model_schedule(model, steps, eta)
+    # t -> the steps visiting it, in chain order: a grid may repeat a timestep (the original quad grid does), and
+    # every trajectory then calls the model that many times in a row at that t
+    t_to_steps: dict[int, list[int]] = {}
+    for st in schedule.steps():
+        t_to_steps.setdefault(st.t, []).append(st.i)
+    calls = dict.fromkeys(t_to_steps, 0)
     n_traj = len(labels) if labels is not None else n_unconditional
     guided = labels is not None and scale != 1.0
     per_step = n_traj * (2 if guided else 1)
@@ -71,7 +76,10 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     branches = 2 if guided else 1
 
     def recording_model_fn(x, t, c):
-        i = t_to_step[int(t[0])]  # the timestep travels with the call; no call counting
+        t0 = int(t[0])   # the timestep travels with the call; only a repeated one needs its visit counted
+        visits = t_to_steps[t0]
+        i = visits[calls[t0] % len(visits)]
+        calls[t0] += 1
         b = x.shape[0] // branches
         if i in keep:
             # canonical index of each row, independent of batching: branch · n_traj + trajectory

@@ -54,8 +54,11 @@ class QuantModel(nn.Module):
         if sm_abit is not None:
             if not a_bits:
                 raise ValueError("attention quantization (sm_abit) needs activation bits (a_bits)")
-            wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
-                            QScheme(sm_abit, False, PerTensor(), search))
+            if not wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
+                                   QScheme(sm_abit, False, PerTensor(), search)):
+                # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
+                raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no CrossAttention "
+                                 "or QKVAttention module to quantize them in; leave sm_abit unset")
         if split_shortcut:
             layers = dict(self.quant_layers())
             for name, split in shortcut_splits(self.model).items():
@@ -272,6 +275,8 @@ def shortcut_splits(unet: nn.Module) -> dict[str, int]:
     The UNet pushes every input block's output on a stack and each output block pops one: output block i gets the
     skip of input block −(i + 1). An input block's output channels are those of its last channel-changing module.
     """
+    if hasattr(unet, "up") and hasattr(unet, "spec"):
+        return _pixel_ddpm_splits(unet)
     chans = []
     for block in unet.input_blocks:
         c = None
@@ -287,4 +292,20 @@ def shortcut_splits(unet: nn.Module) -> dict[str, int]:
         skip = res.skip_connection
         if isinstance(res, ResBlock) and isinstance(skip, (nn.Conv2d, QuantLayer)):
             splits[f"output_blocks.{i}.0.skip_connection"] = res.channels - chans[-(i + 1)]
+    return splits
+
+
+def _pixel_ddpm_splits(unet: nn.Module) -> dict[str, int]:
+    """``shortcut_splits`` of the pixel DDPM ``Model``: its decoder blocks take cat([h, hs.pop()]); the stack holds
+    conv_in's output, every encoder block's and every Downsample's, in that order."""
+    spec = unet.spec
+    skips = [spec.ch]
+    for i, mult in enumerate(spec.ch_mult):
+        skips += [spec.ch * mult] * spec.num_res_blocks + ([spec.ch * mult] if i != len(spec.ch_mult) - 1 else [])
+    splits = {}
+    for i in reversed(range(len(spec.ch_mult))):
+        for j, block in enumerate(unet.up[i].block):
+            skip = skips.pop()
+            if isinstance(getattr(block, "nin_shortcut", None), (nn.Conv2d, QuantLayer)):
+                splits[f"up.{i}.block.{j}.nin_shortcut"] = block.in_channels - skip
     return splits

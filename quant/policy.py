@@ -19,15 +19,18 @@ class Precision(enum.Enum):
     TARGET = "target"  # the requested bits (e.g. W4A8)
 
 
-# UNet-relative names (as in CompVis checkpoints without the model.diffusion_model prefix)
-EIGHT_BIT_LAYERS = ("time_embed.0", "input_blocks.0.0", "out.2")
+# UNet-relative names: the LDM UNet (CompVis checkpoints without the model.diffusion_model prefix) and the pixel DDPM
+# ``Model`` (the released CIFAR-10 checkpoint's keys), which name the same roles differently
+EIGHT_BIT_LAYERS = ("time_embed.0", "input_blocks.0.0", "out.2",   # first embedding Linear, input conv, output conv
+                    "temb.dense.0", "conv_in", "conv_out")
+SKIP_CONVS = ("skip_connection", "nin_shortcut")                    # ResBlock 1×1 shortcuts
 
 
 def d2dpm_policy(fqn: str, module: nn.Module) -> Precision:
     """D²-DPM's layer policy for a module of the UNet named ``fqn`` (relative to the UNet)."""
     if not isinstance(module, QUANTIZABLE):
         return Precision.FP32
-    if "skip_connection" in fqn.split(".") or fqn.endswith(".op"):
+    if set(SKIP_CONVS) & set(fqn.split(".")) or fqn.endswith(".op") or fqn.endswith("downsample.conv"):
         return Precision.FP32
     if fqn in EIGHT_BIT_LAYERS:
         return Precision.EIGHT_BIT

@@ -37,6 +37,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock
 from ldm.util import UserFacingError
 from quant.attention import ActQuantizer
@@ -45,7 +46,7 @@ from quant.model import QuantModel
 from quant.policy import Precision
 from quant.quantizer import TempDecay, round_reg
 
-BLOCK_TYPES = (ResBlock, BasicTransformerBlock, AttentionBlock)
+BLOCK_TYPES = (ResBlock, BasicTransformerBlock, AttentionBlock, ResnetBlock, AttnBlock)   # LDM UNet; pixel DDPM
 
 
 class Phase(enum.Enum):

@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.modules.diffusionmodules.ddim_unet import get_timestep_embedding
+from ldm.modules.diffusionmodules.model import ResnetBlock, nonlinearity
 from ldm.modules.diffusionmodules.openaimodel import ResBlock
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from quant.layers import QuantLayer
@@ -121,9 +123,38 @@ def _unet(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, QuantModel) else model
 
 
-def resblocks(model: nn.Module) -> list[tuple[str, ResBlock]]:
-    """Every ResBlock of the UNet (a UNetModel or a QuantModel) with its UNet-relative name."""
-    return [(n, m) for n, m in _unet(model).named_modules() if isinstance(m, ResBlock)]
+# Residual blocks with an additive time embedding, in the two layouts this code base has: the LDM UNet's ``ResBlock``
+# (e = emb_layers(emb); out_layers = [GN, SiLU, Dropout, conv]) and the pixel DDPM's ``ResnetBlock`` (e =
+# temb_proj(swish(temb)); norm2, swish, dropout, conv2), where QNCD smooths the same activation.
+RESIDUAL_BLOCKS = (ResBlock, ResnetBlock)
+
+
+def resblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every residual block of the UNet (a UNetModel, a DDPM ``Model`` or a QuantModel) with its UNet-relative name."""
+    return [(n, m) for n, m in _unet(model).named_modules()
+            if isinstance(m, ResBlock) or (isinstance(m, ResnetBlock) and hasattr(m, "temb_proj"))]
+
+
+def block_norm(block: nn.Module) -> nn.GroupNorm:
+    """The GroupNorm in front of the second conv."""
+    return block.out_layers[0] if isinstance(block, ResBlock) else block.norm2
+
+
+def block_conv(block: nn.Module) -> nn.Module:
+    """The second conv, whose input is smoothed."""
+    return block.out_layers[3] if isinstance(block, ResBlock) else block.conv2
+
+
+def _slot(block: nn.Module) -> nn.Module:
+    """The Dropout right before the second conv (``ChannelSmoothing`` takes its place)."""
+    return block.out_layers[2] if isinstance(block, ResBlock) else block.dropout
+
+
+def _set_slot(block: nn.Module, module: nn.Module) -> None:
+    if isinstance(block, ResBlock):
+        block.out_layers[2] = module
+    else:
+        block.dropout = module
 
 
 def _timesteps(calibration) -> torch.Tensor:
@@ -154,6 +185,10 @@ def embedding_outputs(model: nn.Module, t: torch.Tensor) -> dict[str, torch.Tens
         m.weight_quant = m.act_quant = False
     try:
         param = next(unet.parameters())
+        if hasattr(unet, "temb"):   # the pixel DDPM: sinusoid (sin first) -> dense0 -> swish -> dense1
+            t_emb = get_timestep_embedding(t.to(param.device), unet.ch).to(param.dtype)
+            temb = unet.temb.dense[1](nonlinearity(unet.temb.dense[0](t_emb)))
+            return {n: block.temb_proj(nonlinearity(temb)).float() for n, block in resblocks(unet)}
         t_emb = timestep_embedding(t.to(param.device), unet.model_channels, repeat_only=False).to(param.dtype)
         emb = unet.time_embed(t_emb)
         return {n: block.emb_layers(emb).float() for n, block in resblocks(unet)}
@@ -176,9 +211,9 @@ def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.
     out = {}
     emb = embedding_outputs(model, t)
     for name, block in resblocks(model):
-        norm = block.out_layers[0]
+        norm = block_norm(block)
         e = emb[name]
-        if block.use_scale_shift_norm:
+        if getattr(block, "use_scale_shift_norm", False):
             scale = e.chunk(2, dim=1)[0]  # h·(1 + scale) + shift: the scale half carries the outliers
             s = (paper_factor_scale_shift(scale) if formula is Formula.PAPER else
                  code_factor(standardize_groups(scale, norm.num_groups, norm.eps), norm.weight))
@@ -195,16 +230,16 @@ def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.
 
 # ---- applying, persisting --------------------------------------------------------------------------------------
 
-def is_smoothed(block: ResBlock) -> bool:
-    return isinstance(block.out_layers[2], ChannelSmoothing)
+def is_smoothed(block: nn.Module) -> bool:
+    return isinstance(_slot(block), ChannelSmoothing)
 
 
-def _block(model: nn.Module, name: str) -> ResBlock:
+def _block(model: nn.Module, name: str) -> nn.Module:
     try:
         block = _unet(model).get_submodule(name)
     except AttributeError:
         block = None
-    if not isinstance(block, ResBlock):
+    if not isinstance(block, RESIDUAL_BLOCKS):
         raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
     return block
 
@@ -223,9 +258,9 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
     for name, block in blocks.items():  # check everything before changing anything
         if is_smoothed(block):
             raise ValueError(f"{name} is already smoothed; smoothing twice would fold S twice")
-        conv, s = block.out_layers[3], factors[name]
+        conv, s = block_conv(block), factors[name]
         if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None or conv.round_up is not None):
-            raise RuntimeError(f"{name}.out_layers.3 already has weight quantizers: apply smoothing before "
+            raise RuntimeError(f"{name}'s second conv already has weight quantizers: apply smoothing before "
                                f"init_weights_() (Δ_w must be chosen on W·S)")
         if s.ndim != 1 or s.numel() != conv.weight.shape[1]:
             raise ValueError(f"{name}: S has shape {tuple(s.shape)}, the conv has {conv.weight.shape[1]} input "
@@ -233,16 +268,16 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
     for name, block in blocks.items():
         s = factors[name].detach().to(torch.float32)
         if fold_weights:
-            w = block.out_layers[3].weight
+            w = block_conv(block).weight
             w.mul_(s.to(w).view(1, -1, *([1] * (w.ndim - 2))))
-        block.out_layers[2] = ChannelSmoothing(s.to(block.out_layers[3].weight.device), block.out_layers[2])
+        _set_slot(block, ChannelSmoothing(s.to(block_conv(block).weight.device), _slot(block)))
     return model
 
 
 def smoothing_state(model: nn.Module) -> dict:
     """The factors of every smoothed ResBlock, as plain tensors (``torch.load(weights_only=True)``-safe). The folded
     weights are not included: the FP weights come from the model checkpoint and ``load_smoothing_`` re-folds."""
-    factors = {n: b.out_layers[2].scale.detach().cpu().clone() for n, b in resblocks(model) if is_smoothed(b)}
+    factors = {n: _slot(b).scale.detach().cpu().clone() for n, b in resblocks(model) if is_smoothed(b)}
     return {"format": FORMAT, "version": VERSION, "factors": factors}
 
 
@@ -268,7 +303,7 @@ def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, t
         lo, hi = seen.get(name, (float("inf"), float("-inf")))
         seen[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
 
-    forward_batches(model, batches, [b.out_layers[3].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+    forward_batches(model, batches, [block_conv(b).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
                                      for n, b in resblocks(model)])
     return seen
 
@@ -304,12 +339,12 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
     if isinstance(unet, QuantModel) or any(is_smoothed(blocks[n]) for n in factors):
         raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
-    forward_batches(unet, batches, [blocks[n].out_layers[3].register_forward_pre_hook(
+    forward_batches(unet, batches, [block_conv(blocks[n]).register_forward_pre_hook(
         lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])
     w_scheme = QScheme(w_bits, granularity=granularity)
     out = {}
     for name, s in factors.items():
-        conv = blocks[name].out_layers[3]
+        conv = block_conv(blocks[name])
         a = torch.cat(inputs.pop(name))                              # [N, C, H, W]
         w = conv.weight.detach().float().cpu()                       # [C_out, C, k, k]
         bias = None if conv.bias is None else conv.bias.detach().float().cpu()

@@ -42,7 +42,7 @@ def pixel_family():
 def test_an_unknown_family_is_one_line(tmp_path):
     from ldm.util import ConfigError
     cfg = OmegaConf.create(PIXEL_DDPM)
-    with pytest.raises(ConfigError, match="belongs to no known model family; known: compvis-class-ldm"):
+    with pytest.raises(ConfigError, match="belongs to no known model family; known: .*compvis-class-ldm"):
         family_for(cfg, "config pixel.yaml")
 
 

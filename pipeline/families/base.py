@@ -101,6 +101,13 @@ class ModelFamily:
         """The scale in effect: 1 for an unconditional family whatever the run's setting."""
         return scale
 
+    def use_grid(self, model: nn.Module, grid: str | None) -> None:
+        """Sample ``model`` on the timestep grid ``grid`` (``--skip_type``; None: the family's default). The CompVis
+        families have one grid, CompVis' uniform one; anything else is refused in one line."""
+        if grid is not None:
+            raise UserFacingError(f"--skip_type {grid.replace('-corrected', ' --corrected_grid')}: the {self.name} "
+                                  f"family samples on the CompVis uniform grid only; drop --skip_type")
+
     def latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         return (model.channels, model.image_size, model.image_size)
 

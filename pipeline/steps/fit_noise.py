@@ -109,10 +109,10 @@ def run(args: argparse.Namespace) -> None:
     smeta = obj["meta"]
     stats = NoiseStatistics.from_state_dict(obj["state"])
     sampling: SamplingConfig = stats.sampling
-    if list(sampling.timesteps) != list(smeta["timesteps"]):
+    if list(sampling.timesteps) != sorted(set(smeta["timesteps"])) or sampling.length != len(smeta["timesteps"]):
         raise ArtifactMismatch(f"{spath}: its statistics and its meta name different timesteps; rerun {STATS_SCRIPT}")
     k = (smeta.get("outlier_k") or 0.0) if args.outlier_k is None else args.outlier_k
-    meta = {**want, "timesteps": list(sampling.timesteps), "quant": smeta["quant"],
+    meta = {**want, "timesteps": list(smeta["timesteps"]), "quant": smeta["quant"],
             "noise_stats": file_fingerprint(spath), "n": smeta["n"], "outlier_k": k or None}
     paths = {"tensor": layout.gaussian(tag, "tensor"), "channel": layout.gaussian(tag, "channel"),
              "ptqd": layout.ptqd(tag)}

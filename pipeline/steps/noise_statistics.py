@@ -17,7 +17,7 @@ from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save
 from pipeline.layout import partial_path
 from pipeline.quantize import finish_partial
 from pipeline.sampler_spec import Method, SamplerSpec
-from pipeline.sampling import NOISE_STATS_KIND, build_variant, check_present, quant_expect
+from pipeline.sampling import NOISE_STATS_KIND, build_variant, check_present, ddim_timesteps, quant_expect
 
 PARTIAL_KIND = "noise_stats_partial"
 SPILL_PATTERN = "t*.f32"
@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> None:
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
     variant = build_variant(UNCORRECTED, family, model, layout, tag, base)
-    sampling = SamplingConfig.make(model.alphas_cumprod, args.steps, args.eta, args.scale)
-    meta["timesteps"] = list(sampling.timesteps)
+    sampling = SamplingConfig.for_model(model, args.steps, args.eta, args.scale)
+    meta["timesteps"] = ddim_timesteps(model, args.steps, args.eta)   # the grid, repeats included
     partial, spill = partial_path(out), layout.noise_stats_spill(tag)
     if args.force:
         partial.unlink(missing_ok=True)

@@ -73,6 +73,17 @@ class DDIMSchedule:
                            float(self.alphas_prev[index]), float(self.sigmas[index]))
 
 
+def model_schedule(model: Any, num_steps: int, eta: float, discretize: str = "uniform") -> DDIMSchedule:
+    """The DDIM schedule a model is sampled with: the model's own ``sampling_schedule(num_steps, eta)`` when it
+    defines one (the pixel DDPM of ``generalized.GeneralizedDDPM``: its timestep grid and ᾱ table, final step to
+    ᾱ = 1), else CompVis' ``DDIMSchedule.make`` over ``model.alphas_cumprod``. Every loop, calibration and statistics
+    run asks here, so a model family with its own discretisation plugs in without touching them."""
+    own = getattr(model, "sampling_schedule", None)
+    if own is not None:
+        return own(num_steps, eta)
+    return DDIMSchedule.make(model.alphas_cumprod, num_steps, eta, discretize)
+
+
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor,
               sigma_t: torch.Tensor, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update, Song et al. (2021) Eq. (12):
@@ -196,7 +207,7 @@ class DDIMSampler:
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.,
                       verbose: bool = True) -> DDIMSchedule:
         """Build the tables, exposed under their CompVis names as well (``ddim_timesteps``, ``ddim_alphas``, ...)."""
-        s = DDIMSchedule.make(self.model.alphas_cumprod, ddim_num_steps, ddim_eta, ddim_discretize)
+        s = model_schedule(self.model, ddim_num_steps, ddim_eta, ddim_discretize)
         if verbose:
             print(f"DDIM schedule: {len(s)} steps at t = {s.timesteps[::-1].tolist()}, eta {ddim_eta}")
         self.ddim_schedule = s

@@ -30,10 +30,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from ldm.models.diffusion.ddim import DDIMSchedule
 
-__all__ = ["SKIP_TYPES", "compute_alphas", "generalized_schedule", "get_beta_schedule", "timestep_sequence"]
+__all__ = ["GRIDS", "SKIP_TYPES", "GeneralizedDDPM", "compute_alphas", "generalized_schedule", "get_beta_schedule",
+           "parse_grid", "timestep_sequence"]
 
 SKIP_TYPES = ("uniform", "quad")
 
@@ -140,3 +142,61 @@ def generalized_schedule(betas: torch.Tensor | np.ndarray | Sequence[float], seq
         raise ValueError("σ_t is not finite: ᾱ_t reaches 1 at a visited timestep (a zero β?)")
     return DDIMSchedule(timesteps=ts, alphas=a_t.double().numpy(), alphas_prev=a_next.double().numpy(),
                         sigmas=sigmas.double().numpy(), eta=float(eta))
+
+
+GRIDS = ("uniform", "quad", "uniform-corrected", "quad-corrected")
+
+
+def parse_grid(grid: str) -> tuple[str, bool]:
+    """A grid name -> (skip_type, corrected): ``quad`` is the original (truncated, repeats run), ``quad-corrected``
+    the explicit fix (``timestep_sequence(corrected=True)``)."""
+    if grid not in GRIDS:
+        raise ValueError(f"timestep grid {grid!r} unknown; use one of {list(GRIDS)}")
+    skip, _, fix = grid.partition("-")
+    return skip, bool(fix)
+
+
+class GeneralizedDDPM(nn.Module):
+    """A pixel-space ε-model with the β schedule and timestep grid it is sampled with: what the DDIM loops, the
+    calibration and the noise statistics need of a model, for the ermongroup ``Model`` (which has no schedule of its
+    own; the original keeps β in its runner).
+
+    ``sampling_schedule(num_steps, eta)`` is ``generalized_schedule`` over ``timestep_sequence(grid)``; ``model(x,
+    t)`` is ε. ``alphas_cumprod`` (ᾱ_t for t = 0 … T−1, the original's float32 cumulative product) and the other
+    CompVis attributes (``num_timesteps``, ``channels``, ``image_size``, ``apply_model``) let the CompVis-shaped code
+    around the loops use it unchanged. ``grid`` is a name of ``GRIDS``; set it before sampling.
+    """
+
+    parameterization = "eps"
+
+    def __init__(self, unet: nn.Module, betas: np.ndarray, channels: int, image_size: int, grid: str = "uniform"):
+        super().__init__()
+        self.model = unet
+        b = torch.as_tensor(np.asarray(betas, dtype=np.float64)).float()   # the original's .float()
+        self.register_buffer("betas", b, persistent=False)
+        table = compute_alphas(b, torch.arange(-1, len(b)))                 # [T + 1]: t = −1 … T − 1
+        self.register_buffer("alphas_cumprod", table[1:].clone(), persistent=False)
+        self.register_buffer("alphas_cumprod_prev", table[:-1].clone(), persistent=False)
+        self.num_timesteps = len(b)
+        self.channels, self.image_size = int(channels), int(image_size)
+        self.grid = grid
+
+    @property
+    def grid(self) -> str:
+        return self._grid
+
+    @grid.setter
+    def grid(self, name: str) -> None:
+        parse_grid(name)
+        self._grid = name
+
+    def sampling_schedule(self, num_steps: int, eta: float) -> DDIMSchedule:
+        skip, corrected = parse_grid(self.grid)
+        seq = timestep_sequence(skip, num_steps, self.num_timesteps, corrected=corrected)
+        return generalized_schedule(self.betas.cpu(), seq, eta)
+
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.model(x, t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)

@@ -90,3 +90,21 @@ def load_unet_state(model: nn.Module, path: str | os.PathLike, trust: bool = Fal
     load_state_dict_checked(model, sd, strict=True, source=str(path), config="this config's model (pass the config "
                                                                               "the checkpoint was trained with)")
     return model
+
+
+def main(argv=None) -> None:
+    """``python -m ldm.modules.diffusionmodules.ddim_checkpoint ema_cifar10 [--root DIR] [--url URL]``: fetch (or
+    verify) a released checkpoint where the pipeline's ``released:NAME`` looks for it."""
+    import argparse
+
+    from ldm.util import run_cli
+    p = argparse.ArgumentParser(description="fetch or verify a released pixel-DDPM checkpoint")
+    p.add_argument("name", choices=sorted(RELEASED))
+    p.add_argument("--root", default=None, help=f"cache root (default {cache_root()})")
+    p.add_argument("--url", default=None, help="a mirror or a local file:// copy instead of the published URL")
+    args = p.parse_args(argv)
+    run_cli(lambda: print(f"{fetch_released(args.name, args.root, args.url)}: MD5 OK"))
+
+
+if __name__ == "__main__":
+    main()

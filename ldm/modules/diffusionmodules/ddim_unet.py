@@ -213,7 +213,10 @@ class Model(nn.Module):
             raise ValueError(f"t must be a scalar or a [B] = [{batch}] tensor, got shape {tuple(t.shape)}")
         return t
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: None = None) -> torch.Tensor:
+        # ``context`` only so that code written for the LDM UNet's (x, t, context) call can call this one
+        if context is not None:
+            raise ValueError("this DDPM is unconditional: it takes no context")
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] != x.shape[3] or x.shape[2] != self.resolution:
             raise ValueError(f"x must be [B, {self.in_channels}, {self.resolution}, {self.resolution}], "
                              f"got {tuple(x.shape)}")

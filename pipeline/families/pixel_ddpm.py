@@ -1,0 +1,86 @@
+"""The pixel-space DDPM of Ho et al. (2020) sampled with DDIM as ermongroup/ddim samples it (Song et al. 2021): QNCD's
+CIFAR-10 experiment (released EMA checkpoint, 100 steps on the quad grid, η 0) and the embedded Fashion pixel
+default. Unconditional, no first stage: the sample is the image.
+
+The config is the ermongroup yml (``configs/cifar10.yml``: ``data`` / ``model`` / ``diffusion`` sections, no
+``target``); the checkpoint a plain ``state_dict`` of the ``Model`` keys (the released file's format), loaded
+strictly and weights-only. ``load`` returns a ``generalized.GeneralizedDDPM``: the UNet with its β schedule and the
+timestep grid (``--skip_type``), whose ``sampling_schedule`` every loop, calibration and statistics run uses.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ldm.models.diffusion.ddim import ModelFn
+from ldm.models.diffusion.generalized import GeneralizedDDPM, get_beta_schedule, parse_grid
+from ldm.modules.diffusionmodules.ddim_checkpoint import RELEASED, load_unet_state, verify_md5
+from ldm.modules.diffusionmodules.ddim_unet import Model, UNetSpec
+from ldm.util import ConfigError
+from pipeline.families.base import ModelFamily
+
+
+def _section(config: Any, name: str) -> Any:
+    return config.get(name) if hasattr(config, "get") else None
+
+
+class PixelDDPM(ModelFamily):
+    name = "pixel-ddpm"
+    description = "pixel-space DDPM (ermongroup/ddim Model; QNCD CIFAR-10), unconditional, DDIM on uniform/quad grids"
+
+    def matches(self, config: Any) -> bool:
+        model, diffusion = _section(config, "model"), _section(config, "diffusion")
+        return hasattr(model, "get") and hasattr(diffusion, "get") and model.get("target") is None \
+            and "beta_schedule" in diffusion
+
+    def check_config(self, config: Any, config_name: str) -> None:
+        try:
+            UNetSpec.from_config(config)
+            self._betas(config)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{config_name}: {e}") from None
+
+    @staticmethod
+    def _betas(config: Any):
+        d = config["diffusion"]
+        return get_beta_schedule(str(d["beta_schedule"]), float(d["beta_start"]), float(d["beta_end"]),
+                                 int(d["num_diffusion_timesteps"]))
+
+    def load(self, config: Any, ckpt: str | os.PathLike | None, *, device: torch.device, trust: bool = False,
+             config_name: str = "config") -> nn.Module:
+        if ckpt is None:
+            raise ConfigError(f"{config_name}: the pixel DDPM needs a checkpoint (--ckpt)")
+        for name, (_, _, rel) in RELEASED.items():   # a released file is MD5-checked before it is used
+            if str(ckpt).replace(os.sep, "/").endswith(rel):
+                verify_md5(ckpt, name)
+        unet = load_unet_state(Model(config), ckpt, trust=trust)
+        spec = unet.spec
+        model = GeneralizedDDPM(unet, self._betas(config), channels=spec.in_channels, image_size=spec.resolution)
+        return model.eval().to(device)
+
+    def unet(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def unet_model_fn(self, model: nn.Module, unet: nn.Module) -> ModelFn:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+            return unet(x, t)   # unconditional: cond is always None
+        return model_fn
+
+    def guidance_scale(self, scale: float) -> float:
+        return 1.0
+
+    def use_grid(self, model: nn.Module, grid: str | None) -> None:
+        if grid is not None:
+            parse_grid(grid)
+            model.grid = grid
+
+    def decode(self, model: nn.Module, z: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """The sample is the image ([-1, 1], ``data.rescaled``); a grayscale model's channel is repeated to RGB."""
+        x = z.clamp(-1, 1)
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+FAMILIES = (PixelDDPM(),)
