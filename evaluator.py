@@ -97,6 +97,8 @@ def class_accuracy(softmax: np.ndarray, sample_path: Path) -> tuple[float | None
     if labels.shape[0] != softmax.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         return None, (f"arr_1 of {sample_path} holds {labels.shape[0]} {labels.dtype} values for "
                       f"{softmax.shape[0]} samples, not one integer label each: no classifier accuracy")
+    if (labels < 0).all():   # step 7 labels the samples of an unconditional model -1: nothing to agree with
+        return None, None
     return float(np.mean(np.argmax(softmax, axis=1) == labels)), None
 
 

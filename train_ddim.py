@@ -14,7 +14,6 @@ checkpoint's format (``--out``, default ``models/ddim/<config name>/model.ckpt``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time

@@ -31,9 +31,7 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
-import runpy
 import shutil
 import subprocess
 import sys
@@ -43,9 +41,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stage_probe import GiB, run_stage  # noqa: E402
 
 CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
-GiB = 2 ** 30
 # the paper's counts (D²-DPM on cin256-v2) and the preset's batch
 PAPER = {"trajectories": 1000, "calibration": 1024, "holdout": 128, "weight_iters": 10_000, "weight_batch": 8,
          "act_iters": 5_000, "act_batch": 16, "act_init": 32, "stats": 1024, "eval": 50_000, "batch": 16}
@@ -53,36 +53,6 @@ GOALS = {"calibration_hours": 4.0, "memory_gib": 24.0, "sampling_ratio": 1.3}
 
 
 # ---- one stage in its own process -----------------------------------------------------------------------------------
-
-def probe_main(record: Path, script: str, argv: list[str]) -> int:
-    """Run ``script`` as __main__ with ``argv``; write wall time, model-load time and peak memory to ``record``."""
-    import torch
-
-    from pipeline import cli
-    load_s = []
-    real_load = cli.load_model
-
-    def timed_load(*a, **k):  # the one model load of every step: timed so projections can leave it out
-        t0 = time.perf_counter()
-        out = real_load(*a, **k)
-        load_s.append(time.perf_counter() - t0)
-        return out
-
-    cli.load_model = timed_load
-    sys.argv = [script, *argv]
-    t0, code = time.perf_counter(), 0
-    try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    wall = time.perf_counter() - t0
-    gpu = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized()
-           else None)
-    record.write_text(json.dumps({"wall_s": wall, "load_s": sum(load_s), "exit": code,
-                                  "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                                  "peak_gpu_bytes": gpu}))
-    return code
-
 
 def current_rss() -> int:
     """Resident bytes now (Linux /proc)."""
@@ -148,25 +118,6 @@ def forward_probe(args, work: Path, log) -> dict:
                      "seconds_per_sample": rows[1]["seconds"] / rows[1]["batch"]}
     out["layer_input_bytes_per_sample"] = out["unet"]["rows"][1]["layer_input_bytes"] / 4
     return out
-
-
-def run_stage(name: str, script: str, argv: list[str], work: Path, log) -> dict:
-    record = work / "records" / (re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + ".json")
-    record.parent.mkdir(parents=True, exist_ok=True)
-    if record.is_file():  # a finished stage of an earlier run in this --workdir (--fresh to redo everything)
-        print(f"\n=== {name}: measured earlier ({record})", flush=True)
-        return json.loads(record.read_text())
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", str(record), "--", script, *argv]
-    print(f"\n=== {name}: python {script} {' '.join(argv)}", flush=True)
-    log.write(f"\n=== {name}: {' '.join(cmd)}\n")
-    log.flush()
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not record.is_file():
-        raise SystemExit(f"error: stage {name} failed (exit {proc.returncode}); see {log.name}")
-    rec = json.loads(record.read_text())
-    print(f"    {rec['wall_s']:.1f} s (model load {rec['load_s']:.1f} s), peak host "
-          f"{rec['peak_host_bytes'] / GiB:.2f} GiB", flush=True)
-    return rec
 
 
 # ---- the rehearsal --------------------------------------------------------------------------------------------------
@@ -355,7 +306,6 @@ def main(argv=None) -> int:
                     help="override the preset's reconstruction cache dtype")
     ap.add_argument("--seed", type=int, default=0, help="the random weights")
     ap.add_argument("--json", default=None, help="also write every record and projection here")
-    ap.add_argument("--_probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--fresh", action="store_true", help="with --workdir: measure every stage again (default: "
                                                           "stages with a record there are reused)")
     ap.add_argument("--_forward_probe", default=None, help=argparse.SUPPRESS)
@@ -363,9 +313,6 @@ def main(argv=None) -> int:
     ap.add_argument("--probe_batch", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args._probe:
-        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
-        return probe_main(Path(args._probe), rest[0], rest[1:])
     if args._forward_probe:
         return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch)
     if args.samples > args.classes:

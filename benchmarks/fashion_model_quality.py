@@ -1,7 +1,13 @@
-"""Quality of the embedded default, measured: classifier accuracy, conditional accuracy and FID of FP32 samples.
+"""Quality of the embedded defaults, measured: classifier accuracy, conditional accuracy and FID of FP32 samples.
 
     python benchmarks/fashion_model_quality.py                      # 5,000 samples (accuracy on all of them)
     python benchmarks/fashion_model_quality.py --n 1000 --json out.json
+    python benchmarks/fashion_model_quality.py --model pixel        # the pixel DDPM (unconditional, 50 quad steps)
+
+``--model pixel`` measures the unconditional pixel default (models/ddim/fashion-ddim) instead. With no conditioning
+class to agree with, its independent check is what the classifier makes of the samples, next to the same numbers
+for real held-out images: the share it classifies with confidence ≥ 0.9 (recognisable garments), the class
+histogram (mode coverage: the smallest and largest class share), and the Inception-style score of its logits.
 
 Measures, with the committed classifier as the feature network (pool features for FID, spatial for sFID):
 1. classifier accuracy on the 10,000 Fashion-MNIST test images;
@@ -26,6 +32,7 @@ import torch  # noqa: E402
 from evaluation.fashion_classifier import compute_features, load_fashion_classifier  # noqa: E402
 from evaluation.fashion_reference import DEFAULT_OUT, fashion_uint8  # noqa: E402
 from evaluation.images import to_uint8  # noqa: E402
+from evaluation.metrics import inception_score  # noqa: E402
 from evaluation.statistics import FIDStatistics  # noqa: E402
 from ldm.data.fashion import HELDOUT, load_fashion_mnist  # noqa: E402
 from ldm.sample import decode_latents, sample_latents  # noqa: E402
@@ -33,6 +40,7 @@ from ldm.util import load_config, load_model_from_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
+PIXEL_DIR = REPO / "models" / "ddim" / "fashion-ddim"
 
 
 def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
@@ -45,10 +53,12 @@ def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="ldm", choices=("ldm", "pixel"),
+                   help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM")
     p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: ldm 20, pixel 50 on the quad grid)")
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--scale", type=float, default=3.0)
+    p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +85,13 @@ def main(argv=None) -> None:
     print(f"held-out real ({HELDOUT} training images) vs test: FID {result['heldout_real_fid']:.3f}, "
           f"sFID {result['heldout_real_sfid']:.3f}")
 
+    result["heldout_real_classifier"] = classifier_view(held["logits"])
+    if args.model == "pixel":
+        pixel_quality(args, classifier, ref, device, result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
+    args.steps = args.steps or 20
     model = load_model_from_config(load_config(MODEL_DIR / "config.yaml"), MODEL_DIR / "model.ckpt", device=device)
     labels = np.repeat(np.arange(10), args.n // 10)
     t0 = time.time()
@@ -92,6 +109,42 @@ def main(argv=None) -> None:
           f"sFID {result['sample_sfid']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+def classifier_view(logits: np.ndarray) -> dict:
+    """What the classifier makes of a set of images: confident share, class histogram, Inception-style score."""
+    prob = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), 1).numpy()
+    share = np.bincount(prob.argmax(1), minlength=prob.shape[1]) / len(prob)
+    return {"confident_share": float((prob.max(1) >= 0.9).mean()), "class_share_min": float(share.min()),
+            "class_share_max": float(share.max()), "class_share": share.round(4).tolist(),
+            "inception_score": float(inception_score(prob))}
+
+
+def pixel_quality(args, classifier, ref, device, result: dict) -> None:
+    from pipeline.families import family_for
+    from pipeline.generate import sample_images
+    from pipeline.settings import SamplingSettings
+    config = load_config(PIXEL_DIR / "config.yml")
+    family = family_for(config)
+    model = family.load(config, PIXEL_DIR / "model.ckpt", device=device)
+    family.use_grid(model, "quad")
+    settings = SamplingSettings(args.steps or 50, args.eta, 1.0, "quad")
+    t0 = time.time()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    images = to_uint8(sample_images(family, model, None, settings=settings, n=args.n, batch_size=args.batch_size,
+                                    generator=gen))
+    result["sampling_seconds"] = time.time() - t0
+    feats = compute_features(classifier, images, device=device)
+    result["sample_fid"], result["sample_sfid"] = fid_pair(feats, ref)
+    result["sample_classifier"] = view = classifier_view(feats["logits"])
+    real = result["heldout_real_classifier"]
+    print(f"{args.n} FP32 samples ({settings.steps} DDIM steps on the quad grid, eta {args.eta}, seed {args.seed}; "
+          f"{result['sampling_seconds']:.0f} s on {device}): FID {result['sample_fid']:.3f}, sFID "
+          f"{result['sample_sfid']:.3f}")
+    for key, what in (("confident_share", "classified with confidence >= 0.9"),
+                      ("class_share_min", "smallest class share"), ("class_share_max", "largest class share"),
+                      ("inception_score", "Inception-style score (classifier logits)")):
+        print(f"  {what}: samples {view[key]:.3f}, held-out real {real[key]:.3f}")
 
 
 if __name__ == "__main__":

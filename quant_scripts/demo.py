@@ -8,6 +8,8 @@
     python quant_scripts/demo.py --smooth     # the same with QNCD smoothing at quantization (outputs-smooth/)
     python quant_scripts/demo.py --hard       # the bit-width sweep W8A8 … W4A4, W3A8 x every method (fashion/bits/)
     python quant_scripts/demo.py --long --eta 1   # the paper's 250-step, scale-1.5 protocol at W4A8 (η 0 or 1)
+    python quant_scripts/demo.py --preset fashion-ddim --n_eval 500   # the pixel default: FP32, W8A8, W4A8 x
+                                                  # {uncorrected, PTQD, D-D², QNCD probe} (outputs/fashion-ddim/)
 
 A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
 artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
@@ -78,6 +80,14 @@ QNCD_VARIANTS = (
     Variant("W4A6", "QNCD probe + D-D² (channel)", "qncd+dd2-channel", W4A6),
 )
 
+
+# --preset fashion-ddim (the pixel default, unconditional): W8A8 and W4A8, each uncorrected, with PTQD, D-D² and the
+# QNCD probe (QNCD's CIFAR-10 experiment in miniature); its report goes to <outdir>/fashion-ddim/
+PIXEL_PRESETS = ("fashion-ddim",)
+PIXEL_METHODS = (("uncorrected", "none"), ("PTQD", "ptqd"), ("D-D² (channel)", "dd2-channel"),
+                 ("QNCD probe", "qncd"))
+PIXEL_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
+    Variant(tag.title(), method, sampler, tag) for tag in (W8A8, W4A8) for method, sampler in PIXEL_METHODS)
 
 W4A4, W3A8 = QuantTag(4, 4), QuantTag(3, 8)
 # the methods every setting of the bit-width sweep runs (--hard), and the settings in report order
@@ -169,6 +179,8 @@ def variants(args) -> tuple[Variant, ...]:
     """The report's rows: each (model, sampler) once, FP32 first, then the settings in SETTING_ORDER."""
     if args.mode == "long":
         return LONG_VARIANTS
+    if args.preset in PIXEL_PRESETS:
+        return PIXEL_VARIANTS
     chosen = (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
               + (sm_variants(args.sm_abit) if args.sm_abit else ()))
     unique = list({(v.tag, v.sampler): v for v in reversed(chosen)}.values())[::-1]  # the first of each kept
@@ -270,7 +282,8 @@ def model_sizes(args, layout: RunLayout):
     model = family.load(config, REPO_ROOT / preset["ckpt"], device=torch.device("cpu"))
     unet = family.unet(model)  # the presets (fashion, cin256-v2) have use_ema false: these are the weights quantized
     expect = {"model": preset["config"], "ckpt": file_fingerprint(REPO_ROOT / preset["ckpt"]),
-              "steps": layout.steps, "eta": layout.eta, "scale": layout.scale}
+              "steps": layout.steps, "eta": layout.eta, "scale": layout.scale,
+              **({"grid": layout.grid} if layout.grid else {})}
     export = layout.run_dir / "export"
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
@@ -294,6 +307,10 @@ def readme_tag(args) -> str | None:
         return None
     if args.mode == "long":
         return f"demo-long-eta{args.eta:g}-results"
+    if args.preset in PIXEL_PRESETS:
+        return "demo-pixel-results" if not (args.qncd or args.smooth or args.hard) else None
+    if args.preset != PRESET:
+        return None
     if args.hard:
         return "demo-bits-results"
     return {(False, False): "demo-results", (True, True): "demo-qncd-results"}.get((args.qncd, args.smooth))
@@ -326,7 +343,9 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[S
         found = sorted(run.glob(pattern))
         if found:
             images[caption] = os.path.relpath(found[-1], where)
-    context = {"title": f"D²-DPM / PTQD on the embedded default ({args.preset}), mode {args.mode}"
+    what = "PTQD / D²-DPM / QNCD on the embedded pixel default" if args.preset in PIXEL_PRESETS else \
+        "D²-DPM / PTQD on the embedded default"
+    context = {"title": f"{what} ({args.preset}), mode {args.mode}"
                         + (", bit-width sweep" if args.hard else "") + (", QNCD smoothing" if args.smooth else ""),
                "n": m["n_eval"], "seeds": list(args.seeds), "steps": layout.steps, "eta": layout.eta,
                "scale": layout.scale, "reference": REFERENCE,
@@ -395,7 +414,8 @@ def sqnr_rows(args, layout: RunLayout) -> dict[str, dict]:
 
 def _unsmoothed(layout: RunLayout, m: dict) -> RunLayout:
     """The same mode's run without smoothing (``outputs/…`` for ``outputs-smooth/…``), for side-by-side numbers."""
-    return RunLayout(Path(m["outdir"].removesuffix("-smooth")), layout.preset, layout.steps, layout.eta, layout.scale)
+    return RunLayout(Path(m["outdir"].removesuffix("-smooth")), layout.preset, layout.steps, layout.eta, layout.scale,
+                     layout.grid)
 
 
 def smoothing_sections(args, layout: RunLayout, m: dict, unet, rows: list, sqnr: dict) -> tuple[dict, dict]:
@@ -459,6 +479,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     p.add_argument("--outdir", default=None, help="artifact root (default: outputs, outputs/quick, outputs/paper)")
+    p.add_argument("--n_eval", type=int, default=None, help="evaluation samples per variant and seed (default: the "
+                                                             "mode's)")
     return p.parse_args(argv)
 
 
@@ -473,10 +495,12 @@ def main(argv=None) -> None:
     if args.smooth:
         m["outdir"] = m["outdir"].rstrip("/") + "-smooth"
     args.seeds = list(args.seeds or m["seeds"])
+    if args.n_eval is not None:
+        m["n_eval"] = args.n_eval
     preset = load_preset(args.preset)
     steps, eta, scale = ((LONG_PROTOCOL["steps"], args.eta, LONG_PROTOCOL["scale"]) if args.long
                          else (preset["steps"], preset["eta"], preset["scale"]))
-    layout = RunLayout(Path(m["outdir"]), args.preset, steps, float(eta), float(scale))
+    layout = RunLayout(Path(m["outdir"]), args.preset, steps, float(eta), float(scale), preset.get("skip_type"))
     root = layout.run_dir.parent
     fresh = layout.run_dir if args.long else root  # (the 250-step runs share the root with the default's)
     if args.fresh and fresh.exists():
