@@ -114,6 +114,7 @@ class QNCDProbe:
         """Forget μ_q: the start of a trajectory (also automatic at step i = 0)."""
         self.mu: torch.Tensor | None = None
         self.estimates: list[tuple[int, int, torch.Tensor]] = []
+        self._deferred = False   # a probe due on a step that does not advance waits for the next one
 
     # -- schedule -----------------------------------------------------------------------------------------------
 
@@ -140,7 +141,14 @@ class QNCDProbe:
         sigma_sched = sigma
         if self.base is not None:
             eps, sigma = self.base(eps, sigma, step, x)
-        if self.is_probe(step.i):
+        due = self.is_probe(step.i) or self._deferred
+        if due and step.alpha_prev == step.alpha:
+            # a step from t to t (a repeated timestep of the original pixel-DDIM quad grid) leaves x unchanged, and
+            # re-noising across it adds no noise: ε̂(x̂_t) − z would not measure the bias. The probe moves to the
+            # next step that advances.
+            self._deferred = True
+        elif due:
+            self._deferred = False
             # μ_q is re-estimated from this step's own uncorrected update (the code zeroes it first)
             self.mu = self.estimate(eps, sigma, step, x, sigma_sched)
             self.estimates.append((step.i, step.t, self.mu.detach().cpu()))

@@ -192,3 +192,20 @@ def test_family_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         family_for(cfg, "bad.yml")
     assert isinstance(GeneralizedDDPM, type)
+
+
+def test_a_probe_due_on_a_repeated_timestep_moves_to_the_next_real_step(family_model):
+    """100 quad steps repeat t = 0 three times at i = 96-98; R = 10 puts a probe at i = 96, where re-noising from t
+    to t adds no noise. It must move to i = 99 (t = 0 -> ᾱ = 1), not measure ε̂ − z on an un-noised x."""
+    from correction.qncd import QNCDProbe
+    family, model = family_model
+    family.use_grid(model, "quad")
+    schedule = model_schedule(model, 100, 0.0)
+    fp = family.model_fn(model)
+    probe = QNCDProbe(interval=10)
+    eps_fn = lambda x, t, step: fp(x, t, None) + 0.05  # noqa: E731  (a known bias of 0.05)
+    sample_ddim(eps_fn, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), schedule,
+                correction=probe)
+    probed = [i for i, _, _ in probe.estimates]
+    assert 96 not in probed and 99 in probed and probed[-2] == 86
+    assert all(abs(float(mu) - 0.05) < 0.05 for _, _, mu in probe.estimates[-3:])
