@@ -2,7 +2,7 @@
 
     python benchmarks/fashion_model_quality.py                      # 5,000 samples (accuracy on all of them)
     python benchmarks/fashion_model_quality.py --n 1000 --json out.json
-    python benchmarks/fashion_model_quality.py --model pixel        # the pixel DDPM (unconditional, 50 quad steps)
+    python benchmarks/fashion_model_quality.py --model pixel        # the pixel DDPM (unconditional, 20 quad steps)
 
 ``--model pixel`` measures the unconditional pixel default (models/ddim/fashion-ddim) instead. With no conditioning
 class to agree with, its independent check is what the classifier makes of the samples, next to the same numbers
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="ldm", choices=("ldm", "pixel"),
                    help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM")
     p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: ldm 20, pixel 50 on the quad grid)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; pixel: on the quad grid, as its preset)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm only)")
     p.add_argument("--seed", type=int, default=0)
@@ -128,7 +128,7 @@ def pixel_quality(args, classifier, ref, device, result: dict) -> None:
     family = family_for(config)
     model = family.load(config, PIXEL_DIR / "model.ckpt", device=device)
     family.use_grid(model, "quad")
-    settings = SamplingSettings(args.steps or 50, args.eta, 1.0, "quad")
+    settings = SamplingSettings(args.steps or 20, args.eta, 1.0, "quad")
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     images = to_uint8(sample_images(family, model, None, settings=settings, n=args.n, batch_size=args.batch_size,

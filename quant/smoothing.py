@@ -8,6 +8,9 @@ In a ResBlock the time embedding is added to the features right before ``out_lay
     a = SiLU(GN(h))                         the input of the second conv (out_layers[3]); per-tensor activation
     out = conv(Dropout(a); W)               quantization of ``a`` suffers from the channels the embedding inflates
 
+The pixel DDPM's ``ResnetBlock`` (QNCD's CIFAR-10 model) has the same structure under other names: e =
+temb_proj(swish(temb)), then norm2, swish, dropout, conv2; ``block_norm`` / ``block_conv`` name the parts of either.
+
 QNCD divides ``a`` by a per-channel factor S and multiplies it into the conv's input channels (SmoothQuant-style):
 conv(a / S; W · S) = conv(a; W). The activation quantizer then sees a / S, the weight quantizer W · S.
 

@@ -230,11 +230,14 @@ def build_stages(args, layout: RunLayout, m: dict) -> list[Stage]:
         Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
               common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [layout.grids(W4A8)],
               skip_if_exists=True, pattern="compare_*.png")] if args.mode != "long" else []
+    traj = m["traj"]
+    if traj is not None and args.preset in PIXEL_PRESETS:   # (the modes count trajectories per class; unconditional:
+        traj = -(-5 * (m["n_cal"] + m["n_holdout"]) // (4 * layout.steps))   # enough for the inputs, with a margin)
     stages = [
         *grids[:1],
         Stage("calibration set", "collect_imagenet_calibration_set",
               common + _opt("--n", m["n_cal"]) + _opt("--n_holdout", m["n_holdout"])
-              + _opt("--calibration_trajectories_per_class", m["traj"]), [layout.calibration]),
+              + _opt("--calibration_trajectories_per_class", traj), [layout.calibration]),
         *quant_stages(args, layout, m, common),
         *grids[1:],
     ]
