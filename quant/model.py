@@ -66,6 +66,9 @@ class QuantModel(nn.Module):
                     layers[name].set_split_(split)
         self.sm_abit, self.split_shortcut = sm_abit, split_shortcut
         self._state = {"weight": False, "act": False}
+        # the wrapper takes the UNet's mode: a new Module is in training mode, and whoever restores "the model's
+        # mode" later (reconstruct_) would otherwise switch an eval UNet's dropout on
+        self.training = self.model.training
 
     def quant_layers(self) -> Iterable[tuple[str, QuantLayer]]:
         return ((n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLayer))
