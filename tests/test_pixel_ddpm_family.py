@@ -183,6 +183,15 @@ def test_bad_inputs_are_one_line(fx, tmp_path):
     assert "missing" in r.stderr and "down.0.block.1" in r.stderr
     r = run_script("quant_scripts/sample_diffusion_ddim.py", "--timesteps", "10", "-l", str(tmp_path))
     assert r.returncode == 2 and "say which model" in r.stderr and r.stderr.count("\n") == 1
+    # --use_pretrained with a corrupt file where the original keeps the download: the MD5 names it
+    bad = tmp_path / "cache" / "diffusion_models_converted" / "ema_diffusion_cifar10_model" / "model-790000.ckpt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not the checkpoint")
+    r = subprocess.run([sys.executable, "quant_scripts/sample_diffusion_ddim.py", "--config", "configs/cifar10.yml",
+                        "--use_pretrained", "-l", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                       env={"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "MD5" in r.stderr and "corrupt or partial" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
 
 
 def test_family_config_errors(tmp_path):
