@@ -127,12 +127,16 @@ def write_report(outdir: str | os.PathLike, rows: Sequence[Row], context: dict[s
     outdir = Path(outdir)
     figures = figures or {}
     c = context
+    unconditional = c.get("unconditional", False)
+    kind = "unconditional" if unconditional else "class-balanced"
+    grid = f" on the {c['grid']} grid" if c.get("grid") else ""
+    acc = ("" if unconditional else "; Acc. is the fraction of samples the classifier assigns to the class they were "
+                                    "drawn for")
     md = [f"# {c['title']}", "",
-          f"Conditions: {c['n']} samples per variant and seed (class-balanced), seeds {c['seeds']}, DDIM "
-          f"{c['steps']} steps, η {c['eta']}, guidance scale {c['scale']}; reference: {c['reference']}; feature "
-          f"network: {c['features']}; machine: {c['machine']}. Values are mean ± half the range over the seeds. "
-          f"IS on {c['n']} samples is one split (not comparable with 50k-sample numbers); Acc. is the fraction of "
-          f"samples the classifier assigns to the class they were drawn for.", "",
+          f"Conditions: {c['n']} samples per variant and seed ({kind}), seeds {c['seeds']}, DDIM "
+          f"{c['steps']} steps{grid}, η {c['eta']}, guidance scale {c['scale']}; reference: {c['reference']}; "
+          f"feature network: {c['features']}; machine: {c['machine']}. Values are mean ± half the range over the "
+          f"seeds. IS on {c['n']} samples is one split (not comparable with 50k-sample numbers){acc}.", "",
           "## Sample quality", ""]
     md += metrics_table(rows)
     md += ["", "## Quantized UNet: ε SQNR on held-out calibration inputs", "",

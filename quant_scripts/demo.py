@@ -351,7 +351,8 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[S
     context = {"title": f"{what} ({args.preset}), mode {args.mode}"
                         + (", bit-width sweep" if args.hard else "") + (", QNCD smoothing" if args.smooth else ""),
                "n": m["n_eval"], "seeds": list(args.seeds), "steps": layout.steps, "eta": layout.eta,
-               "scale": layout.scale, "reference": REFERENCE,
+               "scale": layout.scale, "reference": REFERENCE, "grid": layout.grid,
+               "unconditional": args.preset in PIXEL_PRESETS,
                "features": rows[0].records[args.seeds[0]].get("feature_network"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}"}
