@@ -79,7 +79,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/fashion-ddim.yml")
     p.add_argument("--logdir", default="logs", help="training state: LOGDIR/<config name>/last.pt")
-    p.add_argument("--out", default=None, help="exported EMA state_dict (default models/ddim/<config name>/model.ckpt)")
+    p.add_argument("--out", default=None,
+                   help="exported EMA state_dict (default models/ddim/<config name>/model.ckpt)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing last.pt and start over")
     p.add_argument("--n_iters", type=int, default=None, help="override training.n_iters")
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this long (state saved; rerun resumes)")
@@ -131,7 +132,8 @@ def main(argv=None) -> None:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         loss = loss_fn(model, x0, t, noise, alphas_cumprod)
         if not math.isfinite(loss.item()):
-            raise UserFacingError(f"the loss became {loss.item()} at step {step}; lower optim.lr and rerun with --fresh")
+            raise UserFacingError(f"the loss became {loss.item()} at step {step}; lower optim.lr and rerun with "
+                                  f"--fresh")
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(opt_cfg["grad_clip"]))

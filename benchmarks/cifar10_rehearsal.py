@@ -124,7 +124,8 @@ def project(args, work: Path, recs: dict) -> list[dict]:
             used_batch = min(want_batch, used_rows)
             cap, opt = sum(u["capture_s"] for u in units), sum(u["optimise_s"] for u in units)
             rest = rec["wall_s"] - cap - opt
-            seconds = rest + cap * counts["calibration"] / used_rows + opt * want_iters / iters * want_batch / used_batch
+            seconds = (rest + cap * counts["calibration"] / used_rows
+                       + opt * want_iters / iters * want_batch / used_batch)
             peak += max(u["cache_bytes"] for u in units) * (counts["calibration"] / used_rows - 1)
             rule = (f"{len(units)} units; caches x{counts['calibration'] / used_rows:g}, iterations "
                     f"x{want_iters / iters:g}" + (f" (batch {used_batch} -> {want_batch})" if used_batch < want_batch

@@ -56,7 +56,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="ldm", choices=("ldm", "pixel"),
                    help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM")
     p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20; pixel: on the quad grid, as its preset)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default 20; pixel: on the quad grid, as its preset)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm only)")
     p.add_argument("--seed", type=int, default=0)

@@ -13,17 +13,17 @@ onto the pipeline (quant_scripts/ steps 1-7, run in this process; each step skip
 holds, so a rerun resumes):
 
 * ``--ptq``: step 1 (calibration inputs along FP trajectories: ``--cali_n`` of them from ``--cali_trajectories``
-  random x_T), step 2 (W``--weight_bit``, BRECQ/AdaRound, ``--cali_iters``), step 3 (A``--act_bit``, ``--cali_iters_a``);
-  the activations are quantized with ``--ptq`` whenever ``--act_bit`` is set (default 8: the README's command is
-  "8/8-bit" without ``--quant_act``, which is accepted for compatibility). ``--quant_mode qncd`` adds QNCD's
-  embedding-derived smoothing and running statistics; ``--split`` is Q-Diffusion's shortcut splitting.
+  random x_T), step 2 (W``--weight_bit``, BRECQ/AdaRound, ``--cali_iters``), step 3 (A``--act_bit``,
+  ``--cali_iters_a``); the activations are quantized with ``--ptq`` whenever ``--act_bit`` is set (default 8: the
+  README's command is "8/8-bit" without ``--quant_act``, which is accepted for compatibility). ``--quant_mode qncd``
+  adds QNCD's embedding-derived smoothing and running statistics; ``--split`` is Q-Diffusion's shortcut splitting.
 * ``--cali_ckpt FILE``: a quantized model made earlier (``quant_w{b}a{b}.pt`` of steps 2-3) instead of steps 1-3; its
   metadata must name this model, grid and settings.
-* ``--sample_reverse [R]``: QNCD's runtime noise estimation, a probe every R steps (``--sample_reverse`` alone: R = 10).
+* ``--sample_reverse [R]``: QNCD's runtime noise estimation, a probe every R steps (alone: R = 10).
 * Sampling: ``--timesteps`` DDIM steps on the ``--skip_type`` grid (``quad``: the original's truncated grid, repeats
-  and all; ``--corrected_grid`` for the fixed one), ``--eta``; ``--max_images`` samples (default: the preset's, 50,000
-  for CIFAR-10) from ``--seed``, sharded and resumable, into ``<-l>/<preset>/scale1_eta{η}_steps{T}_<grid>/…/samples.npz``
-  (uint8, evaluator.py's input). Score them with ``python evaluator.py REF.npz samples.npz``.
+  and all; ``--corrected_grid`` for the fixed one), ``--eta``; ``--max_images`` samples (default: the preset's,
+  50,000 for CIFAR-10) from ``--seed``, sharded and resumable, into
+  ``<-l>/<preset>/scale1_eta{η}_steps{T}_<grid>/…/samples.npz`` (uint8, evaluator.py's input). Score them with ``python evaluator.py REF.npz samples.npz``.
 """
 from __future__ import annotations
 
