@@ -23,7 +23,8 @@ holds, so a rerun resumes):
 * Sampling: ``--timesteps`` DDIM steps on the ``--skip_type`` grid (``quad``: the original's truncated grid, repeats
   and all; ``--corrected_grid`` for the fixed one), ``--eta``; ``--max_images`` samples (default: the preset's,
   50,000 for CIFAR-10) from ``--seed``, sharded and resumable, into
-  ``<-l>/<preset>/scale1_eta{η}_steps{T}_<grid>/…/samples.npz`` (uint8, evaluator.py's input). Score them with ``python evaluator.py REF.npz samples.npz``.
+  ``<-l>/<preset>/scale1_eta{η}_steps{T}_<grid>/…/samples.npz`` (uint8, evaluator.py's input). Score them with
+  ``python evaluator.py REF.npz samples.npz``.
 """
 from __future__ import annotations
 
