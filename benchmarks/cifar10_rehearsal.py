@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage_probe import GiB, run_stage  # noqa: E402
+from stage_probe import GiB, fmt_s, run_stage  # noqa: E402
 
 CONFIG = "configs/cifar10.yml"
 TAG_FLAGS = ["--w_bits", "8", "--a_bits", "8"]
@@ -141,9 +141,6 @@ def project(args, work: Path, recs: dict) -> list[dict]:
                      "projected_peak_bytes": peak, "rule": rule})
     return rows
 
-
-def fmt_s(s: float) -> str:
-    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stage_probe import GiB, run_stage  # noqa: E402
+from stage_probe import GiB, fmt_s, run_stage  # noqa: E402
 
 CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
 # the paper's counts (D²-DPM on cin256-v2) and the preset's batch
@@ -388,9 +388,6 @@ def summarise(args, work: Path, recs: dict, fwd: dict, made: dict, ev: dict | No
             "projection": proj, "units": units, "artifacts": sizes, "evaluator": ev, "total_s": total_s,
             "projected_calibration_s": calib, "projected_peak_bytes": peak}
 
-
-def fmt_s(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 if __name__ == "__main__":

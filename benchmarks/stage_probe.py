@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
 
 
+def fmt_s(s: float) -> str:
+    """Seconds as the rehearsals print them: s below 2 min, min below 2 h, then h."""
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
 def probe_main(record: Path, script: str, argv: list[str]) -> int:
     """Run ``script`` as __main__ with ``argv``; write wall time, model-load time and peak memory to ``record``."""
     import torch

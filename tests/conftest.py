@@ -14,6 +14,12 @@ LDM_REF = SHARED / "fixtures" / "ldm_reference"
 SMALL = LDM_REF / "small"
 
 
+def idx_bytes(arr) -> bytes:
+    """An uint8 array in the IDX format of the Fashion-MNIST files (magic 0x0803/0x0801, big-endian sizes)."""
+    import struct
+    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.astype("uint8").tobytes()
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} not found: CI puts ../shared beside the checkout "

@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import struct
 
 import numpy as np
 import pytest
 import torch
 
 import ldm.data.fashion as fm
-
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.astype(np.uint8).tobytes()
+from conftest import idx_bytes
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import struct
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 import yaml
 
 import ldm.data.fashion as fm
-from conftest import REPO
+from conftest import REPO, idx_bytes
 from ldm.util import UserFacingError
 
 TINY = {"data": {"dataset": "FashionMNIST", "image_size": 32, "channels": 1, "random_flip": True, "rescaled": True},
@@ -25,10 +24,6 @@ TINY = {"data": {"dataset": "FashionMNIST", "image_size": 32, "channels": 1, "ra
         "training": {"batch_size": 3, "n_iters": 4, "snapshot_freq": 2, "seed": 0},
         "optim": {"weight_decay": 0.0, "optimizer": "Adam", "lr": 0.001, "warmup": 2, "beta1": 0.9, "amsgrad": False,
                   "eps": 1e-8, "grad_clip": 1.0}}
-
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.astype(np.uint8).tobytes()
 
 
 @pytest.fixture
