@@ -133,6 +133,17 @@ def trust_from_env() -> bool:
     return os.environ.get(TRUST_ENV_VAR, "").strip().lower() in ("1", "true", "yes")
 
 
+# Globals that Lightning checkpoints reference without needing them to read the weights: SD v1 .ckpt files key their
+# "callbacks" entry by the ModelCheckpoint class itself (diffusers#8874). They load as inert stand-ins, so
+# weights_only loading works without pytorch_lightning and without running any code from the file.
+LIGHTNING_ALLOWED_GLOBALS = ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",)
+
+
+def _allowed_globals() -> list[tuple[type, str]]:
+    return [(type(name.rsplit(".", 1)[1], (), {"__module__": __name__, "qualified_name": name}), name)
+            for name in LIGHTNING_ALLOWED_GLOBALS]
+
+
 def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, accept: tuple[type, ...] = (dict,)) -> Any:
     """Read a ``.ckpt``/``.pt`` file into a dict, with ``weights_only=True`` unless ``trust`` is set.
 
@@ -144,7 +155,8 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, accept: t
         raise CheckpointError(f"checkpoint not found: {path}; {download_hint(path)}")
     trust = trust or trust_from_env()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+        with torch.serialization.safe_globals(_allowed_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as e:
         text = str(e)
         found = re.search(r"GLOBAL ([\w.]+)", text)
@@ -228,6 +240,17 @@ def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tenso
     return mismatch
 
 
+def adapt_checkpoint(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Let every submodule with an ``adapt_checkpoint(sd, prefix)`` method bring its keys to the layout it
+    registers (known, documented layout differences of released files, each announced by the module), before the
+    strict comparison."""
+    for name, module in model.named_modules():
+        fn = getattr(module, "adapt_checkpoint", None)
+        if callable(fn):
+            sd = fn(sd, f"{name}." if name else "")
+    return sd
+
+
 def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust: bool = False,
                            strict: bool = True, device: str | torch.device = "cpu",
                            config_name: str = "config") -> torch.nn.Module:
@@ -238,7 +261,7 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust
     model = instantiate_from_config(config.model)
     if ckpt is not None:
         raw = load_checkpoint_file(ckpt, trust=trust)
-        sd = state_dict_from_checkpoint(raw, ckpt)
+        sd = adapt_checkpoint(model, state_dict_from_checkpoint(raw, ckpt))
         load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name)
         model.global_step_loaded = raw.get("global_step")
     return model.to(device).eval()

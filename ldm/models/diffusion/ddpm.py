@@ -6,6 +6,8 @@ the EMA shadows under ``model_ema``.
 """
 from __future__ import annotations
 
+import sys
+
 from contextlib import nullcontext
 from functools import partial
 
@@ -114,6 +116,20 @@ class DDPM(pl.LightningModule):
             lvlb_weights = 0.5 * torch.sqrt(torch.tensor(alphas_cumprod)) / (2. * 1 - torch.tensor(alphas_cumprod))
         lvlb_weights[0] = lvlb_weights[1]  # entry 0 divides by a zero posterior variance
         self.register_buffer("lvlb_weights", lvlb_weights, persistent=False)
+
+    def adapt_checkpoint(self, sd: dict, prefix: str) -> dict:
+        """A checkpoint with EMA shadows (``model_ema.*``) loaded into a model built with ``use_ema: False`` (SD's
+        v1-inference.yaml and the "full-ema" files): drop the shadows, as the original's ``strict=False`` load
+        did, so the live ``model.diffusion_model.*`` weights are used; said on stderr, with the switch."""
+        if self.use_ema:
+            return sd
+        ema = [k for k in sd if k.startswith(prefix + "model_ema.")]
+        if ema:
+            print(f"note: ignoring the checkpoint's {len(ema)} model_ema.* keys (the config has use_ema: False, "
+                  f"so the non-EMA weights are used, as in the original code); set model.params.use_ema: true to "
+                  f"sample with the EMA weights", file=sys.stderr)
+            sd = {k: v for k, v in sd.items() if not k.startswith(prefix + "model_ema.")}
+        return sd
 
     def ema_scope(self, context=None):
         """Swap the EMA weights into ``self.model`` for the duration of the block (no-op without ``use_ema``)."""
