@@ -267,10 +267,17 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust
     return model.to(device).eval()
 
 
-def init_from_ckpt(module: torch.nn.Module, path: str | os.PathLike, ignore_keys=()) -> tuple[list, list]:
+def init_from_ckpt(module: torch.nn.Module, path: str | os.PathLike, ignore_keys=(),
+                   prefix: str = "") -> tuple[list, list]:
     """Config-driven ``ckpt_path`` loading (CompVis): keys under ``ignore_keys`` prefixes are dropped, the rest
-    loaded non-strictly, and the missing/unexpected keys are printed rather than silently ignored."""
+    loaded non-strictly, and the missing/unexpected keys are printed rather than silently ignored. ``prefix``
+    (``ckpt_prefix`` in configs) takes the submodule out of a bigger checkpoint, e.g. ``first_stage_model.`` of
+    a whole LDM."""
     sd = state_dict_from_checkpoint(load_checkpoint_file(path), path)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"{path} has no keys under {prefix!r} (ckpt_prefix)")
     sd = {k: v for k, v in sd.items() if not any(k.startswith(ik) for ik in ignore_keys)}
     missing, unexpected = module.load_state_dict(sd, strict=False)
     print(f"Restored {type(module).__name__} from {path}: {len(missing)} missing, {len(unexpected)} unexpected keys")

@@ -1,7 +1,8 @@
 """Fashion-MNIST (Xiao et al. 2017) for the embedded default model: IDX reading, lookup, verified download, datasets.
 
 Images are padded from 28×28 to 32×32 with background (0) and scaled to [-1, 1]; samples are CompVis-style dicts
-``{"image": [32, 32, 1] float (channels last), "class_label": int}``.
+``{"image": [32, 32, 1] float (channels last), "class_label": int}``, plus ``"txt"`` (a caption from the class
+name and a template) with ``captions=True``, for the text-to-image default.
 
 Where the files are looked for, in order:
 1. a directory the user gives (``root=`` / ``--data_dir``), or the environment variable ``FASHION_MNIST_DIR``;
@@ -41,6 +42,17 @@ SHA256 = {
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")
 NUM_CLASSES = 10
+# Captions of the embedded text-to-image default: a template filled with the class noun (training picks one of the
+# templates at random per image; the evaluation prompts use PROMPT_TEMPLATE).
+CLASS_NOUNS = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+               "ankle boot")
+CAPTION_TEMPLATES = ("a photo of a {}", "a {} on a dark background", "a grayscale photo of a {}",
+                     "a picture of a {}", "a {}", "a product photo of a {}", "a small photo of the {}")
+PROMPT_TEMPLATE = CAPTION_TEMPLATES[0]
+
+
+def class_prompt(label: int, template: str = PROMPT_TEMPLATE) -> str:
+    return template.format(CLASS_NOUNS[label])
 HELDOUT = 5000  # the last 5,000 training images (in file order) are held out: the real-data FID floor
 
 
@@ -162,7 +174,11 @@ def to_model_range(images_u8: np.ndarray) -> torch.Tensor:
 class FashionMNIST(Dataset):
     """``subset``: 'train' (first 55,000 training images), 'heldout' (last 5,000), 'train_all' (60,000), 'test'."""
 
-    def __init__(self, subset: str = "train", root: str | None = None, download: bool = False, flip: bool = False):
+    def __init__(self, subset: str = "train", root: str | None = None, download: bool = False, flip: bool = False,
+                 captions: bool = False, caption_dropout: float = 0.0):
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        self.captions, self.caption_dropout = captions, caption_dropout
         split = "test" if subset == "test" else "train"
         images, labels = load_fashion_mnist(split, root, download)
         n_train = max(len(images) - HELDOUT, 0)
@@ -181,24 +197,32 @@ class FashionMNIST(Dataset):
         img = self.images[i]
         if self.flip and torch.rand(()) < 0.5:
             img = img.flip(1)  # horizontal: W is dim 1 in [H, W, C]
-        return {"image": img, "class_label": self.labels[i]}
+        item = {"image": img, "class_label": self.labels[i]}
+        if self.captions:  # "txt": a templated caption, or "" (the unconditional prompt) with caption_dropout
+            drop = self.caption_dropout > 0 and torch.rand(()) < self.caption_dropout
+            template = CAPTION_TEMPLATES[int(torch.randint(len(CAPTION_TEMPLATES), ()))]
+            item["txt"] = "" if drop else class_prompt(int(self.labels[i]), template)
+        return item
 
 
 class FashionDataModule:
     """Train/validation loaders for Lightning (duck-typed DataModule: ``train_dataloader``/``val_dataloader``)."""
 
     def __init__(self, batch_size: int = 128, num_workers: int = 0, root: str | None = None,
-                 download: bool = False, flip: bool = True, val_subset: str = "heldout", val_size: int = 1000):
+                 download: bool = False, flip: bool = True, val_subset: str = "heldout", val_size: int = 1000,
+                 captions: bool = False, caption_dropout: float = 0.0):
+        self.captions, self.caption_dropout = captions, caption_dropout
         self.batch_size, self.num_workers = batch_size, num_workers
         self.root, self.download, self.flip = root, download, flip
         self.val_subset, self.val_size = val_subset, val_size
 
     def train_dataloader(self):
-        ds = FashionMNIST("train", self.root, self.download, flip=self.flip)
+        ds = FashionMNIST("train", self.root, self.download, flip=self.flip, captions=self.captions,
+                          caption_dropout=self.caption_dropout)
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True,
                                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
-        ds = FashionMNIST(self.val_subset, self.root, self.download)
+        ds = FashionMNIST(self.val_subset, self.root, self.download, captions=self.captions)
         ds = torch.utils.data.Subset(ds, range(min(self.val_size, len(ds))))
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)

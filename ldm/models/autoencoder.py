@@ -27,7 +27,7 @@ def _images_from_batch(batch: dict, key: str) -> torch.Tensor:
 
 
 class VQModel(pl.LightningModule):
-    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, ckpt_path=None, ignore_keys=(), image_key="image",
+    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="", image_key="image",
                  colorize_nlabels=None, monitor=None, batch_resize_range=None, scheduler_config=None,
                  lr_g_factor=1.0, remap=None, sane_index_shape=False, use_ema=False, codebook_restart_every=0):
         super().__init__()
@@ -50,7 +50,7 @@ class VQModel(pl.LightningModule):
         if self.use_ema:
             self.model_ema = LitEma(self)
         if ckpt_path is not None:
-            init_from_ckpt(self, ckpt_path, ignore_keys)
+            init_from_ckpt(self, ckpt_path, ignore_keys, prefix=ckpt_prefix)
         self.scheduler_config = scheduler_config
         self.lr_g_factor = lr_g_factor
         # Dead-code restarts (training only; 0 = off, as in CompVis): every N steps, codes that no input chose in
@@ -144,7 +144,7 @@ class VQModelInterface(VQModel):
 
 
 class AutoencoderKL(pl.LightningModule):
-    def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), image_key="image",
+    def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="", image_key="image",
                  colorize_nlabels=None, monitor=None):
         super().__init__()
         if not ddconfig["double_z"]:
@@ -162,7 +162,7 @@ class AutoencoderKL(pl.LightningModule):
         if monitor is not None:
             self.monitor = monitor
         if ckpt_path is not None:
-            init_from_ckpt(self, ckpt_path, ignore_keys)
+            init_from_ckpt(self, ckpt_path, ignore_keys, prefix=ckpt_prefix)
 
     def encode(self, x):
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))

@@ -362,7 +362,7 @@ class LatentDiffusion(DDPM):
         if self.model.conditioning_key is not None:
             cond_key = default(cond_key, self.cond_stage_key)
             if cond_key != self.first_stage_key:
-                if cond_key in ("caption", "coordinates_bbox"):
+                if cond_key in ("caption", "coordinates_bbox", "txt"):  # lists of prompts stay lists
                     xc = batch[cond_key]
                 elif cond_key == "class_label":
                     xc = batch
