@@ -91,6 +91,8 @@ def add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of a checkpoint that weights_only loading refuses (only for files "
                         "from a source you trust; also LDM_TRUST_CHECKPOINT=1)")
+    p.add_argument("--prompts", default=None, help="text-to-image models: the prompt list, one per line (condition "
+                                                   "i = line i; default: the preset's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
 
 
@@ -103,6 +105,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip_type", default=None, choices=("uniform", "quad"),
                    help="timestep grid of the pixel DDIM (QNCD CIFAR-10: quad; default: the preset's); LDMs sample "
                         "their CompVis uniform grid")
+    p.add_argument("--plms", action="store_const", const=True, default=None,
+                   help="sample with PLMS instead of DDIM (Stable Diffusion's and QNCD's sampler; η 0)")
     p.add_argument("--corrected_grid", action="store_true",
                    help="the corrected grid instead of the original's (quad: rounded and de-duplicated, no repeated "
                         "timesteps; uniform: exactly --steps steps)")
@@ -113,7 +117,7 @@ def check_sampling_args(args: argparse.Namespace) -> SamplingSettings:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
     grid = grid_name(getattr(args, "skip_type", None), getattr(args, "corrected_grid", False))
-    args.settings = SamplingSettings(args.steps, args.eta, args.scale, grid)
+    args.settings = SamplingSettings(args.steps, args.eta, args.scale, grid, bool(getattr(args, "plms", None)))
     return args.settings
 
 
@@ -203,8 +207,23 @@ def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
     """The config and its model family, from the yaml alone (before any model is built); read once per run."""
     if getattr(args, "config_family", None) is None:
         config = load_config(resolve(args.config))
-        args.config_family = (config, family_for(config, f"config {args.config}"))
+        family = family_for(config, f"config {args.config}")
+        if family.takes_prompts:
+            family = bind_prompts(family, args)
+        args.config_family = (config, family)
     return args.config_family
+
+
+def bind_prompts(family: ModelFamily, args: argparse.Namespace) -> ModelFamily:
+    """A text family with the run's prompts: ``args.prompt_list`` (set by a script), else the ``--prompts`` file
+    (default: the preset's)."""
+    from pipeline.families.stable_diffusion import load_prompts
+    if getattr(args, "prompt_list", None):
+        return family.with_prompts(args.prompt_list, "the command line")
+    if getattr(args, "prompts", None) is None:
+        raise UserFacingError(f"config {args.config} is a text-to-image model: pass --prompts FILE (one prompt per "
+                              f"line; condition i is line i)")
+    return family.with_prompts(load_prompts(resolve(args.prompts)), str(args.prompts))
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFamily, Any]:
@@ -215,7 +234,18 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFam
     if hasattr(args, "settings"):
         args.settings.check_num_timesteps(model.num_timesteps)
         family.use_grid(model, args.settings.grid)
+    if getattr(args, "no_grad_ckpt", False):
+        disable_grad_checkpointing(model)
     return family, model
+
+
+def disable_grad_checkpointing(model: torch.nn.Module) -> None:
+    """--no_grad_ckpt (Q-Diffusion / QNCD for SD): no activation recomputation in the transformer blocks and
+    ResBlocks while reconstruction back-propagates: faster, more memory, the same numbers."""
+    for m in model.modules():
+        for attr in ("checkpoint", "use_checkpoint"):
+            if isinstance(getattr(m, attr, None), bool):
+                setattr(m, attr, False)
 
 
 def ensure_writable_dir(path: str | os.PathLike, create: bool = False, flag: str = "--outdir") -> Path:
@@ -245,7 +275,7 @@ def layout(args: argparse.Namespace) -> RunLayout:
     """Where every artifact of this run lives (outputs/<preset>/scale{s}_eta{η}_steps{S}/...)."""
     settings = getattr(args, "settings", None)
     return RunLayout(Path(args.outdir), args.preset_used, args.steps, float(args.eta), float(args.scale),
-                     settings.grid if settings is not None else None)
+                     settings.grid if settings is not None else None, settings is not None and settings.plms)
 
 
 def quant_tag(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
@@ -283,6 +313,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     p.add_argument("--quant_mode", default="brecq", choices=("brecq", "qncd"),
                    help="qncd: QNCD's calibration recipe, i.e. --scale_split_static (code formula unless given) and, "
                         "at step 3, --running_stat")
+    p.add_argument("--no_grad_ckpt", action="store_true",
+                   help="no gradient checkpointing in the transformer blocks during reconstruction (faster, more "
+                        "memory; Q-Diffusion / QNCD pass it for Stable Diffusion)")
     p.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="precision of the reconstruction caches (float16 halves their memory; default: the "
                         "preset's, else float32)")

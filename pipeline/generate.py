@@ -28,7 +28,7 @@ def sample_latents(family: ModelFamily, model, conditions: Sequence[Any] | None,
                            batch_size=batch_size, generator=generator,
                            model_fn=model_fn if model_fn is not None else family.model_fn(model),
                            correction=correction, progress=progress, conditioner=conditioner,
-                           shape=family.latent_shape(model), sampler_cls=family.sampler_cls)
+                           shape=family.latent_shape(model), sampler_cls=settings.sampler_cls(family.sampler_cls))
 
 
 def sample_images(family: ModelFamily, model, conditions: Sequence[Any] | None, *, settings: SamplingSettings,

@@ -55,7 +55,8 @@ class QuantTag:
 
 FP32 = "fp32"  # the folder of the full-precision model's evaluation samples
 
-_RUN_NAME = re.compile(r"scale(?P<scale>.+)_eta(?P<eta>.+)_steps(?P<steps>\d+)(?:_(?P<grid>[a-z-]+))?")
+_RUN_NAME = re.compile(r"scale(?P<scale>.+)_eta(?P<eta>.+)_steps(?P<steps>\d+)(?:_(?!plms$)(?P<grid>[a-z-]+))?"
+                       r"(?P<plms>_plms)?")
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class RunLayout:
     eta: float
     scale: float
     grid: str | None = None   # a timestep grid other than the family's default adds _<grid> (e.g. _quad)
+    plms: bool = False        # PLMS sampling adds _plms
 
     @property
     def run_dir(self) -> Path:
-        grid = "" if self.grid is None else f"_{self.grid}"
+        grid = ("" if self.grid is None else f"_{self.grid}") + ("_plms" if self.plms else "")
         return Path(self.outdir) / self.preset / f"scale{self.scale:g}_eta{self.eta:g}_steps{self.steps}{grid}"
 
     @property
@@ -120,6 +122,7 @@ class RunLayout:
             if m and m.group(0) != self.run_dir.name:
                 grid = f" --skip_type {m.group('grid')}".replace("-corrected", " --corrected_grid") \
                     if m.group("grid") else ""
+                grid += " --plms" if m.group("plms") else ""
                 found.append(f"--steps {m.group('steps')} --eta {m.group('eta')} --scale {m.group('scale')}{grid}")
         return f" (it exists for other settings: sample with {' or '.join(found[:3])})" if found else ""
 

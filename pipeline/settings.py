@@ -1,5 +1,5 @@
-"""The sampler settings of a run (DDIM steps S, η, guidance scale s), validated once and checked against artifacts
-in one place."""
+"""The sampler settings of a run (DDIM steps S, η, guidance scale s, grid, PLMS), validated once and checked against
+artifacts in one place."""
 from __future__ import annotations
 
 import math
@@ -18,6 +18,7 @@ class SamplingSettings:
     eta: float
     scale: float
     grid: str | None = None   # the timestep grid when not the family's default (pixel DDIM: quad, uniform, ...)
+    plms: bool = False        # PLMS (Liu et al. 2022) instead of DDIM on the same grid (--plms; needs η = 0)
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -34,6 +35,8 @@ class SamplingSettings:
             make_ddim_timesteps("uniform", self.steps, 1000)
         except ValueError as e:
             raise UserFacingError(f"--steps {self.steps}: {e}") from None
+        if self.plms and self.eta != 0:
+            raise UserFacingError(f"--plms is deterministic: it needs --eta 0, got {self.eta:g}")
         object.__setattr__(self, "eta", float(self.eta))
         object.__setattr__(self, "scale", float(self.scale))
 
@@ -41,11 +44,18 @@ class SamplingSettings:
         """The keys every artifact of a run records and is checked on (``grid`` only when one was chosen, so the
         artifacts of CompVis runs keep their keys)."""
         return {"steps": self.steps, "eta": self.eta, "scale": self.scale,
-                **({"grid": self.grid} if self.grid is not None else {})}
+                **({"grid": self.grid} if self.grid is not None else {}), **({"plms": True} if self.plms else {})}
+
+    def sampler_cls(self, default: type) -> type:
+        """The loop of this run: PLMS with --plms, else the family's ``default``."""
+        if not self.plms:
+            return default
+        from ldm.models.diffusion.plms import PLMSSampler
+        return PLMSSampler
 
     def flags(self) -> str:
         grid = "" if self.grid is None else " " + grid_flags(self.grid)
-        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}{grid}"
+        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}{grid}" + (" --plms" if self.plms else "")
 
     def check_num_timesteps(self, num_timesteps: int) -> None:
         if self.steps > num_timesteps:

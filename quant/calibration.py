@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import ModelFn, model_schedule
+from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, model_schedule
 from ldm.sample import Conditioner, sample_latents
 
 
@@ -22,9 +22,25 @@ class TimestepDistribution(enum.Enum):
     NORMAL = "normal"
 
 
+def strided_steps(n_steps: int, k: int) -> list[int]:
+    """QNCD / Q-Diffusion ``--cali_st k``: the steps 0, S//k, 2·S//k, … (k of them) of an S-step chain."""
+    if not 1 <= k <= n_steps:
+        raise ValueError(f"--cali_st {k} must be between 1 and the {n_steps} sampling steps")
+    return [j * (n_steps // k) for j in range(k)]
+
+
 def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistribution,
-                rng: np.random.Generator) -> dict[int, np.ndarray]:
-    """{step i (0 = noisiest): sorted indices into that step's ``per_step`` recorded inputs}, n pairs in all."""
+                rng: np.random.Generator, cali_st: int | None = None) -> dict[int, np.ndarray]:
+    """{step i (0 = noisiest): sorted indices into that step's ``per_step`` recorded inputs}, n pairs in all.
+    ``cali_st``: only the ``strided_steps`` (n spread evenly over them), as QNCD's ``--cali_st``."""
+    if cali_st is not None:
+        steps = strided_steps(n_steps, cali_st)
+        if n > len(steps) * per_step:
+            raise ValueError(f"{n} calibration samples asked for, but only {len(steps)} steps x {per_step} inputs "
+                             f"are recorded")
+        counts = np.full(len(steps), n // len(steps))
+        counts[: n % len(steps)] += 1
+        return {i: np.sort(rng.choice(per_step, size=int(c), replace=False)) for i, c in zip(steps, counts) if c}
     if n > n_steps * per_step:
         raise ValueError(f"{n} calibration samples asked for, but only {n_steps} x {per_step} inputs are recorded")
     if distribution is TimestepDistribution.UNIFORM:
@@ -43,11 +59,24 @@ def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistr
     return {i: np.sort(rng.choice(per_step, size=int(c), replace=False)) for i, c in enumerate(counts) if c}
 
 
+_EXTRA = -1   # a model call that is not a step's own evaluation (PLMS' Euler look-ahead): not recorded
+
+
+def _call_sequence(steps: list, first_step_evals: int) -> list[tuple[int, int]]:
+    """(t, step index) of every model call of one trajectory, in order; PLMS (``first_step_evals`` 2) also
+    evaluates at the next step's t inside its first step (improved Euler), which is marked _EXTRA."""
+    seq = [(st.t, st.i) for st in steps]
+    if first_step_evals == 2:
+        seq.insert(1, (steps[min(1, len(steps) - 1)].t, _EXTRA))
+    return seq
+
+
 @torch.no_grad()
 def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, steps: int, eta: float, scale: float,
                             distribution: TimestepDistribution, seed: int, n_unconditional: int | None = None,
                             batch_size: int = 250, n_holdout: int = 0, progress: bool = True,
-                            model_fn: ModelFn | None = None, conditioner: Conditioner | None = None
+                            model_fn: ModelFn | None = None, conditioner: Conditioner | None = None,
+                            sampler_cls: type[DDIMSampler] = DDIMSampler, cali_st: int | None = None
                             ) -> dict[str, torch.Tensor]:
     """Sample FP trajectories (one per label, or ``n_unconditional``) and keep ``n`` UNet inputs.
 
@@ -57,20 +86,21 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     With guidance each trajectory contributes two inputs per step, indexed branch · n_traj + trajectory
     (unconditional branch first), so the subset does not depend on the batch size. ``model_fn`` is the FP
     denoiser (default ``model.apply_model``), ``conditioner`` turns a batch of ``labels`` into (c, uc) (default:
-    class conditioning against the null class).
+    class conditioning against the null class), ``sampler_cls`` the loop (PLMSSampler: PLMS trajectories, as QNCD
+    and Q-Diffusion calibrate Stable Diffusion), ``cali_st`` keeps only every (S // cali_st)-th step.
     """
     model_fn = model_fn or model.apply_model
     schedule = model_schedule(model, steps, eta)
     # t -> the steps visiting it, in chain order: a grid may repeat a timestep (the original quad grid does), and
     # every trajectory then calls the model that many times in a row at that t
     t_to_steps: dict[int, list[int]] = {}
-    for st in schedule.steps():
-        t_to_steps.setdefault(st.t, []).append(st.i)
+    for t, i in _call_sequence(list(schedule.steps()), getattr(sampler_cls, "first_step_evals", 1)):
+        t_to_steps.setdefault(t, []).append(i)
     calls = dict.fromkeys(t_to_steps, 0)
     n_traj = len(labels) if labels is not None else n_unconditional
     guided = labels is not None and scale != 1.0
     per_step = n_traj * (2 if guided else 1)
-    keep = draw_subset(n + n_holdout, len(schedule), per_step, distribution, np.random.default_rng(seed))
+    keep = draw_subset(n + n_holdout, len(schedule), per_step, distribution, np.random.default_rng(seed), cali_st)
     kept: dict[int, list] = {i: [] for i in keep}
     seen = dict.fromkeys(range(len(schedule)), 0)  # trajectories of each step seen so far, across batches
     branches = 2 if guided else 1
@@ -80,6 +110,8 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
         visits = t_to_steps[t0]
         i = visits[calls[t0] % len(visits)]
         calls[t0] += 1
+        if i == _EXTRA:
+            return model_fn(x, t, c)
         b = x.shape[0] // branches
         if i in keep:
             # canonical index of each row, independent of batching: branch · n_traj + trajectory
@@ -94,7 +126,8 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
 
     generator = torch.Generator(device=model.betas.device).manual_seed(seed)
     sample_latents(model, labels, n=n_unconditional, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
-                   generator=generator, model_fn=recording_model_fn, progress=progress, conditioner=conditioner)
+                   generator=generator, model_fn=recording_model_fn, progress=progress, conditioner=conditioner,
+                   sampler_cls=sampler_cls)
     xs, ts, cs = [], [], []
     for i in sorted(kept):
         order = np.argsort(np.concatenate([r[0] for r in kept[i]]), kind="stable")

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_holdout", type=int, default=N_HOLDOUT,
                    help="held-out inputs for measuring the quantized UNet's error (not used to calibrate)")
     p.add_argument("--distribution", default=TIMESTEP_DISTRIBUTION, choices=[d.value for d in TimestepDistribution])
+    p.add_argument("--cali_st", type=int, default=None,
+                   help="QNCD / Q-Diffusion: keep inputs of only K steps, 0, S//K, 2S//K, ... (--n spread evenly "
+                        "over them); default: every step, by --distribution")
     p.add_argument("--calibration_trajectories_per_class", type=int, default=None)
     p.add_argument("--calibration_classes", type=int, nargs="+", default=None,
                    help="record trajectories of these class ids only (default: every real class, as the paper); "

@@ -34,6 +34,23 @@ CLASS_COND = {
     }
 }
 
+# SD-v1-style text-to-image: FrozenCLIPEmbedder (real BPE truncated to 1,000 tokens, a 2-layer width-16 tower),
+# cross-attention over 77 tokens, legacy: false heads, KL first stage with the 0.18215 scale factor.
+TEXT_COND = copy.deepcopy(CLASS_COND)
+TEXT_COND["model"]["params"].update({
+    "cond_stage_key": "txt", "cond_stage_trainable": False, "scale_factor": 0.18215, "channels": 4,
+    "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "params": {
+        "device": "cpu", "text_config": {"vocab_size": 1000, "hidden_size": 16, "intermediate_size": 32,
+                                         "num_hidden_layers": 2, "num_attention_heads": 2}}},
+    "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+        "embed_dim": 4, "lossconfig": {"target": "torch.nn.Identity"},
+        "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3,
+                     "ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                     "dropout": 0.0}}},
+})
+TEXT_COND["model"]["params"]["unet_config"]["params"].update({"in_channels": 4, "out_channels": 4, "num_heads": 2,
+                                                              "legacy": False})
+
 # LSUN-style: unconditional, KL first stage, AttentionBlock with num_head_channels, scale-shift norm,
 # resblock up/down, EMA and scale_by_std (the code paths cin256-v2 does not exercise).
 UNCOND_KL = {

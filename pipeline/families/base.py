@@ -36,7 +36,8 @@ class ModelFamily:
 
     name = "abstract"
     description = ""
-    sampler_cls: type[DDIMSampler] = DDIMSampler  # the family's default loop (DDIM; PLMS for SD)
+    sampler_cls: type[DDIMSampler] = DDIMSampler  # the family's default loop (--plms picks PLMS for a run)
+    takes_prompts = False   # a text family: conditions index the run's prompt list (``with_prompts``)
 
     # ---- recognising and loading ----------------------------------------------------------------------------
 
@@ -46,6 +47,10 @@ class ModelFamily:
 
     def check_config(self, config: Any, config_name: str) -> None:
         """Cheap checks of the config before the model is built (one-line ``ConfigError``)."""
+
+    def run_meta(self) -> dict:
+        """What else identifies a run's conditions in every artifact's meta (a text family: its prompt list)."""
+        return {}
 
     def num_classes(self, config: Any) -> int | None:
         """Real classes of a class-conditional model (read from the config), None otherwise."""

@@ -20,9 +20,13 @@ def run(args: argparse.Namespace) -> None:
     if args.n < 1 or args.calibration_trajectories_per_class < 1 or args.n_holdout < 0:
         raise UserFacingError("--n and --calibration_trajectories_per_class must be >= 1, --n_holdout >= 0")
     settings = cli.check_sampling_args(args)
+    if getattr(args, "cali_st", None) is not None and not 1 <= args.cali_st <= settings.steps:
+        raise UserFacingError(f"--cali_st {args.cali_st} must be between 1 and --steps {settings.steps}")
     meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
             "seed": args.seed, "trajectories_per_condition": args.calibration_trajectories_per_class,
-            "batch_size": args.batch_size}
+            "batch_size": args.batch_size, **cli.model_family(args)[1].run_meta()}  # a text model: its prompts
+    if getattr(args, "cali_st", None) is not None:
+        meta["cali_st"] = args.cali_st   # only when set: sets recorded before the flag keep their keys
     classes = getattr(args, "calibration_classes", None)
     # None = every class (a set recorded before this key existed reads as None too, and still matches)
     meta["classes"] = None if classes is None else sorted(set(classes))
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> None:
                 model, conditions, n=args.n, steps=settings.steps, eta=settings.eta, scale=scale,
                 distribution=TimestepDistribution(args.distribution), seed=args.seed, n_unconditional=n_unconditional,
                 batch_size=args.batch_size, n_holdout=args.n_holdout, model_fn=family.model_fn(model),
-                conditioner=family.conditioner(model, scale) if conditions is not None else None)
+                conditioner=family.conditioner(model, scale) if conditions is not None else None,
+                sampler_cls=settings.sampler_cls(family.sampler_cls), cali_st=getattr(args, "cali_st", None))
         except ValueError as e:
             raise UserFacingError(f"{e}; raise --calibration_trajectories_per_class or lower --n") from None
     meta["timesteps"] = ddim_timesteps(model, settings.steps, settings.eta)

@@ -60,7 +60,8 @@ def generate(args: argparse.Namespace) -> None:
     settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts, "n": plan.n,
                 "seed": plan.seed, "batch_size": plan.batch_size, "classes": plan.num_classes,
                 **({"class_ids": list(classes)} if classes else {}),
-                "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False))}
+                "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False)),
+                **family.run_meta()}   # a text model: the prompt list its labels index
     ctx = init_distributed(device)
     try:
         run(ctx, args, family, model, plan, sdir, settings, model_fn, correction_for)

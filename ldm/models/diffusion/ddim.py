@@ -195,6 +195,7 @@ class DDIMSampler:
     """
 
     loop = staticmethod(sample_ddim)  # the sampling loop over the schedule; PLMSSampler swaps in its own
+    first_step_evals = 1   # model calls of the first step (PLMS: 2; the calibration records only the first)
 
     def __init__(self, model, schedule: str = "linear", model_fn: ModelFn | None = None,
                  correction: StepCorrection | None = None, **kwargs):

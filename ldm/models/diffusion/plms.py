@@ -110,6 +110,8 @@ class PLMSSampler(DDIMSampler):
 
     loop = staticmethod(sample_plms)
 
+    first_step_evals = 2   # the first step also evaluates ε at the next timestep (improved Euler)
+
     def make_schedule(self, ddim_num_steps: int, ddim_discretize: str = "uniform", ddim_eta: float = 0.,
                       verbose: bool = True) -> DDIMSchedule:
         if ddim_eta != 0:

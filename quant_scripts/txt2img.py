@@ -1,0 +1,227 @@
+"""QNCD's / CompVis' txt2img: text-to-image sampling, FP or post-training quantized, on Stable Diffusion v1 or any
+model of its structure, offline and on CPU or CUDA.
+
+    # the embedded text default (no download): FP32, then QNCD's W8A8 recipe
+    python quant_scripts/txt2img.py --prompt "a photo of a bag" --n_samples 4
+    python quant_scripts/txt2img.py --plms --cond --weight_bit 8 --quant_mode qncd --quant_act --act_bit 8 \\
+        --cali_st 10 --cali_batch_size 1 --cali_n 16 --no_grad_ckpt --ptq --scale_split_static --sample_reverse \\
+        --reverse_interval 10 --running_stat --sm_abit 16 --from_file configs/prompts/fashion.txt --n_samples 2
+    # QNCD's README command on SD v1.4 (bring sd-v1-4.ckpt and the MS-COCO caption file):
+    python quant_scripts/txt2img.py --preset sd-v1 --ckpt sd-v1-4.ckpt --plms --cond --weight_bit 8 \\
+        --quant_mode qncd --quant_act --act_bit 8 --cali_st 25 --cali_batch_size 1 --cali_n 128 --no_grad_ckpt \\
+        --ptq --scale_split_static --sample_reverse --reverse_interval 10 --running_stat --sm_abit 16 \\
+        --from_file val_ann.txt --n_samples 2
+
+QNCD's script cannot run as shipped (a missing package, a hard-coded checkpoint path, ``.to('cuda')``, a safety
+checker downloaded at import). Here every flag of its README command maps onto the pipeline (steps 1-3 in this
+process; each skips what a matching artifact already holds, so a rerun resumes):
+
+* ``--ptq``: step 1 records FP trajectories (``--plms`` or DDIM, guidance ``--scale``) for the first ``--cali_n``
+  prompts and keeps ``--cali_n`` latents × ``--cali_st`` steps (0, S//K, 2S//K, …) × (prompt, empty prompt), with
+  their text embeddings; step 2 quantizes the weights (W``--weight_bit``, BRECQ/AdaRound, ``--cali_iters``); with
+  ``--quant_act`` step 3 the activations (A``--act_bit``, ``--cali_iters_a``, ``--cali_lr``, ``--cali_p``;
+  ``--sm_abit`` the attention matmuls; ``--running_stat`` / ``--rs_sm_only`` EMA ranges). ``--quant_mode qncd`` is
+  QNCD's recipe (smoothing + running statistics), ``--scale_split_static`` the smoothing alone, ``--split``
+  Q-Diffusion's shortcut split, ``--cali_batch_size`` the reconstruction batch, ``--no_grad_ckpt`` no activation
+  recomputation; ``--cali_ckpt FILE`` uses a quantized model made earlier. ``--cond`` is accepted (text models
+  always calibrate with their prompts).
+* ``--sample_reverse`` (``--reverse_interval R``): QNCD's runtime noise estimation while sampling.
+* Output: PNGs in ``--outdir``/samples and a grid per run; ``--eval N`` also writes N evaluation samples (prompt
+  j mod P for sample j; sharded over torchrun, resumable) as step 7's samples.npz, for ``evaluator.py`` (FID) and
+  ``python -m evaluation.clip_score``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ldm.fileio import atomic_path  # noqa: E402
+from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.artifacts import load_artifact  # noqa: E402
+from pipeline.steps import txt2img  # noqa: E402
+from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
+                           quantize_weight, quantize_weight_activation)
+
+PRESET = "fashion-txt2img"
+N_SAMPLES = 3   # images per batch (CompVis)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default=None, choices=cli.preset_names(),
+                   help=f"model and defaults (default: {PRESET}; sd-v1: Stable Diffusion v1 at "
+                        f"models/ldm/stable-diffusion-v1/model.ckpt)")
+    m.add_argument("--config", default=None, help="CompVis config (configs/stable-diffusion/v1-inference.yaml)")
+    m.add_argument("--ckpt", default=None, help="checkpoint (sd-v1-4.ckpt, v1-5 files; read weights-only)")
+    m.add_argument("--trust_checkpoint", action="store_true", help="allow full unpickling (trusted files only)")
+    m.add_argument("--device", default="auto")
+    t = p.add_argument_group("prompts and sampling")
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help="one prompt; each batch holds --n_samples images of it")
+    src.add_argument("--from_file", default=None, help="a prompt per line (MS-COCO captions: QNCD's val_ann.txt)")
+    t.add_argument("--outdir", default="outputs/txt2img-samples", help="PNGs go to OUTDIR/samples, grids to OUTDIR")
+    t.add_argument("--ddim_steps", dest="steps", type=int, default=None, help="sampling steps (SD: 50)")
+    t.add_argument("--plms", action="store_const", const=True, default=None, help="PLMS instead of DDIM")
+    t.add_argument("--ddim_eta", dest="eta", type=float, default=None)
+    t.add_argument("--scale", type=float, default=None, help="guidance scale against the empty prompt (SD: 7.5)")
+    t.add_argument("--n_samples", type=int, default=None, help=f"batch size (default {N_SAMPLES})")
+    t.add_argument("--n_iter", type=int, default=1, help="passes over the prompts")
+    t.add_argument("--n_rows", type=int, default=0, help="grid row length (default --n_samples)")
+    for flag in ("--H", "--W", "--C", "--f"):
+        t.add_argument(flag, type=int, default=None, help="checked against the model's size (default: it)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--precision", default="full", choices=("full", "autocast"),
+                   help="accepted for compatibility; sampling always runs in float32 (exact, as the fixtures)")
+    t.add_argument("--skip_grid", action="store_true")
+    t.add_argument("--skip_save", action="store_true")
+    t.add_argument("--no_progress", action="store_true")
+    t.add_argument("--eval", type=int, default=None, metavar="N",
+                   help="also write N evaluation samples (step 7: samples.npz, sharded and resumable)")
+    q = p.add_argument_group("quantization (QNCD)")
+    q.add_argument("--ptq", action="store_true", help="quantize (without it: FP32 sampling)")
+    q.add_argument("--weight_bit", type=int, default=8, choices=cli.W_BITS)
+    q.add_argument("--quant_act", action="store_true", help="quantize the activations too (at --act_bit)")
+    q.add_argument("--act_bit", type=int, default=8, choices=cli.A_BITS)
+    q.add_argument("--quant_mode", default="qncd", choices=("qncd", "brecq", "qdiff", "linear", "symmetric"),
+                   help="qncd: smoothing + running statistics; the others: plain BRECQ")
+    q.add_argument("--scale_split_static", action="store_true", help="QNCD embedding-derived smoothing")
+    q.add_argument("--split", action="store_true", help="Q-Diffusion shortcut splitting")
+    q.add_argument("--running_stat", action="store_true", help="EMA activation ranges over the calibration set")
+    q.add_argument("--rs_sm_only", action="store_true", help="--running_stat for the softmax quantizers only")
+    q.add_argument("--sm_abit", type=int, default=None, help="bits of the attention matmuls (QNCD README: 16)")
+    q.add_argument("--cond", action="store_true", help="accepted: text models calibrate with their prompts")
+    q.add_argument("--no_grad_ckpt", action="store_true", help="no gradient checkpointing in reconstruction")
+    q.add_argument("--cali_st", type=int, default=None, help="calibration timesteps K (QNCD SD: 25 of 50)")
+    q.add_argument("--cali_n", type=int, default=None, help="calibration latents per timestep (QNCD SD: 128)")
+    q.add_argument("--cali_batch_size", type=int, default=None, help="reconstruction batch size")
+    q.add_argument("--cali_iters", type=int, default=None, help="AdaRound iterations per unit (QNCD: 20000)")
+    q.add_argument("--cali_iters_a", type=int, default=None, help="activation-step iterations (QNCD: 5000)")
+    q.add_argument("--cali_lr", type=float, default=None, help="activation-step learning rate (QNCD: 4e-4)")
+    q.add_argument("--cali_p", type=float, default=None, help="L_p of the reconstruction loss (QNCD: 2.4)")
+    q.add_argument("--cali_ckpt", default=None, help="a quantized model from an earlier run (skips steps 1-3)")
+    q.add_argument("--sample_reverse", action="store_true", help="QNCD runtime noise estimation")
+    q.add_argument("--reverse_interval", type=int, default=None, help="its period R (default 10)")
+    q.add_argument("-l", "--logdir", default="outputs", help="where the pipeline's artifacts go")
+    return p.parse_args(argv)
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    """Model, prompts and sampler settings, as every step script takes them."""
+    flags = ["--outdir", args.logdir, "--device", args.device]
+    for flag, value in (("--preset", args.preset), ("--config", args.config), ("--ckpt", args.ckpt),
+                        ("--prompts", args.from_file), ("--steps", args.steps), ("--eta", args.eta),
+                        ("--scale", args.scale)):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags + (["--plms"] if args.plms else []) + (["--trust_checkpoint"] if args.trust_checkpoint else [])
+
+
+def calibrate(args: argparse.Namespace, common: list[str], n_prompts: int) -> None:
+    """Step 1 with QNCD's counts: --cali_n latents x --cali_st steps x 2 branches, from the first prompts."""
+    cal = list(common)
+    if args.cali_n is not None:
+        held = max(1, args.cali_n // 8)                       # trajectories recorded for held-out inputs
+        traj = args.cali_n + held
+        per_prompt = math.ceil(traj / n_prompts)
+        used = min(n_prompts, traj)
+        k = args.cali_st or 1
+        cal += ["--calibration_classes", *map(str, range(used)), "--calibration_trajectories_per_class",
+                str(per_prompt), "--n", str(2 * k * args.cali_n), "--n_holdout", str(2 * k * held)]
+    if args.cali_st is not None:
+        cal += ["--cali_st", str(args.cali_st)]
+    collect_imagenet_calibration_set.main(cal)
+
+
+def quantize(args: argparse.Namespace, common: list[str], n_prompts: int) -> None:
+    mode = ["--quant_mode", "qncd" if args.quant_mode == "qncd" else "brecq"] + \
+        (["--split"] if args.split else []) + (["--scale_split_static"] if args.scale_split_static else []) + \
+        (["--no_grad_ckpt"] if args.no_grad_ckpt else []) + \
+        (["--recon_batch_size", str(args.cali_batch_size)] if args.cali_batch_size else [])
+    calibrate(args, common, n_prompts)
+    quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + mode +
+                         (["--weight_iters", str(args.cali_iters)] if args.cali_iters else []))
+    if not args.quant_act:
+        return
+    act = ["--a_bits", str(args.act_bit)] + (["--sm_abit", str(args.sm_abit)] if args.sm_abit else []) + \
+        (["--running_stat"] if args.running_stat else []) + (["--rs_sm_only"] if args.rs_sm_only else [])
+    for flag, value in (("--act_iters", args.cali_iters_a), ("--lr", args.cali_lr), ("--p", args.cali_p)):
+        if value is not None:
+            act += [flag, str(value)]
+    if args.cali_n is not None:
+        act += ["--act_init_samples", str(min(2 * (args.cali_st or 1) * args.cali_n, 256))]   # ≤ the set
+    quantize_weight_activation.main(common + ["--w_bits", str(args.weight_bit)] + mode + act)
+
+
+def place_cali_ckpt(args: argparse.Namespace, ns: argparse.Namespace) -> None:
+    """Put ``--cali_ckpt`` where this run's sampling looks for it (its metadata is checked when it loads)."""
+    from pipeline.quantize import QUANT_KIND
+    src = Path(args.cali_ckpt)
+    meta = load_artifact(src, QUANT_KIND, {}, "quant_scripts/quantize_weight_activation.py")["meta"]
+    want = (args.weight_bit, args.act_bit if args.quant_act else None)
+    if (meta.get("w_bits"), meta.get("a_bits")) != want:
+        raise UserFacingError(f"--cali_ckpt {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but W{want[0]}"
+                              f"A{want[1]} is asked for (--weight_bit, --quant_act --act_bit)")
+    dest = cli.layout(ns).quant(cli.quant_tag(ns, weights_only=not args.quant_act))
+    if dest.resolve() != src.resolve():
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        print(f"--cali_ckpt: using {src} as {dest}")
+
+
+def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.Namespace:
+    """The txt2img step's flags: the common ones parsed as a step script parses them (``--outdir`` there is the
+    artifact root, ``-l``), the preset applied, plus the images' own flags."""
+    p = cli.script_parser(__doc__, PRESET)
+    cli.add_sampler_args(p, "none" if args.ptq else "fp32", args.weight_bit, args.act_bit)
+    cli.add_output_args(p, seed=args.seed, force=None)
+    sampler = ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
+                                      if args.reverse_interval is not None else []) if args.sample_reverse else []
+    ns = p.parse_args(common + sampler + (["--sm_abit", str(args.sm_abit)] if args.sm_abit and args.quant_act
+                                          else []))
+    cli.apply_preset(ns, PRESET)
+    for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
+        setattr(ns, key, getattr(args, key))
+    ns.n_samples = args.n_samples or N_SAMPLES
+    ns.image_dir = Path(args.outdir)
+    if args.prompt is not None:
+        ns.prompt_list = (args.prompt,)
+    ns.a_bits = args.act_bit if args.ptq and args.quant_act else None
+    return ns
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.ptq and (args.sample_reverse or args.cali_ckpt):
+        raise UserFacingError("--sample_reverse and --cali_ckpt act on a quantized model; add --ptq")
+    if args.prompt is not None and args.eval is not None:
+        raise UserFacingError("--eval samples a prompt list; use --from_file (or the preset's prompts), not --prompt")
+    if args.eval is not None and args.ptq and not args.quant_act:
+        raise UserFacingError("--eval samples W{b}A{b} models (step 7); add --quant_act")
+    common = common_flags(args)
+    ns = sampling_namespace(args, common)
+    _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work
+    if args.ptq and args.cali_ckpt is not None:
+        cli.check_sampling_args(ns)
+        place_cali_ckpt(args, ns)
+    elif args.ptq:
+        quantize(args, common, len(family.prompts))
+    txt2img.run(ns)
+    if args.eval is not None:
+        flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
+                          if args.ptq else ["--sampler", "fp32"])
+        flags += (["--sm_abit", str(args.sm_abit)] if args.ptq and args.sm_abit else [])
+        if args.sample_reverse:
+            flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
+                                             if args.reverse_interval else [])
+        generate_evaluation_samples_dist.main(flags + ["--n_samples", str(args.eval), "--seed", str(args.seed)])
+
+
+if __name__ == "__main__":
+    run_cli(main)
