@@ -262,4 +262,4 @@ def test_evaluation_samples_label_prompt_indices(text_model, tmp_path, capsys):
         assert f["arr_1"].tolist() == [0, 1, 2, 0, 1, 2] and f["arr_0"].shape == (6, 32, 32, 3)
     manifest = json.loads((npz.parent / "manifest.json").read_text())
     from pipeline.families.stable_diffusion import load_prompts, prompts_fingerprint
-    assert manifest["settings"]["prompts"] == prompts_fingerprint(load_prompts(prompts))
+    assert manifest["prompts"] == prompts_fingerprint(load_prompts(prompts))
