@@ -3,6 +3,7 @@
     python benchmarks/fashion_model_quality.py                      # 5,000 samples (accuracy on all of them)
     python benchmarks/fashion_model_quality.py --n 1000 --json out.json
     python benchmarks/fashion_model_quality.py --model pixel        # the pixel DDPM (unconditional, 20 quad steps)
+    python benchmarks/fashion_model_quality.py --model text --n 500 # the text default: prompt-class agreement
 
 ``--model pixel`` measures the unconditional pixel default (models/ddim/fashion-ddim) instead. With no conditioning
 class to agree with, its independent check is what the classifier makes of the samples, next to the same numbers
@@ -41,6 +42,7 @@ from ldm.util import load_config, load_model_from_config  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
 PIXEL_DIR = REPO / "models" / "ddim" / "fashion-ddim"
+TEXT_DIR = REPO / "models" / "ldm" / "fashion-txt2img"
 
 
 def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
@@ -53,13 +55,17 @@ def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="ldm", choices=("ldm", "pixel"),
-                   help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM")
+    p.add_argument("--model", default="ldm", choices=("ldm", "pixel", "text"),
+                   help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM; text: the text-to-image "
+                        "LDM, prompted with --template per class")
+    p.add_argument("--model_dir", default=None, help="ldm / text: another export (model.ckpt + config.yaml), e.g. "
+                                                      "a training checkpoint exported midway")
+    p.add_argument("--template", default="a photo of a {}", help="text: the prompt template ({} = class noun)")
     p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default 20; pixel: on the quad grid, as its preset)")
     p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm only)")
+    p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm and text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -93,19 +99,28 @@ def main(argv=None) -> None:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return
     args.steps = args.steps or 20
-    model = load_model_from_config(load_config(MODEL_DIR / "config.yaml"), MODEL_DIR / "model.ckpt", device=device)
+    model_dir = Path(args.model_dir) if args.model_dir else TEXT_DIR if args.model == "text" else MODEL_DIR
+    model = load_model_from_config(load_config(model_dir / "config.yaml"), model_dir / "model.ckpt", device=device)
     labels = np.repeat(np.arange(10), args.n // 10)
+    conditioner, what = None, "the conditioning class"
+    if args.model == "text":   # condition i = the prompt of class i; agreement = the classifier reads that class
+        from ldm.data.fashion import class_prompt
+        from pipeline.families.stable_diffusion import TextToImageLDM
+        prompts = [class_prompt(i, args.template) for i in range(10)]
+        conditioner = TextToImageLDM().with_prompts(prompts, "class prompts").conditioner(model, args.scale)
+        what = f"the prompt's class (prompts '{args.template}')"
+        result["prompts"] = prompts
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     z = sample_latents(model, labels.tolist(), steps=args.steps, eta=args.eta, scale=args.scale,
-                       batch_size=args.batch_size, generator=gen)
+                       batch_size=args.batch_size, generator=gen, conditioner=conditioner)
     images = to_uint8(decode_latents(model, z, batch_size=args.batch_size))
     result["sampling_seconds"] = time.time() - t0
     feats = compute_features(classifier, images, device=device)
     result["sample_class_accuracy"] = float((feats["logits"].argmax(1) == labels).mean())
     result["sample_fid"], result["sample_sfid"] = fid_pair(feats, ref)
     print(f"{args.n} FP32 samples ({args.steps} DDIM steps, eta {args.eta}, scale {args.scale}, seed {args.seed}; "
-          f"{result['sampling_seconds']:.0f} s on {device}): classifier agrees with the conditioning class on "
+          f"{result['sampling_seconds']:.0f} s on {device}): classifier agrees with {what} on "
           f"{100 * result['sample_class_accuracy']:.2f}%; FID {result['sample_fid']:.3f}, "
           f"sFID {result['sample_sfid']:.3f}")
     if args.json:
