@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import (DDIMSchedule, DDIMStep, ModelFn, cfg_eps, model_schedule, randn_sampler,
-                                      sample_ddim)
+from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, ModelFn, cfg_eps, model_schedule,
+                                      randn_sampler)
 from ldm.sample import Conditioner, class_conditioner, latent_shape
 from ldm.util import UserFacingError
 
@@ -410,7 +410,8 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
                              *, n: int | None = None, uncond_label: int | None = None, batch_size: int = 16,
                              seed: int = 0, fp_model_fn: ModelFn | None = None,
                              on_batch: Callable[[NoiseStatistics, int], None] | None = None,
-                             progress: bool = True, conditioner: Conditioner | None = None) -> NoiseStatistics:
+                             progress: bool = True, conditioner: Conditioner | None = None,
+                             sampler_cls: type[DDIMSampler] = DDIMSampler) -> NoiseStatistics:
     """Stream (ε̂, ε_fp) of every DDIM step into ``stats`` (D²-DPM Algorithm 1 lines 1-8; the original's
     ``DDIMSampler_collectQuantError``): both models run on the same x_t, each with classifier-free guidance at the
     statistics' scale, and x_t advances with the FP ε, so the statistics follow FP trajectories.
@@ -419,7 +420,9 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     class), or ``n`` unconditional ones when ``labels`` is None. Batch k draws x_T and its noise from its own
     generator, seeded by (``seed``, first sample index), so a run resumes exactly: ``stats`` restored from a state
     saved by ``on_batch(stats, samples_done)`` continues at the next batch (same ``batch_size``). ``conditioner``
-    turns a batch of ``labels`` into (c, uc) (default: class conditioning against ``uncond_label``)."""
+    turns a batch of ``labels`` into (c, uc) (default: class conditioning against ``uncond_label``).
+    ``sampler_cls`` picks the FP trajectories' loop (PLMSSampler: PLMS, whose first-step look-ahead at the next t is
+    not a step input and is not counted)."""
     cfg = stats.sampling
     schedule = model_schedule(model, cfg.steps, cfg.eta)
     if SamplingConfig.from_schedule(schedule, cfg.steps, cfg.scale) != cfg:
@@ -454,13 +457,17 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
         x_T = torch.randn(size, generator=g, device=device)
         c, uc = conditioner(labels[start:stop]) if conditional else (None, None)
 
+        calls = [0]
+
         def eps_fn(x, t, step, c=c, uc=uc):
             e_fp = cfg_eps(fp_model_fn, x, t, c, uc, scale)
-            if step.i in first_visit:
+            lookahead = sampler_cls.first_step_evals == 2 and calls[0] == 1   # PLMS' Euler evaluation
+            calls[0] += 1
+            if step.i in first_visit and not lookahead:
                 stats.update(step.t, cfg_eps(q_model_fn, x, t, c, uc, scale), e_fp)
             return e_fp  # FP trajectory
 
-        sample_ddim(eps_fn, x_T, schedule, noise_sampler=randn_sampler(size, device, g), progress=progress)
+        sampler_cls.loop(eps_fn, x_T, schedule, noise_sampler=randn_sampler(size, device, g), progress=progress)
         if on_batch is not None:
             on_batch(stats, stop)
     return stats

@@ -127,7 +127,8 @@ def collect(args, family, model, variant, stats, labels, n_uncond, partial: Path
             conditioner = None if labels is None else family.conditioner(model, family.guidance_scale(args.scale))
             collect_noise_statistics(model, variant.model_fn, stats, labels, n=n_uncond, batch_size=args.batch_size,
                                      seed=args.seed, fp_model_fn=family.model_fn(model), on_batch=on_batch,
-                                     progress=False, conditioner=conditioner)
+                                     progress=False, conditioner=conditioner,
+                                     sampler_cls=args.settings.sampler_cls(family.sampler_cls))
     except CorrectionError as e:
         raise UserFacingError(f"{e} (or delete {partial} to start over)") from None
     finally:
