@@ -261,7 +261,7 @@ def from_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key in transposed:
             out[transposed[key]] = value.t()
             continue
-        tower = next(((o, t) for o, t in _TOWERS if key.startswith(t)), None)
+        tower = next(((o, t) for o, t in _TOWERS if key.startswith(t) and "." in key[len(t):]), None)
         if tower is None:
             out[key] = value
             continue
@@ -348,8 +348,9 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def read_weights(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    """One weights file -> {name: tensor}: weights_only torch.load, .safetensors when the package is there, a
-    TorchScript archive (OpenAI's released files) only with ``trust``."""
+    """One weights file -> {name: tensor}: weights_only torch.load, .safetensors when the package is there; with
+    ``trust`` (or LDM_TRUST_CHECKPOINT=1) also a TorchScript archive (OpenAI's released files) and pickles that
+    weights_only loading refuses, as every checkpoint reader of the project."""
     if path.suffix == ".safetensors":
         if not _has_safetensors():
             raise UserFacingError(f"{path} is a .safetensors file and the safetensors package is not installed: "
@@ -365,7 +366,7 @@ def read_weights(path: Path, trust: bool = False) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", DeprecationWarning)
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         return {k: v for k, v in sd.items() if k not in OPENAI_NON_WEIGHTS}
-    sd = state_dict_from_checkpoint(load_checkpoint_file(path), path)
+    sd = state_dict_from_checkpoint(load_checkpoint_file(path, trust=trust), path)
     if sd and all(k.startswith("module.") for k in sd):   # open_clip training checkpoints (DistributedDataParallel)
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
@@ -455,9 +456,9 @@ class LoadedCLIP:
 def load_clip(path: str | Path, *, config: str | Path | None = None, activation: str | None = None,
               heads: tuple[int, int] | None = None, trust: bool = False, device: str | torch.device = "cpu"
               ) -> LoadedCLIP:
-    """Load a local CLIP checkpoint of either layout, strictly. ``activation`` (quick_gelu | gelu) is for the
-    open_clip layout (default quick_gelu, OpenAI's); ``heads`` = (vision, text) overrides the inferred head
-    counts of an open_clip file."""
+    """Load a local CLIP checkpoint of either layout, strictly. ``activation`` (quick_gelu | gelu) and ``heads`` =
+    (vision, text) are for the open_clip layout, whose state dict does not hold them (defaults: quick_gelu, OpenAI's,
+    and the inferred head counts); the transformers layout takes both from its config.json."""
     path = Path(path)
     if not path.exists():
         raise UserFacingError(f"CLIP model path {path} does not exist; pass a local open_clip / transformers CLIP "

@@ -140,7 +140,8 @@ def parse_args(argv=None):
     p.add_argument("--clip_heads", type=int, nargs=2, default=None, metavar=("VISION", "TEXT"),
                    help="attention heads of an open_clip file (default: inferred, width // 64)")
     p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow reading a TorchScript archive (OpenAI's released ViT-*.pt) with torch.jit.load")
+                   help="allow unsafe reading: a TorchScript archive (OpenAI's released ViT-*.pt, via torch.jit.load) "
+                        "or a pickle weights_only loading refuses; only for files you trust")
     p.add_argument("--json", default=None, help="also write the record here (atomically)")
     p.add_argument("--batch_size", type=int, default=32, help="images (and prompts) per forward pass")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the interval")
@@ -185,7 +186,7 @@ def main(argv=None) -> dict:
     context = clip.model.text_config.max_position_embeddings
     truncated = sum(len(clip.tokenizer.encode(prompts[i])) > context - 2 for i in np.unique(labels))
     if truncated:
-        print(f"note: {truncated} prompts are longer than the {context - 2} tokens CLIP reads; they are truncated "
+        print(f"note: {truncated} of the prompts used exceed the {context - 2} tokens CLIP reads and are truncated "
               f"(as torchmetrics and the CLIP tokenizers do)", file=sys.stderr)
     scores = score_chunks(batch.iter_images(args.batch_size), labels, prompts, clip, args.batch_size,
                           progress=True)

@@ -10,6 +10,8 @@
     python quant_scripts/demo.py --long --eta 1   # the paper's 250-step, scale-1.5 protocol at W4A8 (η 0 or 1)
     python quant_scripts/demo.py --preset fashion-ddim --n_eval 500   # the pixel default: FP32, W8A8, W4A8 x
                                                   # {uncorrected, PTQD, D-D², QNCD probe} (outputs/fashion-ddim/)
+    python quant_scripts/demo.py --preset fashion-txt2img --n_eval 500   # the text default: FP32, W8A8, W4A8 x
+                                                  # {uncorrected, D-D², QNCD probe} (outputs/fashion-txt2img/)
 
 A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
 artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
@@ -88,6 +90,14 @@ PIXEL_METHODS = (("uncorrected", "none"), ("PTQD", "ptqd"), ("D-D² (channel)", 
                  ("QNCD probe", "qncd"))
 PIXEL_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
     Variant(tag.title(), method, sampler, tag) for tag in (W8A8, W4A8) for method, sampler in PIXEL_METHODS)
+
+# --preset fashion-txt2img (the text default, SD v1's structure; conditions are the class prompts, so the evaluator's
+# accuracy is prompt-class agreement): W8A8 and W4A8, each uncorrected, with D-D² and the QNCD probe (QNCD's SD
+# experiment in miniature); its report goes to <outdir>/fashion-txt2img/
+TEXT_PRESETS = ("fashion-txt2img",)
+TEXT_METHODS = (("uncorrected", "none"), ("D-D² (channel)", "dd2-channel"), ("QNCD probe", "qncd"))
+TEXT_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
+    Variant(tag.title(), method, sampler, tag) for tag in (W8A8, W4A8) for method, sampler in TEXT_METHODS)
 
 W4A4, W3A8 = QuantTag(4, 4), QuantTag(3, 8)
 # the methods every setting of the bit-width sweep runs (--hard), and the settings in report order
@@ -181,6 +191,8 @@ def variants(args) -> tuple[Variant, ...]:
         return LONG_VARIANTS
     if args.preset in PIXEL_PRESETS:
         return PIXEL_VARIANTS
+    if args.preset in TEXT_PRESETS:
+        return TEXT_VARIANTS
     chosen = (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
               + (sm_variants(args.sm_abit) if args.sm_abit else ()))
     unique = list({(v.tag, v.sampler): v for v in reversed(chosen)}.values())[::-1]  # the first of each kept
@@ -312,6 +324,8 @@ def readme_tag(args) -> str | None:
         return f"demo-long-eta{args.eta:g}-results"
     if args.preset in PIXEL_PRESETS:
         return "demo-pixel-results" if not (args.qncd or args.smooth or args.hard) else None
+    if args.preset in TEXT_PRESETS:
+        return "demo-text-results" if not (args.qncd or args.smooth or args.hard) else None
     if args.preset != PRESET:
         return None
     if args.hard:
@@ -346,8 +360,9 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[S
         found = sorted(run.glob(pattern))
         if found:
             images[caption] = os.path.relpath(found[-1], where)
-    what = "PTQD / D²-DPM / QNCD on the embedded pixel default" if args.preset in PIXEL_PRESETS else \
-        "D²-DPM / PTQD on the embedded default"
+    what = ("PTQD / D²-DPM / QNCD on the embedded pixel default" if args.preset in PIXEL_PRESETS else
+            "D²-DPM / QNCD on the embedded text-to-image default" if args.preset in TEXT_PRESETS else
+            "D²-DPM / PTQD on the embedded default")
     context = {"title": f"{what} ({args.preset}), mode {args.mode}"
                         + (", bit-width sweep" if args.hard else "") + (", QNCD smoothing" if args.smooth else ""),
                "n": m["n_eval"], "seeds": list(args.seeds), "steps": layout.steps, "eta": layout.eta,

@@ -235,6 +235,28 @@ def test_strict_load_names_the_missing_and_unexpected_key(checkpoints, tmp_path,
     assert "\n" not in message and f"1 missing: {key}" in message and "1 unexpected: extra.weight" in message
 
 
+def test_folder_forms_load_the_same_model(checkpoints, tmp_path):
+    """A sharded transformers folder (index.json) and an open_clip hub folder (open_clip_pytorch_model.bin)."""
+    sd, x = checkpoints["sd"], images(2)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "config.json").write_text(json.dumps(transformers_config()))
+    keys = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, part in halves.items():
+        torch.save({k: sd[k] for k in part}, sharded / name)
+    index = {"weight_map": {k: name for name, part in halves.items() for k in part}}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    torch.save(as_open_clip(sd), hub / "open_clip_pytorch_model.bin")
+    want = load_clip(checkpoints["transformers"]).image_features(x)
+    for folder, layout in ((sharded, "transformers"), (hub, "open_clip")):
+        clip = load_clip(folder)
+        assert clip.layout == layout and len(clip.weights) == (2 if folder == sharded else 1)
+        torch.testing.assert_close(clip.image_features(x), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_torchscript_archive_needs_trust(checkpoints, tmp_path):
     """OpenAI's released files are TorchScript: refused with one line, read (state dict only) with trust."""
