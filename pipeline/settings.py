@@ -46,6 +46,10 @@ class SamplingSettings:
         return {"steps": self.steps, "eta": self.eta, "scale": self.scale,
                 **({"grid": self.grid} if self.grid is not None else {}), **({"plms": True} if self.plms else {})}
 
+    @property
+    def loop(self) -> str:
+        return "PLMS" if self.plms else "DDIM"
+
     def sampler_cls(self, default: type) -> type:
         """The loop of this run: PLMS with --plms, else the family's ``default``."""
         if not self.plms:
@@ -55,7 +59,8 @@ class SamplingSettings:
 
     def flags(self) -> str:
         grid = "" if self.grid is None else " " + grid_flags(self.grid)
-        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}{grid}" + (" --plms" if self.plms else "")
+        plms = " --plms" if self.plms else ""
+        return f"--steps {self.steps} --eta {self.eta:g} --scale {self.scale:g}{grid}{plms}"
 
     def check_num_timesteps(self, num_timesteps: int) -> None:
         if self.steps > num_timesteps:

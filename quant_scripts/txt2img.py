@@ -50,6 +50,7 @@ from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation
 
 PRESET = "fashion-txt2img"
 N_SAMPLES = 3   # images per batch (CompVis)
+CUSTOM_STEPS, CUSTOM_SCALE = 50, 7.5   # CompVis / QNCD txt2img's defaults for --config/--ckpt (DDIM unless --plms)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,10 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--prompt", default=None, help="one prompt; each batch holds --n_samples images of it")
     src.add_argument("--from_file", default=None, help="a prompt per line (MS-COCO captions: QNCD's val_ann.txt)")
     t.add_argument("--outdir", default="outputs/txt2img-samples", help="PNGs go to OUTDIR/samples, grids to OUTDIR")
-    t.add_argument("--ddim_steps", dest="steps", type=int, default=None, help="sampling steps (SD: 50)")
+    t.add_argument("--ddim_steps", dest="steps", type=int, default=None,
+                   help=f"sampling steps (default: the preset's; {CUSTOM_STEPS} for a --config/--ckpt model)")
     t.add_argument("--plms", action="store_const", const=True, default=None, help="PLMS instead of DDIM")
     t.add_argument("--ddim_eta", dest="eta", type=float, default=None)
-    t.add_argument("--scale", type=float, default=None, help="guidance scale against the empty prompt (SD: 7.5)")
+    t.add_argument("--scale", type=float, default=None, help=f"guidance scale against the empty prompt (default: "
+                                                              f"the preset's; {CUSTOM_SCALE} for --config/--ckpt)")
     t.add_argument("--n_samples", type=int, default=None, help=f"batch size (default {N_SAMPLES})")
     t.add_argument("--n_iter", type=int, default=1, help="passes over the prompts")
     t.add_argument("--n_rows", type=int, default=0, help="grid row length (default --n_samples)")
@@ -204,6 +207,9 @@ def main(argv=None) -> None:
         raise UserFacingError("--eval samples a prompt list; use --from_file (or the preset's prompts), not --prompt")
     if args.eval is not None and args.ptq and not args.quant_act:
         raise UserFacingError("--eval samples W{b}A{b} models (step 7); add --quant_act")
+    if args.preset is None and (args.config or args.ckpt):   # a custom model: CompVis txt2img's defaults
+        args.steps = args.steps or CUSTOM_STEPS
+        args.scale = CUSTOM_SCALE if args.scale is None else args.scale
     common = common_flags(args)
     ns = sampling_namespace(args, common)
     _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work

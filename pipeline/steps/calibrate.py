@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
         conditions = [c for c in meta["classes"] for _ in range(args.calibration_trajectories_per_class)]
     n_unconditional = None if conditions is not None else args.calibration_trajectories_per_class
     what = family.describe(conditions, n_unconditional or 0, noun="trajectories")
-    print(f"[{args.preset_used}] recording {what}, {settings.steps} DDIM steps, eta {settings.eta}, scale "
+    print(f"[{args.preset_used}] recording {what}, {settings.steps} {settings.loop} steps, eta {settings.eta}, scale "
           f"{settings.scale}; keeping {args.n} inputs + {args.n_holdout} held out ({args.distribution}), seed "
           f"{args.seed}, on {device}")
     t0 = time.time()

@@ -75,8 +75,9 @@ def dry_run(args: argparse.Namespace, plan: Plan, sdir: Path) -> None:
     done = sum(1 for _ in shard_path(sdir, 0).parent.glob("batch_*.npz")) if sdir.is_dir() else 0
     per_class = f", {plan.n // plan.num_classes:,} per class" if plan.num_classes else ", unconditional"
     print(f"[{args.preset_used}] dry run, {args.sampler}: {plan.n:,} samples{per_class}; {plan.num_batches:,} "
-          f"batches of {plan.batch_size}, {done:,} shard(s) already in {sdir}; {args.steps} DDIM steps, eta "
-          f"{args.eta:g}, scale {args.scale:g}, base seed {plan.seed}; nothing written (drop --dry_run to make them)")
+          f"batches of {plan.batch_size}, {done:,} shard(s) already in {sdir}; {args.steps} {args.settings.loop} "
+          f"steps, eta {args.eta:g}, scale {args.scale:g}, base seed {plan.seed}; nothing written (drop --dry_run to "
+          f"make them)")
 
 
 def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings: dict, model_fn,
@@ -92,8 +93,9 @@ def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings:
     if ctx.main:
         what = f"{plan.n} samples" + (f", {plan.n // plan.num_classes} per class" if plan.num_classes else "")
         print(f"[{args.preset_used}] {args.sampler} ({settings['bits']}): {what}; {plan.num_batches} batches of "
-              f"{plan.batch_size}, {len(pending)} to make on {ctx.world} process(es); {args.steps} DDIM steps, "
-              f"eta {args.eta:g}, scale {args.scale:g}, seed {plan.seed}, on {model.betas.device}")
+              f"{plan.batch_size}, {len(pending)} to make on {ctx.world} process(es); {args.steps} "
+              f"{args.settings.loop} steps, eta {args.eta:g}, scale {args.scale:g}, seed {plan.seed}, on "
+              f"{model.betas.device}")
     with family.ema_scope(model):
         for b in tqdm(mine, desc="batches (rank 0)" if ctx.active else "batches", disable=not ctx.main):
             batch = plan.batch(b)

@@ -102,8 +102,8 @@ def run(args: argparse.Namespace) -> None:
         partial.unlink(missing_ok=True)
     stats = resume_or_start(partial, spill, meta, sampling)
     labels, n_uncond, what = trajectories(family, model, args)
-    print(f"[{args.preset_used}] {tag.title()} vs FP on {what}; {args.steps} DDIM steps, eta {args.eta}, seed "
-          f"{args.seed}, batch {args.batch_size}, on {device}")
+    print(f"[{args.preset_used}] {tag.title()} vs FP on {what}; {args.steps} {args.settings.loop} steps, eta "
+          f"{args.eta}, seed {args.seed}, batch {args.batch_size}, on {device}")
     seconds, done0 = collect(args, family, model, variant, stats, labels, n_uncond, partial, meta)
     write(args, out, meta, stats, seconds, done0, spill)
 

@@ -49,8 +49,8 @@ def fp32_grid(args: argparse.Namespace) -> None:
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
     labels, nrow, what = grid_conditions(family, model, args, args.uncond_class)
-    print(f"[{args.preset_used}] sampling {what}; {args.steps} DDIM steps, eta {args.eta}, seed {args.seed}, "
-          f"on {device}")
+    print(f"[{args.preset_used}] sampling {what}; {args.steps} {args.settings.loop} steps, eta {args.eta}, seed "
+          f"{args.seed}, on {device}")
     t0 = time.time()
     with family.ema_scope(model) if not args.no_ema else contextlib.nullcontext():
         images = sample_images(family, model, labels, settings=settings, n=None if labels else args.n_samples,
@@ -107,8 +107,8 @@ def quantized_grid(args: argparse.Namespace) -> None:
     variants = [build_variant(s, family, model, layout, tag, base) for s in specs]  # all checked before sampling
     outdir = cli.ensure_writable_dir(layout.grids(tag))
     names = [v.name for v in variants]
-    print(f"[{args.preset_used}] {str(tag).upper()} {' | '.join(names)}: {what}; {args.steps} DDIM steps, eta "
-          f"{args.eta}, seed {args.seed}, on {device}")
+    print(f"[{args.preset_used}] {str(tag).upper()} {' | '.join(names)}: {what}; {args.steps} "
+          f"{args.settings.loop} steps, eta {args.eta}, seed {args.seed}, on {device}")
     t0 = time.time()
     rows = [to_uint8(sample_variant(family, model, v, labels, args, device)) for v in variants]
     suffix = f"{tag}_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
     sample_dir = outdir / "samples"
     count = next_index(sample_dir, "*.png")
     text = {"config": str(args.config), "ckpt": base["ckpt"], "steps": str(settings.steps), "eta": f"{settings.eta:g}",
-            "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "plms": str(settings.plms),
+            "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "loop": settings.loop,
             "bits": str(tag) if quantized else "fp32"}
     t0, images = time.time(), []
     with family.ema_scope(model):

@@ -38,7 +38,7 @@ _PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]
 def bytes_to_unicode() -> dict[int, str]:
     """Every byte to a printable unicode character (openai's table: printable latin-1 bytes map to themselves, the
     rest to code points from 256 on, in byte order)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -54,8 +54,8 @@ def read_merges(path: str | os.PathLike, vocab_size: int) -> list[tuple[str, str
     checking the file is the CLIP vocabulary (SHA-256)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"tokenizer vocabulary {path} does not exist; pass the CLIP file bpe_simple_vocab_16e6.txt.gz "
-                          f"(it ships with this package: {BPE_FILE})")
+        raise ConfigError(f"tokenizer vocabulary {path} does not exist; pass the CLIP file "
+                          f"bpe_simple_vocab_16e6.txt.gz (it ships with this package: {BPE_FILE})")
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != BPE_SHA256:
@@ -63,8 +63,8 @@ def read_merges(path: str | os.PathLike, vocab_size: int) -> list[tuple[str, str
                           f"{BPE_SHA256[:16]}…; use bpe_simple_vocab_16e6.txt.gz from open_clip/clip (or {BPE_FILE})")
     n_merges = vocab_size - 2 * 256 - 2
     if not 0 <= n_merges <= FULL_VOCAB_SIZE - 514:
-        raise ConfigError(f"CLIP vocab_size {vocab_size} out of range: 514..{FULL_VOCAB_SIZE} (byte symbols + merges + "
-                          f"the two special tokens)")
+        raise ConfigError(f"CLIP vocab_size {vocab_size} out of range: 514..{FULL_VOCAB_SIZE} (byte symbols + "
+                          f"merges + the two special tokens)")
     lines = gzip.decompress(data).decode("utf-8").split("\n")
     return [tuple(line.split()) for line in lines[1:1 + n_merges]]
 
@@ -72,7 +72,8 @@ def read_merges(path: str | os.PathLike, vocab_size: int) -> list[tuple[str, str
 class CLIPTokenizer:
     """Prompts -> [B, max_length] int64 ids, as SD v1's tokenizer call (``truncation=True, padding="max_length"``)."""
 
-    def __init__(self, vocab_size: int = FULL_VOCAB_SIZE, max_length: int = 77, bpe_file: str | os.PathLike = BPE_FILE):
+    def __init__(self, vocab_size: int = FULL_VOCAB_SIZE, max_length: int = 77,
+                 bpe_file: str | os.PathLike = BPE_FILE):
         import ftfy  # noqa: F401  (imported here so a model without a text encoder does not need it)
         import regex
 
@@ -131,7 +132,8 @@ class CLIPTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         text = "".join(self.decoder[i] for i in ids if i not in (self.sot_id, self.eot_id))
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        text = bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace")
+        return text.replace("</w>", " ").strip()
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
