@@ -210,6 +210,9 @@ def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
         family = family_for(config, f"config {args.config}")
         if family.takes_prompts:
             family = bind_prompts(family, args)
+        elif getattr(args, "prompts", None) is not None:
+            raise UserFacingError(f"--prompts applies to text-to-image models; {args.config} is a {family.name} "
+                                  f"model: drop --prompts")
         args.config_family = (config, family)
     return args.config_family
 

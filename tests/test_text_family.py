@@ -263,3 +263,13 @@ def test_evaluation_samples_label_prompt_indices(text_model, tmp_path, capsys):
     manifest = json.loads((npz.parent / "manifest.json").read_text())
     from pipeline.families.stable_diffusion import load_prompts, prompts_fingerprint
     assert manifest["prompts"] == prompts_fingerprint(load_prompts(prompts))
+
+
+def test_prompts_flag_refused_for_a_class_model(tiny_checkpoints, tmp_path, capsys):
+    cfg, ckpt = tiny_checkpoints["cond"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a bag\n")
+    gen = load_script(REPO / "quant_scripts" / "generate_evaluation_samples_dist.py", "gen_class_prompts")
+    line = error_line(run_main(gen.main, ["--config", cfg, "--ckpt", ckpt, "--prompts", prompts, "--steps", 5,
+                                          "--n_samples", 4, "--outdir", tmp_path], capsys))
+    assert "--prompts applies to text-to-image models" in line
