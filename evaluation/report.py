@@ -227,7 +227,7 @@ def update_readme(report: Path, readme: Path, tag: str = "demo-results", keep: S
         head, *parts = body.split("\n## ")
         body = "\n## ".join([head] + [part for part in parts if part.split("\n", 1)[0] in keep]) + "\n"
     # the report's sections become subsections of the README section holding the markers
-    depth = "####" if tag in ("demo-qncd-results", "demo-pixel-results") else "###"
+    depth = "####" if tag in ("demo-qncd-results", "demo-pixel-results", "demo-text-results") else "###"
     body = body.replace("## ", f"{depth} ")
     total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
     if total:
