@@ -213,6 +213,9 @@ def main(argv=None) -> None:
     common = common_flags(args)
     ns = sampling_namespace(args, common)
     _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work
+    if not family.takes_prompts:
+        raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
+                              f"a {family.name} model: sample it with quant_scripts/sample_fp32_imagenet.py")
     if args.ptq and args.cali_ckpt is not None:
         cli.check_sampling_args(ns)
         place_cali_ckpt(args, ns)

@@ -273,3 +273,9 @@ def test_prompts_flag_refused_for_a_class_model(tiny_checkpoints, tmp_path, caps
     line = error_line(run_main(gen.main, ["--config", cfg, "--ckpt", ckpt, "--prompts", prompts, "--steps", 5,
                                           "--n_samples", 4, "--outdir", tmp_path], capsys))
     assert "--prompts applies to text-to-image models" in line
+
+
+def test_txt2img_refuses_a_class_model(tiny_checkpoints, tmp_path, txt2img):
+    cfg, ckpt = tiny_checkpoints["cond"]
+    line = error_line(txt2img("--config", cfg, "--ckpt", ckpt, "--prompt", "a bag", "--outdir", tmp_path / "o"))
+    assert "txt2img needs a text-to-image model" in line
