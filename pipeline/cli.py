@@ -49,7 +49,7 @@ def apply_preset(args: argparse.Namespace, default_preset: str) -> dict:
     if custom:
         if args.config is None or args.ckpt is None:
             raise UserFacingError("a custom model needs both --config and --ckpt (or pick a --preset)")
-        preset = {k: v for k, v in preset.items() if k not in ("config", "ckpt", "classes", "description")}
+        preset = {k: v for k, v in preset.items() if k not in ("config", "ckpt", "classes", "prompts", "description")}
     for key, value in preset.items():
         if getattr(args, key, "absent") is None:
             setattr(args, key, value)
@@ -225,7 +225,7 @@ def bind_prompts(family: ModelFamily, args: argparse.Namespace) -> ModelFamily:
         return family.with_prompts(args.prompt_list, "the command line")
     if getattr(args, "prompts", None) is None:
         raise UserFacingError(f"config {args.config} is a text-to-image model: pass --prompts FILE (one prompt per "
-                              f"line; condition i is line i)")
+                              f"line; condition i is line i; txt2img: --from_file FILE or --prompt TEXT)")
     return family.with_prompts(load_prompts(resolve(args.prompts)), str(args.prompts))
 
 
