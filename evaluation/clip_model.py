@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass
@@ -491,6 +492,9 @@ def load_clip(path: str | Path, *, config: str | Path | None = None, activation:
         raise CheckpointError(f"{where} does not match the transformers CLIPModel its config.json describes"
                               f" ({config_path}): {mismatch.summary()}")
     model.load_state_dict(sd, strict=True, assign=True)
+    if layout == "open_clip" and activation is None:   # not in the file: OpenAI's weights use quick-GELU, LAION's GELU
+        print(f"note: {where} does not record its activation; using quick_gelu (OpenAI weights); pass "
+              f"--clip_activation gelu for LAION-trained open_clip weights", file=sys.stderr)
     device = torch.device(device)
     model = model.float().to(device).eval().requires_grad_(False)
     text = model.text_config

@@ -18,6 +18,7 @@ before the model is loaded.
 """
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from evaluation.clip_model import ACTIVATIONS, LoadedCLIP, load_clip
 from evaluation.fidelity import Bootstrap
 from evaluation.npz_io import open_batch
+from ldm.data.prompts import load_prompts, prompts_fingerprint
 from ldm.fileio import file_sha256, write_json_atomic
 from ldm.util import ArgumentParser, UserFacingError, run_cli
 
@@ -37,24 +39,6 @@ RECORD_FORMAT, RECORD_VERSION = "ldm-ptq-clip-score", 1
 SCALE = 100.0
 CONVENTION = {"name": "torchmetrics CLIPScore", "formula": "100 * max(cos(image_features, text_features), 0)",
               "reference": "Hessel et al. 2021, CLIPScore, Eq. 1 with w = 100 (the paper uses w = 2.5)"}
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """The run's prompt list, read as pipeline.families.stable_diffusion.load_prompts reads it (evaluation/ may
-    not import pipeline/): one prompt per line, blank lines skipped, surrounding whitespace stripped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserFacingError(f"prompt file {path} does not exist; pass the prompt file the samples were made "
-                              f"from, one prompt per line") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserFacingError(f"prompt file {path} is unreadable ({type(e).__name__}); pass a UTF-8 text file, "
-                              f"one prompt per line") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UserFacingError(f"prompt file {path} holds no prompt; write one prompt per line")
-    return prompts
 
 
 def scores_from_features(image_features: torch.Tensor | np.ndarray,
@@ -162,6 +146,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_manifest(samples: Path, prompts, prompts_path) -> None:
+    """Step 7 records the prompt list its labels index (manifest.json beside samples.npz): another list would pair
+    images with the wrong prompts, so it is refused. Samples without a manifest (made elsewhere) are taken as given."""
+    manifest = Path(samples).with_name("manifest.json")
+    if not manifest.is_file():
+        return
+    try:
+        recorded = json.loads(manifest.read_text()).get("prompts")
+    except (OSError, ValueError):
+        return
+    if recorded is not None and recorded != prompts_fingerprint(prompts):
+        raise UserFacingError(f"{samples} was made from another prompt list than {prompts_path} (its manifest records "
+                              f"{recorded[:19]}…); pass the prompt file of that run")
+
+
 def _checked_inputs(args):
     """Every cheap refusal, before the model is loaded: flags, samples header and labels, prompts, CLIP path."""
     if args.batch_size < 1 or args.resamples < 1:
@@ -170,6 +169,7 @@ def _checked_inputs(args):
         raise UserFacingError(f"--json {args.json} is a directory; give a file name")
     batch = open_batch(args.samples, "sample", verify=False)
     prompts = load_prompts(args.prompts)
+    check_manifest(batch.path, prompts, args.prompts)
     labels = read_labels(batch.path, batch.n, len(prompts), Path(args.prompts))
     if not Path(args.clip).exists():
         raise UserFacingError(f"CLIP model path {args.clip} does not exist; pass a local open_clip / transformers "

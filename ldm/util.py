@@ -153,6 +153,12 @@ def load_checkpoint_file(path: str | os.PathLike, trust: bool = False, accept: t
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; {download_hint(path)}")
+    if path.suffix == ".safetensors":   # (v1-5 and fp16 SD files; the format holds tensors only: nothing to trust)
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path} is a .safetensors file: pip install safetensors to read it") from None
+        return {"state_dict": load_file(str(path))}
     trust = trust or trust_from_env()
     try:
         with torch.serialization.safe_globals(_allowed_globals()):

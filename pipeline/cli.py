@@ -107,6 +107,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "their CompVis uniform grid")
     p.add_argument("--plms", action="store_const", const=True, default=None,
                    help="sample with PLMS instead of DDIM (Stable Diffusion's and QNCD's sampler; η 0)")
+    p.add_argument("--ddim", dest="plms", action="store_const", const=False,
+                   help="sample with DDIM where the preset says PLMS (sd-v1)")
     p.add_argument("--corrected_grid", action="store_true",
                    help="the corrected grid instead of the original's (quad: rounded and de-duplicated, no repeated "
                         "timesteps; uniform: exactly --steps steps)")
@@ -355,8 +357,8 @@ def check_quant_args(args: argparse.Namespace) -> None:
     if args.policy not in POLICIES:
         raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
     check_bits(args)
-    check_positive(args, "weight_iters", "act_init_samples", "recon_batch_size", "cache_batch_size")
-    check_positive(args, "act_iters", "round_weight", minimum=0)
+    check_positive(args, "act_init_samples", "recon_batch_size", "cache_batch_size", "rs_batch_size")
+    check_positive(args, "weight_iters", "act_iters", "round_weight", minimum=0)   # 0: no reconstruction
     check_positive(args, "lr", "p", minimum=1e-12)
 
 

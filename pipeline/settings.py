@@ -36,7 +36,8 @@ class SamplingSettings:
         except ValueError as e:
             raise UserFacingError(f"--steps {self.steps}: {e}") from None
         if self.plms and self.eta != 0:
-            raise UserFacingError(f"--plms is deterministic: it needs --eta 0, got {self.eta:g}")
+            raise UserFacingError(f"PLMS (--plms, or the preset's plms: true) is deterministic: it needs --eta 0, "
+                                  f"got {self.eta:g}; pass --ddim for DDIM")
         object.__setattr__(self, "eta", float(self.eta))
         object.__setattr__(self, "scale", float(self.scale))
 

@@ -23,10 +23,11 @@ class TimestepDistribution(enum.Enum):
 
 
 def strided_steps(n_steps: int, k: int) -> list[int]:
-    """QNCD / Q-Diffusion ``--cali_st k``: the steps 0, S//k, 2·S//k, … (k of them) of an S-step chain."""
+    """Q-Diffusion / QNCD ``--cali_st k`` (``get_train_samples``): the steps 0, S//k, 2·S//k, … < S of an S-step
+    chain, i.e. the whole chain at stride S//k (25 steps for k = 20 or 25 of S = 50, as QNCD's SD set)."""
     if not 1 <= k <= n_steps:
         raise ValueError(f"--cali_st {k} must be between 1 and the {n_steps} sampling steps")
-    return [j * (n_steps // k) for j in range(k)]
+    return list(range(0, n_steps, n_steps // k))
 
 
 def draw_subset(n: int, n_steps: int, per_step: int, distribution: TimestepDistribution,

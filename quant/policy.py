@@ -2,7 +2,8 @@
 
 D²-DPM (spec d2dpm.md §3.2): ResBlock skip 1×1 convs and Downsample convs stay FP32; the first time-embedding
 Linear, the input conv and the output conv run at W8A8; every other Conv/Linear runs at the target bits.
-Q-Diffusion's "quantize everything" is the other policy.
+Q-Diffusion's "quantize everything" is the other policy; QNCD's released Stable Diffusion path (spec qncd_ptqd.md
+§A.4) quantizes everything but the transformer blocks (self-/cross-attention and GEGLU FF stay FP).
 """
 from __future__ import annotations
 
@@ -42,4 +43,9 @@ def quantize_all_policy(fqn: str, module: nn.Module) -> Precision:
     return Precision.TARGET if isinstance(module, QUANTIZABLE) else Precision.FP32
 
 
-POLICIES = {"d2dpm": d2dpm_policy, "all": quantize_all_policy}
+def qncd_sd_policy(fqn: str, module: nn.Module) -> Precision:
+    """QNCD's SD: every Conv/Linear at the target bits except inside the SpatialTransformers' transformer blocks."""
+    return Precision.FP32 if "transformer_blocks" in fqn.split(".") else quantize_all_policy(fqn, module)
+
+
+POLICIES = {"d2dpm": d2dpm_policy, "all": quantize_all_policy, "qncd-sd": qncd_sd_policy}

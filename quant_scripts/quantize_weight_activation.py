@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "streamed through the quantized model in shuffled chunks of 64 (Q-Diffusion / QNCD)")
     p.add_argument("--rs_sm_only", dest="running_stat", action="store_const", const="softmax",
                    help="--running_stat for the attention-softmax quantizers only (needs --sm_abit)")
+    p.add_argument("--rs_batch_size", type=int, default=quantize_activations.RS_BATCH,
+                   help="batch of the --running_stat EMA pass (Q-Diffusion / QNCD LDM: 64; QNCD SD: 1)")
     p.add_argument("--act_init_samples", type=int, default=ACT_INIT_SAMPLES)
     p.add_argument("--recon_batch_size", type=int, default=RECON_BATCH_SIZE)
     p.add_argument("--lr", type=float, default=LR)

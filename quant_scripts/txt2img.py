@@ -45,11 +45,14 @@ from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
 from pipeline.steps import txt2img  # noqa: E402
+from quant.calibration import strided_steps  # noqa: E402
+from quant.policy import POLICIES  # noqa: E402
 from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
                            quantize_weight, quantize_weight_activation)
 
 PRESET = "fashion-txt2img"
 N_SAMPLES = 3   # images per batch (CompVis)
+CALI_ST, CALI_N = 25, 128   # QNCD's README for SD: 128 latents at 25 steps (x 2: prompt and empty prompt)
 CUSTOM_STEPS, CUSTOM_SCALE = 50, 7.5   # CompVis / QNCD txt2img's defaults for --config/--ckpt (DDIM unless --plms)
 
 
@@ -71,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--ddim_steps", dest="steps", type=int, default=None,
                    help=f"sampling steps (default: the preset's; {CUSTOM_STEPS} for a --config/--ckpt model)")
     t.add_argument("--plms", action="store_const", const=True, default=None, help="PLMS instead of DDIM")
+    t.add_argument("--ddim", dest="plms", action="store_const", const=False, help="DDIM where the preset says PLMS")
     t.add_argument("--ddim_eta", dest="eta", type=float, default=None)
     t.add_argument("--scale", type=float, default=None, help=f"guidance scale against the empty prompt (default: "
                                                               f"the preset's; {CUSTOM_SCALE} for --config/--ckpt)")
@@ -93,7 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--quant_act", action="store_true", help="quantize the activations too (at --act_bit)")
     q.add_argument("--act_bit", type=int, default=8, choices=cli.A_BITS)
     q.add_argument("--quant_mode", default="qncd", choices=("qncd", "brecq", "qdiff", "linear", "symmetric"),
-                   help="qncd: smoothing + running statistics; the others: plain BRECQ")
+                   help="accepted, as QNCD's branch name: smoothing and running statistics are their own flags "
+                        "(--scale_split_static, --running_stat) there and here")
     q.add_argument("--scale_split_static", action="store_true", help="QNCD embedding-derived smoothing")
     q.add_argument("--split", action="store_true", help="Q-Diffusion shortcut splitting")
     q.add_argument("--running_stat", action="store_true", help="EMA activation ranges over the calibration set")
@@ -101,11 +106,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--sm_abit", type=int, default=None, help="bits of the attention matmuls (QNCD README: 16)")
     q.add_argument("--cond", action="store_true", help="accepted: text models calibrate with their prompts")
     q.add_argument("--no_grad_ckpt", action="store_true", help="no gradient checkpointing in reconstruction")
-    q.add_argument("--cali_st", type=int, default=None, help="calibration timesteps K (QNCD SD: 25 of 50)")
-    q.add_argument("--cali_n", type=int, default=None, help="calibration latents per timestep (QNCD SD: 128)")
-    q.add_argument("--cali_batch_size", type=int, default=None, help="reconstruction batch size")
-    q.add_argument("--cali_iters", type=int, default=None, help="AdaRound iterations per unit (QNCD: 20000)")
-    q.add_argument("--cali_iters_a", type=int, default=None, help="activation-step iterations (QNCD: 5000)")
+    q.add_argument("--cali_st", type=int, default=None, help=f"calibration timesteps K: every (S//K)-th step "
+                                                               f"(default {CALI_ST}, at most the steps)")
+    q.add_argument("--cali_n", type=int, default=CALI_N, help="calibration latents per timestep (QNCD SD: 128)")
+    q.add_argument("--cali_batch_size", type=int, default=None, help="batch of the --running_stat pass (QNCD: 1)")
+    q.add_argument("--policy", default="qncd-sd", choices=sorted(POLICIES),
+                   help="layers quantized: qncd-sd (QNCD's SD code: all but the transformer blocks), all, d2dpm")
+    q.add_argument("--cali_iters", type=int, default=None, help="AdaRound iterations per unit (default: none at W8, "
+                                                                 "as QNCD's W8A8; the preset's at W4)")
+    q.add_argument("--cali_iters_a", type=int, default=None, help="activation step-size iterations per unit "
+                                                                   "(default 0: QNCD's SD code has them off)")
     q.add_argument("--cali_lr", type=float, default=None, help="activation-step learning rate (QNCD: 4e-4)")
     q.add_argument("--cali_p", type=float, default=None, help="L_p of the reconstruction loss (QNCD: 2.4)")
     q.add_argument("--cali_ckpt", default=None, help="a quantized model from an earlier run (skips steps 1-3)")
@@ -123,43 +133,52 @@ def common_flags(args: argparse.Namespace) -> list[str]:
                         ("--scale", args.scale)):
         if value is not None:
             flags += [flag, str(value)]
-    return flags + (["--plms"] if args.plms else []) + (["--trust_checkpoint"] if args.trust_checkpoint else [])
+    loop = {True: ["--plms"], False: ["--ddim"], None: []}[args.plms]
+    return flags + loop + (["--trust_checkpoint"] if args.trust_checkpoint else [])
 
 
-def calibrate(args: argparse.Namespace, common: list[str], n_prompts: int) -> None:
-    """Step 1 with QNCD's counts: --cali_n latents x --cali_st steps x 2 branches, from the first prompts."""
-    cal = list(common)
-    if args.cali_n is not None:
-        held = max(1, args.cali_n // 8)                       # trajectories recorded for held-out inputs
-        traj = args.cali_n + held
-        per_prompt = math.ceil(traj / n_prompts)
-        used = min(n_prompts, traj)
-        k = args.cali_st or 1
-        cal += ["--calibration_classes", *map(str, range(used)), "--calibration_trajectories_per_class",
-                str(per_prompt), "--n", str(2 * k * args.cali_n), "--n_holdout", str(2 * k * held)]
-    if args.cali_st is not None:
-        cal += ["--cali_st", str(args.cali_st)]
+def calibrate(args: argparse.Namespace, common: list[str], n_prompts: int, steps: int) -> None:
+    """Step 1 with QNCD's counts: --cali_n latents at each of the --cali_st strided steps, each with its prompt's and
+    the empty prompt's embedding, from trajectories of the first --cali_n prompts (+ 1/8 more for held-out rows)."""
+    k = len(strided_steps(steps, args.cali_st))
+    held = max(1, args.cali_n // 8)
+    traj = args.cali_n + held
+    cal = common + ["--calibration_classes", *map(str, range(min(n_prompts, traj))),
+                    "--calibration_trajectories_per_class", str(math.ceil(traj / n_prompts)),
+                    "--n", str(2 * k * args.cali_n), "--n_holdout", str(2 * k * held), "--cali_st", str(args.cali_st)]
     collect_imagenet_calibration_set.main(cal)
 
 
-def quantize(args: argparse.Namespace, common: list[str], n_prompts: int) -> None:
-    mode = ["--quant_mode", "qncd" if args.quant_mode == "qncd" else "brecq"] + \
+def quantize(args: argparse.Namespace, common: list[str], n_prompts: int, steps: int) -> None:
+    """QNCD's released SD path (spec qncd_ptqd.md §A.4): per-channel weights, every layer but the transformer blocks
+    (policy qncd-sd); W8 round-to-nearest, W4 BRECQ/AdaRound (--cali_iters); activations from their initial ranges
+    (+ --running_stat EMA at batch --cali_batch_size), no step-size learning unless --cali_iters_a is given;
+    --scale_split_static smoothing. --quant_mode only names the branch: each feature is its own flag, as in QNCD."""
+    base = ["--policy", args.policy, "--channel_wise", "--quant_mode", "brecq"] + \
         (["--split"] if args.split else []) + (["--scale_split_static"] if args.scale_split_static else []) + \
-        (["--no_grad_ckpt"] if args.no_grad_ckpt else []) + \
-        (["--recon_batch_size", str(args.cali_batch_size)] if args.cali_batch_size else [])
-    calibrate(args, common, n_prompts)
-    quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + mode +
-                         (["--weight_iters", str(args.cali_iters)] if args.cali_iters else []))
+        (["--no_grad_ckpt"] if args.no_grad_ckpt else [])
+    calibrate(args, common, n_prompts, steps)
+    iters = args.cali_iters if args.cali_iters is not None else 0 if args.weight_bit == 8 else None
+    quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + base +
+                         (["--weight_iters", str(iters)] if iters is not None else []))
     if not args.quant_act:
         return
-    act = ["--a_bits", str(args.act_bit)] + (["--sm_abit", str(args.sm_abit)] if args.sm_abit else []) + \
-        (["--running_stat"] if args.running_stat else []) + (["--rs_sm_only"] if args.rs_sm_only else [])
-    for flag, value in (("--act_iters", args.cali_iters_a), ("--lr", args.cali_lr), ("--p", args.cali_p)):
+    act = ["--a_bits", str(args.act_bit), "--act_iters", str(args.cali_iters_a or 0)] + sm_abit_flags(args) + \
+        (["--running_stat"] if args.running_stat else []) + (["--rs_sm_only"] if args.rs_sm_only else []) + \
+        (["--rs_batch_size", str(args.cali_batch_size)] if args.cali_batch_size else []) + \
+        ["--act_init_samples", str(min(2 * len(strided_steps(steps, args.cali_st)) * args.cali_n, 256))]
+    for flag, value in (("--lr", args.cali_lr), ("--p", args.cali_p)):
         if value is not None:
             act += [flag, str(value)]
-    if args.cali_n is not None:
-        act += ["--act_init_samples", str(min(2 * (args.cali_st or 1) * args.cali_n, 256))]   # ≤ the set
-    quantize_weight_activation.main(common + ["--w_bits", str(args.weight_bit)] + mode + act)
+    quantize_weight_activation.main(common + ["--w_bits", str(args.weight_bit)] + base + act)
+
+
+def sm_abit_flags(args: argparse.Namespace) -> list[str]:
+    """--sm_abit reaches the model only where attention is quantized: under qncd-sd the transformer blocks run in FP,
+    as in QNCD's released SD code, whose attention matmuls are never quantized (the flag is accepted, as there)."""
+    if not args.sm_abit or not args.quant_act or args.policy == "qncd-sd":
+        return []
+    return ["--sm_abit", str(args.sm_abit)]
 
 
 def place_cali_ckpt(args: argparse.Namespace, ns: argparse.Namespace) -> None:
@@ -186,8 +205,7 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
     cli.add_output_args(p, seed=args.seed, force=None)
     sampler = ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                       if args.reverse_interval is not None else []) if args.sample_reverse else []
-    ns = p.parse_args(common + sampler + (["--sm_abit", str(args.sm_abit)] if args.sm_abit and args.quant_act
-                                          else []))
+    ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []))
     cli.apply_preset(ns, PRESET)
     for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
         setattr(ns, key, getattr(args, key))
@@ -212,6 +230,7 @@ def main(argv=None) -> None:
         args.scale = CUSTOM_SCALE if args.scale is None else args.scale
     common = common_flags(args)
     ns = sampling_namespace(args, common)
+    cli.check_sampling_args(ns)
     _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work
     if not family.takes_prompts:
         raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
@@ -220,12 +239,16 @@ def main(argv=None) -> None:
         cli.check_sampling_args(ns)
         place_cali_ckpt(args, ns)
     elif args.ptq:
-        quantize(args, common, len(family.prompts))
+        if args.prompt is not None:
+            raise UserFacingError("--ptq calibrates on a prompt list: pass --from_file FILE (or use the preset's "
+                                  "prompts) instead of --prompt")
+        args.cali_st = args.cali_st or min(CALI_ST, ns.settings.steps)
+        quantize(args, common, len(family.prompts), ns.settings.steps)
     txt2img.run(ns)
     if args.eval is not None:
         flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
                           if args.ptq else ["--sampler", "fp32"])
-        flags += (["--sm_abit", str(args.sm_abit)] if args.ptq and args.sm_abit else [])
+        flags += sm_abit_flags(args) if args.ptq else []
         if args.sample_reverse:
             flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                              if args.reverse_interval else [])

@@ -203,16 +203,19 @@ def test_qncd_readme_command_end_to_end(text_model, tmp_path, txt2img):
                    "qncd", "--quant_act", "--act_bit", 8, "--cali_st", 4, "--cali_batch_size", 1, "--cali_n", 4,
                    "--no_grad_ckpt", "--ptq", "--scale_split_static", "--sample_reverse", "--reverse_interval", 10,
                    "--running_stat", "--sm_abit", 16, "--from_file", prompts, "--n_samples", 2, "--ddim_steps", 8,
-                   "--scale", 7.5, "--cali_iters", 2, "--cali_iters_a", 2, "--outdir", tmp_path / "out", "-l", runs)
+                   "--scale", 7.5, "--outdir", tmp_path / "out", "-l", runs)
     assert proc.returncode == 0, proc.stderr
     run = runs / "custom" / "scale7.5_eta0_steps8_plms"
     cal = load_artifact(run / "calibration.pt", "calibration", {})
     assert cal["meta"]["plms"] and cal["meta"]["cali_st"] == 4
     assert sorted(set(cal["t"].tolist())) == [126, 376, 626, 876]    # steps 0, 2, 4, 6 of 8 (0: t 876)
     assert len(cal["t"]) == 2 * 4 * 4 and cal["c"].shape[1:] == (77, 16)   # cali_n x cali_st x (prompt, "")
-    q = load_artifact(run / "w8a8sm16" / "quant_w8a8sm16.pt", "quant", {})["meta"]
-    assert (q["w_bits"], q["a_bits"], q["sm_abit"], q["smoothing"], q["running_stat"]) == (8, 8, 16, "code", "all")
-    assert q["recon_batch_size"] == 1 if "recon_batch_size" in q else True
+    # QNCD's released SD path: per-channel W8 without reconstruction, transformer blocks in FP (so --sm_abit has
+    # nothing to quantize, as there), no step-size learning, EMA ranges at batch --cali_batch_size, smoothing
+    q = load_artifact(run / "w8a8" / "quant_w8a8.pt", "quant", {})["meta"]
+    assert (q["w_bits"], q["a_bits"], q["sm_abit"], q["smoothing"], q["running_stat"]) == (8, 8, None, "code", "all")
+    assert (q["policy"], q["channel_wise"], q["weight_iters"], q["act_iters"], q["rs_batch_size"]) == \
+        ("qncd-sd", True, 0, 0, 1)
     assert "qncd" in proc.stdout and len(list((tmp_path / "out" / "samples").glob("*.png"))) == 3
 
 
@@ -279,3 +282,16 @@ def test_txt2img_refuses_a_class_model(tiny_checkpoints, tmp_path, txt2img):
     cfg, ckpt = tiny_checkpoints["cond"]
     line = error_line(txt2img("--config", cfg, "--ckpt", ckpt, "--prompt", "a bag", "--outdir", tmp_path / "o"))
     assert "txt2img needs a text-to-image model" in line
+
+
+def test_safetensors_without_the_package_is_one_line(text_model, tmp_path, txt2img):
+    try:
+        import safetensors  # noqa: F401
+        pytest.skip("safetensors is installed: the file would be read")
+    except ImportError:
+        pass
+    cfg_path, _, prompts, _ = text_model
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    line = error_line(txt2img("--config", cfg_path, "--ckpt", f, "--from_file", prompts, "--outdir", tmp_path / "o"))
+    assert "pip install safetensors" in line

@@ -27,7 +27,8 @@ def _images_from_batch(batch: dict, key: str) -> torch.Tensor:
 
 
 class VQModel(pl.LightningModule):
-    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="", image_key="image",
+    def __init__(self, ddconfig, lossconfig, n_embed, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="",
+                 image_key="image",
                  colorize_nlabels=None, monitor=None, batch_resize_range=None, scheduler_config=None,
                  lr_g_factor=1.0, remap=None, sane_index_shape=False, use_ema=False, codebook_restart_every=0):
         super().__init__()
@@ -144,7 +145,8 @@ class VQModelInterface(VQModel):
 
 
 class AutoencoderKL(pl.LightningModule):
-    def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="", image_key="image",
+    def __init__(self, ddconfig, lossconfig, embed_dim, ckpt_path=None, ignore_keys=(), ckpt_prefix="",
+                 image_key="image",
                  colorize_nlabels=None, monitor=None):
         super().__init__()
         if not ddconfig["double_z"]:

@@ -5,45 +5,22 @@ Conditions are indices into the run's **prompt list** (one prompt per line of ``
 the preset's file): condition i is prompt i, guided against the empty prompt. So every step works for text exactly as
 for classes: step 7's plan gives sample j the prompt j mod P (each caption once for P = N, the MS-COCO protocol),
 samples.npz's labels are prompt indices, the calibration set holds the text embeddings of each input, and the
-prompt list's SHA-256 is in every artifact's meta (a quantized model calibrated on other prompts is refused).
+prompt list's SHA-256 is in the meta of what depends on it (the calibration set, the noise statistics, step 7's
+manifest), so a set made from other prompts is remade, not reused.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from ldm.data.prompts import load_prompts, prompts_fingerprint  # noqa: F401  (re-exported)
 from ldm.sample import Conditioner
 from ldm.util import ConfigError, UserFacingError
 from pipeline.families.base import config_target
 from pipeline.families.compvis_ldm import _cond_stage, _LatentDiffusion
-
-
-def load_prompts(path: str | Path) -> tuple[str, ...]:
-    """One prompt per line (MS-COCO caption files as QNCD reads them: ``val_ann.txt``); blank lines are skipped,
-    surrounding whitespace stripped. An unreadable or empty file stops with one line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserFacingError(f"prompt file {path} does not exist; pass a text file with one prompt per line") \
-            from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserFacingError(f"prompt file {path} is unreadable ({type(e).__name__}: "
-                              f"{getattr(e, 'strerror', None) or e}); pass a UTF-8 text file, one prompt per line") \
-            from None
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    if not prompts:
-        raise UserFacingError(f"prompt file {path} holds no prompt; write one prompt per line")
-    return prompts
-
-
-def prompts_fingerprint(prompts: Sequence[str]) -> str:
-    return "sha256:" + hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
 
 
 class TextToImageLDM(_LatentDiffusion):

@@ -25,8 +25,7 @@ def run(args: argparse.Namespace) -> None:
     meta = {**cli.model_meta(args), "distribution": args.distribution, "n": args.n, "n_holdout": args.n_holdout,
             "seed": args.seed, "trajectories_per_condition": args.calibration_trajectories_per_class,
             "batch_size": args.batch_size, **cli.model_family(args)[1].run_meta()}  # a text model: its prompts
-    if getattr(args, "cali_st", None) is not None:
-        meta["cali_st"] = args.cali_st   # only when set: sets recorded before the flag keep their keys
+    meta["cali_st"] = getattr(args, "cali_st", None)   # (a set recorded before the flag reads as None: it matches)
     classes = getattr(args, "calibration_classes", None)
     # None = every class (a set recorded before this key existed reads as None too, and still matches)
     meta["classes"] = None if classes is None else sorted(set(classes))

@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> None:
     out = layout.noise_stats(tag)
     check_present([UNCORRECTED], layout, tag)  # one line before any model is loaded
     meta = {**quant_expect(base, tag), "quant": file_fingerprint(layout.quant(tag)), "n": args.stats_samples,
-            "seed": args.seed, "batch_size": args.batch_size, "outlier_k": float(args.outlier_k)}
+            "seed": args.seed, "batch_size": args.batch_size, "outlier_k": float(args.outlier_k),
+            **cli.model_family(args)[1].run_meta()}   # a text model: the prompts its trajectories follow
     if is_current(out, NOISE_STATS_KIND, meta, args.force, "these statistics"):
         return
     cli.ensure_writable_dir(out.parent)

@@ -37,6 +37,9 @@ def activation_meta(args: argparse.Namespace, w_meta: dict, w_path) -> dict:
             "act_iters": args.act_iters, "act_init_samples": args.act_init_samples, "act_cache_dtype": args.cache_dtype,
             "act_batch_size": args.recon_batch_size, "act_lr": args.lr, "act_p": args.p, "act_seed": args.seed,
             "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {}),
+            # (only when not the default, so artifacts made before the flag keep their keys)
+            **({"rs_batch_size": args.rs_batch_size} if args.running_stat and args.rs_batch_size != RS_BATCH
+               else {}),
             # recorded when not D²-DPM's FP inputs / the default cache pass (earlier artifacts stay current)
             **({"act_inputs": args.act_inputs} if args.act_inputs != "fp" else {}),
             **({"act_cache_batch_size": args.cache_batch_size}
@@ -52,7 +55,7 @@ def running_stat_(qm, data, args: argparse.Namespace) -> None:
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + 1))
     shuffled = data.rows(order)
     qm.set_quant_state(weight=True, act=True)
-    qm.ema_activation_ranges_(tqdm(shuffled.batches(RS_BATCH), total=-(-len(data) // RS_BATCH),
+    qm.ema_activation_ranges_(tqdm(shuffled.batches(args.rs_batch_size), total=-(-len(data) // args.rs_batch_size),
                                    desc="running stat", unit="batch"),
                               momentum=RS_MOMENTUM, softmax_only=args.running_stat == "softmax")
 

@@ -68,12 +68,14 @@ def quantize_and_save(args: argparse.Namespace, meta: dict, unet: torch.nn.Modul
     sqnr_nearest = sqnr.wrap(sqnr_db)(qm, held)
     granularity = "per-channel" if args.channel_wise else "per-tensor"
     print(f"[{args.preset_used}] W{args.w_bits} ({args.policy}, {granularity}): round-to-nearest SQNR "
-          f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; reconstructing with "
-          f"{args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, on {device}")
+          f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; " +
+          (f"reconstructing with {args.weight_iters} AdaRound iterations per unit, batch {args.recon_batch_size}, "
+           f"on {device}" if args.weight_iters else "no reconstruction (--weight_iters 0: QNCD's W8)"))
     cfg = ReconConfig(iters=args.weight_iters, batch_size=args.recon_batch_size, round_weight=args.round_weight,
                       cache=cli.cache_spec(args), cache_batch_size=args.cache_batch_size, seed=args.seed)
     units: list[dict] = []
-    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units)
+    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units) \
+        if args.weight_iters else []
     sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
     meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
     state = quantized_state(qm, bool(args.smoothing))
@@ -82,5 +84,6 @@ def quantize_and_save(args: argparse.Namespace, meta: dict, unet: torch.nn.Modul
     save_timing(out, seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds, held_out=len(held),
                 units=units)
     finish_partial(out)
-    print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB -> AdaRound {sqnr_ada:.2f} dB "
-          f"({len(summaries)} units, {time.time() - t0:.0f} s); wrote {out}")
+    after = f" -> AdaRound {sqnr_ada:.2f} dB ({len(summaries)} units" if summaries else " (no reconstruction"
+    print(f"W{args.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, {time.time() - t0:.0f} s); "
+          f"wrote {out}")

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     text = {"config": str(args.config), "ckpt": base["ckpt"], "steps": str(settings.steps), "eta": f"{settings.eta:g}",
             "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "loop": settings.loop,
             "bits": str(tag) if quantized else "fp32"}
-    t0, images = time.time(), []
+    t0, images, n_done = time.time(), [], 0
     with family.ema_scope(model):
         for b, conditions in enumerate(plan):
             x = to_uint8(sample_images(family, model, conditions, settings=settings, batch_size=len(conditions),
@@ -86,11 +86,13 @@ def run(args: argparse.Namespace) -> None:
                 for img, c in zip(x, conditions):
                     save_png(img, sample_dir / f"{count:05}.png", text={**text, "prompt": family.prompt(c)})
                     count += 1
-            images.append(x)
+            if not args.skip_grid:   # (5,000 captions at 512² would otherwise be held in memory for nothing)
+                images.append(x)
+            n_done += len(x)
             print(f"batch {b + 1}/{len(plan)} done ({time.time() - t0:.1f} s)")
     if not args.skip_grid:
         grid_path = outdir / f"grid-{next_index(outdir, 'grid-*.png'):04}.png"
         save_png(make_grid(np.concatenate(images), nrow=args.n_rows or args.n_samples), grid_path,
                  text={**text, "prompts": " | ".join(dict.fromkeys(family.prompt(c) for b in plan for c in b))})
         print(f"wrote {grid_path}")
-    print(f"your samples are ready in {outdir} ({sum(map(len, images))} images, {time.time() - t0:.1f} s)")
+    print(f"your samples are ready in {outdir} ({n_done} images, {time.time() - t0:.1f} s)")
