@@ -128,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def common_flags(args: argparse.Namespace) -> list[str]:
     """Model, prompts and sampler settings, as every step script takes them."""
     flags = ["--outdir", args.logdir, "--device", args.device]
+    if args.preset is None and args.config is None and args.ckpt is None:
+        flags += ["--preset", PRESET]   # the step scripts' own default preset is the class model
     for flag, value in (("--preset", args.preset), ("--config", args.config), ("--ckpt", args.ckpt),
                         ("--prompts", args.from_file), ("--steps", args.steps), ("--eta", args.eta),
                         ("--scale", args.scale)):

@@ -295,3 +295,10 @@ def test_safetensors_without_the_package_is_one_line(text_model, tmp_path, txt2i
     f.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     line = error_line(txt2img("--config", cfg_path, "--ckpt", f, "--from_file", prompts, "--outdir", tmp_path / "o"))
     assert "pip install safetensors" in line
+
+
+def test_txt2img_defaults_to_the_embedded_text_model(tmp_path, txt2img):
+    proc = txt2img("--prompt", "a photo of a bag", "--n_samples", 2, "--ddim_steps", 5, "--outdir", tmp_path / "o",
+                   "-l", tmp_path / "runs", "--no_progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "[fashion-txt2img]" in proc.stdout and len(list((tmp_path / "o" / "samples").glob("*.png"))) == 2
