@@ -4,8 +4,9 @@ model of its structure, offline and on CPU or CUDA.
     # the embedded text default (no download): FP32, then QNCD's W8A8 recipe
     python quant_scripts/txt2img.py --prompt "a photo of a bag" --n_samples 4
     python quant_scripts/txt2img.py --plms --cond --weight_bit 8 --quant_mode qncd --quant_act --act_bit 8 \\
-        --cali_st 10 --cali_batch_size 1 --cali_n 16 --no_grad_ckpt --ptq --scale_split_static --sample_reverse \\
-        --reverse_interval 10 --running_stat --sm_abit 16 --from_file configs/prompts/fashion.txt --n_samples 2
+        --cali_st 25 --cali_batch_size 1 --cali_n 128 --no_grad_ckpt --ptq --scale_split_static --sample_reverse \\
+        --reverse_interval 10 --running_stat --sm_abit 16 --from_file configs/prompts/fashion.txt --n_samples 2 \\
+        --ddim_steps 50      # (the preset samples 20 steps; --cali_st 25 needs at least 25)
     # QNCD's README command on SD v1.4 (bring sd-v1-4.ckpt and the MS-COCO caption file):
     python quant_scripts/txt2img.py --preset sd-v1 --ckpt sd-v1-4.ckpt --plms --cond --weight_bit 8 \\
         --quant_mode qncd --quant_act --act_bit 8 --cali_st 25 --cali_batch_size 1 --cali_n 128 --no_grad_ckpt \\
