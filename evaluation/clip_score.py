@@ -33,7 +33,7 @@ from evaluation.fidelity import Bootstrap
 from evaluation.npz_io import open_batch
 from ldm.data.prompts import load_prompts, prompts_fingerprint
 from ldm.fileio import file_sha256, write_json_atomic
-from ldm.util import ArgumentParser, UserFacingError, run_cli
+from ldm.util import ArgumentParser, UserFacingError, parse_device, run_cli
 
 RECORD_FORMAT, RECORD_VERSION = "ldm-ptq-clip-score", 1
 SCALE = 100.0
@@ -134,18 +134,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserFacingError(f"--device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserFacingError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def check_manifest(samples: Path, prompts, prompts_path) -> None:
     """Step 7 records the prompt list its labels index (manifest.json beside samples.npz): another list would pair
     images with the wrong prompts, so it is refused. Samples without a manifest (made elsewhere) are taken as given."""
@@ -174,7 +162,7 @@ def _checked_inputs(args):
     if not Path(args.clip).exists():
         raise UserFacingError(f"CLIP model path {args.clip} does not exist; pass a local open_clip / transformers "
                               f"CLIP checkpoint (nothing is downloaded)")
-    return batch, prompts, labels, pick_device(args.device)
+    return batch, prompts, labels, parse_device(args.device)
 
 
 def main(argv=None) -> dict:

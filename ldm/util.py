@@ -119,6 +119,19 @@ def load_config(path: str | os.PathLike) -> Any:
 # Checkpoints
 
 
+def parse_device(name: str) -> torch.device:
+    """``--device``: auto (CUDA when present), cpu, cuda, cuda:N; one-line errors for a bad name or absent CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserFacingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserFacingError(f"device '{name}' asked for, but CUDA is not available; use --device cpu")
+    return device
+
+
 def download_hint(path: Path) -> str:
     """How to get a missing checkpoint: the download command for the released ones, else a pointer to --ckpt."""
     name = path.parent.name

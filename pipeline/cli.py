@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ldm.fileio import file_fingerprint
-from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_hint, load_config
+from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_hint, load_config, parse_device
 from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
@@ -167,14 +167,7 @@ def sampler_help(default: str) -> str:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserFacingError(f"unknown device '{name}'; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserFacingError(f"device '{name}' asked for, but CUDA is not available; use --device cpu")
+    device = parse_device(name)
     if device.type == "cuda":
         exact_cuda_numerics()
     return device
