@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from quant.policy import Precision
 from quant.quantizer import (QScheme, adaround_fake_quant, adaround_init_alpha, choose_qparams, fake_quant,
-                             rounded_fake_quant)
+                             quantize, rounded_fake_quant)
 
 
 class WeightRounding(enum.Enum):
@@ -125,6 +125,20 @@ class QuantLayer(nn.Module):
             return rounded_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.round_up, s.qmin, s.qmax)
         return adaround_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.alpha, s.qmin, s.qmax,
                                    hard=False)
+
+    @torch.no_grad()
+    def weight_codes(self) -> torch.Tensor:
+        """The unsigned integer grid values of the quantized weight (int64, 0..2^b − 1): what the packed export
+        stores and the integer kernels multiply."""
+        s = self.w_scheme
+        if self.rounding is WeightRounding.NEAREST:
+            q = quantize(self.weight, self.w_scale, self.w_zero_point, s.qmin, s.qmax)
+        elif self.rounding is WeightRounding.ADAROUND_HARD:
+            q = torch.clamp(torch.floor(self.weight / self.w_scale) + self.round_up.to(self.weight.dtype)
+                            + self.w_zero_point, s.qmin, s.qmax)
+        else:
+            raise ValueError("soft AdaRound rounding has no integer codes; finish reconstruction (harden_) first")
+        return (q - s.qmin).round().long()  # shift signed grids to 0..2^b − 1
 
     def _weight_for_forward(self) -> torch.Tensor:
         """The fake-quantized weight; without autograd it is computed once and reused until the weight, its
