@@ -272,16 +272,28 @@ def adapt_checkpoint(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> dic
 
 def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust: bool = False,
                            strict: bool = True, device: str | torch.device = "cpu",
-                           config_name: str = "config") -> torch.nn.Module:
+                           config_name: str = "config", exclude_prefix: str | tuple[str, ...] | None = None
+                           ) -> torch.nn.Module:
     """Instantiate ``config.model`` and load ``ckpt`` into it (eval mode, on ``device``).
 
-    ``ckpt=None`` keeps the random initialisation (for tests and benchmarks).
+    ``ckpt=None`` keeps the random initialisation (for tests and benchmarks). ``exclude_prefix``: the checkpoint's
+    keys under it (a prefix or a tuple of them) are not loaded and the model's are left as initialised, for the caller
+    to fill from another file (a packed quantized UNet: ``model.diffusion_model.``); every other key is still checked
+    strictly.
     """
     model = instantiate_from_config(config.model)
     if ckpt is not None:
         raw = load_checkpoint_file(ckpt, trust=trust)
         sd = adapt_checkpoint(model, state_dict_from_checkpoint(raw, ckpt))
-        load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name)
+        if exclude_prefix:
+            sd = {k: v for k, v in sd.items() if not k.startswith(exclude_prefix)}
+            mismatch = compare_state_dict(model, sd)
+            mismatch.missing = [m for m in mismatch.missing if not m[0].startswith(exclude_prefix)]
+            if mismatch.shape or (strict and mismatch):
+                raise CheckpointError(f"checkpoint {ckpt} does not match {config_name}: {mismatch.summary()}")
+            model.load_state_dict(sd, strict=False)
+        else:
+            load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name)
         model.global_step_loaded = raw.get("global_step")
     return model.to(device).eval()
 

@@ -16,6 +16,7 @@ from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_
 from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
+from pipeline.packed import Execution
 from pipeline.sampler_spec import LISTED, SamplerSpec
 from pipeline.settings import SamplingSettings, grid_name
 
@@ -140,6 +141,32 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str, w_bits: int, a_bi
     add_bits_args(p, w_bits, a_bits)
 
 
+def add_execution_args(p: argparse.ArgumentParser) -> None:
+    """--packed FILE (the quantized UNet from a packed export alone) and --execution fake|integer."""
+    p.add_argument("--packed", default=None, metavar="FILE",
+                   help="the quantized UNet from this packed file (quant_scripts/export_packed.py) instead of the "
+                        "quant artifact and the checkpoint's UNet weights; the first stage and the conditioning "
+                        "encoder still come from --ckpt")
+    p.add_argument("--execution", choices=[e.value for e in Execution], default=Execution.FAKE.value,
+                   help="fake: fake-quant emulation (the research code's arithmetic); integer: int8 kernels for "
+                        "every layer they compute exactly (quant.integer; oneDNN on x86, torch._int_mm on CUDA)")
+
+
+def check_execution_args(args: argparse.Namespace) -> None:
+    """--packed needs a quantized sampler and names an existing file; sets args.execution_mode and the step-7
+    folder suffix args.variant_suffix."""
+    args.execution = getattr(args, "execution", Execution.FAKE.value)
+    args.packed = packed = getattr(args, "packed", None)
+    args.execution_mode = Execution(args.execution)
+    if packed is not None:
+        if not Path(packed).is_file():
+            raise UserFacingError(f"--packed {packed}: no such file; write it with quant_scripts/export_packed.py")
+        if getattr(args, "compare", False) or not args.spec.quantized:
+            raise UserFacingError("--packed replaces the checkpoint's UNet weights, so no FP32 sampler can run beside "
+                                  "it; drop --compare / use a quantized --sampler, or drop --packed")
+    args.variant_suffix = ("-packed" if packed else "") + ("-int" if args.execution_mode is Execution.INTEGER else "")
+
+
 def add_probe_args(p: argparse.ArgumentParser) -> None:
     """QNCD's sampling-time flags (spec qncd_ptqd.md A.5), as a modifier of ``--sampler``."""
     p.add_argument("--sample_reverse", action="store_true",
@@ -228,7 +255,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFam
     """(family, model): the checkpoint loaded strictly into the family's model, in eval mode on ``device``."""
     config, family = model_family(args)
     model = family.load(config, resolve(args.ckpt), device=device, trust=args.trust_checkpoint,
-                        config_name=f"config {args.config}")
+                        config_name=f"config {args.config}", without_unet=getattr(args, "packed", None) is not None)
     if hasattr(args, "settings"):
         args.settings.check_num_timesteps(model.num_timesteps)
         family.use_grid(model, args.settings.grid)

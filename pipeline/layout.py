@@ -105,12 +105,17 @@ class RunLayout:
     def grids(self, tag: QuantTag | str) -> Path:
         return self.model_dir(tag) / "samples"
 
+    def packed(self, tag: QuantTag) -> Path:
+        """The packed (integer-coded) export of ``quant(tag)`` (``quant_scripts/export_packed.py``)."""
+        return self.model_dir(tag) / f"packed_{tag}.pt"
+
     def eval_samples(self, tag: QuantTag | str, sampler: str, n: int, seed: int,
-                     classes: tuple[int, ...] | None = None) -> Path:
+                     classes: tuple[int, ...] | None = None, variant: str = "") -> Path:
         """Step 7's folder (the evaluation protocol: N class-balanced samples from one base seed; a class subset,
-        not comparable with the full protocol, is named in the folder)."""
+        not comparable with the full protocol, is named in the folder; ``variant``: how the quantized UNet was
+        loaded and run, e.g. ``-int`` for integer kernels, ``-packed`` from a packed file)."""
         subset = "" if classes is None else "_classes" + "-".join(str(c) for c in classes)
-        return self.model_dir(tag) / f"samples_{sampler}_n{n}_seed{seed}{subset}"
+        return self.model_dir(tag) / f"samples_{sampler}{variant}_n{n}_seed{seed}{subset}"
 
     def elsewhere(self, path: Path) -> str:
         """' (it exists for other settings: sample with --steps 20 --eta 0 --scale 3)' when the same file exists in

@@ -30,6 +30,7 @@ from ldm.models.diffusion.ddim import ModelFn, StepCorrection, model_schedule
 from pipeline.artifacts import ArtifactMismatch, load_artifact
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, RunLayout
+from pipeline.packed import EXPORT_SCRIPT, Execution, apply_execution, load_packed_model
 from pipeline.quantize import QUANT_KIND, QUANT_SCRIPT, load_quant_model
 from pipeline.sampler_spec import FitKind, Method, SamplerSpec
 from pipeline.settings import SamplingSettings
@@ -118,10 +119,12 @@ def fit_path(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> tuple[Path,
     return None
 
 
-def required_artifacts(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> list[tuple[Path, str, str]]:
-    """(path, kind, the script that makes it) of every artifact ``spec`` reads, in pipeline order."""
+def required_artifacts(spec: SamplerSpec, layout: RunLayout, tag: QuantTag, packed: bool = False
+                       ) -> list[tuple[Path, str, str]]:
+    """(path, kind, the script that makes it) of every artifact ``spec`` reads, in pipeline order (``packed``: the
+    quantized UNet comes from a packed file the caller names, not from the run's quant artifact)."""
     out = []
-    if spec.quantized:
+    if spec.quantized and not packed:
         out.append((layout.quant(tag), QUANT_KIND, f"{QUANT_SCRIPT} {tag.flags}"))
     fit = fit_path(spec, layout, tag)
     if fit is not None:
@@ -129,11 +132,11 @@ def required_artifacts(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> l
     return out
 
 
-def check_present(specs: Iterable[SamplerSpec], layout: RunLayout, tag: QuantTag) -> None:
+def check_present(specs: Iterable[SamplerSpec], layout: RunLayout, tag: QuantTag, packed: bool = False) -> None:
     """Stop with one line naming the first missing artifact and the script that makes it: cheap (no model is
     loaded), so a script calls it before it creates folders or loads anything."""
     for spec in specs:
-        for path, kind, script in required_artifacts(spec, layout, tag):
+        for path, kind, script in required_artifacts(spec, layout, tag, packed):
             if not path.is_file():
                 what = f"{tag.title()} quantized model" if kind == QUANT_KIND else f"{kind} artifact"
                 if kind != QUANT_KIND and not layout.noise_stats(tag).is_file():
@@ -180,27 +183,35 @@ def quant_expect(expect: dict[str, Any], tag: QuantTag) -> dict[str, Any]:
 
 
 def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayout, tag: QuantTag,
-                  expect: dict[str, Any]) -> Variant:
+                  expect: dict[str, Any], packed: Path | None = None,
+                  execution: Execution = Execution.FAKE) -> Variant:
     """Load and check everything ``spec`` needs. ``model`` is the loaded FP model of ``family``; ``expect`` is
     ``pipeline.cli.model_meta`` (model, ckpt, steps, eta, scale) that every artifact must match, together with the
-    bits of ``tag`` and the model's DDIM grid for these steps and η."""
-    check_present([spec], layout, tag)
+    bits of ``tag`` and the model's DDIM grid for these steps and η. ``packed``: the quantized UNet comes from this
+    packed file (``pipeline.packed``) instead of the quant artifact and the checkpoint's UNet weights (``model``
+    then loaded ``without_unet``). ``execution``: fake-quant or integer kernels."""
+    check_present([spec], layout, tag, packed=packed is not None)
     if not spec.quantized:
         return Variant(spec, family.model_fn(model))
-    qpath = layout.quant(tag)
+    qpath = layout.quant(tag) if packed is None else Path(packed)
     qwant = quant_expect(expect, tag)
-    qscript = f"{QUANT_SCRIPT} {tag.flags}"
+    qscript = f"{QUANT_SCRIPT} {tag.flags}" if packed is None else f"{EXPORT_SCRIPT} {tag.flags}"
     with family.ema_scope(model):
-        qm, qmeta = load_quant_model(family.unet(model), qpath, qwant, qscript)
+        if packed is None:
+            qm, qmeta = load_quant_model(family.unet(model), qpath, qwant, qscript)
+        else:
+            qm, qmeta = load_packed_model(family.unet(model), qpath, qwant)
+    apply_execution(qm, execution)
     grid = ddim_timesteps(model, expect["steps"], expect["eta"])
     if "timesteps" in qmeta and list(qmeta["timesteps"]) != grid:
         raise ArtifactMismatch(f"{qpath} was calibrated on another DDIM grid than the model's {expect['steps']}-step "
                                f"one; rerun {qscript}")
-    artifacts, fit = {"quant": qpath}, None
+    artifacts, fit = {"quant" if packed is None else "packed": qpath}, None
     found = fit_path(spec, layout, tag)
     if found is not None:
         fpath, kind = found
-        fwant = {**qwant, "timesteps": grid, "quant": file_fingerprint(qpath)}
+        # a packed file names the quant artifact it was packed from: the fits made on that model accept it
+        fwant = {**qwant, "timesteps": grid, "quant": file_fingerprint(qpath) if packed is None else qmeta["quant"]}
         if kind == GAUSSIAN_KIND:
             fwant["granularity"] = spec.granularity.value
         try:

@@ -1,36 +1,39 @@
-"""Packed export of a quantized UNet: the integer weights as they would be stored for deployment, so the model size
-in reports is measured on a real file, not computed.
+"""Packed export of a quantized UNet: the integer weights as they are stored for deployment, and everything else an
+inference UNet needs, so that the file alone (without the FP32 UNet weights) rebuilds the quantized model.
 
-    packed = pack_quant_model(qm)           # {"layers": {fqn: {...}}, "fp": {name: tensor}}
-    save_atomic(packed, "unet_w4.pt")       # 4-bit codes two per byte, 8-bit one per byte
-    weights = unpack_weights(packed)        # {fqn.weight: dequantized tensor} == the fake-quantized weights
+    packed = pack_quant_model(qm)                     # payload below; the pipeline adds the meta and writes it
+    qm = load_packed(unet, packed, config, filter)    # over any UNet of the same structure (its weights overwritten)
+    weights = unpack_weights(packed)                  # {fqn.weight: dequantized tensor} == the fake-quantized weights
 
-Each quantized layer stores its integer codes q = clamp(floor(W/Δ) + h + z) (h: AdaRound's hard rounding, or
-round-to-nearest), Δ and z; everything that stays in floating point (FP32 layers, biases, norms, embeddings) is
-stored as float32.
+Payload (format version 2):
+    layers      {fqn: codes (uint8, 4-bit codes two per byte, 8-bit one), bits, store_bits, shape, qmin, scale,
+                 zero_point}: q = clamp(floor(W/Δ) + h + z) (h: AdaRound's hard rounding, or round-to-nearest)
+    quant_state QuantModel.quant_state_dict() with the rounding recorded as the codes themselves (mode "nearest",
+                 no masks): activation Δ/z, attention quantizers, shortcut splits
+    smoothing   quant.smoothing.smoothing_state() of a QNCD-smoothed model, else None
+    fp          {name: float32 tensor}: the layers kept in FP32, biases, norms, embeddings, smoothing factors
+Loading is strict: every tensor of the UNet must come from ``fp`` or ``layers``, none may be left over.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn as nn
 
+from quant.api import LayerFilter, QuantConfig, quantize
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
-from quant.quantizer import pack_bits, quantize, unpack_bits
+from quant.quantizer import pack_bits, unpack_bits
+from quant.smoothing import ChannelSmoothing, smoothing_state
+
+VERSION = 2
+QUANT_STATE_LEAVES = ("w_scale", "w_zero_point", "a_scale", "a_zero_point", "alpha", "round_up")
 
 
 def integer_codes(layer: QuantLayer) -> torch.Tensor:
     """The unsigned integer grid values of the layer's quantized weight (int64)."""
-    s = layer.w_scheme
-    if layer.rounding is WeightRounding.NEAREST:
-        q = quantize(layer.weight, layer.w_scale, layer.w_zero_point, s.qmin, s.qmax)
-    elif layer.rounding is WeightRounding.ADAROUND_HARD:
-        h = layer.round_up.to(layer.weight.dtype)
-        q = torch.clamp(torch.floor(layer.weight / layer.w_scale) + h + layer.w_zero_point, s.qmin, s.qmax)
-    else:
-        raise ValueError("soft AdaRound rounding cannot be exported; finish reconstruction first")
-    return (q - s.qmin).round().long()  # shift signed grids to 0..2^b − 1
+    return layer.weight_codes()
 
 
 @torch.no_grad()
@@ -39,19 +42,26 @@ def pack_quant_model(qm: QuantModel) -> dict:
     for name, layer in qm.quant_layers():
         bits = layer.w_scheme.bits
         store_bits = 1 << math.ceil(math.log2(bits))  # 4 -> 4, 6 -> 8, 8 -> 8
-        layers[name] = {"codes": pack_bits(integer_codes(layer), store_bits), "bits": bits,
+        layers[name] = {"codes": pack_bits(layer.weight_codes().cpu(), store_bits), "bits": bits,
                         "store_bits": store_bits, "shape": list(layer.weight.shape), "qmin": layer.w_scheme.qmin,
                         "scale": layer.w_scale.detach().cpu(), "zero_point": layer.w_zero_point.detach().cpu()}
         quant_params.add(f"{name}.weight")
     fp = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
           for k, v in qm.model.state_dict().items()
           if k not in quant_params and not _is_quant_state(k)}
-    return {"layers": layers, "fp": fp}
+    state = qm.quant_state_dict()
+    for d in state.values():   # the codes carry the rounding: dequantized weights round to themselves
+        if "rounding" in d:
+            d["rounding"] = WeightRounding.NEAREST.value
+            d.pop("round_up_bits", None)
+            d.pop("alpha", None)
+    smoothed = any(isinstance(m, ChannelSmoothing) for m in qm.model.modules())
+    return {"version": VERSION, "layers": layers, "quant_state": state,
+            "smoothing": smoothing_state(qm) if smoothed else None, "fp": fp}
 
 
 def _is_quant_state(key: str) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf in ("w_scale", "w_zero_point", "a_scale", "a_zero_point", "alpha")
+    return key.rsplit(".", 1)[-1] in QUANT_STATE_LEAVES
 
 
 def unpack_weights(packed: dict) -> dict[str, torch.Tensor]:
@@ -59,6 +69,36 @@ def unpack_weights(packed: dict) -> dict[str, torch.Tensor]:
     out = {}
     for name, d in packed["layers"].items():
         numel = math.prod(d["shape"])
+        if d["codes"].dtype != torch.uint8 or d["codes"].numel() != -(-numel * d["store_bits"] // 8):
+            raise ValueError(f"{name}: {d['codes'].numel()} bytes of codes for a {d['shape']} weight at "
+                             f"{d['store_bits']} bits (a damaged or edited file?)")
         q = unpack_bits(d["codes"], d["store_bits"], numel).view(d["shape"]).float() + d["qmin"]
         out[f"{name}.weight"] = (q - d["zero_point"]) * d["scale"]
     return out
+
+
+@torch.no_grad()
+def load_packed(unet: nn.Module, packed: dict, config: QuantConfig, filter_fn: LayerFilter) -> QuantModel:
+    """The quantized UNet a packed payload describes, built over ``unet`` in place (a UNet of the same structure;
+    its weights are all overwritten, so it may come straight from the config). Quantization is on as packed
+    (weights; activations when ``config.a_bits``). ValueError, naming the first keys, if the file does not fit."""
+    if packed.get("version") != VERSION:
+        raise ValueError(f"packed format version {packed.get('version')}, this code reads {VERSION}; re-export it")
+    state = {"quant_state": packed["quant_state"], "smoothing": packed.get("smoothing")}
+    qm = quantize(unet, config, filter_fn, state=state, copy=False)
+    weights = unpack_weights(packed)
+    own = {k: v for k, v in qm.model.state_dict().items() if not _is_quant_state(k)}
+    given = {**packed["fp"], **weights}
+    missing, extra = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    if missing or extra:
+        raise ValueError(f"the packed file does not fit this UNet: missing {missing[:3]}, unexpected {extra[:3]} "
+                         f"(another model or layer policy?)")
+    reshaped = [k for k, v in given.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if reshaped:
+        k = reshaped[0]
+        raise ValueError(f"the packed file does not fit this UNet: {k} is {list(given[k].shape)} there, "
+                         f"{list(own[k].shape)} here ({len(reshaped)} such tensors)")
+    for k, v in given.items():
+        own[k].copy_(v)
+    qm.set_quant_state(weight=True, act=config.a_bits is not None)
+    return qm.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -26,7 +27,7 @@ RUN = f"scale3_eta0_steps{STEPS}"
 def scripts():
     names = ("collect_imagenet_calibration_set", "quantize_weight", "quantize_weight_activation",
              "collect_timestep_aware_statistics", "gaussian_modeling", "sample_quantized_ldm_imagenet",
-             "generate_evaluation_samples_dist")
+             "generate_evaluation_samples_dist", "export_packed")
     return {n: load_script(REPO / "quant_scripts" / f"{n}.py") for n in names}
 
 
@@ -234,3 +235,77 @@ def test_mismatches_are_one_line_errors(pipe, scripts, capsys):
         obj["meta"]["sqnr_db"] = -1.0
         torch.save(obj, q)
         fit(out3)
+
+
+# ---- the packed export: the quantized UNet from one file, fake-quant or integer kernels -------------------------
+
+@torch.no_grad()
+def test_packed_file_alone_rebuilds_the_quantized_unet(pipe, scripts, capsys):
+    """export_packed writes the file; a model loaded WITHOUT the checkpoint's UNet weights, filled from it, gives
+    the fake-quant model's ε exactly, and with integer kernels within float rounding."""
+    from ldm.util import load_config
+    from pipeline.packed import Execution, apply_execution, load_packed_model
+    from pipeline.quantize import load_quant_model
+    common, run, _, _ = pipe
+    scripts["export_packed"].main(common)
+    path = run / "w4a8" / "packed_w4a8.pt"
+    meta = torch.load(path, weights_only=True)["meta"]
+    assert meta["format"] == "packed" and meta["quant"] == file_fingerprint(run / "w4a8" / "quant_w4a8.pt")
+    assert (meta["w_bits"], meta["a_bits"], meta["policy"]) == (4, 8, "d2dpm")
+    assert path.stat().st_size < meta["fp32_unet_bytes"] / 4         # W4 codes, the FP32 rest (tiny: norms weigh)
+    scripts["export_packed"].main(common)   # current: skipped
+    assert "skipping" in capsys.readouterr().out
+    cfg = load_config(common[1])
+    family = family_for(cfg)
+    expect = {"model": common[1], "ckpt": file_fingerprint(common[3]), "steps": STEPS, "eta": 0.0, "scale": 3.0,
+              "w_bits": 4, "a_bits": 8, "sm_abit": None}
+    full = family.load(cfg, common[3], device=torch.device("cpu"))
+    ref_qm, _ = load_quant_model(family.unet(full), run / "w4a8" / "quant_w4a8.pt", expect)
+    bare = family.load(cfg, common[3], device=torch.device("cpu"), without_unet=True)
+    name, w = next(iter(family.unet(full).state_dict().items()))
+    assert not torch.equal(family.unet(bare).state_dict()[name], w)   # the UNet did not come from the checkpoint
+    qm, _ = load_packed_model(family.unet(bare), path, expect)
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 801])
+    c = full.get_learned_conditioning({"class_label": torch.tensor([0, 3])})
+    ref = ref_qm(x, t, context=c)
+    assert torch.equal(qm(x, t, context=c), ref)
+    report = apply_execution(qm, Execution.INTEGER, quiet=True)
+    assert sum(v == "onednn" for v in report.values()) > len(report) // 2
+    # every layer equals its fake-quant twin on the same input (tests/test_integer.py); end to end, an activation
+    # code at a rounding tie can flip by one step, and the flip propagates: far below the quantization error
+    integer_error = (qm(x, t, context=c) - ref).norm()
+    assert integer_error < 0.25 * (family.unet(full)(x, t, context=c) - ref).norm()
+
+
+def test_packed_sampling_and_refusals(pipe, scripts, capsys, tmp_path):
+    common, run, _, _ = pipe
+    scripts["export_packed"].main(common)
+    path = run / "w4a8" / "packed_w4a8.pt"
+    sample = scripts["sample_quantized_ldm_imagenet"].main
+    argv = common + ["--sampler", "dd2-channel", "--classes", "0", "1", "--no_progress"]
+    sample(argv)
+    sample(argv + ["--packed", str(path)])
+    sample(argv + ["--packed", str(path), "--execution", "integer"])
+    sample(common + ["--sampler", "fp32", "--classes", "0", "1", "--no_progress"])
+    out = capsys.readouterr().out
+    assert "integer execution:" in out and "onednn" in out
+    grids = run / "w4a8" / "samples"
+    images = [np.asarray(Image.open(grids / f"{name}_w4a8{s}_steps{STEPS}_eta0_scale3_seed42.png"), dtype=np.int16)
+              for name, s in (("dd2-channel", ""), ("dd2-channel", "-packed"), ("dd2-channel", "-packed-int"),
+                              ("fp32", ""))]
+    assert np.array_equal(images[0], images[1])                       # the same model, bit for bit
+    # integer sums: codes at rounding ties may flip; far less change than quantization itself makes
+    assert np.abs(images[2] - images[0]).mean() < 0.25 * np.abs(images[3] - images[0]).mean()
+    # refused with one line: another model's file, a file whose layers do not fit its policy, FP beside --packed
+    other = tmp_path / "other.pt"
+    obj = torch.load(path, weights_only=True)
+    torch.save({**obj, "meta": {**obj["meta"], "ckpt": "sha256:0"}}, other)
+    line = run_one_line(sample, argv + ["--packed", str(other)], capsys)
+    assert "ckpt" in line and "export_packed.py" in line
+    torch.save({**obj, "meta": {**obj["meta"], "policy": "all"}}, other)
+    line = run_one_line(sample, argv + ["--packed", str(other)], capsys)
+    assert "does not fit" in line
+    line = run_one_line(sample, common + ["--compare", "--packed", str(path)], capsys)
+    assert "--packed" in line and "FP32" in line
+    assert "no such file" in run_one_line(sample, argv + ["--packed", str(tmp_path / "nope.pt")], capsys)

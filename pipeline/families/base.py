@@ -57,10 +57,17 @@ class ModelFamily:
         return None
 
     def load(self, config: Any, ckpt: str | os.PathLike | None, *, device: torch.device, trust: bool = False,
-             config_name: str = "config") -> nn.Module:
-        """The model with its checkpoint, strictly loaded, in eval mode on ``device``."""
+             config_name: str = "config", without_unet: bool = False) -> nn.Module:
+        """The model with its checkpoint, strictly loaded, in eval mode on ``device``. ``without_unet``: the UNet's
+        weights are not read from the checkpoint (a packed quantized UNet replaces them)."""
         try:
-            return load_model_from_config(config, ckpt, trust=trust, device=device, config_name=config_name)
+            # the EMA copy of the UNet too: the packed file was made from the weights sampling uses
+            model = load_model_from_config(config, ckpt, trust=trust, device=device, config_name=config_name,
+                                           exclude_prefix=("model.diffusion_model.", "model_ema.")
+                                           if without_unet else None)
+            if without_unet and getattr(model, "use_ema", False):
+                model.use_ema = False   # ema_scope would swap the (uninitialised) EMA weights over the packed UNet
+            return model
         except UserFacingError:
             raise
         except (TypeError, ValueError) as e:  # unknown params, or values the modules refuse (GroupNorm widths...)

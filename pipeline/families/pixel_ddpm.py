@@ -50,7 +50,11 @@ class PixelDDPM(ModelFamily):
                                  int(d["num_diffusion_timesteps"]))
 
     def load(self, config: Any, ckpt: str | os.PathLike | None, *, device: torch.device, trust: bool = False,
-             config_name: str = "config") -> nn.Module:
+             config_name: str = "config", without_unet: bool = False) -> nn.Module:
+        if without_unet:   # the whole checkpoint is the UNet: a packed file replaces all of it
+            unet = Model(config)
+            return GeneralizedDDPM(unet, self._betas(config), channels=unet.spec.in_channels,
+                                   image_size=unet.spec.resolution).eval().to(device)
         if ckpt is None:
             raise ConfigError(f"{config_name}: the pixel DDPM needs a checkpoint (--ckpt)")
         for name, (_, _, rel) in RELEASED.items():   # a released file is MD5-checked before it is used

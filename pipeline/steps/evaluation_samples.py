@@ -15,6 +15,7 @@ from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.generate import sample_batch
 from pipeline.layout import FP32
+from pipeline.packed import Execution
 from pipeline.sampling import build_variant
 
 
@@ -27,6 +28,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
     cli.resolve_sampler(args)
+    cli.check_execution_args(args)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -48,16 +50,20 @@ def generate(args: argparse.Namespace) -> None:
     layout = cli.layout(args)
     tag = cli.quant_tag(args) if args.spec.quantized else FP32
     if args.dry_run:
-        return dry_run(args, plan, layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes))
-    sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes))
+        return dry_run(args, plan, layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes,
+                                                       args.variant_suffix))
+    sdir = cli.ensure_writable_dir(layout.eval_samples(tag, args.sampler, plan.n, plan.seed, classes,
+                                                       args.variant_suffix))
     device = rank_device(cli.pick_device(args.device))
     family, model = cli.load_model(args, device)
     model_fn, correction_for, artifacts = family.model_fn(model), None, {}
     if args.spec.quantized:
-        variant = build_variant(args.spec, family, model, layout, tag, expect)
+        variant = build_variant(args.spec, family, model, layout, tag, expect,
+                                Path(args.packed) if args.packed else None, args.execution_mode)
         variant.check_sampling(args.settings)
         model_fn, correction_for, artifacts = variant.model_fn, variant.correction_for, variant.fingerprints()
-    settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts, "n": plan.n,
+    settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts,
+                **({"execution": args.execution} if args.execution_mode is not Execution.FAKE else {}), "n": plan.n,
                 "seed": plan.seed, "batch_size": plan.batch_size, "classes": plan.num_classes,
                 **({"class_ids": list(classes)} if classes else {}),
                 "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False)),

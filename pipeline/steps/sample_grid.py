@@ -3,6 +3,7 @@ per sampler, every row from the same x_T and sampler noise, so rows differ only 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import contextlib
 import time
 
@@ -97,21 +98,24 @@ def quantized_grid(args: argparse.Namespace) -> None:
     check_grid_args(args)
     cli.check_bits(args)
     cli.resolve_sampler(args)
+    cli.check_execution_args(args)
     base = cli.model_meta(args)
     layout, tag = cli.layout(args), cli.quant_tag(args)
     specs = compared_specs(args)
-    check_present(specs, layout, tag)  # before any folder is made or model loaded
+    packed = Path(args.packed) if args.packed else None
+    check_present(specs, layout, tag, packed=packed is not None)  # before any folder is made or model loaded
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
     labels, nrow, what = grid_conditions(family, model, args)
-    variants = [build_variant(s, family, model, layout, tag, base) for s in specs]  # all checked before sampling
+    variants = [build_variant(s, family, model, layout, tag, base, packed, args.execution_mode)
+                for s in specs]  # all checked before sampling
     outdir = cli.ensure_writable_dir(layout.grids(tag))
     names = [v.name for v in variants]
     print(f"[{args.preset_used}] {str(tag).upper()} {' | '.join(names)}: {what}; {args.steps} "
           f"{args.settings.loop} steps, eta {args.eta}, seed {args.seed}, on {device}")
     t0 = time.time()
     rows = [to_uint8(sample_variant(family, model, v, labels, args, device)) for v in variants]
-    suffix = f"{tag}_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
+    suffix = f"{tag}{args.variant_suffix}_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
     if args.compare:
         report_distances(variants, rows)
         grid = labelled_rows(make_grid(np.concatenate(rows), nrow=len(rows[0])), names, rows[0].shape[1])
@@ -122,8 +126,8 @@ def quantized_grid(args: argparse.Namespace) -> None:
     path = save_png(grid, outdir / name, text={
         "config": str(args.config), "ckpt": base["ckpt"], "steps": str(args.steps), "eta": f"{args.eta:g}",
         "scale": f"{args.scale:g}", "seed": str(args.seed), "preset": args.preset_used, "bits": str(tag),
-        "sampler": " | ".join(names), "classes": " ".join(map(str, args.classes)) if labels is not None
-        else "unconditional", "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items())})
+        "sampler": " | ".join(names), "execution": args.execution,
+        "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional", "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items())})
     print(f"wrote {path} ({sum(len(r) for r in rows)} samples, {time.time() - t0:.1f} s)")
 
 
