@@ -288,8 +288,7 @@ def model_sizes(args, layout: RunLayout):
     from ldm.fileio import file_fingerprint
     from ldm.util import load_config
     from pipeline.families import family_for
-    from pipeline.quantize import load_quant_model
-    from quant.export import pack_quant_model
+    from pipeline.packed import export_packed
 
     preset = load_preset(args.preset)
     config = load_config(REPO_ROOT / preset["config"])
@@ -303,8 +302,7 @@ def model_sizes(args, layout: RunLayout):
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
     for w in sorted({t.w_bits for t in quant_settings(args)}):
-        qm, _ = load_quant_model(unet, layout.quant(QuantTag(w)), {**expect, "w_bits": w, "a_bits": None})
-        save_atomic(pack_quant_model(qm), export / f"unet_w{w}.pt")
+        export_packed(unet, layout.quant(QuantTag(w)), export / f"unet_w{w}.pt", {**expect, "w_bits": w, "a_bits": None})
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
     return sizes, unet
 

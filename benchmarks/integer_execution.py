@@ -1,0 +1,347 @@
+"""Real low-bit models, measured side by side in one run: integer (int8) execution vs FP32 vs fake-quant, model
+memory in each form, and packed-file sizes.
+
+    python benchmarks/integer_execution.py                         # everything, CPU (about 10 minutes on 2 cores)
+    python benchmarks/integer_execution.py --parts layers sizes    # a part alone
+    python benchmarks/integer_execution.py --json out.json
+
+Parts (``--parts``):
+- ``layers``: the largest Conv/Linear shapes of cin256-v2 (inputs recorded at the latent size, batch ``--batch``),
+  each timed as FP32, fake-quant W4A8, and int8 at W4A8 and W8A8 (``quant.integer``), ratios to FP32;
+- ``unet``: the whole cin256-v2 UNet forward (random weights, seed 0): FP32 (NCHW and channels_last), W4A8 and
+  W8A8 fake-quant and integer;
+- ``embedded``: the same on the embedded Fashion default's real quantized models (``--run_dir``, made by the
+  pipeline's steps 1-3; skipped with a line when absent);
+- ``memory``: bytes of every tensor each form of the cin256-v2 UNet holds after a forward (parameters, buffers,
+  the fake-quant weight cache, int8 codes and the backend's prepacked copies);
+- ``sizes``: packed files (``quant.export``) of cin256-v2 at W4 and W8 (weights only, per tensor; the D²-DPM policy
+  and Q-Diffusion's quantize-all policy) vs the FP32 UNet, as torch.save writes them.
+
+Weights and inputs are random where the part says so; arithmetic cost does not depend on their values. The models
+alternate within each repeat; medians are compared. Ranges use the min-max search (timing does not depend on them).
+On CPUs without VNNI (AVX2), 8-bit weights × 8-bit inputs cannot run in oneDNN's u8×s8 kernels exactly (int16 pair
+sums saturate), so those layers run as float (``float: ...`` in the layer report); the ``int8 kernel`` column times
+the raw kernel anyway, to show what a VNNI machine would get.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from quant.export import pack_quant_model  # noqa: E402
+from quant.integer import Backend, IntegerLayer, layer_summary, onednn_int8_exact, to_integer_  # noqa: E402
+from quant.layers import QuantLayer  # noqa: E402
+from quant.model import QuantModel  # noqa: E402
+from quant.policy import POLICIES, d2dpm_policy  # noqa: E402
+from quant.quantizer import QScheme, ScaleSearch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CIN256 = REPO / "configs/latent-diffusion/cin256-v2.yaml"
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def alternate(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each fn, the fns alternating within each repeat (after one warm-up call each)."""
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_cin256(seed: int = 0) -> tuple[nn.Module, dict]:
+    cfg = load_config(CIN256)
+    torch.manual_seed(seed)
+    unet = instantiate_from_config(cfg.model.params.unet_config).eval()
+    return unet, dict(cfg.model.params.unet_config.params)
+
+
+def unet_inputs(p: dict, batch: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, p["in_channels"], p["image_size"], p["image_size"], generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    c = torch.randn(batch, 1, p["context_dim"], generator=g) if p.get("context_dim") else None
+    return x, t, c
+
+
+def quant_model(unet: nn.Module, w_bits: int, a_bits: int, inputs, copy_model: bool = True) -> QuantModel:
+    """W{w}A{a} with the D²-DPM policy, per-tensor min-max ranges, activation ranges from ``inputs``."""
+    qm = QuantModel(unet, w_bits=w_bits, a_bits=a_bits, policy=d2dpm_policy, search=ScaleSearch.MAX,
+                    copy_model=copy_model).eval().init_weights_()
+    qm.calibrate_activations_([inputs])
+    return qm.set_quant_state(weight=True, act=True)
+
+
+# ---- (a) layers ---------------------------------------------------------------------------------------------------
+
+def largest_layers(unet: nn.Module, p: dict, batch: int, k: int) -> list[dict]:
+    """The k distinct Conv2d shapes and k/2 Linear shapes of the UNet's quantized layers with the most
+    multiply-adds in one forward."""
+    seen = {}
+
+    def hook(m, args, out, name):
+        w = m.weight
+        key = (type(m).__name__, tuple(w.shape), tuple(args[0].shape), getattr(m, "stride", None),
+               getattr(m, "padding", None))
+        macs = out.numel() * (w[0].numel())
+        if key not in seen:
+            seen[key] = {"name": name, "module": m, "input": tuple(args[0].shape), "macs": macs, "count": 0}
+        seen[key]["count"] += 1
+
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in unet.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear)) and d2dpm_policy(n, m).value == "target"]
+    with torch.inference_mode():
+        unet(*unet_inputs(p, batch)[:2], context=unet_inputs(p, batch)[2])
+    for h in hooks:
+        h.remove()
+    ranked = sorted(seen.values(), key=lambda r: -r["macs"])
+    convs = [r for r in ranked if isinstance(r["module"], nn.Conv2d)][:k]
+    return convs + [r for r in ranked if isinstance(r["module"], nn.Linear)][:max(1, k // 2)]
+
+
+def time_layer(layer: dict, repeats: int) -> dict:
+    module = layer["module"]
+    torch.manual_seed(0)
+    x = torch.randn(layer["input"]) + 0.5
+    ql = {}
+    for w_bits in (4, 8):
+        q = QuantLayer(copy.deepcopy(module), QScheme(w_bits, search=ScaleSearch.MAX), QScheme(8, search=ScaleSearch.MAX))
+        q.init_weight_qparams_()
+        q.init_act_qparams_(x)
+        q.weight_quant = q.act_quant = True
+        ql[w_bits] = q
+    fns = {"fp32": lambda: module(x), "fake W4A8": lambda: ql[4](x)}
+    exact = {}
+    for w_bits in (4, 8):
+        wrapper = nn.Sequential(copy.deepcopy(ql[w_bits]))
+        how = to_integer_(wrapper, Backend.ONEDNN)["0"]
+        exact[w_bits] = how
+        fns[f"int W{w_bits}A8"] = (lambda m=wrapper[0]: m(x))
+        # the raw oneDNN kernel, whether or not it is exact on this CPU (what a VNNI machine would run)
+        raw = IntegerLayer.from_quant(ql[w_bits], ql[w_bits].weight_codes(), Backend.ONEDNN)
+        fns[f"int8 kernel W{w_bits}A8"] = (lambda m=raw: m(x))
+    t = alternate(fns, repeats)
+    return {"name": layer["name"], "kind": type(module).__name__, "weight": list(module.weight.shape),
+            "input": list(layer["input"]), "calls_per_forward": layer["count"], "median_s": t,
+            "speedup_vs_fp32": {k: t["fp32"] / v for k, v in t.items()}, "execution": exact}
+
+
+def part_layers(args) -> dict:
+    unet, p = build_cin256()
+    rows = [time_layer(layer, args.repeats) for layer in largest_layers(unet, p, args.batch, args.top)]
+    print(f"\n(a) cin256-v2 layers, batch {args.batch} (inputs at the latent size {p['image_size']}): median ms "
+          f"(speed-up vs FP32)")
+    cols = ["fp32", "fake W4A8", "int W4A8", "int W8A8", "int8 kernel W8A8"]
+    print(f"{'layer':44s} {'weight':>18s} " + " ".join(f"{c:>18s}" for c in cols))
+    for r in rows:
+        cells = [f"{1e3 * r['median_s'][c]:8.2f} ({r['speedup_vs_fp32'][c]:4.2f}x)" for c in cols]
+        print(f"{r['name'][:44]:44s} {str(r['weight']):>18s} " + " ".join(f"{c:>18s}" for c in cells))
+    w8 = rows[0]["execution"][8] if rows else ""
+    print(f"W8A8 int path on this CPU: {w8}")
+    return {"batch": args.batch, "rows": rows}
+
+
+# ---- (b) whole UNet -----------------------------------------------------------------------------------------------
+
+def forms(unet: nn.Module, inputs, bits: list[tuple[int, int]]) -> tuple[dict, dict]:
+    """{form: module} (FP32, FP32 channels_last, fake and integer per bits) and the integer layer reports."""
+    out = {"fp32": unet}
+    cl = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    out["fp32 channels_last"] = cl
+    reports = {}
+    for w, a in bits:
+        fake = quant_model(unet, w, a, inputs)
+        integer = copy.deepcopy(fake)
+        reports[f"W{w}A{a}"] = to_integer_(integer)
+        out[f"fake W{w}A{a}"], out[f"int W{w}A{a}"] = fake, integer
+    return out, reports
+
+
+def time_forms(models: dict, inputs, repeats: int) -> dict[str, float]:
+    x, t, c = inputs
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fns = {k: (lambda m=m, xx=(x_cl if "channels_last" in k else x): m(xx, t, context=c)) for k, m in models.items()}
+    return alternate(fns, repeats)
+
+
+def print_forms(title: str, times: dict, reports: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'form':22s} {'median ms':>10s} {'vs FP32':>8s} {'speed-up':>9s}")
+    for k, v in times.items():
+        print(f"{k:22s} {1e3 * v:10.1f} {v / times['fp32']:8.2f} {times['fp32'] / v:8.2f}x")
+    for bits, rep in reports.items():
+        summary = ", ".join(f"{n} {how}" for how, n in sorted(layer_summary(rep).items(), key=lambda x: -x[1]))
+        print(f"  {bits} integer layers: {summary}")
+
+
+def part_unet(args) -> dict:
+    unet, p = build_cin256()
+    inputs = unet_inputs(p, args.batch)
+    models, reports = forms(unet, inputs, [(4, 8), (8, 8)])
+    times = time_forms(models, inputs, args.repeats)
+    print_forms(f"(b) cin256-v2 UNet forward, batch {args.batch}, latent {p['in_channels']}x{p['image_size']}^2, "
+                f"random weights", times, reports)
+    return {"batch": args.batch, "median_s": times, "layers": {b: layer_summary(r) for b, r in reports.items()}}
+
+
+def part_embedded(args) -> dict | None:
+    from pipeline.cli import load_preset
+    from pipeline.families import family_for
+    from pipeline.layout import QuantTag
+    from pipeline.packed import Execution, apply_execution
+    from pipeline.quantize import load_quant_model
+    run = Path(args.run_dir)
+    paths = {b: run / str(QuantTag(*b)) / f"quant_{QuantTag(*b)}.pt" for b in ((4, 8), (8, 8))}
+    if not all(p.is_file() for p in paths.values()):
+        print(f"\n(b') embedded default: no quantized models in {run} (run steps 1-3 there first); skipped")
+        return None
+    preset = load_preset("fashion")
+    cfg = load_config(REPO / preset["config"])
+    family = family_for(cfg)
+    model = family.load(cfg, REPO / preset["ckpt"], device=torch.device("cpu"))
+    unet = family.unet(model)
+    batch = 2 * int(preset["batch_size"])     # guided: conditional and unconditional halves in one call
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *family.latent_shape(model), generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    c = model.get_learned_conditioning({model.cond_stage_key: torch.arange(batch) % 10})
+    models, reports = {"fp32": unet, "fp32 channels_last": copy.deepcopy(unet).to(memory_format=torch.channels_last)}, {}
+    for b, path in paths.items():
+        fake, _ = load_quant_model(unet, path, {})
+        integer = copy.deepcopy(fake)
+        reports[f"W{b[0]}A{b[1]}"] = apply_execution(integer, Execution.INTEGER, quiet=True)
+        models[f"fake W{b[0]}A{b[1]}"], models[f"int W{b[0]}A{b[1]}"] = fake, integer
+    times = time_forms(models, (x, t, c), args.repeats)
+    print_forms(f"(b') embedded Fashion default UNet forward, batch {batch} (guided sampling batch), its W4A8/W8A8 "
+                f"models from {run}", times, reports)
+    return {"batch": batch, "median_s": times, "layers": {b: layer_summary(r) for b, r in reports.items()}}
+
+
+# ---- (c) memory, (d) sizes ------------------------------------------------------------------------------------------
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds: parameters, buffers, fake-quant weight caches, int8 codes and the
+    backend's prepacked weights (oneDNN's opaque tensors report nbytes)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.nbytes if t.is_mkldnn else t.untyped_storage().nbytes()
+        elif isinstance(t, (tuple, list)):
+            for u in t:
+                add(u)
+
+    for m in model.modules():
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            add(t)
+        for attr in ("_wq", "_packed", "_float_weight"):
+            add(getattr(m, attr, None))
+    return total
+
+
+def part_memory(args) -> dict:
+    unet, p = build_cin256()
+    inputs = unet_inputs(p, 1)
+    out = {"fp32": held_bytes(unet)}
+    for w in (4, 8):
+        fake = quant_model(unet, w, 8, inputs)
+        with torch.inference_mode():
+            fake(*inputs[:2], context=inputs[2])       # the fake-quant weight cache fills on the first call
+        out[f"fake W{w}A8"] = held_bytes(fake)
+        to_integer_(fake)
+        with torch.inference_mode():
+            fake(*inputs[:2], context=inputs[2])       # prepacking happens on the first call
+        out[f"int W{w}A8"] = held_bytes(fake)
+        del fake
+    print("\n(c) memory held by the cin256-v2 UNet in each form (after one forward)")
+    for k, v in out.items():
+        print(f"{k:14s} {v / 2**20:9.1f} MiB  {out['fp32'] / v:5.2f}x smaller than FP32")
+    return {"bytes": out}
+
+
+def saved_bytes(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.tell()
+
+
+def part_sizes(args) -> dict:
+    unet, _ = build_cin256()
+    out = {"fp32": saved_bytes(unet.state_dict())}
+    for policy in ("d2dpm", "all"):
+        for w in (4, 8):
+            qm = QuantModel(unet, w_bits=w, a_bits=None, policy=POLICIES[policy],
+                            search=ScaleSearch.MAX).init_weights_()
+            out[f"W{w} {policy}"] = saved_bytes(pack_quant_model(qm))
+            del qm
+    n = sum(t.numel() for t in unet.parameters())
+    kept = sum(m.weight.numel() for name, m in unet.named_modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.Conv1d)) and d2dpm_policy(name, m).value == "fp32")
+    print(f"\n(d) packed files of cin256-v2 ({n / 1e6:.1f} M parameters; {kept / 1e6:.1f} M in the skip and "
+          f"Downsample convs the D²-DPM policy keeps FP32; 'all' = Q-Diffusion's policy, every Conv/Linear quantized)")
+    for k, v in out.items():
+        print(f"{k:9s} {v / 2**20:9.1f} MiB  {out['fp32'] / v:5.2f}x smaller than FP32")
+    return {"bytes": out, "parameters": n, "fp32_policy_weights": kept}
+
+
+PARTS = {"layers": part_layers, "unet": part_unet, "embedded": part_embedded, "memory": part_memory,
+         "sizes": part_sizes}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    p.add_argument("--batch", type=int, default=2, help="cin256-v2 batch (guided sampling of one image: 2)")
+    p.add_argument("--top", type=int, default=8, help="how many of the largest conv shapes to time (and half as "
+                                                      "many Linear shapes)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--run_dir", default=str(REPO / "outputs/fashion/scale3_eta0_steps20"),
+                   help="the embedded default's run folder holding w4a8/ and w8a8/")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "onednn_int8_exact_at_8_bits": onednn_int8_exact()}
+    print(f"machine: {machine}")
+    results = {"machine": machine, "repeats": args.repeats}
+    for name in args.parts:
+        results[name] = PARTS[name](args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
