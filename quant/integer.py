@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 from typing import Iterable
 
 import torch
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from quant.layers import QuantLayer
 from quant.model import QuantModel
-from quant.quantizer import fake_quant
+from quant.quantizer import fake_quant, pack_bits, unpack_bits
 
 INT16_MAX = 32767
 
@@ -78,12 +79,16 @@ class IntegerLayer(nn.Module):
     """An inference Conv1d/Conv2d/Linear with int8 weights: built from a calibrated QuantLayer (``from_quant``) or
     from a packed file's codes (``quant.export``); it holds no float weight unless its backend is FLOAT."""
 
-    def __init__(self, kind: type, op_kwargs: dict, w_int: torch.Tensor, w_scale: torch.Tensor,
-                 w_shift: torch.Tensor, bias: torch.Tensor | None, a_scale: float, a_zero_point: int, a_qmax: int,
-                 backend: Backend):
+    def __init__(self, kind: type, op_kwargs: dict, codes: torch.Tensor, bits: int, w_base: torch.Tensor,
+                 w_scale: torch.Tensor, w_shift: torch.Tensor, bias: torch.Tensor | None, a_scale: float,
+                 a_zero_point: int, a_qmax: int, backend: Backend):
         super().__init__()
         self.kind, self.op_kwargs, self.backend = kind, dict(op_kwargs), backend
-        self.register_buffer("w_int", w_int.to(torch.int8))                  # q − c, [C_out, C_in/groups, *k]
+        # the master copy of the weight: its unsigned codes at their storage width (4-bit two per byte), as in the
+        # packed file; the int8 w = codes + base is made when a backend packs it, not kept
+        self.w_shape, self.store_bits = tuple(codes.shape), 4 if bits <= 4 else 8
+        self.register_buffer("w_codes", pack_bits(codes, self.store_bits))
+        self.register_buffer("w_base", w_base.reshape(-1).to(torch.int16).contiguous().clone())  # qmin − c
         self.register_buffer("w_scale", w_scale.reshape(-1).float().contiguous().clone())  # Δ_w per channel
         # c − z_w per output channel (an integer): the weight part int8 could not hold (8-bit weights), else zeros
         self.register_buffer("w_shift", w_shift.reshape(-1).float().contiguous().clone())
@@ -98,10 +103,16 @@ class IntegerLayer(nn.Module):
     @classmethod
     def from_quant(cls, layer: QuantLayer, codes: torch.Tensor, backend: Backend) -> "IntegerLayer":
         """``codes``: the layer's unsigned weight codes (``QuantLayer.weight_codes``)."""
-        w_int, scale, shift = int8_weight(codes, layer.w_scheme.qmin, layer.w_scale, layer.w_zero_point,
-                                           layer.w_scheme.bits)
-        return cls(layer.kind, layer.op_kwargs, w_int, scale, shift, layer.bias, layer.a_scale.item(),
-                   int(layer.a_zero_point.item()), layer.a_scheme.qmax, backend)
+        base, scale, shift = int8_weight(codes, layer.w_scheme.qmin, layer.w_scale, layer.w_zero_point,
+                                         layer.w_scheme.bits)
+        return cls(layer.kind, layer.op_kwargs, codes.cpu(), layer.w_scheme.bits, base, scale, shift, layer.bias,
+                   layer.a_scale.item(), int(layer.a_zero_point.item()), layer.a_scheme.qmax, backend)
+
+    @property
+    def w_int(self) -> torch.Tensor:
+        """The int8 weight w = q − c [C_out, C_in/groups, *k] (made from the stored codes on each call)."""
+        codes = unpack_bits(self.w_codes, self.store_bits, math.prod(self.w_shape)).view(self.w_shape)
+        return (codes + self.w_base.view((-1,) + (1,) * (len(self.w_shape) - 1))).to(torch.int8)
 
     # -- forward ------------------------------------------------------------------------------------------------
 
@@ -120,7 +131,7 @@ class IntegerLayer(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """ŵ = (w + c − z_w)·Δ_w: the fake-quantized weight, bit for bit (the integer is exact in float32)."""
-        shape = (-1,) + (1,) * (self.w_int.ndim - 1)
+        shape = (-1,) + (1,) * (len(self.w_shape) - 1)
         return (self.w_int.float() + self.w_shift.view(shape)) * self.w_scale.view(shape)
 
     def _float_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +141,7 @@ class IntegerLayer(nn.Module):
         return _float_op(self.kind, x, self._float_weight, self.bias, self.op_kwargs)
 
     def _onednn(self, x_q: torch.Tensor) -> torch.Tensor:
-        n_out = self.w_int.shape[0]
+        n_out = self.w_shape[0]
         zeros = torch.zeros(n_out, dtype=torch.int64)
         if self.kind is nn.Linear:
             lead = x_q.shape[:-1]
@@ -161,15 +172,16 @@ class IntegerLayer(nn.Module):
             row_sum = w.sum(dim=1, dtype=torch.int64).float()
             scale = self.a_scale * self.w_scale.to(x_q.device)
             shift = (128 - self.a_zero_point) * row_sum * scale
-            self._packed = (w.t().contiguous(), scale, shift + (0 if self.bias is None else self.bias.to(x_q.device)))
-        w_t, scale, shift = self._packed
+            # w [N, K] row-major = wᵀ column-major: the "TN" operand layout cuBLASLt's int8 GEMM takes
+            self._packed = (w.contiguous(), scale, shift + (0 if self.bias is None else self.bias.to(x_q.device)))
+        w, scale, shift = self._packed
         rows = x_q if self.kind is nn.Linear else x_q.movedim(1, -1)
         lead = rows.shape[:-1]
         a = (rows.reshape(-1, rows.shape[-1]).to(torch.int16) - 128).to(torch.int8)
         m = a.shape[0]
         if m <= 16:  # cuBLASLt's int8 GEMM needs more than 16 rows
             a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
-        y = torch.addcmul(shift, torch._int_mm(a, w_t)[:m].float(), scale).view(*lead, -1)
+        y = torch.addcmul(shift, torch._int_mm(a, w.t())[:m].float(), scale).view(*lead, -1)
         return y if self.kind is nn.Linear else y.movedim(-1, 1)
 
     def _offset_term(self, x_q: torch.Tensor) -> torch.Tensor:
@@ -177,9 +189,9 @@ class IntegerLayer(nn.Module):
         x_hat = (x_q.float() - self.a_zero_point) * self.a_scale
         if self.kind is nn.Linear:
             return x_hat.sum(dim=-1, keepdim=True) * (self.w_shift * self.w_scale)
-        groups, n_out = self.op_kwargs["groups"], self.w_int.shape[0]
+        groups, n_out = self.op_kwargs["groups"], self.w_shape[0]
         summed = x_hat.unflatten(1, (groups, -1)).sum(dim=2)            # [N, groups, *spatial]
-        ones = torch.ones(groups, 1, *self.w_int.shape[2:], device=x_q.device)
+        ones = torch.ones(groups, 1, *self.w_shape[2:], device=x_q.device)
         box = _float_op(self.kind, summed, ones, None, {**self.op_kwargs, "groups": groups})
         box = box.repeat_interleave(n_out // groups, dim=1)
         return box * (self.w_shift * self.w_scale).view((1, -1) + (1,) * (box.ndim - 2))
@@ -189,13 +201,14 @@ class IntegerLayer(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return (f"{self.kind.__name__} {tuple(self.w_int.shape)} backend={self.backend.value}"
+        return (f"{self.kind.__name__} {self.w_shape} W{self.store_bits}-stored backend={self.backend.value}"
                 f"{' +offset' if self.has_offset else ''}")
 
 
 def int8_weight(codes: torch.Tensor, qmin: int, w_scale: torch.Tensor, w_zero_point: torch.Tensor, bits: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(int8 w = q − c, Δ_w [C_out], c − z_w [C_out]) from unsigned codes; c = z_w when q − z_w fits int8."""
+    """(base = qmin − c, Δ_w, c − z_w), each [C_out], for the int8 weight w = codes + base = q − c of unsigned
+    ``codes``; c = z_w when q − z_w fits int8 (always for ≤ 7 bits), else 128."""
     n_out = codes.shape[0]
     q = codes.long() + qmin
     scale = w_scale.reshape(-1).expand(n_out) if w_scale.numel() == 1 else w_scale.reshape(n_out)
@@ -204,9 +217,9 @@ def int8_weight(codes: torch.Tensor, qmin: int, w_scale: torch.Tensor, w_zero_po
     shape = (-1,) + (1,) * (q.ndim - 1)
     centered = q - zp_int.view(shape)
     if bits <= 7 or (centered.min() >= -128 and centered.max() <= 127):
-        return centered.to(torch.int8), scale.float(), torch.zeros(n_out)
+        return qmin - zp_int, scale.float(), torch.zeros(n_out)
     c = torch.full((n_out,), 128, dtype=torch.long)
-    return (q - c.view(shape)).to(torch.int8), scale.float(), (c - zp_int).float()
+    return qmin - c, scale.float(), (c - zp_int).float()
 
 
 def kept_reason(layer: QuantLayer) -> str | None:
@@ -240,8 +253,8 @@ def choose_backend(layer: QuantLayer, w_int: torch.Tensor, backend: Backend) -> 
             and all(p == 0 for p in layer.op_kwargs["padding"]) and layer.op_kwargs["groups"] == 1)
         if not one_by_one:
             return Backend.FLOAT, "not a Linear or 1×1 conv (no int8 conv kernel on this device)"
-        if k % 8 or w_int.shape[0] % 8:
-            return Backend.FLOAT, "K or N not a multiple of 8 (torch._int_mm)"
+        if k % 8 or k < 16 or w_int.shape[0] % 8:
+            return Backend.FLOAT, "K or N not a multiple of 8, or K < 16 (torch._int_mm)"
         return Backend.INT_MM, ""
     return Backend.FLOAT, "asked for float"
 
@@ -264,7 +277,8 @@ def to_integer_(model: nn.Module, backend: Backend | None = None) -> dict[str, s
         device = layer.weight.device
         chosen = backend or default_backend(device)
         codes = layer.weight_codes()
-        w_int, _, _ = int8_weight(codes, layer.w_scheme.qmin, layer.w_scale, layer.w_zero_point, layer.w_scheme.bits)
+        base, _, _ = int8_weight(codes, layer.w_scheme.qmin, layer.w_scale, layer.w_zero_point, layer.w_scheme.bits)
+        w_int = codes + base.view((-1,) + (1,) * (codes.ndim - 1))
         how, why = choose_backend(layer, w_int, chosen)
         if not (layer.act_quant and layer.a_ready):
             new = FloatWeightLayer.from_quant(layer, codes)

@@ -60,6 +60,7 @@ def test_onednn_layer_equals_fake_quant(name, granularity, w_bits, a_bits):
     assert report["0"].startswith(expected)
     assert integer.has_offset == (w_bits == 8)          # 8-bit asymmetric weights need the offset term
     assert integer.w_int.dtype == torch.int8 and not hasattr(integer, "weight")
+    assert integer.w_codes.numel() == -(-layer.weight.numel() * (4 if w_bits == 4 else 8) // 8)   # stored packed
     assert_close_to_fake(layer, integer, x)
 
 
