@@ -134,7 +134,8 @@ def time_layer(layer: dict, repeats: int) -> dict:
     x = torch.randn(layer["input"]) + 0.5
     ql = {}
     for w_bits in (4, 8):
-        q = QuantLayer(copy.deepcopy(module), QScheme(w_bits, search=ScaleSearch.MAX), QScheme(8, search=ScaleSearch.MAX))
+        q = QuantLayer(copy.deepcopy(module), QScheme(w_bits, search=ScaleSearch.MAX),
+                       QScheme(8, search=ScaleSearch.MAX))
         q.init_weight_qparams_()
         q.init_act_qparams_(x)
         q.weight_quant = q.act_quant = True
@@ -234,7 +235,8 @@ def part_embedded(args) -> dict | None:
     x = torch.randn(batch, *family.latent_shape(model), generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     c = model.get_learned_conditioning({model.cond_stage_key: torch.arange(batch) % 10})
-    models, reports = {"fp32": unet, "fp32 channels_last": copy.deepcopy(unet).to(memory_format=torch.channels_last)}, {}
+    models = {"fp32": unet, "fp32 channels_last": copy.deepcopy(unet).to(memory_format=torch.channels_last)}
+    reports = {}
     for b, path in paths.items():
         fake, _ = load_quant_model(unet, path, {})
         integer = copy.deepcopy(fake)

@@ -4,8 +4,9 @@ Artifact ``packed`` (``w{b}a{b}/packed_w{b}a{b}.pt``, ``quant_scripts/export_pac
 artifact's meta (model, ckpt, bits, policy, granularity, smoothing, sampler settings, timesteps, calibration,
 SQNRs) + ``quant`` (the fingerprint of the quant artifact it was packed from, so the fits made on that model accept
 it) + ``fp32_unet_bytes`` (the FP32 UNet's size as torch.save writes it, for the ratio); payload
-``quant.export.pack_quant_model``'s. It replaces the FP32 UNet weights *and* the quant artifact: ``--packed FILE`` builds the UNet from its config and fills it from the file
-(the first stage and the conditioning encoder still come from the checkpoint).
+``quant.export.pack_quant_model``'s. It replaces the FP32 UNet weights *and* the quant artifact: ``--packed FILE``
+builds the UNet from its config and fills it from the file (the first stage and the conditioning encoder still come
+from the checkpoint).
 
 ``Execution``: FAKE runs the fake-quant emulation (the research code's arithmetic); INTEGER converts every layer an
 integer kernel takes exactly to ``quant.integer.IntegerLayer`` (int8 weights, uint8 inputs, int32 sums).

@@ -302,7 +302,8 @@ def model_sizes(args, layout: RunLayout):
     save_atomic(unet.state_dict(), export / "unet_fp32.pt")
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
     for w in sorted({t.w_bits for t in quant_settings(args)}):
-        export_packed(unet, layout.quant(QuantTag(w)), export / f"unet_w{w}.pt", {**expect, "w_bits": w, "a_bits": None})
+        export_packed(unet, layout.quant(QuantTag(w)), export / f"unet_w{w}.pt",
+                      {**expect, "w_bits": w, "a_bits": None})
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
     return sizes, unet
 

@@ -127,7 +127,8 @@ def quantized_grid(args: argparse.Namespace) -> None:
         "config": str(args.config), "ckpt": base["ckpt"], "steps": str(args.steps), "eta": f"{args.eta:g}",
         "scale": f"{args.scale:g}", "seed": str(args.seed), "preset": args.preset_used, "bits": str(tag),
         "sampler": " | ".join(names), "execution": args.execution,
-        "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional", "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items())})
+        "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional",
+        "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items())})
     print(f"wrote {path} ({sum(len(r) for r in rows)} samples, {time.time() - t0:.1f} s)")
 
 
