@@ -35,8 +35,9 @@ from ldm.util import ArgumentParser, UserFacingError, run_cli
 
 PER_SAMPLE = ("psnr", "ssim", "feature_distance")
 HIGHER_IS_CLOSER = {"psnr": True, "ssim": True, "feature_distance": False, "fid_to_fp": False}
-# what may differ between two sample sets of one plan (step 7's manifest.json): the sampler and its artifacts
-PLAN_FREE_KEYS = ("sampler", "bits", "artifacts")
+# what may differ between two sample sets of one plan (step 7's manifest.json): the sampler, its artifacts and how
+# the quantized UNet is executed (fake-quant or integer kernels)
+PLAN_FREE_KEYS = ("sampler", "bits", "artifacts", "execution")
 
 
 class FidelityError(UserFacingError):
