@@ -293,8 +293,9 @@ def test_quantized_sampler_goes_through_build_variant(script, reference, tiny, t
         def fingerprints(self):
             return {"quant": "0123abcd"}
 
-    def build_variant(spec, family, model, layout, tag, expect):
+    def build_variant(spec, family, model, layout, tag, expect, packed=None, execution=None):
         calls.append(("build", str(spec), tag.w_bits, tag.a_bits, expect["steps"]))
+        assert packed is None and execution.value == "fake"      # the defaults: the quant artifact, fake-quant
         return FakeVariant(model)
 
     monkeypatch.setattr(step, "build_variant", build_variant)
