@@ -120,6 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--cali_lr", type=float, default=None, help="activation-step learning rate (QNCD: 4e-4)")
     q.add_argument("--cali_p", type=float, default=None, help="L_p of the reconstruction loss (QNCD: 2.4)")
     q.add_argument("--cali_ckpt", default=None, help="a quantized model from an earlier run (skips steps 1-3)")
+    q.add_argument("--packed", default=None, metavar="FILE",
+                   help="the quantized UNet from a packed file alone (quant_scripts/export_packed.py; skips steps 1-3 "
+                        "and the checkpoint's UNet weights)")
+    q.add_argument("--execution", choices=("fake", "integer"), default="fake",
+                   help="fake-quant, or int8 kernels where exact (quant.integer)")
     q.add_argument("--sample_reverse", action="store_true", help="QNCD runtime noise estimation")
     q.add_argument("--reverse_interval", type=int, default=None, help="its period R (default 10)")
     q.add_argument("-l", "--logdir", default="outputs", help="where the pipeline's artifacts go")
@@ -208,7 +213,9 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
     cli.add_output_args(p, seed=args.seed, force=None)
     sampler = ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                       if args.reverse_interval is not None else []) if args.sample_reverse else []
-    ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []))
+    cli.add_execution_args(p)
+    run_flags = ["--execution", args.execution] + (["--packed", args.packed] if args.packed else [])
+    ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []) + run_flags)
     cli.apply_preset(ns, PRESET)
     for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
         setattr(ns, key, getattr(args, key))
@@ -222,8 +229,11 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not args.ptq and (args.sample_reverse or args.cali_ckpt):
-        raise UserFacingError("--sample_reverse and --cali_ckpt act on a quantized model; add --ptq")
+    if not args.ptq and (args.sample_reverse or args.cali_ckpt or args.packed or args.execution != "fake"):
+        raise UserFacingError("--sample_reverse, --cali_ckpt, --packed and --execution act on a quantized model; "
+                              "add --ptq")
+    if args.packed and args.cali_ckpt:
+        raise UserFacingError("--packed and --cali_ckpt both name the quantized model; pass one")
     if args.prompt is not None and args.eval is not None:
         raise UserFacingError("--eval samples a prompt list; use --from_file (or the preset's prompts), not --prompt")
     if args.eval is not None and args.ptq and not args.quant_act:
@@ -238,7 +248,9 @@ def main(argv=None) -> None:
     if not family.takes_prompts:
         raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
                               f"a {family.name} model: sample it with quant_scripts/sample_fp32_imagenet.py")
-    if args.ptq and args.cali_ckpt is not None:
+    if args.ptq and args.packed is not None:
+        pass   # the packed file is the quantized model: checked against the run when it loads
+    elif args.ptq and args.cali_ckpt is not None:
         cli.check_sampling_args(ns)
         place_cali_ckpt(args, ns)
     elif args.ptq:
@@ -251,7 +263,8 @@ def main(argv=None) -> None:
     if args.eval is not None:
         flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
                           if args.ptq else ["--sampler", "fp32"])
-        flags += sm_abit_flags(args) if args.ptq else []
+        flags += (sm_abit_flags(args) + ["--execution", args.execution] +
+                  (["--packed", args.packed] if args.packed else [])) if args.ptq else []
         if args.sample_reverse:
             flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                              if args.reverse_interval else [])

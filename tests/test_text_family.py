@@ -217,6 +217,19 @@ def test_qncd_readme_command_end_to_end(text_model, tmp_path, txt2img):
     assert (q["policy"], q["channel_wise"], q["weight_iters"], q["act_iters"], q["rs_batch_size"]) == \
         ("qncd-sd", True, 0, 0, 1)
     assert "qncd" in proc.stdout and len(list((tmp_path / "out" / "samples").glob("*.png"))) == 3
+    # the same model as a packed file (smoothing factors included), sampled from the file alone with int8 kernels
+    export = load_script(REPO / "quant_scripts" / "export_packed.py", "export_packed_text")
+    export.main(["--config", str(cfg_path), "--ckpt", str(ckpt_path), "--prompts", str(prompts), "--plms",
+                 "--steps", "8", "--scale", "7.5", "--w_bits", "8", "--a_bits", "8", "--outdir", str(runs)])
+    packed = run / "w8a8" / "packed_w8a8.pt"
+    assert load_artifact(packed, "packed", {})["smoothing"] is not None
+    proc = txt2img("--config", cfg_path, "--ckpt", ckpt_path, "--plms", "--ptq", "--quant_act", "--packed", packed,
+                   "--execution", "integer", "--from_file", prompts, "--n_samples", 2, "--ddim_steps", 8,
+                   "--scale", 7.5, "--outdir", tmp_path / "out2", "-l", runs)
+    assert proc.returncode == 0, proc.stderr
+    assert "integer execution:" in proc.stdout and len(list((tmp_path / "out2" / "samples").glob("*.png"))) == 3
+    proc = txt2img("--config", cfg_path, "--ckpt", ckpt_path, "--packed", packed, "--outdir", tmp_path / "out3")
+    assert proc.returncode == 2 and "add --ptq" in error_line(proc)
 
 
 # ---- calibration along PLMS trajectories (known answer) ------------------------------------------------------------

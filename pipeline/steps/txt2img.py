@@ -55,14 +55,16 @@ def run(args: argparse.Namespace) -> None:
     if quantized:
         cli.check_bits(args)
     spec = cli.resolve_sampler(args)
+    cli.check_execution_args(args)
     base = cli.model_meta(args)
     layout, tag = cli.layout(args), cli.quant_tag(args, weights_only=args.a_bits is None)
-    check_present([spec], layout, tag)
+    packed = Path(args.packed) if args.packed else None
+    check_present([spec], layout, tag, packed=packed is not None)
     outdir = cli.ensure_writable_dir(args.image_dir)
     device = cli.pick_device(args.device)
     family, model = cli.load_model(args, device)
     check_size(family, model, args)
-    variant = build_variant(spec, family, model, layout, tag, base)
+    variant = build_variant(spec, family, model, layout, tag, base, packed, args.execution_mode)
     variant.check_sampling(settings)
     plan = batches(len(family.prompts), args.prompt is not None, args.n_samples, args.n_iter)
     loop = "PLMS" if settings.plms else "DDIM"
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     count = next_index(sample_dir, "*.png")
     text = {"config": str(args.config), "ckpt": base["ckpt"], "steps": str(settings.steps), "eta": f"{settings.eta:g}",
             "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "loop": settings.loop,
-            "bits": str(tag) if quantized else "fp32"}
+            "bits": str(tag) if quantized else "fp32", "execution": args.execution}
     t0, images, n_done = time.time(), [], 0
     with family.ema_scope(model):
         for b, conditions in enumerate(plan):
