@@ -3,8 +3,6 @@ files, txt2img (FP and QNCD's README command end to end), PLMS calibration, step
 errors on bad prompt files, checkpoints and tokenizer files."""
 from __future__ import annotations
 
-import copy
-import sys
 from pathlib import Path
 
 import numpy as np
