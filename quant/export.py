@@ -8,8 +8,9 @@ inference UNet needs, so that the file alone (without the FP32 UNet weights) reb
 Payload (format version 2):
     layers      {fqn: codes (uint8, 4-bit codes two per byte, 8-bit one), bits, store_bits, shape, qmin, scale,
                  zero_point}: q = clamp(floor(W/Δ) + h + z) (h: AdaRound's hard rounding, or round-to-nearest)
-    quant_state QuantModel.quant_state_dict() with the rounding recorded as the codes themselves (mode "nearest",
-                 no masks): activation Δ/z, attention quantizers, shortcut splits
+    quant_state QuantModel.quant_state_dict() without what ``layers`` holds (Δ_w, z_w) and with the rounding
+                 recorded as the codes themselves (mode "nearest", no masks): activation Δ/z, attention quantizers,
+                 shortcut splits
     smoothing   quant.smoothing.smoothing_state() of a QNCD-smoothed model, else None
     fp          {name: float32 tensor}: the layers kept in FP32, biases, norms, embeddings, smoothing factors
 Loading is strict: every tensor of the UNet must come from ``fp`` or ``layers``, none may be left over.
@@ -51,10 +52,10 @@ def pack_quant_model(qm: QuantModel) -> dict:
           if k not in quant_params and not _is_quant_state(k)}
     state = qm.quant_state_dict()
     for d in state.values():   # the codes carry the rounding: dequantized weights round to themselves
-        if "rounding" in d:
+        if "rounding" in d:    # (Δ_w and z_w are in "layers": written once)
             d["rounding"] = WeightRounding.NEAREST.value
-            d.pop("round_up_bits", None)
-            d.pop("alpha", None)
+            for key in ("round_up_bits", "alpha", "w_scale", "w_zero_point"):
+                d.pop(key, None)
     smoothed = any(isinstance(m, ChannelSmoothing) for m in qm.model.modules())
     return {"version": VERSION, "layers": layers, "quant_state": state,
             "smoothing": smoothing_state(qm) if smoothed else None, "fp": fp}
@@ -84,7 +85,13 @@ def load_packed(unet: nn.Module, packed: dict, config: QuantConfig, filter_fn: L
     (weights; activations when ``config.a_bits``). ValueError, naming the first keys, if the file does not fit."""
     if packed.get("version") != VERSION:
         raise ValueError(f"packed format version {packed.get('version')}, this code reads {VERSION}; re-export it")
-    state = {"quant_state": packed["quant_state"], "smoothing": packed.get("smoothing")}
+    quant_state = {name: dict(d) for name, d in packed["quant_state"].items()}
+    for name, d in quant_state.items():
+        if "rounding" in d:
+            if name not in packed["layers"]:
+                raise ValueError(f"the packed file has a quantizer state for {name} but no weight codes")
+            d["w_scale"], d["w_zero_point"] = packed["layers"][name]["scale"], packed["layers"][name]["zero_point"]
+    state = {"quant_state": quant_state, "smoothing": packed.get("smoothing")}
     qm = quantize(unet, config, filter_fn, state=state, copy=False)
     weights = unpack_weights(packed)
     own = {k: v for k, v in qm.model.state_dict().items() if not _is_quant_state(k)}
