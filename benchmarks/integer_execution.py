@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import platform
 import statistics
@@ -41,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from pipeline.packed import state_bytes  # noqa: E402
 from quant.export import pack_quant_model  # noqa: E402
 from quant.integer import Backend, IntegerLayer, layer_summary, onednn_int8_exact, to_integer_  # noqa: E402
 from quant.layers import QuantLayer  # noqa: E402
@@ -292,20 +292,14 @@ def part_memory(args) -> dict:
     return {"bytes": out}
 
 
-def saved_bytes(obj) -> int:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.tell()
-
-
 def part_sizes(args) -> dict:
     unet, _ = build_cin256()
-    out = {"fp32": saved_bytes(unet.state_dict())}
+    out = {"fp32": state_bytes(unet.state_dict())}
     for policy in ("d2dpm", "all"):
         for w in (4, 8):
             qm = QuantModel(unet, w_bits=w, a_bits=None, policy=POLICIES[policy],
                             search=ScaleSearch.MAX).init_weights_()
-            out[f"W{w} {policy}"] = saved_bytes(pack_quant_model(qm))
+            out[f"W{w} {policy}"] = state_bytes(pack_quant_model(qm))
             del qm
     n = sum(t.numel() for t in unet.parameters())
     kept = sum(m.weight.numel() for name, m in unet.named_modules()

@@ -246,13 +246,19 @@ def compare_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -
 
 
 def load_state_dict_checked(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], strict: bool = True,
-                            source: str = "checkpoint", config: str = "config") -> StateDictMismatch:
+                            source: str = "checkpoint", config: str = "config",
+                            exclude_prefix: str | tuple[str, ...] = ()) -> StateDictMismatch:
     """Load ``sd`` into ``model``; with ``strict`` any missing, unexpected or reshaped key is a CheckpointError.
 
     The original CompVis loaders use ``strict=False`` and silently ignore mismatches; we report them.
-    With ``strict=False`` the mismatch is returned (and shape mismatches are still refused).
+    With ``strict=False`` the mismatch is returned (and shape mismatches are still refused). ``exclude_prefix``: keys
+    under it (a prefix or a tuple of them) are neither loaded from ``sd`` nor required of it.
     """
+    if exclude_prefix:
+        sd = {k: v for k, v in sd.items() if not k.startswith(exclude_prefix)}
     mismatch = compare_state_dict(model, sd)
+    if exclude_prefix:
+        mismatch.missing = [m for m in mismatch.missing if not m[0].startswith(exclude_prefix)]
     if mismatch.shape or (strict and mismatch):
         raise CheckpointError(f"{source} does not match {config}: {mismatch.summary()}")
     model.load_state_dict(sd, strict=False)
@@ -285,15 +291,8 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike | None, *, trust
     if ckpt is not None:
         raw = load_checkpoint_file(ckpt, trust=trust)
         sd = adapt_checkpoint(model, state_dict_from_checkpoint(raw, ckpt))
-        if exclude_prefix:
-            sd = {k: v for k, v in sd.items() if not k.startswith(exclude_prefix)}
-            mismatch = compare_state_dict(model, sd)
-            mismatch.missing = [m for m in mismatch.missing if not m[0].startswith(exclude_prefix)]
-            if mismatch.shape or (strict and mismatch):
-                raise CheckpointError(f"checkpoint {ckpt} does not match {config_name}: {mismatch.summary()}")
-            model.load_state_dict(sd, strict=False)
-        else:
-            load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name)
+        load_state_dict_checked(model, sd, strict=strict, source=f"checkpoint {ckpt}", config=config_name,
+                                exclude_prefix=exclude_prefix or ())
         model.global_step_loaded = raw.get("global_step")
     return model.to(device).eval()
 

@@ -23,18 +23,13 @@ import torch
 import torch.nn as nn
 
 from quant.api import LayerFilter, QuantConfig, quantize
-from quant.layers import QuantLayer, WeightRounding
+from quant.layers import WeightRounding
 from quant.model import QuantModel
 from quant.quantizer import pack_bits, unpack_bits
 from quant.smoothing import ChannelSmoothing, smoothing_state
 
 VERSION = 2
 QUANT_STATE_LEAVES = ("w_scale", "w_zero_point", "a_scale", "a_zero_point", "alpha", "round_up")
-
-
-def integer_codes(layer: QuantLayer) -> torch.Tensor:
-    """The unsigned integer grid values of the layer's quantized weight (int64)."""
-    return layer.weight_codes()
 
 
 @torch.no_grad()

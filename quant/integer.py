@@ -114,6 +114,12 @@ class IntegerLayer(nn.Module):
         codes = unpack_bits(self.w_codes, self.store_bits, math.prod(self.w_shape)).view(self.w_shape)
         return (codes + self.w_base.view((-1,) + (1,) * (len(self.w_shape) - 1))).to(torch.int8)
 
+    def max_abs_weight(self, codes: torch.Tensor) -> int:
+        """max |w| of the int8 weight, from the per-channel extremes of its unsigned ``codes``."""
+        rows = codes.reshape(codes.shape[0], -1)
+        base = self.w_base.to(rows.device).long()
+        return int(torch.maximum((rows.amin(1) + base).abs(), (rows.amax(1) + base).abs()).max())
+
     # -- forward ------------------------------------------------------------------------------------------------
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,25 +241,25 @@ def kept_reason(layer: QuantLayer) -> str | None:
     return None
 
 
-def choose_backend(layer: QuantLayer, w_int: torch.Tensor, backend: Backend) -> tuple[Backend, str]:
-    """The backend this layer can run on exactly, and why it falls back to FLOAT when it does."""
-    if not (layer.act_quant and layer.a_ready):
-        return Backend.FLOAT, "weight-only (input not quantized)"
+def choose_backend(layer: QuantLayer, max_abs_w: int, backend: Backend) -> tuple[Backend, str]:
+    """The backend this layer (inputs quantized; its int8 weight at most ``max_abs_w`` in magnitude) can run on
+    exactly, and why it falls back to FLOAT when it does."""
+    shape = layer.weight.shape
     if backend is Backend.ONEDNN:
         if layer.weight.device.type != "cpu" or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
             return Backend.FLOAT, "oneDNN int8 kernels need a CPU build with oneDNN"
-        worst = 2 * layer.a_scheme.qmax * int(w_int.abs().max())
+        worst = 2 * layer.a_scheme.qmax * max_abs_w
         if worst > INT16_MAX and not onednn_int8_exact():
             return Backend.FLOAT, "u8×s8 pair sums would saturate int16 on this CPU (AVX2 without VNNI)"
         return Backend.ONEDNN, ""
     if backend is Backend.INT_MM:
-        k = w_int[0].numel()
+        k = math.prod(shape[1:])
         one_by_one = layer.kind is nn.Linear or (
-            all(s == 1 for s in w_int.shape[2:]) and all(s == 1 for s in layer.op_kwargs["stride"])
+            all(s == 1 for s in shape[2:]) and all(s == 1 for s in layer.op_kwargs["stride"])
             and all(p == 0 for p in layer.op_kwargs["padding"]) and layer.op_kwargs["groups"] == 1)
         if not one_by_one:
             return Backend.FLOAT, "not a Linear or 1×1 conv (no int8 conv kernel on this device)"
-        if k % 8 or k < 16 or w_int.shape[0] % 8:
+        if k % 8 or k < 16 or shape[0] % 8:
             return Backend.FLOAT, "K or N not a multiple of 8, or K < 16 (torch._int_mm)"
         return Backend.INT_MM, ""
     return Backend.FLOAT, "asked for float"
@@ -277,13 +283,13 @@ def to_integer_(model: nn.Module, backend: Backend | None = None) -> dict[str, s
         device = layer.weight.device
         chosen = backend or default_backend(device)
         codes = layer.weight_codes()
-        base, _, _ = int8_weight(codes, layer.w_scheme.qmin, layer.w_scale, layer.w_zero_point, layer.w_scheme.bits)
-        w_int = codes + base.view((-1,) + (1,) * (codes.ndim - 1))
-        how, why = choose_backend(layer, w_int, chosen)
         if not (layer.act_quant and layer.a_ready):
             new = FloatWeightLayer.from_quant(layer, codes)
+            how, why = Backend.FLOAT, "weight-only (input not quantized)"
         else:
-            new = IntegerLayer.from_quant(layer, codes, how)
+            new = IntegerLayer.from_quant(layer, codes, Backend.FLOAT)
+            how, why = choose_backend(layer, new.max_abs_weight(codes), chosen)
+            new.backend = how
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new.to(device))
         report[name] = how.value if how is not Backend.FLOAT else f"float: {why}"
