@@ -20,6 +20,15 @@ def idx_bytes(arr) -> bytes:
     return bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}i", *arr.shape) + arr.astype("uint8").tobytes()
 
 
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """Tests that pin torch to one thread (tiny tensors) must not change the float summation order of the tests
+    after them: the count is restored after every test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} not found: CI puts ../shared beside the checkout "
