@@ -213,19 +213,18 @@ class IntegerLayer(nn.Module):
 
 def int8_weight(codes: torch.Tensor, qmin: int, w_scale: torch.Tensor, w_zero_point: torch.Tensor, bits: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(base = qmin − c, Δ_w, c − z_w), each [C_out], for the int8 weight w = codes + base = q − c of unsigned
-    ``codes``; c = z_w when q − z_w fits int8 (always for ≤ 7 bits), else 128."""
+    """(base = qmin − c, Δ_w, c − z_w), each [C_out] on the codes' device, for the int8 weight w = codes + base =
+    q − c of unsigned ``codes``. Per output channel, c = z_w where q − z_w fits int8 (always for ≤ 7 bits), else
+    c = 128 (8-bit asymmetric grids: q ∈ [0, 255]). No host round trip: the choice is a tensor op, so the weights
+    can stay on the GPU (or the meta device)."""
     n_out = codes.shape[0]
-    q = codes.long() + qmin
     scale = w_scale.reshape(-1).expand(n_out) if w_scale.numel() == 1 else w_scale.reshape(n_out)
     zp = w_zero_point.reshape(-1).expand(n_out) if w_zero_point.numel() == 1 else w_zero_point.reshape(n_out)
-    zp_int = zp.round().long()
-    shape = (-1,) + (1,) * (q.ndim - 1)
-    centered = q - zp_int.view(shape)
-    if bits <= 7 or (centered.min() >= -128 and centered.max() <= 127):
-        return qmin - zp_int, scale.float(), torch.zeros(n_out)
-    c = torch.full((n_out,), 128, dtype=torch.long)
-    return qmin - c, scale.float(), (c - zp_int).float()
+    zp_int = zp.round().long().to(codes.device)
+    rows = codes.reshape(n_out, -1).long() + qmin                      # q per output channel
+    fits = ((rows.amin(1) - zp_int) >= -128) & ((rows.amax(1) - zp_int) <= 127)
+    c = torch.where(fits, zp_int, torch.full_like(zp_int, 128)) if bits > 7 else zp_int
+    return qmin - c, scale.float().to(codes.device), (c - zp_int).float()
 
 
 def kept_reason(layer: QuantLayer) -> str | None:
