@@ -132,7 +132,7 @@ class IntegerLayer(nn.Module):
         x_q = self.codes(x)
         y = self._onednn(x_q) if self.backend is Backend.ONEDNN else self._int_mm(x_q)
         if self.has_offset:
-            y = y + self._offset_term(x_q)
+            y = y.add_(self._offset_term(x_q))      # y is this call's own fresh output
         return y
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -191,16 +191,22 @@ class IntegerLayer(nn.Module):
         return y if self.kind is nn.Linear else y.movedim(-1, 1)
 
     def _offset_term(self, x_q: torch.Tensor) -> torch.Tensor:
-        """(c_o − z_w,o)·Δ_w,o · Σ_{k in the window of o} x̂_k: the part of the 8-bit weight int8 does not hold."""
-        x_hat = (x_q.float() - self.a_zero_point) * self.a_scale
+        """(c_o − z_w,o)·Δ_w,o · Σ_{k in the window of o} x̂_k: the part of the 8-bit weight int8 does not hold.
+        Σ x̂ = Δ_a·Σ (x_q − z_a) is summed over the uint8 codes in int32 (one cheap pass, exact), not over a float
+        copy of the dequantized input."""
+        coeff = self.w_shift * self.w_scale * self.a_scale
         if self.kind is nn.Linear:
-            return x_hat.sum(dim=-1, keepdim=True) * (self.w_shift * self.w_scale)
+            k = x_q.shape[-1]
+            centered = (x_q.sum(dim=-1, keepdim=True, dtype=torch.int32) - k * self.a_zero_point).float()
+            return centered * coeff
         groups, n_out = self.op_kwargs["groups"], self.w_shape[0]
-        summed = x_hat.unflatten(1, (groups, -1)).sum(dim=2)            # [N, groups, *spatial]
+        per_group = x_q.shape[1] // groups
+        summed = x_q.unflatten(1, (groups, per_group)).sum(dim=2, dtype=torch.int32)      # [N, groups, *spatial]
+        summed = (summed - per_group * self.a_zero_point).float()   # Σ_c (x_q − z_a): 0 where the padding is
         ones = torch.ones(groups, 1, *self.w_shape[2:], device=x_q.device)
         box = _float_op(self.kind, summed, ones, None, {**self.op_kwargs, "groups": groups})
         box = box.repeat_interleave(n_out // groups, dim=1)
-        return box * (self.w_shift * self.w_scale).view((1, -1) + (1,) * (box.ndim - 2))
+        return box * coeff.view((1, -1) + (1,) * (box.ndim - 2))
 
     def _apply(self, fn, recurse=True):
         self._packed, self._float_weight = None, None      # repacked on the new device / dtype at the next call
