@@ -47,6 +47,30 @@ def test_inference_fake_quant_is_bit_identical_to_the_ste_path():
             fast = fake_quant(x, scale, zp, 0, 255)
         ref = fake_quant(x.clone().requires_grad_(True), scale, zp, 0, 255)   # the autograd (STE) path
         assert torch.equal(fast, ref.detach())
+    # per-channel zero points (shortcut-split layers) and a Python-float zero point (integer execution's fallback)
+    x = torch.randn(2, 6, 5, 5, generator=g) * 4
+    zps = torch.tensor([3.0, 3.0, 3.0, 250.0, 250.0, 250.0]).view(1, 6, 1, 1)
+    for z in (zps, 17.0):
+        with torch.no_grad():
+            fast = fake_quant(x, scale, z, 0, 255)
+        assert torch.equal(fast, fake_quant(x.clone().requires_grad_(True), scale, torch.as_tensor(z), 0, 255).detach())
+
+
+def test_fused_fake_quant_differs_only_at_rounding_ties():
+    """The one-kernel op used on CUDA (quant.quantizer.fused_fake_quant), run here on the CPU: it multiplies by 1/Δ,
+    so only values within float rounding of a tie may land one code apart."""
+    from quant.quantizer import fused_fake_quant, fused_fake_quant_applies
+    assert not fused_fake_quant_applies(torch.zeros(3), torch.tensor(1.0))   # CPUs keep the bit-identical passes
+    g = torch.Generator().manual_seed(0)
+    scale, zp = torch.tensor(0.0371), torch.tensor(7.0)
+    x = torch.cat([torch.randn(100_000, generator=g) * 3, (torch.arange(-300, 300) + 0.5) * scale])
+    with torch.no_grad():
+        ref, fused = fake_quant(x, scale, zp, 0, 255), fused_fake_quant(x, scale, zp, 0, 255)
+    differ = ref != fused
+    assert differ[:100_000].float().mean() < 1e-4                      # random values: (almost) never at a tie
+    assert torch.allclose((ref - fused)[differ].abs(), scale.expand(int(differ.sum())), rtol=1e-5)   # one step
+    v = x[differ] / scale
+    assert ((v - v.floor() - 0.5).abs() < 1e-4).all()                  # and only at ties
 
 
 def _brute_force(rows, scheme, n=80, p=2.4):
