@@ -35,9 +35,10 @@ from ldm.util import ArgumentParser, UserFacingError, run_cli
 
 PER_SAMPLE = ("psnr", "ssim", "feature_distance")
 HIGHER_IS_CLOSER = {"psnr": True, "ssim": True, "feature_distance": False, "fid_to_fp": False}
-# what may differ between two sample sets of one plan (step 7's manifest.json): the sampler, its artifacts and how
-# the quantized UNet is executed (fake-quant or integer kernels)
-PLAN_FREE_KEYS = ("sampler", "bits", "artifacts", "execution")
+# what may differ between two sample sets of one plan (step 7's manifest.json): the sampler, its artifacts, how
+# the quantized UNet is executed (fake-quant or integer kernels) and the arithmetic of the sampling run (--precision:
+# tf32 / bf16 against exact fp32, the same seeds)
+PLAN_FREE_KEYS = ("sampler", "bits", "artifacts", "execution", "precision")
 
 
 class FidelityError(UserFacingError):

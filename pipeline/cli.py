@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from ldm.fileio import file_fingerprint
+from ldm.precision import Precision
 from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_hint, load_config, parse_device
 from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
 from pipeline.families import ModelFamily, family_for
@@ -153,8 +154,9 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_execution_args(args: argparse.Namespace) -> None:
-    """--packed needs a quantized sampler and names an existing file; sets args.execution_mode and the step-7
-    folder suffix args.variant_suffix."""
+    """--packed needs a quantized sampler and names an existing file; --precision (``check_precision_args``) is not
+    combined with integer kernels; sets args.execution_mode and the step-7 folder suffix args.variant_suffix
+    (-packed, -int, -tf32 / -bf16)."""
     args.execution = getattr(args, "execution", Execution.FAKE.value)
     args.packed = packed = getattr(args, "packed", None)
     args.execution_mode = Execution(args.execution)
@@ -164,7 +166,45 @@ def check_execution_args(args: argparse.Namespace) -> None:
         if getattr(args, "compare", False) or not args.spec.quantized:
             raise UserFacingError("--packed replaces the checkpoint's UNet weights, so no FP32 sampler can run beside "
                                   "it; drop --compare / use a quantized --sampler, or drop --packed")
-    args.variant_suffix = ("-packed" if packed else "") + ("-int" if args.execution_mode is Execution.INTEGER else "")
+    check_precision_args(args)
+    integer = "-int" if args.execution_mode is Execution.INTEGER else ""
+    args.variant_suffix = ("-packed" if packed else "") + integer + args.precision.suffix
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    """--precision fp32|tf32|bf16: the arithmetic of the UNet and decoder while sampling (steps 0, 6, 7, txt2img;
+    ``ldm.precision``), parsed here once into a ``Precision``."""
+    p.add_argument("--precision", type=precision_arg, default=Precision.FP32, metavar="{fp32,tf32,bf16}",
+                   help="arithmetic of the UNet and decoder: fp32 exact (default), tf32 (CUDA: TF32 matmuls and "
+                        "convolutions), bf16 (bfloat16 autocast); the DDIM update stays float32; non-fp32 runs "
+                        "add -tf32 / -bf16 to their file or folder name")
+
+
+def precision_arg(text: str) -> Precision:
+    """argparse ``type=`` for --precision: the one-line error names the valid modes."""
+    try:
+        return Precision.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_precision_args(args: argparse.Namespace) -> Precision:
+    """``args.precision`` as a ``Precision`` (FP32 when the script has no flag), refused with one line before
+    anything is loaded or written where the device cannot run it (TF32 off CUDA) and beside integer kernels (their
+    int8 arithmetic is fixed; a float mode around them would only blur what --execution integer measures)."""
+    precision = getattr(args, "precision", None) or Precision.FP32
+    if not isinstance(precision, Precision):
+        try:
+            precision = Precision.parse(precision)
+        except ValueError as e:
+            raise UserFacingError(f"--precision: {e}") from None
+    if precision is Precision.TF32:
+        precision.check_device(parse_device(args.device))
+    if precision is not Precision.FP32 and getattr(args, "execution", "fake") == Execution.INTEGER.value:
+        raise UserFacingError(f"--precision {precision.value} sets the arithmetic of float layers; --execution "
+                              f"integer computes the quantized ones in int8: drop one of them")
+    args.precision = precision
+    return precision
 
 
 def add_probe_args(p: argparse.ArgumentParser) -> None:

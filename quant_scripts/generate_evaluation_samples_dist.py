@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
     cli.add_sampler_args(p, SAMPLER, W_BITS, A_BITS)
     cli.add_execution_args(p)
+    cli.add_precision_args(p)
     p.add_argument("--n_samples", dest="eval_samples", type=int, default=None,
                    help="number of samples N, a multiple of the class count (default: the preset's eval_samples)")
     p.add_argument("--seed", type=int, default=SEED, help="base seed; batch b's seeds derive from it and b")

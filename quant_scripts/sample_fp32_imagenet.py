@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--uncond_class", type=int, default=None,
                    help="unconditional label for guidance (default: the model's null class, 1000 for cin256-v2)")
     p.add_argument("--no_ema", action="store_true", help="use the live weights of a model trained with EMA")
+    cli.add_precision_args(p)
     cli.add_output_args(p, OUTDIR, SEED, force=None)
     return p.parse_args(argv)
 

@@ -42,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
     cli.add_sampler_args(p, SAMPLER, W_BITS, A_BITS)
     cli.add_execution_args(p)
+    cli.add_precision_args(p)
     p.add_argument("--compare", action="store_true",
                    help="one grid, a row per sampler: FP | uncorrected | PTQD | --sampler (D-D² channel if "
                         "--sampler is one of those)")

@@ -42,6 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.fileio import atomic_path  # noqa: E402
+from ldm.precision import Precision  # noqa: E402
 from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
@@ -54,6 +55,7 @@ from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation
 PRESET = "fashion-txt2img"
 N_SAMPLES = 3   # images per batch (CompVis)
 CALI_ST, CALI_N = 25, 128   # QNCD's README for SD: 128 latents at 25 steps (x 2: prompt and empty prompt)
+COMPVIS_PRECISION = {"full": "fp32", "autocast": "bf16"}   # CompVis txt2img's --precision names
 CUSTOM_STEPS, CUSTOM_SCALE = 50, 7.5   # CompVis / QNCD txt2img's defaults for --config/--ckpt (DDIM unless --plms)
 
 
@@ -85,8 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("--H", "--W", "--C", "--f"):
         t.add_argument(flag, type=int, default=None, help="checked against the model's size (default: it)")
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--precision", default="full", choices=("full", "autocast"),
-                   help="accepted for compatibility; sampling always runs in float32 (exact, as the fixtures)")
+    t.add_argument("--precision", type=precision_flag, default=Precision.FP32, metavar="{fp32,tf32,bf16}",
+                   help="arithmetic of the UNet and decoder while sampling (calibration stays fp32): fp32 exact, tf32 "
+                        "(CUDA), bf16 autocast; CompVis' names are accepted: full = fp32, autocast = bf16 (CompVis "
+                        "autocasts to float16 on CUDA; bfloat16 keeps float32's range)")
     t.add_argument("--skip_grid", action="store_true")
     t.add_argument("--skip_save", action="store_true")
     t.add_argument("--no_progress", action="store_true")
@@ -129,6 +133,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--reverse_interval", type=int, default=None, help="its period R (default 10)")
     q.add_argument("-l", "--logdir", default="outputs", help="where the pipeline's artifacts go")
     return p.parse_args(argv)
+
+
+def precision_flag(text: str):
+    """--precision: ours (fp32, tf32, bf16) or CompVis' (full, autocast), parsed by the pipeline's parser."""
+    return cli.precision_arg(COMPVIS_PRECISION.get(str(text).strip().lower(), text))
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
@@ -214,7 +223,9 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
     sampler = ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                       if args.reverse_interval is not None else []) if args.sample_reverse else []
     cli.add_execution_args(p)
-    run_flags = ["--execution", args.execution] + (["--packed", args.packed] if args.packed else [])
+    cli.add_precision_args(p)
+    run_flags = ["--execution", args.execution, "--precision", args.precision.value] + \
+        (["--packed", args.packed] if args.packed else [])
     ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []) + run_flags)
     cli.apply_preset(ns, PRESET)
     for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
@@ -244,6 +255,7 @@ def main(argv=None) -> None:
     common = common_flags(args)
     ns = sampling_namespace(args, common)
     cli.check_sampling_args(ns)
+    cli.check_precision_args(ns)   # (tf32 off CUDA: refused before steps 1-3 write anything)
     _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work
     if not family.takes_prompts:
         raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
@@ -268,7 +280,8 @@ def main(argv=None) -> None:
         if args.sample_reverse:
             flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
                                              if args.reverse_interval else [])
-        generate_evaluation_samples_dist.main(flags + ["--n_samples", str(args.eval), "--seed", str(args.seed)])
+        generate_evaluation_samples_dist.main(flags + ["--n_samples", str(args.eval), "--seed", str(args.seed),
+                                                       "--precision", args.precision.value])
 
 
 if __name__ == "__main__":

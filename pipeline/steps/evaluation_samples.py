@@ -11,12 +11,14 @@ from tqdm.auto import tqdm
 
 from evaluation.generation import (LABEL_RULE, DistContext, PeerFailed, Plan, assign, env_rank, init_distributed,
                                    merge_shards, pending_batches, prepare_dir, rank_device, shard_path, write_shard)
+from ldm.precision import Precision
 from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.generate import sample_batch
 from pipeline.layout import FP32
 from pipeline.packed import Execution
 from pipeline.sampling import build_variant
+from pipeline.steps.sample_grid import in_precision
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -63,7 +65,8 @@ def generate(args: argparse.Namespace) -> None:
         variant.check_sampling(args.settings)
         model_fn, correction_for, artifacts = variant.model_fn, variant.correction_for, variant.fingerprints()
     settings = {**expect, "sampler": args.sampler, "bits": str(tag), "artifacts": artifacts,
-                **({"execution": args.execution} if args.execution_mode is not Execution.FAKE else {}), "n": plan.n,
+                **({"execution": args.execution} if args.execution_mode is not Execution.FAKE else {}),
+                **({"precision": args.precision.value} if args.precision is not Precision.FP32 else {}), "n": plan.n,
                 "seed": plan.seed, "batch_size": plan.batch_size, "classes": plan.num_classes,
                 **({"class_ids": list(classes)} if classes else {}),
                 "labels": LABEL_RULE, "device": device.type, "ema": bool(getattr(model, "use_ema", False)),
@@ -101,12 +104,13 @@ def run(ctx: DistContext, args, family, model, plan: Plan, sdir: Path, settings:
         print(f"[{args.preset_used}] {args.sampler} ({settings['bits']}): {what}; {plan.num_batches} batches of "
               f"{plan.batch_size}, {len(pending)} to make on {ctx.world} process(es); {args.steps} "
               f"{args.settings.loop} steps, eta {args.eta:g}, scale {args.scale:g}, seed {plan.seed}, on "
-              f"{model.betas.device}")
+              f"{model.betas.device}{in_precision(args)}")
     with family.ema_scope(model):
         for b in tqdm(mine, desc="batches (rank 0)" if ctx.active else "batches", disable=not ctx.main):
             batch = plan.batch(b)
             images = sample_batch(family, model, batch, args.settings, model_fn=model_fn,
-                                  correction_for=correction_for, decode_batch_size=args.decode_batch_size)
+                                  correction_for=correction_for, decode_batch_size=args.decode_batch_size,
+                                  precision=args.precision)
             write_shard(shard_path(sdir, b), images, batch.labels, batch.indices)
     ctx.barrier()
     if not ctx.main:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from evaluation.images import labelled_rows, make_grid, save_png, to_uint8
+from ldm.precision import Precision
 from pipeline import cli
 from pipeline.generate import sample_images
 from pipeline.sampler_spec import SamplerSpec
@@ -24,6 +25,7 @@ def check_grid_args(args: argparse.Namespace) -> None:
     """The grid's flags, before any folder is made or model loaded."""
     cli.check_sampling_args(args)
     cli.check_positive(args, "n_samples_per_class", "n_samples")
+    cli.check_precision_args(args)
 
 
 def grid_conditions(family, model, args: argparse.Namespace, uncond=None) -> tuple[list | None, int, str]:
@@ -51,18 +53,29 @@ def fp32_grid(args: argparse.Namespace) -> None:
     family, model = cli.load_model(args, device)
     labels, nrow, what = grid_conditions(family, model, args, args.uncond_class)
     print(f"[{args.preset_used}] sampling {what}; {args.steps} {args.settings.loop} steps, eta {args.eta}, seed "
-          f"{args.seed}, on {device}")
+          f"{args.seed}, on {device}{in_precision(args)}")
     t0 = time.time()
     with family.ema_scope(model) if not args.no_ema else contextlib.nullcontext():
         images = sample_images(family, model, labels, settings=settings, n=None if labels else args.n_samples,
-                               batch_size=args.batch_size, uncond=args.uncond_class,
+                               batch_size=args.batch_size, uncond=args.uncond_class, precision=args.precision,
                                generator=torch.Generator(device=device).manual_seed(args.seed))
-    name = f"fp32_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
+    name = f"fp32{args.precision.suffix}_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
     path = save_png(make_grid(to_uint8(images), nrow=nrow), outdir / name, text={
         "config": str(args.config), "ckpt": str(args.ckpt), "steps": str(args.steps), "eta": f"{args.eta:g}",
         "scale": f"{args.scale:g}", "seed": str(args.seed), "preset": args.preset_used,
-        "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional"})
+        "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional",
+        **precision_text(args)})
     print(f"wrote {path} ({len(images)} samples, {time.time() - t0:.1f} s)")
+
+
+def precision_text(args: argparse.Namespace) -> dict[str, str]:
+    """The PNG text entry of a non-FP32 --precision (none for FP32: its grids stay byte-identical to earlier ones)."""
+    return {} if args.precision is Precision.FP32 else {"precision": args.precision.value}
+
+
+def in_precision(args: argparse.Namespace) -> str:
+    """' in bf16' for the run's first line ('' for FP32)."""
+    return "" if args.precision is Precision.FP32 else f" in {args.precision.value}"
 
 
 def sample_variant(family, model, variant: Variant, labels, args: argparse.Namespace, device) -> torch.Tensor:
@@ -75,7 +88,7 @@ def sample_variant(family, model, variant: Variant, labels, args: argparse.Names
                              n=None if labels is not None else args.n_samples, batch_size=args.batch_size,
                              generator=torch.Generator(device=device).manual_seed(args.seed),
                              model_fn=variant.model_fn, correction=variant.correction_for(corr_gen),
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, precision=args.precision)
 
 
 def compared_specs(args: argparse.Namespace) -> list[SamplerSpec]:
@@ -112,7 +125,7 @@ def quantized_grid(args: argparse.Namespace) -> None:
     outdir = cli.ensure_writable_dir(layout.grids(tag))
     names = [v.name for v in variants]
     print(f"[{args.preset_used}] {str(tag).upper()} {' | '.join(names)}: {what}; {args.steps} "
-          f"{args.settings.loop} steps, eta {args.eta}, seed {args.seed}, on {device}")
+          f"{args.settings.loop} steps, eta {args.eta}, seed {args.seed}, on {device}{in_precision(args)}")
     t0 = time.time()
     rows = [to_uint8(sample_variant(family, model, v, labels, args, device)) for v in variants]
     suffix = f"{tag}{args.variant_suffix}_steps{args.steps}_eta{args.eta:g}_scale{args.scale:g}_seed{args.seed}.png"
@@ -128,7 +141,7 @@ def quantized_grid(args: argparse.Namespace) -> None:
         "scale": f"{args.scale:g}", "seed": str(args.seed), "preset": args.preset_used, "bits": str(tag),
         "sampler": " | ".join(names), "execution": args.execution,
         "classes": " ".join(map(str, args.classes)) if labels is not None else "unconditional",
-        "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items())})
+        "artifacts": " ".join(f"{k}={v}" for k, v in fingerprints.items()), **precision_text(args)})
     print(f"wrote {path} ({sum(len(r) for r in rows)} samples, {time.time() - t0:.1f} s)")
 
 

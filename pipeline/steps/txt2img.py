@@ -21,7 +21,7 @@ from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.generate import sample_images
 from pipeline.sampling import build_variant, check_present
-from pipeline.steps.sample_grid import CORRECTION_SEED_OFFSET
+from pipeline.steps.sample_grid import CORRECTION_SEED_OFFSET, in_precision, precision_text
 
 
 def check_size(family, model, args: argparse.Namespace) -> None:
@@ -70,20 +70,21 @@ def run(args: argparse.Namespace) -> None:
     loop = "PLMS" if settings.plms else "DDIM"
     print(f"[{args.preset_used}] {variant.name} ({tag if quantized else 'FP32'}): {sum(map(len, plan))} images from "
           f"{len(family.prompts)} prompt(s), {settings.steps} {loop} steps, eta {settings.eta:g}, scale "
-          f"{settings.scale:g}, seed {args.seed}, on {device}")
+          f"{settings.scale:g}, seed {args.seed}, on {device}{in_precision(args)}")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     corr_gen = torch.Generator(device=device).manual_seed(args.seed + CORRECTION_SEED_OFFSET)
     sample_dir = outdir / "samples"
     count = next_index(sample_dir, "*.png")
     text = {"config": str(args.config), "ckpt": base["ckpt"], "steps": str(settings.steps), "eta": f"{settings.eta:g}",
             "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "loop": settings.loop,
-            "bits": str(tag) if quantized else "fp32", "execution": args.execution}
+            "bits": str(tag) if quantized else "fp32", "execution": args.execution, **precision_text(args)}
     t0, images, n_done = time.time(), [], 0
     with family.ema_scope(model):
         for b, conditions in enumerate(plan):
             x = to_uint8(sample_images(family, model, conditions, settings=settings, batch_size=len(conditions),
                                        generator=generator, model_fn=variant.model_fn,
-                                       correction=variant.correction_for(corr_gen), progress=not args.no_progress))
+                                       correction=variant.correction_for(corr_gen), progress=not args.no_progress,
+                                       precision=args.precision))
             if not args.skip_save:
                 for img, c in zip(x, conditions):
                     save_png(img, sample_dir / f"{count:05}.png", text={**text, "prompt": family.prompt(c)})
