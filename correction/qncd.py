@@ -18,9 +18,11 @@ gives i = 6, 16, 26, ... ); phase = R − 1 probes at i = 0, 10, ... . Each prob
 batch-doubled) model call. μ_q is reset at the first step of every trajectory (the original kept it across
 ``sample()`` calls, so a batch's first steps reused the previous batch's bias).
 
-Under PLMS, A is the transfer φ with ε̂_t itself (the correction never sees the multistep ε'_t): x̃_{t'} only has to
-be a plausible latent at t'. With η > 0 the step's own noise is unknown to a correction, so A draws its own σ_t z₁
-(from the probe's generator): x̃_{t'} is then a sample at t' as the re-noising assumes. With a ``base`` correction
+A is the sampling loop's own update, handed to the probe with the model by the loops' hook (``begin``'s ``advance``):
+under DDIM Eq. 12; under PLMS, as QNCD's plms.py, the Adams-Bashforth combination of ε̂_t with the loop's history
+(improved Euler at the first step, which costs the probe one more model call there), not a plain DDIM step from
+ε̂_t. With η > 0 the step's own noise is unknown to a correction, so A draws its own σ_t z₁ (from the probe's
+generator): x̃_{t'} is then a sample at t' as the re-noising assumes. With a ``base`` correction
 (D-D², S-D², PTQD) the probe is a *residual* bias estimator (spec §C.1): the base corrects ε̂_t first, the probe's
 own prediction is corrected by the same base (an S-D² base draws from its generator for it), and μ_q measures only
 what the base left, so the mean is never subtracted twice.
@@ -43,7 +45,7 @@ import torch
 
 from correction.gaussian import Granularity
 from correction.statistics import CorrectionError
-from ldm.models.diffusion.ddim import DDIMStep, EpsFn, StepCorrection, ddim_step
+from ldm.models.diffusion.ddim import DDIMStep, EpsFn, StepCorrection, ddim_advance
 
 DEFAULT_INTERVAL = 10  # the code's --reverse_interval
 
@@ -99,14 +101,17 @@ class QNCDProbe:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._eps_fn: EpsFn | None = None
         self._batch: int | None = None
+        self._advance = ddim_advance
         self.reset()
 
     # -- the loops' hook ----------------------------------------------------------------------------------------
 
-    def begin(self, eps_fn: EpsFn, batch_size: int | None = None) -> "QNCDProbe":
-        """Query ``eps_fn(x, t) -> ε``, the sampling loop's own guided ε (the loops call this before their first
-        step; call it yourself to use ``estimate`` alone). Also resets μ_q."""
+    def begin(self, eps_fn: EpsFn, batch_size: int | None = None, advance=None) -> "QNCDProbe":
+        """Query ``eps_fn(x, t) -> ε``, the sampling loop's own guided ε, and step A with ``advance(x_t, ε, step, σ_t,
+        z) -> x_{t'}``, the loop's own update (the loops call this before their first step; call it yourself to use
+        ``estimate`` alone: without ``advance``, A is the DDIM update). Also resets μ_q."""
         self._eps_fn, self._batch = eps_fn, batch_size
+        self._advance = advance if advance is not None else ddim_advance
         self.reset()
         return self
 
@@ -123,9 +128,10 @@ class QNCDProbe:
             return i in self.steps
         return (i - 1) % self.interval == self.phase
 
-    def extra_calls(self, n_steps: int) -> int:
-        """Model calls a trajectory of ``n_steps`` steps costs on top of the sampler's (one per probe)."""
-        return sum(self.is_probe(i) for i in range(n_steps))
+    def extra_calls(self, n_steps: int, plms: bool = False) -> int:
+        """Model calls a trajectory of ``n_steps`` steps costs on top of the sampler's (one per probe; under PLMS a
+        probe at the first step costs one more, step A's improved-Euler evaluation)."""
+        return sum(self.is_probe(i) for i in range(n_steps)) + int(plms and n_steps > 0 and self.is_probe(0))
 
     def check_config(self, *, steps: int, eta: float, scale: float) -> None:
         """The base's fit must match the sampler settings; the probe itself adapts to any."""
@@ -175,7 +181,7 @@ class QNCDProbe:
                                   f"{x.shape[0]}; begin it with this batch's eps_fn")
         alpha_t, alpha_prev = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (step.alpha, step.alpha_prev))
         z1 = self._randn(x) if bool((sigma != 0).any()) else None
-        x_next, _ = ddim_step(x, eps, alpha_t, alpha_prev, sigma, z1)                 # A
+        x_next = self._advance(x, eps, step, sigma, z1)                               # A
         z = self._randn(x)
         x_hat = renoise(x_next, alpha_t, alpha_prev, z)                               # B
         t = torch.full((x.shape[0],), step.t, device=x.device, dtype=torch.long)

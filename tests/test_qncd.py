@@ -315,7 +315,9 @@ def test_probe_overhead_in_unet_calls_matches_its_schedule(tiny, sampler_cls, ex
     c, uc = cond(tiny, [0, 1]), cond(tiny, [4, 4])
     sampler.sample(S=20, batch_size=2, shape=(3, 8, 8), conditioning=c, unconditional_conditioning=uc,
                    unconditional_guidance_scale=3.0, verbose=False, generator=torch.Generator().manual_seed(0))
-    assert len(calls) == 20 + extra + probe.extra_calls(20) == 22 + extra  # PLMS: one more for its first step
+    # PLMS: one more for its first step, and a probe there (phase 9) needs step A's improved-Euler call too
+    probe_cost = probe.extra_calls(20, plms=sampler_cls is PLMSSampler)
+    assert len(calls) == 20 + extra + probe_cost == 22 + extra + (extra if phase == 9 else 0)
     assert set(calls) == {4}  # every call guided: one batch-doubled call, the probe's included
     assert [i for i, _, _ in probe.estimates] == probe_steps(20, 10, phase)
 
@@ -377,6 +379,54 @@ def test_plms_two_steps_match_a_hand_computation(alphas_cumprod):
     x2 = phi(x1, (3 * f(x1, t1) - e0) / 2, s1)
     got = sample_plms(lambda x, t, s: f(x, t), x_T, sched)
     torch.testing.assert_close(got, x2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("probe_at", [0, 3])
+def test_plms_probe_renoises_the_plms_update(alphas_cumprod, probe_at):
+    """Issue 34: under PLMS, QNCD's plms.py re-noises x_{t'} from the full multistep update (improved Euler at the
+    first step), not a DDIM step from ε_t alone. Known answer: the probe's model call sees exactly
+    renoise(PLMS update of the uncorrected ε_t, z), which differs from the DDIM-step latent by far more than rounding."""
+    sched = DDIMSchedule.make(alphas_cumprod, 8, 0.0)
+    steps = list(sched.steps())
+    f = lambda x, t: torch.sin(x) * (t.float().view(-1, 1, 1, 1) / 1000) + 0.05  # noqa: E731
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    probe = QNCDProbe(steps=[probe_at], generator=torch.Generator().manual_seed(7))
+    seen = {}
+
+    def eps_fn(x, t, step):
+        if step is None and "x_hat" not in seen:           # the probe's own query (the loops' begin hook)
+            seen["x_hat"] = x.clone()
+        return f(x, t)
+
+    def record(d):
+        if d["i"] == probe_at:
+            seen["x"], seen["eps_t"] = d["x"], d["eps_t"]
+
+    sample_plms(eps_fn, x_T, sched, correction=probe, callback=record)
+    step = steps[probe_at]
+    a_t, a_prev, zero = (torch.tensor(v) for v in (step.alpha, step.alpha_prev, 0.))
+    x = seen["x"]
+    eps_t = f(x, torch.full((2,), step.t))                     # uncorrected at the probe step (μ reset there)
+    if probe_at == 0:
+        x_euler = ddim_step(x, eps_t, a_t, a_prev, zero, None)[0]
+        combined = plms_first_eps(eps_t, f(x_euler, torch.full((2,), steps[1].t)))
+    else:
+        history = []                                            # the corrected ε of the earlier steps
+        x_k = x_T
+        for k in range(probe_at):
+            e_k = f(x_k, torch.full((2,), steps[k].t))
+            nxt = plms_first_eps(e_k, f(ddim_step(x_k, e_k, torch.tensor(steps[k].alpha),
+                                                  torch.tensor(steps[k].alpha_prev), zero, None)[0],
+                                        torch.full((2,), steps[k + 1].t))) if k == 0 else plms_eps(e_k, history)
+            x_k = ddim_step(x_k, nxt, torch.tensor(steps[k].alpha), torch.tensor(steps[k].alpha_prev), zero, None)[0]
+            history = (history + [e_k])[-3:]
+        torch.testing.assert_close(x_k, x, rtol=0, atol=1e-6)
+        combined = plms_eps(eps_t, history)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    plms_latent = renoise(ddim_step(x, combined, a_t, a_prev, zero, None)[0], a_t, a_prev, z)
+    ddim_latent = renoise(ddim_step(x, eps_t, a_t, a_prev, zero, None)[0], a_t, a_prev, z)
+    torch.testing.assert_close(seen["x_hat"], plms_latent, rtol=0, atol=1e-6)
+    assert (ddim_latent - plms_latent).norm() > 1e3 * 1e-6 * plms_latent.numel() ** 0.5
 
 
 def test_plms_sampler_is_deterministic_and_compvis_shaped(tiny):

@@ -107,21 +107,33 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t [B]) -> th
 class StepCorrection(Protocol):
     """Changes the inputs of one update: (ε, σ_t) -> (ε', σ_t'). ``x`` is x_t; ``step`` carries t.
 
-    A correction that must query the denoiser itself (QNCD's probe) also defines ``begin(eps_fn, batch_size)``:
-    every loop (``sample_ddim``, ``sample_plms``) calls it once before the first step with its own guided
-    ``eps_fn(x, t)`` (same conditioning, guidance and model as the steps use) and the batch size. That is the only
-    way a correction receives the model."""
+    A correction that must query the denoiser itself (QNCD's probe) also defines ``begin(eps_fn, batch_size,
+    advance)``: every loop (``sample_ddim``, ``sample_plms``) calls it once before the first step with its own guided
+    ``eps_fn(x, t)`` (same conditioning, guidance and model as the steps use), the batch size, and ``advance(x_t, ε_t,
+    step, σ_t, z) -> x_{t'}``, the loop's own update from a candidate ε_t at the current step with the correction's
+    own noise z (DDIM: Eq. 12; PLMS: the multistep combination with the loop's current history, improved Euler at
+    the first step, σ_t = 0), which changes no loop state. That is the only way a correction receives the model or
+    the solver."""
 
     def __call__(self, eps: torch.Tensor, sigma: torch.Tensor, step: DDIMStep,
                  x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
-def begin_trajectory(correction: StepCorrection | None, eps_fn: Callable[..., torch.Tensor], batch_size: int) -> None:
-    """The loops' one hook: hand ``correction`` the loop's guided ε as ``eps_fn(x, t)``, if it asks for it."""
+def begin_trajectory(correction: StepCorrection | None, eps_fn: Callable[..., torch.Tensor], batch_size: int,
+                     advance: Callable[..., torch.Tensor]) -> None:
+    """The loops' one hook: hand ``correction`` the loop's guided ε as ``eps_fn(x, t)`` and its deterministic update
+    ``advance(x_t, ε_t, step)``, if it asks for them."""
     begin = getattr(correction, "begin", None)
     if begin is not None:
-        begin(lambda x, t: eps_fn(x, t, None), batch_size)
+        begin(lambda x, t: eps_fn(x, t, None), batch_size, advance)
+
+
+def ddim_advance(x_t: torch.Tensor, eps: torch.Tensor, step: "DDIMStep", sigma_t: torch.Tensor,
+                 noise: torch.Tensor | None) -> torch.Tensor:
+    """The DDIM update (Eq. 12) of ``x_t`` with ``eps``, σ_t and ``noise`` at ``step``: the DDIM loop's ``advance``."""
+    alpha_t, alpha_prev = (torch.tensor(v, dtype=x_t.dtype, device=x_t.device) for v in (step.alpha, step.alpha_prev))
+    return ddim_step(x_t, eps, alpha_t, alpha_prev, sigma_t, noise)[0]
 
 
 def cfg_eps(model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
@@ -162,7 +174,7 @@ def sample_ddim(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
     noise_sampler = noise_sampler or randn_sampler(x_T.shape, x_T.device)
     x = x_T
     b = x.shape[0]
-    begin_trajectory(correction, eps_fn, b)
+    begin_trajectory(correction, eps_fn, b, ddim_advance)
     steps = tqdm(schedule.steps(), total=len(schedule), desc="DDIM", disable=not progress, leave=False)
     for step in steps:
         t = torch.full((b,), step.t, device=x.device, dtype=torch.long)

@@ -69,13 +69,27 @@ def sample_plms(eps_fn: Callable[[torch.Tensor, torch.Tensor, DDIMStep], torch.T
     x = x_T
     b = x.shape[0]
     old_eps: list[torch.Tensor] = []
-    begin_trajectory(correction, eps_fn, b)
 
     def transfer(x_t, eps, step, alpha_t, alpha_prev, sigma):
         noise = noise_sampler(step) * temperature
         if noise_dropout > 0.:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         return ddim_step(x_t, eps, alpha_t, alpha_prev, sigma, noise)
+
+    def advance(x_t, eps_t, step, sigma=None, noise=None):
+        """x_{t'} from ε_t by this loop's own multistep update with the current history (improved Euler, one model
+        call, at the first step); σ_t = 0, so no noise; touches neither the history nor the noise stream."""
+        alpha_t, alpha_prev, zero = (torch.tensor(v, dtype=x_t.dtype, device=x_t.device)
+                                     for v in (step.alpha, step.alpha_prev, 0.))
+        if old_eps:
+            return ddim_step(x_t, plms_eps(eps_t, old_eps), alpha_t, alpha_prev, zero, None)[0]
+        step_next = steps[min(steps.index(step) + 1, len(steps) - 1)]
+        x_euler = ddim_step(x_t, eps_t, alpha_t, alpha_prev, zero, None)[0]
+        t_next = torch.full((x_t.shape[0],), step_next.t, device=x_t.device, dtype=torch.long)
+        eps = plms_first_eps(eps_t, eps_fn(x_euler, t_next, step_next))
+        return ddim_step(x_t, eps, alpha_t, alpha_prev, zero, None)[0]
+
+    begin_trajectory(correction, eps_fn, b, advance)
 
     for k, step in enumerate(tqdm(steps, desc="PLMS", disable=not progress, leave=False)):
         t = torch.full((b,), step.t, device=x.device, dtype=torch.long)
