@@ -277,6 +277,23 @@ def samples_to_resolve(d: dict, n: int) -> int | None:
     return None if d["mean"] == 0 else int(np.ceil(n * (half / abs(d["mean"])) ** 2))
 
 
+PAIRED_CELLS = (("psnr", ".2f"), ("ssim", ".4f"), ("feature_distance", ".4f"))
+MISSES = ("†: this interval does not contain its estimate (evaluation.fidelity.check_interval: the bootstrap "
+          "distribution is too skewed or too discrete at this N); read it with care.")
+
+
+def interval_cell(d: dict, f: str) -> str:
+    """``mean [lo, hi]`` of a per-sample metric's percentile interval, marked † when the interval misses its mean
+    (evaluation.fidelity.check_interval; never at the demo's N, but said when it happens)."""
+    mark = "" if d.get("contains_estimate", True) else "†"
+    return f"{d['mean']:{f}} [{d['ci'][0]:{f}}, {d['ci'][1]:{f}}]{mark}"
+
+
+def misses_note(lines: list[str]) -> list[str]:
+    """The † footnote, when a table line holds a marked interval."""
+    return ["", MISSES] if any("]†" in line for line in lines) else []
+
+
 def fidelity_lines(groups: dict[str, list[tuple[str, str, list[dict]]]], boot: Bootstrap) -> tuple[list[str], dict]:
     """Per setting, the methods ranked by PSNR to the FP samples (same x_T and noise), with intervals, and a
     sentence on which corrections are closer to FP than the uncorrected model beyond the noise."""
@@ -293,8 +310,7 @@ def fidelity_lines(groups: dict[str, list[tuple[str, str, list[dict]]]], boot: B
                   "|---|---|---|---|---|"]
         for m in sorted(summary, key=lambda k: -summary[k]["psnr"]["mean"]):
             s = summary[m]
-            cells = [f"{s[k]['mean']:{f}} [{s[k]['ci'][0]:{f}}, {s[k]['ci'][1]:{f}}]"
-                     for k, f in (("psnr", ".2f"), ("ssim", ".4f"), ("feature_distance", ".4f"))]
+            cells = [interval_cell(s[k], f) for k, f in PAIRED_CELLS]
             lines.append(f"| {m} | {' | '.join(cells)} | {s['fid_to_fp']['mean']:.3f} ± "
                          f"{s['fid_to_fp']['spread']:.3f} |")
         data[setting] = {m: dict(summary[m]) for m in summary}
@@ -303,7 +319,7 @@ def fidelity_lines(groups: dict[str, list[tuple[str, str, list[dict]]]], boot: B
             for m, v in verdicts.items():
                 data[setting][m]["vs_uncorrected"] = v
             lines += ["", verdict_sentence(setting, verdicts, level)]
-    return lines, data
+    return lines + misses_note(lines), data
 
 
 def sweep_lines(fidelity: dict[str, dict], rows: Sequence[Row], sqnr: dict[str, dict],
@@ -318,10 +334,9 @@ def sweep_lines(fidelity: dict[str, dict], rows: Sequence[Row], sqnr: dict[str, 
     for setting in (s for s in settings if s in fidelity):
         q = sqnr.get(setting, {}).get("sqnr")
         for method, d in sorted(fidelity[setting].items(), key=lambda kv: -kv[1]["psnr"]["mean"]):
-            cells = [f"{d[k]['mean']:{f}} [{d[k]['ci'][0]:{f}}, {d[k]['ci'][1]:{f}}]"
-                     for k, f in (("psnr", ".2f"), ("ssim", ".4f"), ("feature_distance", ".4f"))]
+            cells = [interval_cell(d[k], f) for k, f in PAIRED_CELLS]
             v = d.get("vs_uncorrected", {}).get("psnr")
-            delta = "—" if v is None else f"{v['mean']:+.3f} [{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]" + (
+            delta = "—" if v is None else interval_cell(v, "+.3f") + (
                 f" (N≈{v['n_to_resolve']:,} to resolve)" if v.get("n_to_resolve") else
                 " ✓" if v["verdict"] == "closer" else " ✗" if v["verdict"] == "farther" else "")
             f = fid.get((setting, method))
@@ -335,7 +350,7 @@ def sweep_lines(fidelity: dict[str, dict], rows: Sequence[Row], sqnr: dict[str, 
         verdicts = {m: d["vs_uncorrected"] for m, d in fidelity[setting].items() if "vs_uncorrected" in d}
         if verdicts:
             lines += ["", verdict_sentence(setting, verdicts, 95)]
-    return lines, data
+    return lines + misses_note(lines), data
 
 
 def verdict_sentence(setting: str, verdicts: dict[str, dict], level: int) -> str:
