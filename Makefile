@@ -1,6 +1,7 @@
 # make test   -- create .venv, install the pinned dependencies and run the test suite (what CI runs)
 # make install -- only the .venv setup
 # make bench  -- UNet forward-time benchmark of the cin256-v2 architecture (random weights)
+# make gpu-check -- on a CUDA machine: does every CUDA path work, and how fast (<= 8 min; outputs/gpu_check.json)
 # make data   -- Fashion-MNIST from the Debian package dataset-fashion-mnist, where apt-get can install it
 # make train-fashion -- retrain the embedded default from scratch (VQ-f4, LDM, classifier, reference batch)
 # make quality -- measure the embedded default (classifier accuracy, sample accuracy, FID vs the held-out floor)
@@ -11,7 +12,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench clean data train-fashion quality demo
+.PHONY: install test bench gpu-check clean data train-fashion quality demo
 
 install: $(STAMP)
 
@@ -26,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/unet_forward.py
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --json outputs/gpu_check.json
 
 data:
 	@if [ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then \

@@ -15,12 +15,16 @@ per unit, the cache-filling time, the optimisation time and the cache bytes (``<
 
 The projection to the paper's counts (1,000 calibration trajectories, 1,024 calibration inputs, 10,000 / 5,000
 iterations per unit at batch 8 / 16, activation ranges from 32 inputs, 1,024 × 20 statistics samples, 50,000
-evaluation samples; batch 16) scales each measured part by the count it grows with: trajectories and samples
-linearly, cache passes with the calibration inputs, optimisation with the iterations (and the mini-batch size
-when the rehearsal's is smaller), and memory by the caches' bytes and the per-sample activation bytes measured
-by a forward probe at two batch sizes. Every number comes from this run; the goals printed beside them are issue
-15's: steps 1-3 in at most 4 GPU-hours, every stage within 24 GB, W4A8 sampling at most 1.3× FP32
-(benchmarks/fake_quant_overhead.py measures that ratio).
+evaluation samples; batch 16) scales each measured part by the count it grows with: trajectories linearly,
+cache passes with the calibration inputs, optimisation with the iterations (and the mini-batch size when the
+rehearsal's is smaller), and memory by the caches' bytes and the per-sample activation bytes measured by a forward
+probe at two batch sizes. Step 7 makes two batches of ``--eval_batch`` (16 on CUDA, the real batch): the model load
+and its fixed costs count once, the second batch's time (between its shard writes) 3,125 times; scaling the whole
+run by the sample count would count the per-run overhead once per 4 samples. Memory grows where it lives: the
+reconstruction caches in host memory, the forwards' activations on the compute device (on CUDA the probe measures
+GPU bytes), so a GPU run projects both its host and its GPU peak. Every number comes from this run; the goals
+printed beside them are issue 15's: steps 1-3 in at most 4 GPU-hours, every stage within 24 GB, W4A8 sampling at
+most 1.3× FP32 (benchmarks/fake_quant_overhead.py measures that ratio).
 
 The evaluator needs TensorFlow and the OpenAI Inception graph for 256×256 images; without them its stage is
 reported as not run (it is an optional extra).
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -60,7 +65,7 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def forward_probe_main(record: Path, device: str, what: str, batch: int) -> int:
+def forward_probe_main(record: Path, device: str, what: str, batch: int, config: str = CONFIG) -> int:
     """Extra peak memory and time of one no-grad UNet forward or one VQ-f4 decode at ``batch``, in a fresh process
     (a process's peak RSS never goes down, so each measurement gets its own); for the UNet also the bytes of every
     quantizable layer's input (what step 3's range initialisation holds per sample)."""
@@ -68,13 +73,13 @@ def forward_probe_main(record: Path, device: str, what: str, batch: int) -> int:
 
     from ldm.util import instantiate_from_config, load_config
     dev = torch.device(device)
-    cfg = load_config(REPO / CONFIG).model.params
+    cfg = load_config(REPO / config).model.params
     torch.manual_seed(0)
     net = instantiate_from_config(cfg.unet_config if what == "unet" else cfg.first_stage_config).eval().to(dev)
     layer_inputs = []
     hooks = [m.register_forward_pre_hook(lambda m, a: layer_inputs.append(a[0].numel() * 4))
              for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    x = torch.randn(batch, 3, 64, 64, device=dev)
+    x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -110,7 +115,8 @@ def forward_probe(args, work: Path, log) -> dict:
             rec = work / "records" / f"forward_{what}_b{b}.json"
             if not rec.is_file():
                 subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_forward_probe", str(rec),
-                                "--probe_what", what, "--probe_batch", str(b), "--device", args.device],
+                                "--probe_what", what, "--probe_batch", str(b), "--device", args.device,
+                                "--config", args.config],
                                cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
             rows.append(json.loads(rec.read_text()))
         slope = max(0.0, (rows[1]["extra_peak_bytes"] - rows[0]["extra_peak_bytes"]) / 2)
@@ -122,7 +128,7 @@ def forward_probe(args, work: Path, log) -> dict:
 
 # ---- the rehearsal --------------------------------------------------------------------------------------------------
 
-def write_checkpoint(path: Path, seed: int) -> dict:
+def write_checkpoint(path: Path, seed: int, config: str = CONFIG) -> dict:
     """cin256-v2 with seeded random weights as a weights-only CompVis checkpoint. CompVis initialises the output
     convs of the UNet, its ResBlocks and transformers to zero (a fresh model predicts ε = 0 exactly, and its SQNR
     is undefined); those get PyTorch's default random init too."""
@@ -132,7 +138,7 @@ def write_checkpoint(path: Path, seed: int) -> dict:
     from ldm.util import instantiate_from_config, load_config
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = instantiate_from_config(load_config(REPO / CONFIG).model)
+    model = instantiate_from_config(load_config(REPO / config).model)
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
             m.reset_parameters()
@@ -155,8 +161,8 @@ def read_timing(artifact: Path) -> dict:
 
 
 def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
-    common = ["--preset", "cin256", "--ckpt", str(work / "model.ckpt"), "--outdir", str(work / "outputs"),
-              "--device", args.device]
+    common = ["--preset", "cin256", "--config", args.config, "--ckpt", str(work / "model.ckpt"), "--outdir",
+              str(work / "outputs"), "--device", args.device]
     bits = ["--w_bits", "4"]
     wa = [*bits, "--a_bits", "8"]
     classes = [str(c) for c in range(args.classes)]
@@ -175,16 +181,40 @@ def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
         ("6 grid (dd2-channel)", "quant_scripts/sample_quantized_ldm_imagenet.py",
          [*common, *wa, "--sampler", "dd2-channel", "--classes", "0", "--n_samples_per_class", "1", "--no_progress"]),
     ]
-    for sampler in ("fp32", "dd2-channel"):
+    for sampler in ("fp32", "dd2-channel"):   # two batches: the second one's time is the per-batch time
         out.append((f"7 samples ({sampler})", "quant_scripts/generate_evaluation_samples_dist.py",
-                    [*common, *wa, "--sampler", sampler, "--n_samples", str(args.samples),
-                     "--classes", *classes[:args.samples]]))
+                    [*common, *wa, "--sampler", sampler, "--n_samples", str(2 * args.eval_batch), "--batch_size",
+                     str(args.eval_batch), "--classes", *eval_classes(args)]))
     return out
 
 
+def eval_classes(args) -> list[str]:
+    """Step 7's classes: the calibrated ones, as many as divide its two batches evenly (the plan is balanced)."""
+    return [str(c) for c in range(math.gcd(args.classes, 2 * args.eval_batch))]
+
+
+def eval_dir(work: Path, args, tag, sampler: str) -> Path:
+    from pipeline.layout import RunLayout
+    layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
+    return layout.eval_samples(tag, sampler, 2 * args.eval_batch, 0, tuple(int(c) for c in eval_classes(args)))
+
+
+def batch_seconds(sample_dir: Path) -> float | None:
+    """Step 7's steady-state time per batch: between the writes of its first and second shard (the second batch
+    alone: sampling and decoding at the real batch, no start-up, no model load, no merge)."""
+    from evaluation.generation import shard_path
+    first, second = shard_path(sample_dir, 0), shard_path(sample_dir, 1)
+    if not (first.is_file() and second.is_file()):
+        return None
+    return max(second.stat().st_mtime - first.stat().st_mtime, 0.0)
+
+
 def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
-    """Each stage at the paper's counts: time and peak host memory (see the module docstring for the rules)."""
-    from pipeline.layout import QuantTag, RunLayout
+    """Each stage at the paper's counts: time, peak host memory and, on a GPU, peak GPU memory (see the module
+    docstring for the rules). Memory grows where it lives: the reconstruction caches in host memory (RowCache keeps
+    its rows there), the activations of the forwards on the compute device, which is where the forward probe
+    measured its per-row bytes (GPU bytes on CUDA, host bytes on a CPU)."""
+    from pipeline.layout import FP32, QuantTag, RunLayout
     layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
     from pipeline.cli import load_preset
     cache_batch = load_preset("cin256").get("cache_batch_size", 128)   # rows per cache-filling forward
@@ -192,60 +222,93 @@ def project(args, work: Path, recs: dict, fwd: dict) -> list[dict]:
     per_image_dec = fwd["decode"]["bytes_per_sample"]       # one more image in a VQ-f4 decode
     layer_in = fwd["layer_input_bytes_per_sample"]
     guided = 2 * PAPER["batch"]                              # rows the UNet sees per batch with guidance
+    on_gpu = args.device.startswith("cuda")
     out = []
 
-    def row(name, rec, seconds, peak, why):
+    def row(name, rec, seconds, why, host_grow=0.0, device_grow=0.0):
+        gpu = rec.get("peak_gpu_bytes")
         out.append({"stage": name, "measured_s": rec["wall_s"], "measured_peak_bytes": rec["peak_host_bytes"],
-                    "measured_peak_gpu_bytes": rec.get("peak_gpu_bytes"), "projected_s": seconds,
-                    "projected_peak_bytes": peak, "rule": why})
+                    "measured_peak_gpu_bytes": gpu, "projected_s": seconds,
+                    "projected_peak_bytes": rec["peak_host_bytes"] + host_grow + (0 if on_gpu else device_grow),
+                    "projected_peak_gpu_bytes": None if gpu is None else gpu + (device_grow if on_gpu else 0),
+                    "rule": why})
 
     for name, rec in recs.items():
         load, compute = rec["load_s"], rec["wall_s"] - rec["load_s"]
         step = name.split()[0]
         if step == "1":   # UNet forwards ∝ trajectories; the batch grows from 2K to 32 rows
             f = PAPER["trajectories"] / args.classes
-            row(name, rec, load + compute * f,
-                rec["peak_host_bytes"] + per_sample_act * max(0, guided - 2 * args.classes),
-                f"forwards x{f:g}")
+            row(name, rec, load + compute * f, f"forwards x{f:g}",
+                device_grow=per_sample_act * max(0, guided - 2 * args.classes))
         elif step in ("2", "3"):
-            path = layout.quant(QuantTag(4) if step == "2" else QuantTag(4, 8))
-            t = read_timing(path)
-            units = t["units"]
-            iters, rows_used = units[0]["iters"], units[0]["rows"]
-            want_iters, want_batch = ((PAPER["weight_iters"], PAPER["weight_batch"]) if step == "2" else
-                                      (PAPER["act_iters"], PAPER["act_batch"]))
-            used_batch = min(want_batch, rows_used)   # the rehearsal's mini-batch (capped by its rows)
-            cap = sum(u["capture_s"] for u in units)
-            opt = sum(u["optimise_s"] for u in units)
-            init = t.get("init_weights_s", 0.0) + t.get("calibrate_activations_s", 0.0) * (
-                PAPER["act_init"] / t.get("act_init_samples", 1) if step == "3" else 0)
-            sqnr = t["sqnr_s"] * PAPER["holdout"] / t["held_out"]
-            other = rec["wall_s"] - load - cap - opt - t.get("init_weights_s", 0.0) - \
-                t.get("calibrate_activations_s", 0.0) - t["sqnr_s"]
-            seconds = (load + init + sqnr + max(other, 0.0) + cap * PAPER["calibration"] / rows_used
-                       + opt * (want_iters / iters) * (want_batch / used_batch))
-            grow = max(u["cache_bytes"] for u in units) * (PAPER["calibration"] / rows_used - 1)
-            fwd_grow = per_sample_act * max(0, min(cache_batch, PAPER["calibration"]) - rows_used)
-            used_init = t.get("act_init_samples", 0)   # ranges: every layer's input of 32 rows, in batches
-            init_grow = (layer_in * (PAPER["act_init"] - used_init) + per_sample_act * max(
-                0, min(cache_batch, PAPER["act_init"]) - used_init)) if step == "3" else 0
-            row(name, rec, seconds, rec["peak_host_bytes"] + max(grow + fwd_grow, init_grow),
-                f"{len(units)} units; caches x{PAPER['calibration'] / rows_used:g}, iterations "
-                f"x{want_iters / iters:g}" + (f" (batch {used_batch} -> {want_batch})" if used_batch < want_batch
-                                              else ""))
+            seconds, cache_grow, act_grow, init_grow, why = project_reconstruction(
+                step, read_timing(layout.quant(QuantTag(4) if step == "2" else QuantTag(4, 8))), rec,
+                per_sample_act, layer_in, cache_batch)
+            if on_gpu:   # caches on the host; forwards and range inputs on the GPU
+                row(name, rec, seconds, why, host_grow=cache_grow, device_grow=max(act_grow, init_grow))
+            else:        # all in host memory: the caches and a cache-filling forward together, or the ranges
+                row(name, rec, seconds, why, host_grow=max(cache_grow + act_grow, init_grow))
         elif step == "4":
             f = PAPER["stats"] / args.samples
-            row(name, rec, load + compute * f,   # (the FP and the quantized forward run one after the other)
-                rec["peak_host_bytes"] + per_sample_act * max(0, guided - 2 * args.samples),
-                f"trajectories x{f:g}")
+            row(name, rec, load + compute * f, f"trajectories x{f:g}",   # (FP and quantized forwards in turn)
+                device_grow=per_sample_act * max(0, guided - 2 * args.samples))
         elif step == "7":
-            f = PAPER["eval"] / args.samples
-            grow = max(per_sample_act * max(0, guided - 2 * args.samples),           # sampling, then decoding
-                       per_image_dec * max(0, PAPER["batch"] - args.samples))
-            row(name, rec, load + compute * f, rec["peak_host_bytes"] + grow, f"samples x{f:g}")
+            sampler = name.split("(")[1].rstrip(")")
+            seconds, why = project_sampling(args, rec, batch_seconds(
+                eval_dir(work, args, FP32 if sampler == "fp32" else QuantTag(4, 8), sampler)))
+            grow = max(per_sample_act * max(0, guided - 2 * args.eval_batch),           # sampling, then decoding
+                       per_image_dec * max(0, PAPER["batch"] - args.eval_batch))
+            row(name, rec, seconds, why, device_grow=grow)
         else:
-            row(name, rec, rec["wall_s"], rec["peak_host_bytes"], "as measured")
+            row(name, rec, rec["wall_s"], "as measured")
     return out
+
+
+def project_reconstruction(step: str, t: dict, rec: dict, per_sample_act: float, layer_in: float,
+                           cache_batch: int) -> tuple[float, float, float, float, str]:
+    """Steps 2-3 at the paper's counts from their per-unit timings: (seconds, cache bytes added, activation bytes
+    added by a cache-filling forward, bytes added by the range initialisation (step 3), rule)."""
+    load = rec["load_s"]
+    units = t["units"]
+    iters, rows_used = units[0]["iters"], units[0]["rows"]
+    want_iters, want_batch = ((PAPER["weight_iters"], PAPER["weight_batch"]) if step == "2" else
+                              (PAPER["act_iters"], PAPER["act_batch"]))
+    used_batch = min(want_batch, rows_used)   # the rehearsal's mini-batch (capped by its rows)
+    cap = sum(u["capture_s"] for u in units)
+    opt = sum(u["optimise_s"] for u in units)
+    init = t.get("init_weights_s", 0.0) + t.get("calibrate_activations_s", 0.0) * (
+        PAPER["act_init"] / t.get("act_init_samples", 1) if step == "3" else 0)
+    sqnr = t["sqnr_s"] * PAPER["holdout"] / t["held_out"]
+    other = rec["wall_s"] - load - cap - opt - t.get("init_weights_s", 0.0) - \
+        t.get("calibrate_activations_s", 0.0) - t["sqnr_s"]
+    seconds = (load + init + sqnr + max(other, 0.0) + cap * PAPER["calibration"] / rows_used
+               + opt * (want_iters / iters) * (want_batch / used_batch))
+    cache_grow = max(u["cache_bytes"] for u in units) * (PAPER["calibration"] / rows_used - 1)
+    act_grow = per_sample_act * max(0, min(cache_batch, PAPER["calibration"]) - rows_used)
+    used_init = t.get("act_init_samples", 0)   # ranges: every layer's input of 32 rows, in batches
+    init_grow = (layer_in * (PAPER["act_init"] - used_init) + per_sample_act * max(
+        0, min(cache_batch, PAPER["act_init"]) - used_init)) if step == "3" else 0
+    why = (f"{len(units)} units; caches x{PAPER['calibration'] / rows_used:g}, iterations x{want_iters / iters:g}"
+           + (f" (batch {used_batch} -> {want_batch})" if used_batch < want_batch else ""))
+    return seconds, cache_grow, act_grow, init_grow, why
+
+
+def project_sampling(args, rec: dict, per_batch: float | None) -> tuple[float, str]:
+    """Step 7 at 50,000 samples in batches of 16 (guided: 32 UNet rows): the model load and the run's fixed costs
+    once, plus the steady-state time of one batch (the second of the two it made) per batch. A batch smaller than
+    16 (CPU runs) is scaled to 16 by its rows. Without shard times: the old linear rule (it counts the fixed costs
+    once per sample-count multiple, so it overestimates)."""
+    load, compute = rec["load_s"], rec["wall_s"] - rec["load_s"]
+    n_batches = math.ceil(PAPER["eval"] / PAPER["batch"])
+    if per_batch is None:
+        f = PAPER["eval"] / (2 * args.eval_batch)
+        return load + compute * f, f"samples x{f:g} (no shard times)"
+    fixed = max(compute - 2 * per_batch, 0.0)
+    scaled = per_batch * PAPER["batch"] / args.eval_batch
+    return (load + fixed + scaled * n_batches,
+            f"{n_batches} batches x {scaled:.2f} s (batch of {args.eval_batch}"
+            + (f", x{PAPER['batch'] / args.eval_batch:g} rows" if args.eval_batch != PAPER["batch"] else "")
+            + f") + {fixed:.1f} s fixed")
 
 
 def artifact_sizes(work: Path) -> list[tuple[str, int]]:
@@ -282,11 +345,9 @@ def evaluator_stage(work: Path, args, log) -> dict | None:
         return None
     if not Path(INCEPTION_GRAPH).is_file():
         return None
-    from pipeline.layout import FP32, QuantTag, RunLayout
-    layout = RunLayout(work / "outputs", "cin256", 20, 0.0, 3.0)
-    classes = tuple(range(min(args.classes, args.samples)))
-    fp = layout.eval_samples(FP32, "fp32", args.samples, 0, classes) / "samples.npz"
-    q = layout.eval_samples(QuantTag(4, 8), "dd2-channel", args.samples, 0, classes) / "samples.npz"
+    from pipeline.layout import FP32, QuantTag
+    fp = eval_dir(work, args, FP32, "fp32") / "samples.npz"
+    q = eval_dir(work, args, QuantTag(4, 8), "dd2-channel") / "samples.npz"
     return run_stage("evaluator", "evaluator.py", [str(fp), str(q), "--device", args.device], work, log)
 
 
@@ -301,7 +362,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n_holdout", type=int, default=2, help="held-out inputs for the SQNRs (paper set: 128)")
     ap.add_argument("--iters", type=int, default=4, help="reconstruction iterations per unit, both phases")
     ap.add_argument("--act_init", type=int, default=4, help="inputs for the activation ranges (preset: 32)")
-    ap.add_argument("--samples", type=int, default=2, help="statistics and evaluation samples")
+    ap.add_argument("--samples", type=int, default=2, help="statistics samples")
+    ap.add_argument("--eval_batch", type=int, default=None,
+                    help="step 7's batch: it makes two, and the second one's time projects 50,000 samples (default: "
+                         "16, the preset's, on CUDA; 1 on a CPU, scaled to 16 rows)")
+    ap.add_argument("--config", default=CONFIG, help="the model (default cin256-v2; a smaller CompVis class-"
+                                                     "conditional config makes a quick smoke run)")
     ap.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                     help="override the preset's reconstruction cache dtype")
     ap.add_argument("--seed", type=int, default=0, help="the random weights")
@@ -314,7 +380,12 @@ def main(argv=None) -> int:
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._forward_probe:
-        return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch)
+        return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch,
+                                  args.config)
+    if args.eval_batch is None:
+        args.eval_batch = PAPER["batch"] if args.device.startswith("cuda") else 1
+    if args.eval_batch < 1:
+        raise SystemExit("error: --eval_batch must be >= 1")
     if args.samples > args.classes:
         raise SystemExit("error: --samples must be <= --classes (one sample per calibrated class)")
 
@@ -329,7 +400,7 @@ def main(argv=None) -> int:
         with open(log_path, "a") as log:
             ckpt, made_rec = work / "model.ckpt", work / "records" / "checkpoint.json"
             if not (ckpt.is_file() and made_rec.is_file()):
-                made_rec.write_text(json.dumps(write_checkpoint(ckpt, args.seed)))
+                made_rec.write_text(json.dumps(write_checkpoint(ckpt, args.seed, args.config)))
             made = json.loads(made_rec.read_text())
             print(f"checkpoint: {made['bytes'] / GiB:.2f} GiB in {made['seconds']:.1f} s")
             fwd = forward_probe(args, work, log)
@@ -355,21 +426,23 @@ def summarise(args, work: Path, recs: dict, fwd: dict, made: dict, ev: dict | No
     print(f"\n## cin256-v2 rehearsal ({machine['processor']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
           f"device {args.device}{', ' + machine['gpu'] if machine['gpu'] else ''}); wall {total_s / 60:.1f} min")
     print(f"counts: {args.classes} calibration trajectories, {args.n_calibration} + {args.n_holdout} calibration "
-          f"inputs, {args.iters} iterations per unit, {args.act_init} range inputs, {args.samples} statistics and "
-          f"evaluation samples; 20 DDIM steps, eta 0, scale 3, batch 16 (the preset)")
-    gpu = any(r["measured_peak_gpu_bytes"] for r in proj)
-    print(f"\n{'stage':28s} {'measured':>10s} {'peak GiB':>9s}{' GPU GiB' if gpu else ''} | {'projected':>11s} "
-          f"{'peak GiB':>9s}  rule")
-    for r in proj:
-        g = f" {r['measured_peak_gpu_bytes'] / GiB:7.2f}" if gpu else ""
-        print(f"{r['stage']:28s} {fmt_s(r['measured_s']):>10s} {r['measured_peak_bytes'] / GiB:9.2f}{g} | "
-              f"{fmt_s(r['projected_s']):>11s} {r['projected_peak_bytes'] / GiB:9.2f}  {r['rule']}")
+          f"inputs, {args.iters} iterations per unit, {args.act_init} range inputs, {args.samples} statistics "
+          f"samples, step 7 in two batches of {args.eval_batch}; 20 DDIM steps, eta 0, scale 3 (the preset)")
+    print_projection(proj)
     calib = sum(r["projected_s"] for r in proj if r["stage"][0] in "123")
     peak = max(r["projected_peak_bytes"] for r in proj)
+    gpu_peaks = [r["projected_peak_gpu_bytes"] for r in proj if r["projected_peak_gpu_bytes"] is not None]
+    gpu_peak = max(gpu_peaks) if gpu_peaks else None
+    sampling = sum(r["projected_s"] for r in proj if r["stage"].startswith("7") and "fp32" not in r["stage"])
     print(f"\nprojected steps 1-3 (W4A8 calibration at the paper's counts): {calib / 3600:.1f} h on {args.device} "
-          f"(goal: <= {GOALS['calibration_hours']:g} GPU-hours{'' if gpu else '; this is a CPU figure'})")
+          f"(goal: <= {GOALS['calibration_hours']:g} GPU-hours{'' if gpu_peak is not None else '; a CPU figure'})")
+    print(f"projected step 7 (50,000 W4A8 D-D² samples): {sampling / 3600:.1f} h on {args.device}")
+    fits = lambda b: "fits" if b <= GOALS["memory_gib"] * 1e9 else "DOES NOT fit"  # noqa: E731
     print(f"projected largest peak memory of a stage: {peak / GiB:.1f} GiB host (goal: fits "
-          f"{GOALS['memory_gib']:g} GB) -> {'fits' if peak <= GOALS['memory_gib'] * 1e9 else 'DOES NOT fit'}")
+          f"{GOALS['memory_gib']:g} GB) -> {fits(peak)}")
+    if gpu_peak is not None:
+        print(f"projected largest GPU peak of a stage: {gpu_peak / GiB:.1f} GiB (goal: fits "
+              f"{GOALS['memory_gib']:g} GB) -> {fits(gpu_peak)}")
     print(f"\n{'phase':10s} {'unit kind':22s} {'units':>5s} {'s/iter':>8s} {'capture s/row':>13s} "
           f"{'cache MiB (rows)':>17s}")
     for u in units:
@@ -386,7 +459,25 @@ def summarise(args, work: Path, recs: dict, fwd: dict, made: dict, ev: dict | No
     return {"machine": machine, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
             "paper_counts": PAPER, "goals": GOALS, "checkpoint": made, "forward_probe": fwd, "stages": recs,
             "projection": proj, "units": units, "artifacts": sizes, "evaluator": ev, "total_s": total_s,
-            "projected_calibration_s": calib, "projected_peak_bytes": peak}
+            "projected_calibration_s": calib, "projected_sampling_s": sampling, "projected_peak_bytes": peak,
+            "projected_peak_gpu_bytes": gpu_peak}
+
+
+def print_projection(proj: list[dict]) -> None:
+    """The per-stage table; GPU columns when any stage used the GPU (a stage that never touched CUDA, e.g. the
+    Gaussian fits, has no GPU peak and shows '-')."""
+    gpu = any(r["measured_peak_gpu_bytes"] is not None for r in proj)
+
+    def gib(b):
+        return f"{b / GiB:7.2f}" if b is not None else f"{'-':>7s}"
+
+    print(f"\n{'stage':28s} {'measured':>10s} {'peak GiB':>9s}{' GPU GiB' if gpu else ''} | {'projected':>11s} "
+          f"{'peak GiB':>9s}{' GPU GiB' if gpu else ''}  rule")
+    for r in proj:
+        g = f" {gib(r['measured_peak_gpu_bytes'])}" if gpu else ""
+        pg = f" {gib(r['projected_peak_gpu_bytes'])}" if gpu else ""
+        print(f"{r['stage']:28s} {fmt_s(r['measured_s']):>10s} {r['measured_peak_bytes'] / GiB:9.2f}{g} | "
+              f"{fmt_s(r['projected_s']):>11s} {r['projected_peak_bytes'] / GiB:9.2f}{pg}  {r['rule']}")
 
 
 

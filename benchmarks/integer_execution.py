@@ -14,6 +14,10 @@ Parts (``--parts``):
   pipeline's steps 1-3; skipped with a line when absent);
 - ``memory``: bytes of every tensor each form of the cin256-v2 UNet holds after a forward (parameters, buffers,
   the fake-quant weight cache, int8 codes and the backend's prepacked copies);
+- ``device`` (not in the default set): W8A8 on ``--device`` (on CUDA through ``torch._int_mm``,
+  ``Backend.INT_MM``): the cin256-v2 feed-forward Linear and 1×1 conv shapes and the whole UNet, timed against
+  FP32, TF32 and bf16 autocast and fake-quant W8A8 with CUDA events (medians), each integer output checked against
+  fake-quant (benchmarks/gpu_check.py runs it);
 - ``sizes``: packed files (``quant.export``) of cin256-v2 at W4 and W8 (weights only, per tensor; the D²-DPM policy
   and Q-Diffusion's quantize-all policy) vs the FP32 UNet, as torch.save writes them.
 
@@ -78,8 +82,8 @@ def alternate(fns: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_cin256(seed: int = 0) -> tuple[nn.Module, dict]:
-    cfg = load_config(CIN256)
+def build_cin256(seed: int = 0, config: Path = CIN256) -> tuple[nn.Module, dict]:
+    cfg = load_config(config)
     torch.manual_seed(seed)
     unet = instantiate_from_config(cfg.model.params.unet_config).eval()
     return unet, dict(cfg.model.params.unet_config.params)
@@ -103,7 +107,7 @@ def quant_model(unet: nn.Module, w_bits: int, a_bits: int, inputs, copy_model: b
 
 # ---- (a) layers ---------------------------------------------------------------------------------------------------
 
-def largest_layers(unet: nn.Module, p: dict, batch: int, k: int) -> list[dict]:
+def largest_layers(unet: nn.Module, p: dict, batch: int, k: int, device: str = "cpu") -> list[dict]:
     """The k distinct Conv2d shapes and k/2 Linear shapes of the UNet's quantized layers with the most
     multiply-adds in one forward."""
     seen = {}
@@ -120,7 +124,8 @@ def largest_layers(unet: nn.Module, p: dict, batch: int, k: int) -> list[dict]:
     hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(m, a, o, n)) for n, m in unet.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear)) and d2dpm_policy(n, m).value == "target"]
     with torch.inference_mode():
-        unet(*unet_inputs(p, batch)[:2], context=unet_inputs(p, batch)[2])
+        x, t, c = (None if v is None else v.to(device) for v in unet_inputs(p, batch))
+        unet(x, t, context=c)
     for h in hooks:
         h.remove()
     ranked = sorted(seen.values(), key=lambda r: -r["macs"])
@@ -311,14 +316,144 @@ def part_sizes(args) -> dict:
     return {"bytes": out, "parameters": n, "fp32_policy_weights": kept}
 
 
+# ---- (e) W8A8 on a device: torch._int_mm on CUDA -------------------------------------------------------------------
+
+def device_times(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each fn, alternating within each repeat after one warm-up call each: CUDA events on a GPU
+    (the kernels' time, not the launch's), perf_counter on a CPU."""
+    cuda = device.type == "cuda"
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[k].append(start.elapsed_time(end) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def precision_forms(fn, device: torch.device) -> dict:
+    """FP32 (TF32 off: what the pipeline's exact_cuda_numerics sets), TF32 (CUDA only) and bf16 autocast of one
+    float callable."""
+    def with_tf32(on: bool):
+        def run():
+            old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+            try:
+                return fn()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+        return run
+
+    def bf16():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+
+    forms = {"fp32": with_tf32(False)}
+    if device.type == "cuda":
+        forms["tf32"] = with_tf32(True)
+    forms["bf16"] = bf16
+    return forms
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def device_layer(layer: dict, device: torch.device, repeats: int) -> dict:
+    """One layer shape at W8A8: the float forms, fake-quant and the integer layer on Backend.INT_MM (the CUDA
+    kernel; on a CPU the same code path), ok when it ran on int_mm and equals fake-quant up to float summation."""
+    module = copy.deepcopy(layer["module"]).to(device)
+    torch.manual_seed(0)
+    x = (torch.randn(layer["input"]) + 0.5).to(device)
+    q = QuantLayer(copy.deepcopy(module), QScheme(8, search=ScaleSearch.MAX), QScheme(8, search=ScaleSearch.MAX))
+    q.init_weight_qparams_()
+    q.init_act_qparams_(x)
+    q.weight_quant = q.act_quant = True
+    wrapper = nn.Sequential(copy.deepcopy(q))
+    how = to_integer_(wrapper, Backend.INT_MM)["0"]
+    fns = {**precision_forms(lambda: module(x), device), "fake W8A8": lambda: q(x), "int W8A8": lambda: wrapper(x)}
+    t = device_times(fns, repeats, device)
+    with torch.inference_mode():
+        err = rel_error(wrapper(x), q(x))
+    return {"name": layer["name"], "kind": type(layer["module"]).__name__, "weight": list(module.weight.shape),
+            "input": list(layer["input"]), "execution": how, "rel_error_vs_fake": err, "median_s": t,
+            "ratio_vs_fp32": {k: v / t["fp32"] for k, v in t.items()},
+            "ok": how == Backend.INT_MM.value and err < 1e-3}
+
+
+def device_unet(unet: nn.Module, inputs, device: torch.device, repeats: int) -> dict:
+    """The whole UNet at W8A8: float forms, fake-quant, integer (to_integer_ on the device: torch._int_mm for its
+    Linear and 1×1 convs); ok when it ran and its error to fake-quant is under a quarter of the quantization's (an
+    activation code at a rounding tie may flip and propagate: tests/test_pipeline_correction.py's rule)."""
+    x, t, c = (None if v is None else v.to(device) for v in inputs)
+    unet = unet.to(device)
+    fake = quant_model(unet, 8, 8, (x, t, c))
+    integer = copy.deepcopy(fake)
+    report = to_integer_(integer, Backend.INT_MM)
+    fns = {**precision_forms(lambda: unet(x, t, context=c), device), "fake W8A8": lambda: fake(x, t, context=c),
+           "int W8A8": lambda: integer(x, t, context=c)}
+    times = device_times(fns, repeats, device)
+    with torch.inference_mode():
+        ref, y_fake, y_int = unet(x, t, context=c), fake(x, t, context=c), integer(x, t, context=c)
+    err, q_err = rel_error(y_int, y_fake), rel_error(ref, y_fake)
+    summary = layer_summary(report)
+    return {"batch": len(x), "median_s": times, "ratio_vs_fp32": {k: v / times["fp32"] for k, v in times.items()},
+            "rel_error_int_vs_fake": err, "rel_error_fp_vs_fake": q_err, "layers": summary,
+            "ok": summary.get(Backend.INT_MM.value, 0) > 0 and err < 0.25 * q_err}
+
+
+def part_device(args) -> dict:
+    """(e) W8A8 on ``--device``: the largest Linear and 1×1 conv shapes, and the whole UNet."""
+    from pipeline.cli import pick_device
+    device = pick_device(args.device)    # (CUDA: TF32 off, as every pipeline step runs)
+    unet, p = build_cin256(config=Path(args.config))
+    for m in unet.modules():   # CompVis zero-initialises the output convs: ε ≡ 0 would hide every error
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not m.weight.any():
+            m.reset_parameters()
+    unet = unet.to(device)   # (the shape-recording forward too: cin256 at batch 32 is slow on a CPU)
+    seen = largest_layers(unet, p, args.batch, 1000, device)
+    linear = next(r for r in seen if isinstance(r["module"], nn.Linear))
+    one_by_one = [r for r in seen if isinstance(r["module"], nn.Conv2d) and r["module"].kernel_size == (1, 1)]
+    rows = [device_layer(r, device, args.repeats) for r in [linear] + one_by_one[:1]]
+    whole = device_unet(unet, unet_inputs(p, args.batch), device, args.repeats)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\n(e) W8A8 on {device} ({name}), batch {args.batch}: median ms (x FP32 time)")
+    cols = list(rows[0]["median_s"])
+    print(f"{'layer':40s} {'weight':>14s} " + " ".join(f"{c:>16s}" for c in cols) + "  int vs fake")
+    for r in rows:
+        cells = [f"{1e3 * r['median_s'][c]:7.3f} ({r['ratio_vs_fp32'][c]:4.2f}x)" for c in cols]
+        print(f"{r['name'][:40]:40s} {str(r['weight']):>14s} " + " ".join(f"{c:>16s}" for c in cells)
+              + f"  {r['rel_error_vs_fake']:.1e} {r['execution']}")
+    cells = [f"{1e3 * whole['median_s'][c]:7.2f} ({whole['ratio_vs_fp32'][c]:4.2f}x)" for c in cols]
+    print(f"{'whole UNet':40s} {'':14s} " + " ".join(f"{c:>16s}" for c in cells)
+          + f"  {whole['rel_error_int_vs_fake']:.1e} (fp vs fake {whole['rel_error_fp_vs_fake']:.1e})")
+    print(f"  integer layers: {whole['layers']}")
+    return {"device": str(device), "name": name, "batch": args.batch, "layers": rows, "unet": whole}
+
+
 PARTS = {"layers": part_layers, "unet": part_unet, "embedded": part_embedded, "memory": part_memory,
-         "sizes": part_sizes}
+         "sizes": part_sizes, "device": part_device}
+DEFAULT_PARTS = ["layers", "unet", "embedded", "memory", "sizes"]   # (device: on a GPU, gpu_check runs it)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
+    p.add_argument("--parts", nargs="+", choices=list(PARTS), default=DEFAULT_PARTS)
+    p.add_argument("--device", default="cuda", help="the device part's device (cuda: torch._int_mm; cpu: the same "
+                                                    "kernel path, slowly, as a check)")
+    p.add_argument("--config", default=str(CIN256), help="the device part's UNet config (default cin256-v2)")
     p.add_argument("--batch", type=int, default=2, help="cin256-v2 batch (guided sampling of one image: 2)")
     p.add_argument("--top", type=int, default=8, help="how many of the largest conv shapes to time (and half as "
                                                       "many Linear shapes)")
