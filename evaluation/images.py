@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ldm.fileio import write_atomic
+from ldm.fileio import write_atomic, write_numbered
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -43,10 +44,21 @@ def save_png(image: np.ndarray, path: str | os.PathLike, text: dict[str, str] | 
     """Write a uint8 [H, W, C] image atomically (temporary file, then rename); ``text`` goes in PNG tEXt chunks."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, _png_writer(image, text))
+
+
+def save_png_numbered(image: np.ndarray, folder: str | os.PathLike, name: Callable[[int], str], start: int = 0,
+                      text: dict[str, str] | None = None) -> Path:
+    """Write a PNG under the first free ``name(i)``, i >= ``start``, never over an existing file (concurrent runs
+    in one folder each get their own numbers: ``ldm.fileio.write_numbered``); returns its path."""
+    return write_numbered(folder, name, _png_writer(image, text), start)
+
+
+def _png_writer(image: np.ndarray, text: dict[str, str] | None) -> Callable[[Path], None]:
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    return write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+    return lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
 
 
 def labelled_rows(grid: np.ndarray, names: list[str], row_height: int, padding: int = 2) -> np.ndarray:

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +26,8 @@ def atomic_path(path: str | os.PathLike, keep_suffix: bool = False) -> Iterator[
     On any exception the temporary file is removed and ``path`` is untouched. ``keep_suffix``: the temporary name
     ends with ``path``'s suffix (for writers that append a suffix otherwise, e.g. ``np.savez``)."""
     path = Path(path)
+    if path.is_dir():   # (os.replace would fail only after the work; steps check first: check_output_path)
+        raise IsADirectoryError(f"{path} is a directory, not a file that can be written")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}{path.suffix if keep_suffix else ''}")
     try:
@@ -52,6 +55,38 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 def write_json_atomic(path: str | os.PathLike, record: Any) -> Path:
     return write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
+def write_numbered(folder: str | os.PathLike, name: Callable[[int], str], write: Callable[[Path], Any],
+                   start: int = 0) -> Path:
+    """``write(tmp)``, then publish it under the first free ``name(i)``, i >= ``start``, without ever replacing a
+    file: the name is claimed by ``os.link`` (atomic, fails if the name exists), so concurrent runs numbering files
+    in one folder cannot overwrite each other's (CompVis' ``len(os.listdir())`` numbering races). Returns the path.
+    Where hard links are not supported the name is reserved with an exclusive create, then replaced."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = Path(name(start)).suffix
+    tmp = folder / f".{name(start)}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}"
+    try:
+        write(tmp)
+        i = start
+        while True:
+            target = folder / name(i)
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                i += 1
+            except OSError:   # no hard links here: claim the name exclusively, then move the file onto it
+                try:
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    i += 1
+                    continue
+                os.replace(tmp, target)
+                return target
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike, name: str = "*") -> int:

@@ -6,9 +6,11 @@ seeds, the fingerprints of the artifacts it was made from), so ``is_current`` ca
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -16,6 +18,7 @@ from ldm.fileio import file_fingerprint, remove_stale_temporaries, save_atomic, 
 from ldm.util import UserFacingError
 
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "tensors_sha256"   # meta key: SHA-256 of every tensor of the payload (verified on load, then dropped)
 
 
 class ArtifactMismatch(UserFacingError):
@@ -27,11 +30,84 @@ class ArtifactMismatch(UserFacingError):
         self.key = key
 
 
+def tensors_digest(payload: Any) -> str:
+    """SHA-256 over every tensor of ``payload`` (its key path, dtype, shape and bytes) and its plain values, in a fixed
+    order: what a flipped byte inside a tensor changes (``torch.load`` itself does not check the zip's CRCs)."""
+    h = hashlib.sha256()
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{t.dtype}:{tuple(value.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            for k in sorted(value, key=str):
+                walk(f"{key}/{k}", value[k])
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        else:
+            h.update(f"{key}={value!r};".encode())
+    walk("", payload)
+    return h.hexdigest()
+
+
 def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any]) -> Path:
     if "meta" in payload:
         raise ValueError("payload must not have a 'meta' key")
     remove_stale_temporaries(Path(path).parent, Path(path).name)  # what a killed earlier write of it left
-    return save_atomic({"meta": {"format": kind, "version": FORMAT_VERSION, **meta}, **payload}, path)
+    meta = {"format": kind, "version": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != CHECKSUM_KEY},
+            CHECKSUM_KEY: tensors_digest(payload)}
+    return save_atomic({"meta": meta, **payload}, path)
+
+
+def artifact_kind(path: str | os.PathLike) -> str | None:
+    """The kind (meta format) of the pipeline artifact at ``path``: None when it is not a torch file at all (a PNG,
+    a text file), "unreadable" when it is a torch file this code cannot read, "<type>" for a torch file of no kind."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return "unreadable"
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return str(meta.get("format")) if isinstance(meta, dict) else type(obj).__name__
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                      flag: str = "the output") -> Path:
+    """Before any work is spent: ``path`` can be written as a file. Refused with one line (``UserFacingError``)
+    when it is a directory, when it is one of ``inputs`` (the step would overwrite what it reads), or when its
+    nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserFacingError(f"{flag} {path} is a directory; pass the path of a file (in it or elsewhere)")
+    for src in inputs:
+        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(path, src):
+            raise UserFacingError(f"{flag} {path} is also an input of this step; it would be overwritten by what is "
+                                  f"made from it: pass another {flag}")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
+        raise UserFacingError(f"{flag} {path} cannot be written ({why} at {probe}); pass another {flag}")
+    return path
+
+
+def check_output_path(path: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),
+                      flag: str = "the output") -> Path:
+    """The one check of a file a step is about to make, before any work: not a directory, not one of its
+    ``inputs``, not an existing file of another kind (a model, a PNG, another artifact: never "redone" over).
+    A file of this kind, current or not, is the step's to redo (``is_current`` decides)."""
+    path = check_output_file(path, inputs, flag)
+    if path.is_file():
+        got = artifact_kind(path)
+        if got != kind and got != "unreadable":
+            what = f"a '{got}' artifact" if got else "not a pipeline artifact"
+            raise UserFacingError(f"{flag} {path} is {what}, and this step writes a '{kind}' artifact there; it is "
+                                  f"not overwritten: pass another {flag}, or remove the file yourself")
+    return path
 
 
 def timing_path(path: str | os.PathLike) -> Path:
@@ -64,6 +140,10 @@ def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | N
     if meta.get("version") != FORMAT_VERSION:
         raise ArtifactMismatch(f"{path} has format version {meta.get('version')}, this code reads {FORMAT_VERSION}; "
                                f"rerun {produced_by}")
+    stored = meta.pop(CHECKSUM_KEY, None)   # (files written before the checksum have none: nothing to verify)
+    if stored is not None and stored != tensors_digest({k: v for k, v in obj.items() if k != "meta"}):
+        raise ArtifactMismatch(f"{path} is damaged: its tensors do not match the checksum written with them; "
+                               f"rerun {produced_by} (or copy the file again)")
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise ArtifactMismatch(f"{path} was made with {key}={meta.get(key)!r}, but {key}={want!r} is asked for; "
@@ -76,7 +156,7 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
     """The one "is this artifact up to date?" check of the pipeline steps: True (and says so) when ``path`` holds
     a ``kind`` artifact whose meta agrees with ``meta`` on every key, so the step may skip; False (saying why when
     a file is there) when it must be made: absent, made with other settings, or ``force``. ``what=None``: silent."""
-    path = Path(path)
+    path = check_output_path(path, kind)   # (a directory, or a file of another kind: refused, not redone)
     if force or not path.exists():
         return False
     try:
@@ -92,4 +172,4 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
 
 
 __all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint",
-           "save_timing", "timing_path"]
+           "save_timing", "timing_path", "check_output_path", "artifact_kind", "tensors_digest", "CHECKSUM_KEY"]

@@ -4,10 +4,12 @@ run records. The scripts in quant_scripts/ are argument parsing plus calls into 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -120,9 +122,39 @@ def check_sampling_args(args: argparse.Namespace) -> SamplingSettings:
     """One-line errors for sampling settings, before any model is loaded; ``args.settings`` holds them checked."""
     if args.batch_size is not None and args.batch_size < 1:
         raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if isinstance(getattr(args, "seed", None), int) and args.seed < 0:   # (every script: torch seeds are >= 0)
+        raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
     grid = grid_name(getattr(args, "skip_type", None), getattr(args, "corrected_grid", False))
     args.settings = SamplingSettings(args.steps, args.eta, args.scale, grid, bool(getattr(args, "plms", None)))
+    if getattr(args, "config", None) is not None:   # the step-count limit is the family's grid's (yaml alone)
+        config, family = config_family(args)
+        family.check_steps(config, args.settings.steps, grid)
     return args.settings
+
+
+def config_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
+    """The config and its family for cheap checks (a text family without its prompts bound; ``model_family``
+    binds them)."""
+    if getattr(args, "config_family", None) is not None:
+        return args.config_family
+    if getattr(args, "config_family_unbound", None) is None:
+        config = load_config(resolve(args.config))
+        args.config_family_unbound = (config, family_for(config, f"config {args.config}"))
+    return args.config_family_unbound
+
+
+@contextlib.contextmanager
+def flag_names(renamed: dict[str, str]) -> Iterator[None]:
+    """Scripts that map their own flags onto a step's (txt2img's --ddim_steps is the step's --steps) run the step
+    inside this: a refusal then names the flag the user typed ({step flag: script flag}), wherever it was raised."""
+    try:
+        yield
+    except UserFacingError as e:
+        message = str(e.args[0]) if e.args else str(e)
+        for step_flag, typed in renamed.items():
+            message = re.sub(rf"(?<![\w-]){re.escape(step_flag)}(?![\w-])", typed, message)
+        e.args = (message, *e.args[1:])
+        raise
 
 
 def check_positive(args: argparse.Namespace, *names: str, minimum: float = 1, flag: dict[str, str] | None = None
@@ -166,6 +198,10 @@ def check_execution_args(args: argparse.Namespace) -> None:
         if getattr(args, "compare", False) or not args.spec.quantized:
             raise UserFacingError("--packed replaces the checkpoint's UNet weights, so no FP32 sampler can run beside "
                                   "it; drop --compare / use a quantized --sampler, or drop --packed")
+    if args.execution_mode is Execution.INTEGER and not args.spec.quantized and not getattr(args, "compare", False):
+        raise UserFacingError(f"--execution integer runs a quantized model's layers in int8, and --sampler "
+                              f"{args.spec} is the FP32 model: nothing would run in integer; pick a quantized "
+                              f"--sampler or drop --execution integer")
     check_precision_args(args)
     integer = "-int" if args.execution_mode is Execution.INTEGER else ""
     args.variant_suffix = ("-packed" if packed else "") + integer + args.precision.suffix
@@ -225,8 +261,22 @@ def resolve_sampler(args: argparse.Namespace) -> SamplerSpec:
     spec = SamplerSpec.parse(args.sampler)
     if args.sample_reverse:
         spec = spec.with_probe() if args.reverse_interval is None else spec.with_probe(args.reverse_interval)
+    settings = getattr(args, "settings", None)
+    if spec.probe is not None and settings is not None:
+        check_probe_fires(spec.probe, settings.steps)
     args.spec, args.sampler = spec, str(spec)
     return spec
+
+
+def check_probe_fires(interval: int, steps: int) -> None:
+    """A probe period that never comes round in the run would do nothing: refused, with the largest that acts."""
+    from correction.qncd import probe_steps
+    if not probe_steps(steps, interval):
+        most = max((r for r in range(1, 2 * steps + 2) if probe_steps(steps, r)), default=None)
+        fix = f"pass --reverse_interval {most} or less" if most else "it needs at least 2 steps"
+        raise UserFacingError(f"--reverse_interval {interval}: QNCD's probe runs at step {interval // 2 + 1}, "
+                              f"{interval + interval // 2 + 1}, ... and the run has {steps} steps, so it would "
+                              f"never run; {fix} (or drop --sample_reverse)")
 
 
 def sampler_help(default: str) -> str:
@@ -268,8 +318,7 @@ def resolve(path: str) -> Path:
 def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
     """The config and its model family, from the yaml alone (before any model is built); read once per run."""
     if getattr(args, "config_family", None) is None:
-        config = load_config(resolve(args.config))
-        family = family_for(config, f"config {args.config}")
+        config, family = config_family(args)
         if family.takes_prompts:
             family = bind_prompts(family, args)
         elif getattr(args, "prompts", None) is not None:

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import UserFacingError
 
 
@@ -27,14 +26,12 @@ class SamplingSettings:
             v = getattr(self, name)
             if not math.isfinite(v):
                 raise UserFacingError(f"--{name} must be a finite number, got {v}")
-        if self.eta < 0:
-            raise UserFacingError(f"--eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            raise UserFacingError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like; above 1 the DDIM "
+                                  f"update takes the square root of 1 - ᾱ_prev - σ_t² < 0: NaN, black images), "
+                                  f"got {self.eta:g}")
         if self.scale < 0:
             raise UserFacingError(f"--scale must be >= 0 (1 = no guidance), got {self.scale}")
-        try:  # the step count alone decides whether the CompVis grid fits in T = 1000
-            make_ddim_timesteps("uniform", self.steps, 1000)
-        except ValueError as e:
-            raise UserFacingError(f"--steps {self.steps}: {e}") from None
         if self.plms and self.eta != 0:
             raise UserFacingError(f"PLMS (--plms, or the preset's plms: true) is deterministic: it needs --eta 0, "
                                   f"got {self.eta:g}; pass --ddim for DDIM")

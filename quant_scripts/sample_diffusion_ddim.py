@@ -38,12 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.modules.diffusionmodules.ddim_checkpoint import fetch_released  # noqa: E402
 from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
+from pipeline import cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
 from pipeline.cli import preset_names, resolve  # noqa: E402
+from pipeline.sampling import quant_expect  # noqa: E402
+from pipeline.steps import evaluation_samples  # noqa: E402
 from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
                            quantize_weight, quantize_weight_activation)
 
 SEED = 1234   # QNCD's default
+# the step scripts' flags -> this script's (messages name what was typed)
+RENAMED = {"--steps": "--timesteps", "--n_samples": "--max_images", "--reverse_interval": "--sample_reverse",
+           "--w_bits": "--weight_bit", "--a_bits": "--act_bit", "--n": "--cali_n", "--weight_iters": "--cali_iters",
+           "--act_iters": "--cali_iters_a", "--calibration_trajectories_per_class": "--cali_trajectories"}
+# numeric flags (dest: minimum), checked before anything runs; 0 iterations = no reconstruction
+MINIMUM = {"max_images": 1, "batch_size": 1, "seed": 0, "sample_reverse": 1, "cali_n": 1, "cali_trajectories": 1,
+           "cali_iters": 0, "cali_iters_a": 0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,7 +133,6 @@ def run_flags(args: argparse.Namespace) -> list[str]:
 
 def place_cali_ckpt(args: argparse.Namespace, common: list[str]) -> None:
     """Put ``--cali_ckpt`` where this run's steps look for W{b}A{b} (its metadata is checked when it loads)."""
-    from pipeline import cli
     from pipeline.quantize import QUANT_KIND
     src = Path(args.cali_ckpt)
     meta = load_artifact(src, QUANT_KIND, {}, "quant_scripts/quantize_weight_activation.py")["meta"]
@@ -131,9 +140,12 @@ def place_cali_ckpt(args: argparse.Namespace, common: list[str]) -> None:
         raise UserFacingError(f"--cali_ckpt {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but --weight_bit "
                               f"{args.weight_bit} --act_bit {args.act_bit} is asked for")
     ns = generate_evaluation_samples_dist.parse_args(common)
-    cli.apply_preset(ns, "fashion")
+    cli.apply_preset(ns, generate_evaluation_samples_dist.PRESET)
     cli.check_sampling_args(ns)
-    dest = cli.layout(ns).quant(cli.quant_tag(ns))
+    tag = cli.quant_tag(ns)   # (the file must be this run's model before it is copied in)
+    load_artifact(src, QUANT_KIND, quant_expect(cli.model_meta(ns), tag),
+                  "quant_scripts/quantize_weight_activation.py")
+    dest = cli.layout(ns).quant(tag)
     if dest.resolve() != src.resolve():
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
@@ -142,29 +154,38 @@ def place_cali_ckpt(args: argparse.Namespace, common: list[str]) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    with cli.flag_names(RENAMED):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    for name, minimum in MINIMUM.items():
+        cli.check_positive(args, name, minimum=minimum)
+    if not args.ptq and args.sample_reverse is not None:
+        raise UserFacingError("--sample_reverse corrects a quantized model's noise; add --ptq")
     common = model_flags(args) + run_flags(args)
     bits = ["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit)]
     mode = ["--quant_mode", "qncd" if args.quant_mode == "qncd" else "brecq"] + (["--split"] if args.split else [])
+    sample = common + (bits + ["--sampler", "none"] if args.ptq else ["--sampler", "fp32"])   # + the probe: qncd-rR
+    if args.sample_reverse is not None:
+        sample += ["--sample_reverse", "--reverse_interval", str(args.sample_reverse)]
+    sample += ["--seed", str(args.seed)] + (["--n_samples", str(args.max_images)]
+                                            if args.max_images is not None else [])
+    evaluation_samples.preflight(generate_evaluation_samples_dist.parse_args(sample),   # every flag, before work
+                                 generate_evaluation_samples_dist.PRESET)
     if args.ptq and args.cali_ckpt is not None:
         place_cali_ckpt(args, common + bits)
     elif args.ptq:
-        cal = common + (["--n", str(args.cali_n)] if args.cali_n else []) + \
-            (["--calibration_trajectories_per_class", str(args.cali_trajectories)] if args.cali_trajectories else [])
+        cal = common + (["--n", str(args.cali_n)] if args.cali_n is not None else []) + \
+            (["--calibration_trajectories_per_class", str(args.cali_trajectories)]
+             if args.cali_trajectories is not None else [])
         collect_imagenet_calibration_set.main(cal)
         quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + mode +
-                             (["--weight_iters", str(args.cali_iters)] if args.cali_iters else []))
-        act_init = ["--act_init_samples", str(min(args.cali_n, 256))] if args.cali_n else []   # ≤ the set
+                             (["--weight_iters", str(args.cali_iters)] if args.cali_iters is not None else []))
+        act_init = ["--act_init_samples", str(min(args.cali_n, 256))] if args.cali_n is not None else []  # ≤ set
         quantize_weight_activation.main(common + bits + mode + act_init +
-                                        (["--act_iters", str(args.cali_iters_a)] if args.cali_iters_a else []))
-    if args.ptq:
-        sample = common + bits + ["--sampler", "none"]   # + the probe: qncd-rR
-        if args.sample_reverse is not None:
-            sample += ["--sample_reverse", "--reverse_interval", str(args.sample_reverse)]
-    else:
-        if args.sample_reverse is not None:
-            raise UserFacingError("--sample_reverse corrects a quantized model's noise; add --ptq")
-        sample = common + ["--sampler", "fp32"]
-    sample += ["--seed", str(args.seed)] + (["--n_samples", str(args.max_images)] if args.max_images else [])
+                                        (["--act_iters", str(args.cali_iters_a)] if args.cali_iters_a is not None
+                                         else []))
     generate_evaluation_samples_dist.main(sample)
 
 

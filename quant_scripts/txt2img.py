@@ -46,7 +46,8 @@ from ldm.precision import Precision  # noqa: E402
 from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
-from pipeline.steps import txt2img  # noqa: E402
+from pipeline.sampling import quant_expect  # noqa: E402
+from pipeline.steps import evaluation_samples, txt2img  # noqa: E402
 from quant.calibration import strided_steps  # noqa: E402
 from quant.policy import POLICIES  # noqa: E402
 from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
@@ -57,6 +58,12 @@ N_SAMPLES = 3   # images per batch (CompVis)
 CALI_ST, CALI_N = 25, 128   # QNCD's README for SD: 128 latents at 25 steps (x 2: prompt and empty prompt)
 COMPVIS_PRECISION = {"full": "fp32", "autocast": "bf16"}   # CompVis txt2img's --precision names
 CUSTOM_STEPS, CUSTOM_SCALE = 50, 7.5   # CompVis / QNCD txt2img's defaults for --config/--ckpt (DDIM unless --plms)
+RENAMED = {"--steps": "--ddim_steps", "--eta": "--ddim_eta", "--w_bits": "--weight_bit", "--a_bits": "--act_bit",
+           "--prompts": "--from_file"}   # the step scripts' flags -> this script's (messages name what was typed)
+# numeric flags (dest: minimum, checked before anything runs): 0 is honoured only where it means "none"
+MINIMUM = {"n_samples": 1, "n_iter": 1, "n_rows": 0, "eval": 1, "seed": 0, "H": 1, "W": 1, "C": 1, "f": 1,
+           "cali_st": 1, "cali_n": 1, "cali_batch_size": 1, "cali_iters": 0, "cali_iters_a": 0,
+           "reverse_interval": 1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -182,7 +189,7 @@ def quantize(args: argparse.Namespace, common: list[str], n_prompts: int, steps:
         return
     act = ["--a_bits", str(args.act_bit), "--act_iters", str(args.cali_iters_a or 0)] + sm_abit_flags(args) + \
         (["--running_stat"] if args.running_stat else []) + (["--rs_sm_only"] if args.rs_sm_only else []) + \
-        (["--rs_batch_size", str(args.cali_batch_size)] if args.cali_batch_size else []) + \
+        (["--rs_batch_size", str(args.cali_batch_size)] if args.cali_batch_size is not None else []) + \
         ["--act_init_samples", str(min(2 * len(strided_steps(steps, args.cali_st)) * args.cali_n, 256))]
     for flag, value in (("--lr", args.cali_lr), ("--p", args.cali_p)):
         if value is not None:
@@ -207,7 +214,10 @@ def place_cali_ckpt(args: argparse.Namespace, ns: argparse.Namespace) -> None:
     if (meta.get("w_bits"), meta.get("a_bits")) != want:
         raise UserFacingError(f"--cali_ckpt {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but W{want[0]}"
                               f"A{want[1]} is asked for (--weight_bit, --quant_act --act_bit)")
-    dest = cli.layout(ns).quant(cli.quant_tag(ns, weights_only=not args.quant_act))
+    tag = cli.quant_tag(ns, weights_only=not args.quant_act)
+    load_artifact(src, QUANT_KIND, quant_expect(cli.model_meta(ns), tag),
+                  "quant_scripts/quantize_weight_activation.py")
+    dest = cli.layout(ns).quant(tag)   # (checked against this run before it is copied in)
     if dest.resolve() != src.resolve():
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
@@ -230,7 +240,7 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
     cli.apply_preset(ns, PRESET)
     for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
         setattr(ns, key, getattr(args, key))
-    ns.n_samples = args.n_samples or N_SAMPLES
+    ns.n_samples = N_SAMPLES if args.n_samples is None else args.n_samples
     ns.image_dir = Path(args.outdir)
     if args.prompt is not None:
         ns.prompt_list = (args.prompt,)
@@ -238,8 +248,11 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
     return ns
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag alone and in combination, before anything is written."""
+    for name, minimum in MINIMUM.items():
+        cli.check_positive(args, name, minimum=minimum)
+    cli.check_positive(args, "cali_lr", "cali_p", minimum=1e-12)
     if not args.ptq and (args.sample_reverse or args.cali_ckpt or args.packed or args.execution != "fake"):
         raise UserFacingError("--sample_reverse, --cali_ckpt, --packed and --execution act on a quantized model; "
                               "add --ptq")
@@ -249,8 +262,33 @@ def main(argv=None) -> None:
         raise UserFacingError("--eval samples a prompt list; use --from_file (or the preset's prompts), not --prompt")
     if args.eval is not None and args.ptq and not args.quant_act:
         raise UserFacingError("--eval samples W{b}A{b} models (step 7); add --quant_act")
+    if args.ptq and args.packed is None and args.cali_ckpt is None and args.prompt is not None:
+        raise UserFacingError("--ptq calibrates on a prompt list: pass --from_file FILE (or use the preset's "
+                              "prompts) instead of --prompt")
+
+
+def eval_flags(args: argparse.Namespace, common: list[str]) -> list[str]:
+    """Step 7's flags for --eval N."""
+    flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
+                      if args.ptq else ["--sampler", "fp32"])
+    flags += (sm_abit_flags(args) + ["--execution", args.execution] +
+              (["--packed", args.packed] if args.packed else [])) if args.ptq else []
+    if args.sample_reverse:
+        flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
+                                         if args.reverse_interval is not None else [])
+    return flags + ["--n_samples", str(args.eval), "--seed", str(args.seed), "--precision", args.precision.value]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with cli.flag_names(RENAMED):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_flags(args)
     if args.preset is None and (args.config or args.ckpt):   # a custom model: CompVis txt2img's defaults
-        args.steps = args.steps or CUSTOM_STEPS
+        args.steps = CUSTOM_STEPS if args.steps is None else args.steps
         args.scale = CUSTOM_SCALE if args.scale is None else args.scale
     common = common_flags(args)
     ns = sampling_namespace(args, common)
@@ -260,28 +298,26 @@ def main(argv=None) -> None:
     if not family.takes_prompts:
         raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
                               f"a {family.name} model: sample it with quant_scripts/sample_fp32_imagenet.py")
-    if args.ptq and args.packed is not None:
-        pass   # the packed file is the quantized model: checked against the run when it loads
-    elif args.ptq and args.cali_ckpt is not None:
-        cli.check_sampling_args(ns)
+    steps = ns.settings.steps
+    if args.sample_reverse:
+        cli.check_probe_fires(args.reverse_interval or 10, steps)
+    if args.ptq and args.packed is None and args.cali_ckpt is None:
+        args.cali_st = min(CALI_ST, steps) if args.cali_st is None else args.cali_st
+        if args.cali_st > steps:
+            raise UserFacingError(f"--cali_st {args.cali_st} must be at most the {steps} sampling steps "
+                                  f"(--ddim_steps)")
+    if args.eval is not None:   # step 7's flags and plan, checked before any image is written
+        with cli.flag_names({"--n_samples": "--eval"}):
+            evaluation_samples.preflight(generate_evaluation_samples_dist.parse_args(eval_flags(args, common)),
+                                         generate_evaluation_samples_dist.PRESET)
+    if args.ptq and args.cali_ckpt is not None and args.packed is None:
         place_cali_ckpt(args, ns)
-    elif args.ptq:
-        if args.prompt is not None:
-            raise UserFacingError("--ptq calibrates on a prompt list: pass --from_file FILE (or use the preset's "
-                                  "prompts) instead of --prompt")
-        args.cali_st = args.cali_st or min(CALI_ST, ns.settings.steps)
-        quantize(args, common, len(family.prompts), ns.settings.steps)
+    elif args.ptq and args.packed is None:
+        quantize(args, common, len(family.prompts), steps)
     txt2img.run(ns)
     if args.eval is not None:
-        flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
-                          if args.ptq else ["--sampler", "fp32"])
-        flags += (sm_abit_flags(args) + ["--execution", args.execution] +
-                  (["--packed", args.packed] if args.packed else [])) if args.ptq else []
-        if args.sample_reverse:
-            flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
-                                             if args.reverse_interval else [])
-        generate_evaluation_samples_dist.main(flags + ["--n_samples", str(args.eval), "--seed", str(args.seed),
-                                                       "--precision", args.precision.value])
+        with cli.flag_names({"--n_samples": "--eval"}):
+            generate_evaluation_samples_dist.main(eval_flags(args, common))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def one_line(name: str, argv: list[str], capsys) -> str:
     ("generate_evaluation_samples_dist", ["--scale", "nan"], "--scale must be a finite number"),
     ("generate_evaluation_samples_dist", ["--scale", "inf"], "--scale must be a finite number"),
     ("sample_quantized_ldm_imagenet", ["--eta", "inf"], "--eta must be a finite number"),
-    ("sample_fp32_imagenet", ["--eta", "-1"], "--eta must be >= 0"),
+    ("sample_fp32_imagenet", ["--eta", "-1"], "--eta must be in [0, 1]"),
     ("quantize_weight", ["--round_weight", "nan"], "--round_weight must be a finite number"),
     ("quantize_weight_activation", ["--lr", "inf"], "--lr must be a finite number"),
     ("collect_timestep_aware_statistics", ["--outlier_k", "nan"], "--outlier_k must be a finite number"),

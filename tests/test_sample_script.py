@@ -126,7 +126,7 @@ def test_unsafe_checkpoint_needs_the_flag(tiny_files, tmp_path, run_inproc):
     (("--classes", 9), "out of range"),
     (("--steps", 3), "--steps 3"),
     (("--steps", 0), "--steps must be >= 1"),
-    (("--eta", -1), "--eta must be >= 0"),
+    (("--eta", -1), "--eta must be in [0, 1]"),
 ])
 def test_bad_flags(tiny_files, tmp_path, args, fragment, run_inproc):
     cfg, ckpt = tiny_files["cond"]

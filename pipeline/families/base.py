@@ -113,6 +113,20 @@ class ModelFamily:
         """The scale in effect: 1 for an unconditional family whatever the run's setting."""
         return scale
 
+    def check_steps(self, config: Any, steps: int, grid: str | None) -> None:
+        """Whether the family's timestep grid takes ``steps`` (read from the config alone, before anything is built;
+        one line naming --steps otherwise). CompVis: the uniform grid ``range(0, T, T // S) + 1``, whose +1 offset
+        must stay below T (so S from T/2 + 1 to T, and a few others, are refused)."""
+        from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+        try:
+            num_timesteps = int(config.model.params.get("timesteps", 1000))
+        except (AttributeError, TypeError, ValueError):
+            num_timesteps = 1000
+        try:
+            make_ddim_timesteps("uniform", steps, num_timesteps)
+        except ValueError as e:
+            raise UserFacingError(f"--steps {steps}: {e}") from None
+
     def use_grid(self, model: nn.Module, grid: str | None) -> None:
         """Sample ``model`` on the timestep grid ``grid`` (``--skip_type``; None: the family's default). The CompVis
         families have one grid, CompVis' uniform one; anything else is refused in one line."""

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from ldm.models.diffusion.ddim import ModelFn
-from ldm.models.diffusion.generalized import GeneralizedDDPM, get_beta_schedule, parse_grid
+from ldm.models.diffusion.generalized import GeneralizedDDPM, get_beta_schedule, parse_grid, timestep_sequence
 from ldm.modules.diffusionmodules.ddim_checkpoint import RELEASED, load_unet_state, verify_md5
 from ldm.modules.diffusionmodules.ddim_unet import Model, UNetSpec
-from ldm.util import ConfigError
+from ldm.util import ConfigError, UserFacingError
 from pipeline.families.base import ModelFamily
 
 
@@ -75,6 +75,15 @@ class PixelDDPM(ModelFamily):
 
     def guidance_scale(self, scale: float) -> float:
         return 1.0
+
+    def check_steps(self, config: Any, steps: int, grid: str | None) -> None:
+        """The ermongroup grids have no +1 offset: any S from 1 to T (``timestep_sequence``)."""
+        num_timesteps = int(config["diffusion"]["num_diffusion_timesteps"])
+        skip, corrected = parse_grid(grid or "uniform")
+        try:
+            timestep_sequence(skip, steps, num_timesteps, corrected=corrected)
+        except ValueError as e:
+            raise UserFacingError(f"--steps {steps}: {e}; pass --steps 1..{num_timesteps}") from None
 
     def use_grid(self, model: nn.Module, grid: str | None) -> None:
         if grid is not None:

@@ -33,7 +33,8 @@ def check_args(args: argparse.Namespace) -> None:
     cli.check_execution_args(args)
 
 
-def generate(args: argparse.Namespace) -> None:
+def plan_of(args: argparse.Namespace) -> tuple[Plan, tuple[int, ...] | None]:
+    """Every flag checked and the plan made, from the yaml alone (no model, nothing written)."""
     check_args(args)
     config, family = cli.model_family(args)
     classes = getattr(args, "eval_classes", None)
@@ -48,6 +49,19 @@ def generate(args: argparse.Namespace) -> None:
                                   f"(0..{n_model - 1})")
     plan = Plan(args.eval_samples, args.batch_size, args.seed,
                 family.num_classes(config) if classes is None else len(classes), classes)
+    return plan, classes
+
+
+def preflight(args: argparse.Namespace, preset: str) -> None:
+    """What a script that runs step 7 after other work checks first: the preset, every flag, the plan and the
+    checkpoint, silently (``--dry_run`` without its line)."""
+    cli.apply_preset(args, preset)
+    plan_of(args)
+    cli.model_meta(args)
+
+
+def generate(args: argparse.Namespace) -> None:
+    plan, classes = plan_of(args)
     expect = cli.model_meta(args)
     layout = cli.layout(args)
     tag = cli.quant_tag(args) if args.spec.quantized else FP32

@@ -8,7 +8,7 @@ from pathlib import Path
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
 from pipeline import cli
-from pipeline.artifacts import is_current
+from pipeline.artifacts import check_output_path, is_current
 from pipeline.packed import PACKED_KIND, export_packed
 from pipeline.quantize import QUANT_SCRIPT
 from pipeline.sampling import quant_expect
@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> None:
                               f"{QUANT_SCRIPT if tag.a_bits else 'quant_scripts/quantize_weight.py'} "
                               f"{tag.flags} with these settings first")
     out = Path(args.out) if args.out else layout.packed(tag)
-    cli.ensure_writable_dir(out.parent)
+    check_output_path(out, PACKED_KIND, inputs=(qpath, cli.resolve(args.ckpt), cli.resolve(args.config)),
+                      flag="--out")   # (before anything loads: never over the quant artifact or the model)
     want = quant_expect(base, tag)
     if is_current(out, PACKED_KIND, {**want, "quant": file_fingerprint(qpath)}, args.force):
         return

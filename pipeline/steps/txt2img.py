@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluation.images import make_grid, save_png, to_uint8
+from evaluation.images import make_grid, save_png_numbered, to_uint8
 from ldm.util import UserFacingError
 from pipeline import cli
 from pipeline.generate import sample_images
@@ -45,12 +45,15 @@ def batches(n_prompts: int, single: bool, n_samples: int, n_iter: int) -> list[l
 
 
 def next_index(folder: Path, pattern: str) -> int:
+    """Where CompVis' numbering starts (the count of files there); ``save_png_numbered`` then takes the first free
+    number from it, so two runs writing to one folder at once never overwrite each other's images."""
     return len(list(folder.glob(pattern))) if folder.is_dir() else 0
 
 
 def run(args: argparse.Namespace) -> None:
     settings = cli.check_sampling_args(args)
     cli.check_positive(args, "n_samples", "n_iter")
+    cli.check_positive(args, "n_rows", minimum=0)   # (0: --n_samples per row)
     quantized = args.sampler != "fp32"
     if quantized:
         cli.check_bits(args)
@@ -87,15 +90,17 @@ def run(args: argparse.Namespace) -> None:
                                        precision=args.precision))
             if not args.skip_save:
                 for img, c in zip(x, conditions):
-                    save_png(img, sample_dir / f"{count:05}.png", text={**text, "prompt": family.prompt(c)})
-                    count += 1
+                    path = save_png_numbered(img, sample_dir, "{:05}.png".format, count,
+                                             text={**text, "prompt": family.prompt(c)})
+                    count = int(path.stem) + 1
             if not args.skip_grid:   # (5,000 captions at 512² would otherwise be held in memory for nothing)
                 images.append(x)
             n_done += len(x)
             print(f"batch {b + 1}/{len(plan)} done ({time.time() - t0:.1f} s)")
     if not args.skip_grid:
-        grid_path = outdir / f"grid-{next_index(outdir, 'grid-*.png'):04}.png"
-        save_png(make_grid(np.concatenate(images), nrow=args.n_rows or args.n_samples), grid_path,
-                 text={**text, "prompts": " | ".join(dict.fromkeys(family.prompt(c) for b in plan for c in b))})
+        grid_path = save_png_numbered(
+            make_grid(np.concatenate(images), nrow=args.n_rows or args.n_samples), outdir, "grid-{:04}.png".format,
+            next_index(outdir, "grid-*.png"),
+            text={**text, "prompts": " | ".join(dict.fromkeys(family.prompt(c) for b in plan for c in b))})
         print(f"wrote {grid_path}")
     print(f"your samples are ready in {outdir} ({n_done} images, {time.time() - t0:.1f} s)")

@@ -1,0 +1,218 @@
+"""Issue 32: bad or edge inputs a new user tries. Each mechanism once: output paths checked before work (never an
+input, a directory or an artifact of another kind), settings validated by meaning with the flag the user typed,
+every flag checked before anything is written, numbering that cannot race, options that would do nothing refused,
+and artifacts verified against the checksum of their tensors."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from conftest import REPO, error_line, load_script, run_main
+
+SCRIPTS = REPO / "quant_scripts"
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    cfg = tiny_models.config(tiny_models.TEXT_COND)
+    cfg_path, ckpt_path = tiny_models.write(cfg, tiny_models.build(cfg), d, "text")
+    prompts = d / "prompts.txt"
+    prompts.write_text("a photo of a bag\na photo of a coat\na red dress\n")
+    return cfg_path, ckpt_path, prompts
+
+
+def script(name: str, capsys):
+    module = load_script(SCRIPTS / f"{name}.py", f"bad_inputs_{name}")
+    return lambda *argv: run_main(module.main, argv, capsys)
+
+
+def pngs(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.png")) if folder.exists() else []
+
+
+# ---- 1. output paths ---------------------------------------------------------------------------------------------
+
+
+def fashion_quant_path(outdir: Path) -> Path:
+    from pipeline import cli
+    ns = load_script(SCRIPTS / "export_packed.py", "bad_inputs_export_ns").parse_args(["--outdir", str(outdir)])
+    cli.apply_preset(ns, "fashion")
+    cli.check_sampling_args(ns)
+    return cli.layout(ns).quant(cli.quant_tag(ns))
+
+
+def test_export_packed_never_writes_over_its_input_or_a_directory(tmp_path, capsys):
+    from pipeline.artifacts import save_artifact
+    qpath = fashion_quant_path(tmp_path)
+    save_artifact(qpath, "quant", {"w_bits": 4}, {"quant_state": {"x": torch.ones(3)}})
+    before = qpath.read_bytes()
+    export = script("export_packed", capsys)
+    line = error_line(export("--outdir", tmp_path, "--out", qpath))
+    assert "--out" in line and "is also an input" in line, line
+    assert qpath.read_bytes() == before
+    line = error_line(export("--outdir", tmp_path, "--out", tmp_path))
+    assert "is a directory" in line, line
+
+
+def test_an_artifact_of_another_kind_is_refused_not_redone(tmp_path):
+    from ldm.util import UserFacingError
+    from pipeline.artifacts import check_output_path, is_current, save_artifact
+    path = tmp_path / "quant.pt"
+    save_artifact(path, "quant", {}, {"x": torch.zeros(2)})
+    with pytest.raises(UserFacingError, match="is a 'quant' artifact.*not overwritten"):
+        is_current(path, "packed", {})
+    (tmp_path / "image.png").write_bytes(b"\x89PNG not ours")
+    with pytest.raises(UserFacingError, match="not a pipeline artifact"):
+        check_output_path(tmp_path / "image.png", "packed", flag="--out")
+    assert is_current(tmp_path / "new.pt", "packed", {}) is False   # absent: the step makes it
+
+
+# ---- 2. settings by meaning, named as typed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--ddim_eta", "5"], "--ddim_eta must be in [0, 1]"),
+    (["--ddim_eta", "1.0001"], "--ddim_eta must be in [0, 1]"),
+    (["--ddim_steps", "0"], "--ddim_steps must be >= 1"),
+    (["--n_samples", "0"], "--n_samples must be >= 1"),
+    (["--n_iter", "0"], "--n_iter must be >= 1"),
+    (["--n_rows", "-1"], "--n_rows must be >= 0"),
+    (["--eval", "0"], "--eval must be >= 1"),
+    (["--eval", "4"], "cannot be split evenly"),   # 4 samples over 3 prompts: step 7's plan, before any PNG
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--H", "0"], "--H must be >= 1"),
+    (["--ptq", "--cali_st", "0"], "--cali_st must be >= 1"),
+    (["--ptq", "--cali_st", "9", "--ddim_steps", "5"], "--cali_st 9 must be at most the 5 sampling steps"),
+    (["--ptq", "--quant_act", "--sample_reverse", "--reverse_interval", "100", "--ddim_steps", "5"],
+     "--reverse_interval 100"),
+])
+def test_txt2img_refuses_before_writing_anything(text_model, tmp_path, capsys, argv, fragment):
+    cfg, ckpt, prompts = text_model
+    proc = script("txt2img", capsys)("--config", cfg, "--ckpt", ckpt, "--from_file", prompts, "--outdir",
+                                     tmp_path / "img", "-l", tmp_path / "runs", *argv)
+    line = error_line(proc)
+    assert fragment in line, line
+    assert not (tmp_path / "img").exists() and not (tmp_path / "runs").exists()
+
+
+def test_txt2img_boundary_values_pass_the_checks(text_model):
+    """The lower bounds themselves are accepted (0 rows: one row of --n_samples; 0 AdaRound iterations: none)."""
+    txt2img = load_script(SCRIPTS / "txt2img.py", "bad_inputs_txt2img_bounds")
+    args = txt2img.parse_args(["--n_samples", "1", "--n_iter", "1", "--n_rows", "0", "--seed", "0", "--eval", "1",
+                               "--cali_iters", "0", "--cali_iters_a", "0", "--cali_st", "1", "--ddim_eta", "1"])
+    txt2img.check_flags(args)
+
+
+# the numeric flags of the step CLIs: (script, flag, refused, accepted at the boundary, fragment of the refusal)
+NUMERIC = [
+    ("generate_evaluation_samples_dist", "--eta", "1.5", "1", "--eta must be in [0, 1]"),
+    ("generate_evaluation_samples_dist", "--eta", "-0.1", "0", "--eta must be in [0, 1]"),
+    ("generate_evaluation_samples_dist", "--steps", "0", "1", "--steps must be >= 1"),
+    ("generate_evaluation_samples_dist", "--steps", "600", "500", "--steps 600"),
+    ("generate_evaluation_samples_dist", "--scale", "-1", "0", "--scale must be >= 0"),
+    ("generate_evaluation_samples_dist", "--n_samples", "0", "10", "--n_samples must be >= 1"),
+    ("generate_evaluation_samples_dist", "--batch_size", "0", "1", "--batch_size must be >= 1"),
+    ("generate_evaluation_samples_dist", "--seed", "-1", "0", "--seed must be >= 0"),
+    ("generate_evaluation_samples_dist", "--decode_batch_size", "0", "1", "--decode_batch_size must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("name, flag, bad, ok, fragment", NUMERIC)
+def test_numeric_flags_refuse_out_of_range_and_accept_the_boundary(name, flag, bad, ok, fragment, tmp_path,
+                                                                   capsys):
+    run = script(name, capsys)
+    line = error_line(run(flag, bad, "--dry_run", "--outdir", tmp_path))
+    assert fragment in line, line
+    proc = run(flag, ok, "--dry_run", "--outdir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_pixel_ddpm_grids_take_every_step_count_up_to_T():
+    from ldm.util import UserFacingError, load_config
+    from pipeline.families import family_for
+    pixel = load_config(REPO / "configs" / "fashion-ddim.yml")
+    fam = family_for(pixel)
+    for steps, grid in ((3, None), (600, "uniform"), (1000, None), (501, "quad"), (1000, "uniform-corrected")):
+        fam.check_steps(pixel, steps, grid)
+    with pytest.raises(UserFacingError, match="--steps 1001: .*pass --steps 1..1000"):
+        fam.check_steps(pixel, 1001, None)
+    ldm = load_config(REPO / "models" / "ldm" / "fashion-ldm-vq-4" / "config.yaml")
+    with pytest.raises(UserFacingError, match="--steps 600: .*CompVis '\\+1' offset"):
+        family_for(ldm).check_steps(ldm, 600, None)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--timesteps", "1000", "--max_images", "0"], "--max_images must be >= 1"),   # 1000 steps pass
+    (["--timesteps", "3", "--skip_type", "uniform", "--eta", "2"], "--eta must be in [0, 1]"),
+    (["--timesteps", "0"], "--timesteps must be >= 1"),
+    (["--timesteps", "1001"], "--timesteps 1001"),
+    (["--timesteps", "5", "--ptq", "--sample_reverse", "100"], "--sample_reverse 100: QNCD's probe"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--ptq", "--cali_n", "0"], "--cali_n must be >= 1"),
+])
+def test_sample_diffusion_ddim_names_its_own_flags(tmp_path, capsys, argv, fragment):
+    line = error_line(script("sample_diffusion_ddim", capsys)("--preset", "fashion-ddim", "-l", tmp_path, *argv))
+    assert fragment in line, line
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_foreign_cali_ckpt_is_refused_before_it_is_copied(tmp_path, capsys):
+    from pipeline.artifacts import save_artifact
+    foreign = tmp_path / "foreign" / "quant_w8a8.pt"
+    save_artifact(foreign, "quant", {"model": "another.yml", "w_bits": 8, "a_bits": 8}, {"quant_state": {}})
+    line = error_line(script("sample_diffusion_ddim", capsys)("--preset", "fashion-ddim", "-l", tmp_path / "runs",
+                                                               "--timesteps", "10", "--ptq", "--cali_ckpt", foreign))
+    assert "model='another.yml'" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- 3. numbering that cannot race -------------------------------------------------------------------------------
+
+
+def test_numbered_pngs_never_overwrite_a_concurrent_run(tmp_path):
+    from evaluation.images import save_png_numbered
+    image = np.zeros((4, 4, 3), np.uint8)
+    written: list[Path] = []
+
+    def run(value: int) -> None:
+        for _ in range(12):   # each run counted the folder before the other wrote: both start at 0
+            written.append(save_png_numbered(image + value, tmp_path, "{:05}.png".format, 0))
+    threads = [threading.Thread(target=run, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(written)) == 24 and len(list(tmp_path.glob("*.png"))) == 24
+    assert not list(tmp_path.glob(".*"))   # no temporaries left
+
+
+# ---- 5. options that would do nothing ----------------------------------------------------------------------------
+
+
+def test_integer_execution_of_the_fp_model_is_refused(tmp_path, capsys):
+    line = error_line(script("sample_quantized_ldm_imagenet", capsys)("--sampler", "fp32", "--execution", "integer",
+                                                                       "--outdir", tmp_path))
+    assert "--execution integer" in line and "--sampler fp32" in line, line
+    assert not any(tmp_path.iterdir())
+
+
+# ---- 4. integrity of what is loaded ------------------------------------------------------------------------------
+
+
+def test_a_damaged_tensor_is_caught_on_load(tmp_path):
+    from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
+    weights = torch.arange(4096, dtype=torch.float32) + 0.5
+    path = save_artifact(tmp_path / "packed_w4a8.pt", "packed", {"w_bits": 4}, {"layers": {"w": weights}})
+    assert load_artifact(path, "packed")["meta"] == {"format": "packed", "version": 1, "w_bits": 4}
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(weights[1000:1016].numpy().tobytes())
+    data[at:at + 64] = bytes(255 - b for b in data[at:at + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactMismatch, match="packed_w4a8.pt is damaged"):
+        load_artifact(path, "packed")
