@@ -160,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole check (not --tiny)")
     ap.add_argument("--skip", nargs="*", default=[], choices=("pipeline", "cpu", "fidelity", "cin256", "fake_quant",
                                                               "integer"), help="parts to leave out")
+    ap.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS,
+                    help="embedded defaults to run through the pipeline (the fidelity row reads the first one's)")
     ap.add_argument("--_part", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_record", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
@@ -202,18 +204,18 @@ def check(args) -> int:
     # GPU works; on a CPU under test they would compete with it, so one at a time after it
     threads = max(1, (os.cpu_count() or 4) // 4)
     jobs = {p: run.start(f"sqnr vs cpu {p}", "cpu", "cpu", "--preset", p, threads=threads)
-            for p in PRESETS} if rerun and not on_cpu else {}
+            for p in args.presets} if rerun and not on_cpu else {}
     if "pipeline" not in args.skip:
-        for p in PRESETS:
+        for p in args.presets:
             run.run(f"pipeline {p}", "pipeline", "--preset", p)
-    for p in PRESETS if rerun else ():
+    for p in args.presets if rerun else ():
         print(f"--- sqnr vs cpu {p} ...", flush=True)
         job = jobs.get(p) or run.start(f"sqnr vs cpu {p}", "cpu", "cpu", "--preset", p)
         run.add([compare_sqnr(f"sqnr vs cpu {p}", run.rows, p, collect(*job))])
     for part, name in (("fidelity", "fidelity cli"), ("integer", "integer W8A8"), ("fake_quant", "fake-quant ratio"),
                        ("cin256", "cin256 rehearsal")):
         if part not in args.skip:
-            run.run(name, part)
+            run.run(name, part, *(["--preset", args.presets[0]] if part == "fidelity" else []))
     print_table(run.rows, time.perf_counter() - run.t0, args)
     run.write()
     if args.json:

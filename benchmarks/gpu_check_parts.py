@@ -206,10 +206,11 @@ def run_cli(argv: list[str], timeout: float | None = None) -> None:
 
 
 def part_fidelity(args) -> list[Row]:
-    """The paired fidelity CLI on the fashion pipeline's FP32 and W4A8 D-D² samples."""
+    """The paired fidelity CLI on one pipeline's (--preset: the first of gpu_check's --presets) FP32 and W4A8 D-D²
+    samples."""
     from pipeline.layout import FP32, QuantTag
     c = counts(args)
-    _, layout = preset_layout("fashion", args.workdir / "runs" / args.device.replace(":", ""))
+    _, layout = preset_layout(args.preset or "fashion", args.workdir / "runs" / args.device.replace(":", ""))
     fp = layout.eval_samples(FP32, "fp32", c["eval"], 0) / "samples.npz"
     q = layout.eval_samples(QuantTag(4, 8), "dd2-channel", c["eval"], 0) / "samples.npz"
     out = args.workdir / "fidelity.json"
