@@ -48,7 +48,7 @@ from evaluation.features import NETWORKS, compute_activations, load_network
 from evaluation.generation import MANIFEST
 from evaluation.npz_io import ImageBatch, open_batch
 from evaluation.statistics import FIDStatistics
-from ldm.fileio import file_sha256, write_json_atomic
+from ldm.fileio import check_output_file, file_sha256, write_json_atomic
 from ldm.util import ArgumentParser, UserFacingError, run_cli
 
 PER_SAMPLE = ("psnr", "ssim", "feature_distance")
@@ -282,6 +282,23 @@ def read_manifest(path: Path) -> dict | None:
         raise FidelityError(f"{m} is unreadable; regenerate the samples (step 7) or move the manifest away") from None
 
 
+def is_exact_fp(manifest: dict) -> bool:
+    """Step 7's manifest of the exact FP32 model's samples (sampler fp32, no --precision)."""
+    return manifest.get("sampler") == "fp32" and "precision" not in manifest
+
+
+def check_fp_first(fp: ImageBatch, other: ImageBatch) -> None:
+    """Where step 7's manifests say which set is which, the reference (first argument) must be the FP32 samples:
+    swapped, "FID to FP" would be measured against the quantized samples."""
+    mf, mo = read_manifest(fp.path), read_manifest(other.path)
+    if mf is None or is_exact_fp(mf):
+        return
+    swap = " (the arguments look swapped: pass the FP32 samples first)" if mo is not None and is_exact_fp(mo) else ""
+    what = f"the {mf.get('sampler', '?')} sampler's set" + (f" in {mf['precision']}" if "precision" in mf else "")
+    raise FidelityError(f"{fp.path} is {what} by its manifest, not the exact FP32 samples every metric here is "
+                        f"measured against{swap}")
+
+
 def check_same_plan(fp: ImageBatch, other: ImageBatch) -> dict | None:
     """The plan both files were made from (step 7's manifests, sampler aside), or None when either has no manifest
     (then sample i of one is compared with sample i of the other; ``open_paired`` says so on stderr)."""
@@ -363,6 +380,7 @@ def compare(fp_path: str | Path, path: str | Path, vs: str | Path | None = None,
     """The fidelity record of ``path`` (and of ``vs``, with the paired difference) against the FP samples."""
     fp = open_batch(fp_path, "FP")   # opened (and its pixels verified) once, for both comparisons
     other, plan = open_paired(fp, path)
+    check_fp_first(fp, other)
     rival = open_paired(fp, vs)[0] if vs is not None else None
     network = load_network(choose_features(features, fp), device=device)
     fp_pool = compute_activations(network, fp, desc="features FP")["pool"]
@@ -442,9 +460,8 @@ def main(argv=None) -> None:
     if args.bootstrap < 1 or args.fid_bootstrap < 0:
         raise FidelityError(f"--bootstrap must be >= 1 and --fid_bootstrap >= 0, got {args.bootstrap}, "
                             f"{args.fid_bootstrap}")
-    out = Path(args.json) if args.json else None
-    if out is not None and out.is_dir():
-        raise FidelityError(f"--json {out} is a directory; give a file name")
+    # before any work: the record never goes over a sample file, into a directory or an unwritable folder
+    out = check_output_file(args.json, (args.fp_samples, args.samples, args.vs), "--json") if args.json else None
     record = compare(args.fp_samples, args.samples, args.vs, args.features,
                      Bootstrap(args.bootstrap, args.fid_bootstrap, args.seed), args.device)
     print("\n".join(report_lines(record)))

@@ -13,9 +13,11 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
+
+from ldm.errors import UserFacingError
 
 TMP_MARK = ".tmp"
 
@@ -129,3 +131,24 @@ def file_fingerprint(path: str | os.PathLike, n_bytes: int = 1 << 24) -> str:
         h.update(f.read(n_bytes))
     h.update(str(path.stat().st_size).encode())
     return h.hexdigest()[:16]
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                      flag: str = "the output") -> Path:
+    """Before any work is spent: ``path`` can be written as a file. Refused with one line (``UserFacingError``)
+    when it is a directory, when it is one of ``inputs`` (the step would overwrite what it reads), or when its
+    nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserFacingError(f"{flag} {path} is a directory; pass the path of a file (in it or elsewhere)")
+    for src in inputs:
+        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(path, src):
+            raise UserFacingError(f"{flag} {path} is also an input of this step; it would be overwritten by what is "
+                                  f"made from it: pass another {flag}")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
+        raise UserFacingError(f"{flag} {path} cannot be written ({why} at {probe}); pass another {flag}")
+    return path

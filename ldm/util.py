@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ldm.errors import UserFacingError  # noqa: F401  (re-exported: every layer raises it from here)
 from ldm.fileio import save_atomic  # noqa: F401  (re-exported: the one atomic torch.save)
 from omegaconf import OmegaConf
 
@@ -31,9 +32,6 @@ CHECKPOINT_URLS = {
 }
 TRUST_ENV_VAR = "LDM_TRUST_CHECKPOINT"
 
-
-class UserFacingError(Exception):
-    """An error caused by user input (a path, a config, a flag). CLIs print its message as one line and exit 2."""
 
 
 class ConfigError(UserFacingError):

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from ldm.fileio import file_fingerprint, remove_stale_temporaries, save_atomic, write_json_atomic
+from ldm.fileio import check_output_file, file_fingerprint, remove_stale_temporaries, save_atomic, write_json_atomic
 from ldm.util import UserFacingError
 
 FORMAT_VERSION = 1
@@ -72,27 +72,6 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
         return "unreadable"
     meta = obj.get("meta") if isinstance(obj, dict) else None
     return str(meta.get("format")) if isinstance(meta, dict) else type(obj).__name__
-
-
-def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
-                      flag: str = "the output") -> Path:
-    """Before any work is spent: ``path`` can be written as a file. Refused with one line (``UserFacingError``)
-    when it is a directory, when it is one of ``inputs`` (the step would overwrite what it reads), or when its
-    nearest existing folder is not writable."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserFacingError(f"{flag} {path} is a directory; pass the path of a file (in it or elsewhere)")
-    for src in inputs:
-        if src is not None and Path(src).exists() and path.exists() and os.path.samefile(path, src):
-            raise UserFacingError(f"{flag} {path} is also an input of this step; it would be overwritten by what is "
-                                  f"made from it: pass another {flag}")
-    probe = path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
-        raise UserFacingError(f"{flag} {path} cannot be written ({why} at {probe}); pass another {flag}")
-    return path
 
 
 def check_output_path(path: str | os.PathLike, kind: str, inputs: Iterable[str | os.PathLike | None] = (),

@@ -112,6 +112,27 @@ def test_plans_and_labels_are_checked(tmp_path, capsys):
     assert "compare samples made from the same plan" in error_line(run_main(F.main, [fp, fewer], capsys))
 
 
+def test_cli_never_writes_over_its_inputs_and_wants_the_fp_set_first(tmp_path, capsys):
+    """Issue 32: `--json q.npz` replaced the samples with JSON, and swapped arguments measured "FID to FP" against
+    the quantized set; both are refused with one line before any work."""
+    fp_img = gray_batch(64, 0)
+    labels = np.arange(64) % 4
+    fp = write_samples(tmp_path / "fp", fp_img, labels, {**PLAN, "sampler": "fp32", "bits": "fp32"})
+    q = write_samples(tmp_path / "q", fp_img, labels, {**PLAN, "sampler": "none", "bits": "w4a8"})
+    before = q.read_bytes()
+    line = error_line(run_main(F.main, [fp, q, "--json", q], capsys))
+    assert "--json" in line and "is also an input" in line and q.read_bytes() == before
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert "cannot be written" in error_line(run_main(F.main, [fp, q, "--json", blocker / "f.json"], capsys))
+    assert "is a directory" in error_line(run_main(F.main, [fp, q, "--json", tmp_path], capsys))
+    line = error_line(run_main(F.main, [q, fp], capsys))
+    assert "not the FP32 samples" in line and "swapped" in line
+    bf16 = write_samples(tmp_path / "bf16", fp_img, labels, {**PLAN, "sampler": "fp32", "bits": "fp32",
+                                                             "precision": "bf16"})
+    assert "fp32 sampler's set in bf16" in error_line(run_main(F.main, [bf16, fp], capsys))
+
+
 def test_cli_end_to_end_with_vs(tmp_path, capsys):
     rng = np.random.default_rng(5)
     fp_img = gray_batch(64, 0)
