@@ -127,7 +127,7 @@ def test_cli_never_writes_over_its_inputs_and_wants_the_fp_set_first(tmp_path, c
     assert "cannot be written" in error_line(run_main(F.main, [fp, q, "--json", blocker / "f.json"], capsys))
     assert "is a directory" in error_line(run_main(F.main, [fp, q, "--json", tmp_path], capsys))
     line = error_line(run_main(F.main, [q, fp], capsys))
-    assert "not the FP32 samples" in line and "swapped" in line
+    assert "not the exact FP32 samples" in line and "swapped" in line
     bf16 = write_samples(tmp_path / "bf16", fp_img, labels, {**PLAN, "sampler": "fp32", "bits": "fp32",
                                                              "precision": "bf16"})
     assert "fp32 sampler's set in bf16" in error_line(run_main(F.main, [bf16, fp], capsys))
