@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -78,3 +79,12 @@ def assert_integer_is_fake_quant(integer_unet: nn.Module, fake_unet: nn.Module,
     to_tie = (x_fake[differ] / scale - (x_fake[differ] / scale).floor() - 0.5).abs()
     assert (to_tie <= gap[differ] / scale + 1e-6).all(), f"{first}: a code flipped away from a rounding tie"
     return {"flipped_codes": sum(flips.values()), "first": first}
+
+
+def require_exact_int_mm() -> None:
+    """torch._int_mm on a CPU is PyTorch's reference loop or oneDNN's s8×s8 GEMM, depending on the CPU; a
+    known-answer check at the extreme codes guards the tests that use it as the exact integer reference (oneDNN
+    limited below the CPU's own ISA, ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU, returns wrong sums there)."""
+    a, b = torch.full((17, 32), 127, dtype=torch.int8), torch.full((32, 8), -128, dtype=torch.int8)
+    if not bool((torch._int_mm(a, b) == 127 * -128 * 32).all()):
+        pytest.skip("torch._int_mm returns wrong int32 sums on this CPU configuration (oneDNN below the CPU's ISA?)")

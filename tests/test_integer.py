@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import tiny_models
-from integer_checks import assert_integer_is_fake_quant
+from integer_checks import assert_integer_is_fake_quant, require_exact_int_mm
 from conftest import REPO
 from quant.api import QuantConfig, quantize
 from quant import integer
@@ -76,15 +76,6 @@ def test_onednn_layer_equals_fake_quant(name, granularity, w_bits, a_bits, int8_
     assert integer_layer.w_int.dtype == torch.int8 and not hasattr(integer_layer, "weight")
     assert integer_layer.w_codes.numel() == -(-layer.weight.numel() * (4 if w_bits == 4 else 8) // 8)   # packed
     assert_close_to_fake(layer, integer_layer, x)
-
-
-def require_exact_int_mm() -> None:
-    """torch._int_mm on a CPU is PyTorch's reference loop or oneDNN's s8×s8 GEMM, depending on the CPU; a
-    known-answer check at the extreme codes guards the tests that use it as the exact integer reference (oneDNN
-    limited below the CPU's own ISA, ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU, returns wrong sums there)."""
-    a, b = torch.full((17, 32), 127, dtype=torch.int8), torch.full((32, 8), -128, dtype=torch.int8)
-    if not bool((torch._int_mm(a, b) == 127 * -128 * 32).all()):
-        pytest.skip("torch._int_mm returns wrong int32 sums on this CPU configuration (oneDNN below the CPU's ISA?)")
 
 
 @pytest.mark.parametrize("name", ["linear", "conv1x1", "conv1d", "conv3x3"])
