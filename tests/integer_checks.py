@@ -81,10 +81,15 @@ def assert_integer_is_fake_quant(integer_unet: nn.Module, fake_unet: nn.Module,
     return {"flipped_codes": sum(flips.values()), "first": first}
 
 
-def require_exact_int_mm() -> None:
-    """torch._int_mm on a CPU is PyTorch's reference loop or oneDNN's s8×s8 GEMM, depending on the CPU; a
-    known-answer check at the extreme codes guards the tests that use it as the exact integer reference (oneDNN
-    limited below the CPU's own ISA, ONEDNN_MAX_CPU_ISA=AVX2 on a VNNI CPU, returns wrong sums there)."""
+def int_mm_exact() -> bool:
+    """torch._int_mm on a CPU is PyTorch's reference loop or oneDNN's s8×s8 GEMM, depending on the CPU: a
+    known-answer check at the extreme codes (oneDNN limited below the CPU's own ISA, ONEDNN_MAX_CPU_ISA=AVX2 on a
+    VNNI CPU, returns wrong sums)."""
     a, b = torch.full((17, 32), 127, dtype=torch.int8), torch.full((32, 8), -128, dtype=torch.int8)
-    if not bool((torch._int_mm(a, b) == 127 * -128 * 32).all()):
+    return bool((torch._int_mm(a, b) == 127 * -128 * 32).all())
+
+
+def require_exact_int_mm() -> None:
+    """Skip a test that uses torch._int_mm as the exact integer reference where it is not exact."""
+    if not int_mm_exact():
         pytest.skip("torch._int_mm returns wrong int32 sums on this CPU configuration (oneDNN below the CPU's ISA?)")
