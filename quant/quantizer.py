@@ -81,9 +81,14 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
             return fused_fake_quant(x, scale, zero_point, qmin, qmax)
         # sampling: the same arithmetic in place on one fresh tensor (round_ste's forward value is round(v)
         # exactly), one allocation instead of seven. z is an integer, so clamp(round(v) + z) − z =
-        # clamp(round(v), q_min − z, q_max − z) exactly: four passes over the tensor instead of six
+        # clamp(round(v), q_min − z, q_max − z) exactly: four passes instead of six, with scalar bounds (a clamp
+        # with tensor bounds is slower than the two passes it saves: (8, 192, 64, 64) on 2 AVX-512 threads, six
+        # passes 2.12 ms, four with tensor bounds 3.70 ms, four with scalar bounds 1.59 ms, a copy 0.75 ms)
         y = x / scale
-        return y.round_().clamp_(qmin - zero_point, qmax - zero_point).mul_(scale)
+        if not isinstance(zero_point, torch.Tensor) or (zero_point.numel() == 1 and zero_point.device.type == "cpu"):
+            z = float(zero_point)      # (a CUDA scalar would cost a host sync: CUDA keeps the tensor form)
+            return y.round_().clamp_(qmin - z, qmax - z).mul_(scale)
+        return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
     q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
