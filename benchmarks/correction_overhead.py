@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ldm.util import at_least  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.generate import sample_latents  # noqa: E402
 from pipeline.sampler_spec import LISTED, SamplerSpec  # noqa: E402
@@ -40,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_sampling_args(p)
     cli.add_bits_args(p, 4, 8)
     p.add_argument("--variants", nargs="+", default=list(LISTED), help=cli.sampler_help("all listed"))
-    p.add_argument("--n", type=int, default=40, help="samples per timed run (class-balanced labels)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--n", type=at_least(1), default=40, help="samples per timed run (class-balanced labels)")
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--outdir", default="outputs")
     p.add_argument("--json", default=None, help="also write the results here")

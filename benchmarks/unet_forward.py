@@ -9,7 +9,6 @@ random timesteps; weights are random (timing does not depend on their values).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from ldm.util import ArgumentParser, at_least, instantiate_from_config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +53,11 @@ def time_forward(unet, params: dict, batch: int, device: torch.device, repeats: 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/latent-diffusion/cin256-v2.yaml"))
-    p.add_argument("--batch", type=int, nargs="+", default=[2])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=at_least(1), nargs="+", default=[2])
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)

@@ -55,6 +55,21 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse ``type=`` for an integer count that must be >= ``minimum`` (the parser's one-line error names the
+    flag and the bound; no traceback from deep inside a run)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's ``main``; a UserFacingError becomes one line on stderr and exit status 2."""
     try:

@@ -4,6 +4,8 @@ every flag checked before anything is written, numbering that cannot race, optio
 and artifacts verified against the checksum of their tensors."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -216,3 +218,14 @@ def test_a_damaged_tensor_is_caught_on_load(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactMismatch, match="packed_w4a8.pt is damaged"):
         load_artifact(path, "packed")
+
+
+@pytest.mark.parametrize("script,argv,flag", [("benchmarks/unet_forward.py", ["--batch", "0"], "--batch"),
+                                              ("benchmarks/correction_overhead.py", ["--n", "0"], "--n"),
+                                              ("benchmarks/unet_forward.py", ["--repeats", "x"], "--repeats")])
+def test_benchmark_counts_are_refused_in_one_line(script, argv, flag):
+    """Issue 32: `--n 0` / `--batch 0` ended in tracebacks deep inside the runs; now the parser refuses them."""
+    proc = subprocess.run([sys.executable, str(REPO / script), *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and f"argument {flag}:" in lines[0], proc.stderr[-2000:]
