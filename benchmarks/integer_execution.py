@@ -68,17 +68,27 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def alternate(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each fn, the fns alternating within each repeat (after one warm-up call each)."""
+def alternate(fns: dict, repeats: int, device: torch.device | None = None) -> dict[str, float]:
+    """Median seconds of each fn, the fns alternating within each repeat (after one warm-up call each): CUDA events
+    on a GPU (the kernels' time, not the launch's), perf_counter on a CPU."""
+    cuda = device is not None and device.type == "cuda"
     times = {k: [] for k in fns}
     with torch.inference_mode():
         for fn in fns.values():
             fn()
         for _ in range(repeats):
             for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+                if cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    times[k].append(start.elapsed_time(end) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -318,30 +328,6 @@ def part_sizes(args) -> dict:
 
 # ---- (e) W8A8 on a device: torch._int_mm on CUDA -------------------------------------------------------------------
 
-def device_times(fns: dict, repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each fn, alternating within each repeat after one warm-up call each: CUDA events on a GPU
-    (the kernels' time, not the launch's), perf_counter on a CPU."""
-    cuda = device.type == "cuda"
-    times = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for k, fn in fns.items():
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    fn()
-                    end.record()
-                    end.synchronize()
-                    times[k].append(start.elapsed_time(end) / 1e3)
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def precision_forms(fn, device: torch.device) -> dict:
     """FP32 (TF32 off: what the pipeline's exact_cuda_numerics sets), TF32 (CUDA only) and bf16 autocast of one
     float callable."""
@@ -383,7 +369,7 @@ def device_layer(layer: dict, device: torch.device, repeats: int) -> dict:
     wrapper = nn.Sequential(copy.deepcopy(q))
     how = to_integer_(wrapper, Backend.INT_MM)["0"]
     fns = {**precision_forms(lambda: module(x), device), "fake W8A8": lambda: q(x), "int W8A8": lambda: wrapper(x)}
-    t = device_times(fns, repeats, device)
+    t = alternate(fns, repeats, device)
     with torch.inference_mode():
         err = rel_error(wrapper(x), q(x))
     return {"name": layer["name"], "kind": type(layer["module"]).__name__, "weight": list(module.weight.shape),
@@ -424,7 +410,7 @@ def device_unet(unet: nn.Module, inputs, device: torch.device, repeats: int) -> 
     report = to_integer_(integer, Backend.INT_MM)
     fns = {**precision_forms(lambda: unet(x, t, context=c), device), "fake W8A8": lambda: fake(x, t, context=c),
            "int W8A8": lambda: integer(x, t, context=c)}
-    times = device_times(fns, repeats, device)
+    times = alternate(fns, repeats, device)
     with torch.inference_mode():
         ref, y_fake, y_int = unet(x, t, context=c), fake(x, t, context=c), integer(x, t, context=c)
     err, q_err = rel_error(y_int, y_fake), rel_error(ref, y_fake)

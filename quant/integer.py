@@ -236,9 +236,11 @@ def int8_weight(codes: torch.Tensor, qmin: int, w_scale: torch.Tensor, w_zero_po
     scale = w_scale.reshape(-1).expand(n_out) if w_scale.numel() == 1 else w_scale.reshape(n_out)
     zp = w_zero_point.reshape(-1).expand(n_out) if w_zero_point.numel() == 1 else w_zero_point.reshape(n_out)
     zp_int = zp.round().long().to(codes.device)
-    rows = codes.reshape(n_out, -1).long() + qmin                      # q per output channel
-    fits = ((rows.amin(1) - zp_int) >= -128) & ((rows.amax(1) - zp_int) <= 127)
-    c = torch.where(fits, zp_int, torch.full_like(zp_int, 128)) if bits > 7 else zp_int
+    c = zp_int
+    if bits > 7:
+        rows = codes.reshape(n_out, -1).long() + qmin                  # q per output channel
+        fits = ((rows.amin(1) - zp_int) >= -128) & ((rows.amax(1) - zp_int) <= 127)
+        c = torch.where(fits, zp_int, torch.full_like(zp_int, 128))
     return qmin - c, scale.float().to(codes.device), (c - zp_int).float()
 
 

@@ -29,6 +29,12 @@ def _restore_thread_count():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to a loaded machine (the count is restored after the test)."""
+    torch.set_num_threads(1)
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} not found: CI puts ../shared beside the checkout "

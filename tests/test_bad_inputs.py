@@ -21,12 +21,8 @@ SCRIPTS = REPO / "quant_scripts"
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    cfg = tiny_models.config(tiny_models.TEXT_COND)
-    cfg_path, ckpt_path = tiny_models.write(cfg, tiny_models.build(cfg), d, "text")
-    prompts = d / "prompts.txt"
-    prompts.write_text("a photo of a bag\na photo of a coat\na red dress\n")
-    return cfg_path, ckpt_path, prompts
+    return tiny_models.write_text_model(tmp_path_factory.mktemp("text"),
+                                        ["a photo of a bag", "a photo of a coat", "a red dress"])[:3]
 
 
 def script(name: str, capsys):

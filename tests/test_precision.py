@@ -24,11 +24,8 @@ N, BATCH, STEPS, SEED = 8, 4, 4, 3
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test here on one thread (conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")
@@ -209,12 +206,7 @@ def test_fidelity_pairs_sets_that_differ_only_in_precision(step7_runs, tmp_path)
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     import tiny_models
-    d = tmp_path_factory.mktemp("text")
-    cfg = tiny_models.config(tiny_models.TEXT_COND)
-    cfg_path, ckpt_path = tiny_models.write(cfg, tiny_models.build(cfg), d, "text")
-    prompts = d / "prompts.txt"
-    prompts.write_text("a photo of a bag\na red dress\n")
-    return cfg_path, ckpt_path, prompts
+    return tiny_models.write_text_model(tmp_path_factory.mktemp("text"), ["a photo of a bag", "a red dress"])[:3]
 
 
 def test_txt2img_precision_and_compvis_names(text_model, tmp_path, capsys):

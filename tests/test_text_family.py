@@ -20,13 +20,8 @@ CLIP = "cond_stage_model.transformer.text_model."
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("text")
-    cfg = tiny_models.config(tiny_models.TEXT_COND)
-    model = tiny_models.build(cfg)
-    cfg_path, ckpt_path = tiny_models.write(cfg, model, d, "text")
-    prompts = d / "prompts.txt"
-    prompts.write_text("a photo of a bag\n\n  a photo of a coat  \na red dress\n")
-    return cfg_path, ckpt_path, prompts, model
+    return tiny_models.write_text_model(tmp_path_factory.mktemp("text"),
+                                        ["a photo of a bag", "", "  a photo of a coat  ", "a red dress"])
 
 
 @pytest.fixture

@@ -114,3 +114,14 @@ class RandomFashionData:
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader(self.items[:4], batch_size=self.batch_size)
+
+
+def write_text_model(directory: Path, prompts: list[str]) -> tuple[Path, Path, Path, object]:
+    """A tiny SD-structured text model written as config + checkpoint, with a prompt file: (config path, checkpoint
+    path, prompt file, model)."""
+    cfg = config(TEXT_COND)
+    model = build(cfg)
+    cfg_path, ckpt_path = write(cfg, model, directory, "text")
+    prompt_file = directory / "prompts.txt"
+    prompt_file.write_text("".join(f"{p}\n" for p in prompts))
+    return cfg_path, ckpt_path, prompt_file, model
