@@ -77,16 +77,17 @@ def machine_info(device: torch.device) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cli.apply_preset(args, PRESET)
-    settings = cli.check_sampling_args(args)
+    run = cli.run_of(args)
+    settings = run.sampling
     if args.threads:
         torch.set_num_threads(args.threads)
-    layout, tag = cli.layout(args), cli.quant_tag(args)
+    layout, tag = run.layout, cli.tag_of(args)
     names = list(dict.fromkeys(["none"] + args.variants))  # the reference row first
     specs = {n: SamplerSpec.parse(n) for n in names}
     check_present(specs.values(), layout, tag)
-    expect = cli.model_meta(args)
+    expect = run.meta()
     device = cli.pick_device(args.device)
-    family, model = cli.load_model(args, device)
+    family, model = run.load(device)
     variants = {n: build_variant(s, family, model, layout, tag, expect) for n, s in specs.items()}
     conditions = family.conditions(model, 1)
     labels = None if conditions is None else [conditions[i % len(conditions)] for i in range(args.n)]

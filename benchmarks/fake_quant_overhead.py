@@ -29,8 +29,8 @@ import torch  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSchedule, cfg_eps, sample_ddim  # noqa: E402
 from ldm.modules.diffusionmodules.util import make_beta_schedule  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from quant.api import QuantConfig, quantize  # noqa: E402
-from quant.policy import d2dpm_policy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,8 @@ def build(config: Path, device: torch.device, batch: int) -> tuple[torch.nn.Modu
     p = dict(cfg.model.params.unet_config.params)
     torch.manual_seed(0)
     unet = instantiate_from_config(cfg.model.params.unet_config).eval().to(device)
-    qm = quantize(unet, QuantConfig(w_bits=4, a_bits=8), d2dpm_policy).to(device).eval()
+    qm = quantize(unet, QuantConfig(w_bits=4, a_bits=8), "d2dpm",
+                  specials=ClassConditionalLDM().quant_specials()).to(device).eval()
     _, init_w = timed(qm.init_weights_, device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, p["in_channels"], p["image_size"], p["image_size"], generator=gen).to(device)

@@ -36,6 +36,7 @@ from evaluation.images import to_uint8  # noqa: E402
 from evaluation.metrics import inception_score  # noqa: E402
 from evaluation.statistics import FIDStatistics  # noqa: E402
 from ldm.data.fashion import HELDOUT, load_fashion_mnist  # noqa: E402
+from ldm.models.diffusion.settings import SamplingSettings  # noqa: E402
 from ldm.sample import decode_latents, sample_latents  # noqa: E402
 from ldm.util import load_config, load_model_from_config  # noqa: E402
 
@@ -112,7 +113,7 @@ def main(argv=None) -> None:
         result["prompts"] = prompts
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    z = sample_latents(model, labels.tolist(), steps=args.steps, eta=args.eta, scale=args.scale,
+    z = sample_latents(model, labels.tolist(), settings=SamplingSettings(args.steps, args.eta, args.scale),
                        batch_size=args.batch_size, generator=gen, conditioner=conditioner)
     images = to_uint8(decode_latents(model, z, batch_size=args.batch_size))
     result["sampling_seconds"] = time.time() - t0
@@ -139,11 +140,9 @@ def classifier_view(logits: np.ndarray) -> dict:
 def pixel_quality(args, classifier, ref, device, result: dict) -> None:
     from pipeline.families import family_for
     from pipeline.generate import sample_images
-    from pipeline.settings import SamplingSettings
     config = load_config(PIXEL_DIR / "config.yml")
     family = family_for(config)
     model = family.load(config, PIXEL_DIR / "model.ckpt", device=device)
-    family.use_grid(model, "quad")
     settings = SamplingSettings(args.steps or 20, args.eta, 1.0, "quad")
     t0 = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed)

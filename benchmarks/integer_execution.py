@@ -44,16 +44,18 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from pipeline.packed import state_bytes  # noqa: E402
 from quant.export import pack_quant_model  # noqa: E402
 from quant.integer import Backend, IntegerLayer, layer_summary, onednn_int8_exact, to_integer_  # noqa: E402
 from quant.layers import QuantLayer  # noqa: E402
 from quant.model import QuantModel  # noqa: E402
-from quant.policy import POLICIES, d2dpm_policy  # noqa: E402
 from quant.quantizer import QScheme, ScaleSearch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CIN256 = REPO / "configs/latent-diffusion/cin256-v2.yaml"
+SPECIALS = ClassConditionalLDM().quant_specials()   # cin256-v2 and the embedded default: CompVis class LDMs
+d2dpm_policy = SPECIALS.policy("d2dpm")
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -109,8 +111,8 @@ def unet_inputs(p: dict, batch: int, seed: int = 1):
 
 def quant_model(unet: nn.Module, w_bits: int, a_bits: int, inputs, copy_model: bool = True) -> QuantModel:
     """W{w}A{a} with the D²-DPM policy, per-tensor min-max ranges, activation ranges from ``inputs``."""
-    qm = QuantModel(unet, w_bits=w_bits, a_bits=a_bits, policy=d2dpm_policy, search=ScaleSearch.MAX,
-                    copy_model=copy_model).eval().init_weights_()
+    qm = QuantModel(unet, w_bits=w_bits, a_bits=a_bits, policy="d2dpm", search=ScaleSearch.MAX,
+                    copy_model=copy_model, specials=SPECIALS).eval().init_weights_()
     qm.calibrate_activations_([inputs])
     return qm.set_quant_state(weight=True, act=True)
 
@@ -253,7 +255,7 @@ def part_embedded(args) -> dict | None:
     models = {"fp32": unet, "fp32 channels_last": copy.deepcopy(unet).to(memory_format=torch.channels_last)}
     reports = {}
     for b, path in paths.items():
-        fake, _ = load_quant_model(unet, path, {})
+        fake, _ = load_quant_model(unet, path, {}, family=family)
         integer = copy.deepcopy(fake)
         reports[f"W{b[0]}A{b[1]}"] = apply_execution(integer, Execution.INTEGER, quiet=True)
         models[f"fake W{b[0]}A{b[1]}"], models[f"int W{b[0]}A{b[1]}"] = fake, integer
@@ -312,8 +314,8 @@ def part_sizes(args) -> dict:
     out = {"fp32": state_bytes(unet.state_dict())}
     for policy in ("d2dpm", "all"):
         for w in (4, 8):
-            qm = QuantModel(unet, w_bits=w, a_bits=None, policy=POLICIES[policy],
-                            search=ScaleSearch.MAX).init_weights_()
+            qm = QuantModel(unet, w_bits=w, a_bits=None, policy=policy, search=ScaleSearch.MAX,
+                            specials=SPECIALS).init_weights_()
             out[f"W{w} {policy}"] = state_bytes(pack_quant_model(qm))
             del qm
     n = sum(t.numel() for t in unet.parameters())

@@ -175,7 +175,8 @@ def machine(device: torch.device) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cli.apply_preset(args, PRESET)
-    settings = cli.check_sampling_args(args)
+    run = cli.run_of(args)
+    settings = run.sampling
     if args.n < 10 or args.n % 10:
         raise cli.UserFacingError(f"--n must be a positive multiple of 10 (class-balanced), got {args.n}")
     out = Path(args.json) if args.json else None
@@ -183,11 +184,10 @@ def main(argv=None) -> None:
         cli.ensure_writable_dir(out.parent, flag="--json")
     device = cli.pick_device(args.device)
     modes = modes_for(device, args.modes)
-    config, family = cli.model_family(args)
-    family, model = cli.load_model(args, device)
-    plan = Plan(args.n, args.batch_size, args.seed, family.num_classes(config))
+    family, model = run.load(device)
+    plan = Plan(args.n, args.batch_size, args.seed, family.num_classes(run.model.config_yaml))
     images, seconds = generate(family, model, plan, settings, modes, device)
-    base = {**cli.model_meta(args), "n": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
+    base = {**run.meta(), "n": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
             "device": device.type, "sampler": "fp32"}
     boot = F.Bootstrap(args.bootstrap, args.fid_bootstrap)
     with tempfile.TemporaryDirectory() as tmp:

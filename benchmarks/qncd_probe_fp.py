@@ -89,12 +89,12 @@ def relative_change(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv=None) -> None:
     args = parse_args(argv)
     cli.apply_preset(args, PRESET)
-    settings = cli.check_sampling_args(args)
+    run = cli.run_of(args)
+    settings = run.sampling
     device = cli.pick_device(args.device)
-    config, family = cli.model_family(args)
-    family, model = cli.load_model(args, device)
-    plan = Plan(args.n, args.batch_size, args.seed, family.num_classes(config))
-    base = {**cli.model_meta(args), "n": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
+    family, model = run.load(device)
+    plan = Plan(args.n, args.batch_size, args.seed, family.num_classes(run.model.config_yaml))
+    base = {**run.meta(), "n": plan.n, "seed": plan.seed, "batch_size": plan.batch_size,
             "device": device.type, "sampler": "fp32"}
     boot = F.Bootstrap()
     fp, _ = sample_set(family, model, plan, settings, None)

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ldm.models.diffusion.settings import SamplingSettings
 from ldm.util import instantiate_from_config, load_config, load_model_from_config  # noqa: E402
+from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from quant.model import QuantModel  # noqa: E402
 from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, capture_unit_io,  # noqa: E402
                                   find_units, optimise_unit)
@@ -47,7 +49,7 @@ def fashion_setup(device, n):
     model = load_model_from_config(load_config(REPO / "models/ldm/fashion-ldm-vq-4/config.yaml"),
                                    REPO / "models/ldm/fashion-ldm-vq-4/model.ckpt", device=device)
     labels = [c for c in range(10) for _ in range(26)]
-    cal, secs = timed(lambda: collect_calibration_set(model, labels, n=n, steps=20, eta=0.0, scale=3.0,
+    cal, secs = timed(lambda: collect_calibration_set(model, labels, n=n, settings=SamplingSettings(20, 0.0, 3.0),
                                                       distribution=TimestepDistribution.UNIFORM, seed=0,
                                                       progress=False), device)
     return model.model.diffusion_model, CalibrationData(cal["x"], cal["t"], cal["c"], device), secs
@@ -84,7 +86,8 @@ def main(argv=None) -> None:
     preset = load_preset(args.model)
     full_iters = (preset["weight_iters"], preset["act_iters"])  # what the preset's steps 2-3 run
 
-    qm = QuantModel(unet, w_bits=args.w_bits, a_bits=args.a_bits).to(device)
+    qm = QuantModel(unet, w_bits=args.w_bits, a_bits=args.a_bits,   # fashion and cin256: class-conditional LDMs
+                    specials=ClassConditionalLDM().quant_specials()).to(device)
     _, init_w_s = timed(qm.init_weights_, device)
     units = find_units(qm)[:args.units]
     rows = []

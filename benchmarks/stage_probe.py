@@ -29,9 +29,9 @@ def probe_main(record: Path, script: str, argv: list[str]) -> int:
     """Run ``script`` as __main__ with ``argv``; write wall time, model-load time and peak memory to ``record``."""
     import torch
 
-    from pipeline import cli
+    from pipeline.run import Run
     load_s = []
-    real_load = cli.load_model
+    real_load = Run.load
 
     def timed_load(*a, **k):  # the one model load of every step: timed so projections can leave it out
         t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def probe_main(record: Path, script: str, argv: list[str]) -> int:
         load_s.append(time.perf_counter() - t0)
         return out
 
-    cli.load_model = timed_load
+    Run.load = timed_load
     sys.argv = [script, *argv]
     t0, code = time.perf_counter(), 0
     try:

@@ -8,7 +8,9 @@
 * ``d2`` -- S-D² and D-D² as ``StepCorrection`` objects (Eqs. 11-18, Algorithm 1).
 * ``ptqd`` -- PTQD's correlated-noise correction, bias correction and variance schedule calibration.
 * ``qncd`` -- QNCD's runtime noise estimation (a probe) as a ``StepCorrection``.
-* ``samplers`` -- the seed's sampler names as thin constructors over ``DDIMSampler`` (import them from here).
+* ``samplers`` -- the construction of each fitted correction from (fit, generator) (``build_sd2``, ``build_dd2``,
+  ``build_ptqd``: the factories ``pipeline.corrections`` registers) and the seed's sampler names as thin constructors
+  over ``DDIMSampler`` with them (import them from here).
 
 Imports ldm/ only: a correction sees ``(x, t, c) -> ε`` functions and DDIM steps, never a quantized model, and ldm/
 knows nothing of this package.

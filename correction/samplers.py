@@ -14,6 +14,10 @@ hard-coded for one setting. Here the fit is an argument (a ``GaussianFit``/``PTQ
 are accepted for call compatibility and unused (the bits belong to the statistics, whose artifact metadata records
 them; the schedule is the model's), and ``model_fn``
 plugs in the quantized UNet. ``sample`` checks S, η and the guidance scale against the fit before sampling.
+
+The corrections are built by ``build_sd2`` / ``build_dd2`` / ``build_ptqd``, ``(fit, generator) -> StepCorrection``:
+the same construction ``pipeline.corrections`` registers as each method's factory, so the seed names are a view over
+the sampler specs ``sd2-tensor``, ``dd2-tensor``, ``sd2-channel``, ``dd2-channel`` and ``ptqd``.
 """
 from __future__ import annotations
 
@@ -55,6 +59,26 @@ def _gaussian_fit(fit, granularity: Granularity, name: str) -> GaussianFit:
     return fit
 
 
+# ---- the construction of each fitted correction: (fit, generator) -> StepCorrection ------------------------------
+
+def build_sd2(fit: GaussianFit, generator: torch.Generator) -> StochasticD2:
+    """S-D² (D²-DPM Eqs. 11-14): its noise draws come from ``generator``."""
+    return StochasticD2(fit, generator)
+
+
+def build_dd2(fit: GaussianFit, generator: torch.Generator | None = None) -> DeterministicD2:
+    """D-D² (Eqs. 15-18, Algorithm 1): deterministic, ``generator`` unused."""
+    return DeterministicD2(fit)
+
+
+def build_ptqd(fit: PTQDFit, generator: torch.Generator | None = None,
+               variance_calibration: bool = True) -> PTQDCorrection:
+    """PTQD §4 (CNC + BC, + VSC unless ``variance_calibration`` is False): deterministic, ``generator`` unused."""
+    return PTQDCorrection(fit, variance_calibration)
+
+
+# ---- the seed's names -------------------------------------------------------------------------------------------
+
 def _build(model, correction: GaussianCorrection | PTQDCorrection | None, schedule: str,
            model_fn: ModelFn | None) -> DDIMSampler:
     if correction is None:
@@ -75,7 +99,7 @@ def DDIMSampler_gaussian_quantCorrection_imagenet(model, fit, num_bit: int | Non
     name = "DDIMSampler_gaussian_quantCorrection_imagenet"
     corr = None
     if correct:
-        corr = StochasticD2(_gaussian_fit(fit, Granularity.TENSOR, name), _generator(generator, seed))
+        corr = build_sd2(_gaussian_fit(fit, Granularity.TENSOR, name), _generator(generator, seed))
     return _build(model, corr, schedule, model_fn)
 
 
@@ -84,7 +108,7 @@ def DDIMSampler_implicit_gaussian_quantCorrection_imagenet(model, fit, num_bit: 
                                                            model_fn: ModelFn | None = None) -> DDIMSampler:
     """D-D² with a tensor-wise fit (D²-DPM Eqs. 15-18, Algorithm 1)."""
     name = "DDIMSampler_implicit_gaussian_quantCorrection_imagenet"
-    corr = DeterministicD2(_gaussian_fit(fit, Granularity.TENSOR, name)) if correct else None
+    corr = build_dd2(_gaussian_fit(fit, Granularity.TENSOR, name)) if correct else None
     return _build(model, corr, schedule, model_fn)
 
 
@@ -95,7 +119,7 @@ def DDIMSampler_channel_wise_explicit_gaussian_quantCorrection_imagenet(
     name = "DDIMSampler_channel_wise_explicit_gaussian_quantCorrection_imagenet"
     corr = None
     if correct:
-        corr = StochasticD2(_gaussian_fit(fit, Granularity.CHANNEL, name), _generator(generator, seed))
+        corr = build_sd2(_gaussian_fit(fit, Granularity.CHANNEL, name), _generator(generator, seed))
     return _build(model, corr, schedule, model_fn)
 
 
@@ -104,7 +128,7 @@ def DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet(
         model_fn: ModelFn | None = None) -> DDIMSampler:
     """D-D² with a channel-wise fit: σ_t shrunk per channel by that channel's σ_c (the seed's default sampler)."""
     name = "DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet"
-    corr = DeterministicD2(_gaussian_fit(fit, Granularity.CHANNEL, name)) if correct else None
+    corr = build_dd2(_gaussian_fit(fit, Granularity.CHANNEL, name)) if correct else None
     return _build(model, corr, schedule, model_fn)
 
 
@@ -114,11 +138,12 @@ def DDIMSampler_quantCorrection_imagenet(model, fit, num_bit: int | None = None,
     """PTQD (correlated-noise, bias and variance-schedule correction), the baseline of D²-DPM's tables."""
     if isinstance(fit, dict):
         fit = PTQDFit.from_dict(fit)
-    corr = PTQDCorrection(fit, variance_calibration) if correct else None
+    corr = build_ptqd(fit, variance_calibration=variance_calibration) if correct else None
     return _build(model, corr, schedule, model_fn)
 
 
-__all__ = ["CorrectedDDIMSampler", "DDIMSampler_gaussian_quantCorrection_imagenet",
+__all__ = ["CorrectedDDIMSampler", "build_sd2", "build_dd2", "build_ptqd",
+           "DDIMSampler_gaussian_quantCorrection_imagenet",
            "DDIMSampler_implicit_gaussian_quantCorrection_imagenet",
            "DDIMSampler_channel_wise_explicit_gaussian_quantCorrection_imagenet",
            "DDIMSampler_channel_wise_implicit_gaussian_quantCorrection_imagenet",

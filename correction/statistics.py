@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import (DDIMSampler, DDIMSchedule, DDIMStep, ModelFn, cfg_eps, model_schedule,
-                                      randn_sampler)
+from ldm.models.diffusion.ddim import DDIMSchedule, DDIMStep, ModelFn, cfg_eps, randn_sampler
+from ldm.models.diffusion.settings import SamplingSettings
 from ldm.sample import Conditioner, class_conditioner, latent_shape
 from ldm.util import UserFacingError
 
@@ -88,9 +88,9 @@ class SamplingConfig:
         return cls.from_schedule(DDIMSchedule.make(alphas_cumprod, steps, eta), steps, scale)
 
     @classmethod
-    def for_model(cls, model, steps: int, eta: float, scale: float) -> "SamplingConfig":
-        """The settings of ``model``'s own schedule (``ldm.models.diffusion.ddim.model_schedule``)."""
-        return cls.from_schedule(model_schedule(model, steps, eta), steps, scale)
+    def for_run(cls, model, settings: SamplingSettings) -> "SamplingConfig":
+        """The record of a run's ``settings`` on ``model``: its schedule's timesteps (the run's grid included)."""
+        return cls.from_schedule(settings.schedule(model), settings.steps, settings.scale)
 
     def row(self, t: int, what: str = "the statistics") -> int:
         """Row of timestep ``t`` in the per-timestep tables."""
@@ -411,7 +411,7 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
                              seed: int = 0, fp_model_fn: ModelFn | None = None,
                              on_batch: Callable[[NoiseStatistics, int], None] | None = None,
                              progress: bool = True, conditioner: Conditioner | None = None,
-                             sampler_cls: type[DDIMSampler] = DDIMSampler) -> NoiseStatistics:
+                             settings: SamplingSettings | None = None) -> NoiseStatistics:
     """Stream (ε̂, ε_fp) of every DDIM step into ``stats`` (D²-DPM Algorithm 1 lines 1-8; the original's
     ``DDIMSampler_collectQuantError``): both models run on the same x_t, each with classifier-free guidance at the
     statistics' scale, and x_t advances with the FP ε, so the statistics follow FP trajectories.
@@ -421,10 +421,15 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
     generator, seeded by (``seed``, first sample index), so a run resumes exactly: ``stats`` restored from a state
     saved by ``on_batch(stats, samples_done)`` continues at the next batch (same ``batch_size``). ``conditioner``
     turns a batch of ``labels`` into (c, uc) (default: class conditioning against ``uncond_label``).
-    ``sampler_cls`` picks the FP trajectories' loop (PLMSSampler: PLMS, whose first-step look-ahead at the next t is
-    not a step input and is not counted)."""
+    ``settings`` are the run's (grid and loop; default DDIM on the model's default grid at the statistics' steps,
+    η and scale, which they must equal): PLMS' first-step look-ahead at the next t is not a step input and is not
+    counted."""
     cfg = stats.sampling
-    schedule = model_schedule(model, cfg.steps, cfg.eta)
+    settings = settings or SamplingSettings(cfg.steps, cfg.eta, cfg.scale)
+    if (settings.steps, settings.eta, settings.scale) != (cfg.steps, cfg.eta, cfg.scale):
+        raise ConfigMismatch(f"sampling settings {settings.flags()} differ from the statistics' steps {cfg.steps}, "
+                             f"eta {cfg.eta:g}, scale {cfg.scale:g}")
+    schedule = settings.schedule(model)
     if SamplingConfig.from_schedule(schedule, cfg.steps, cfg.scale) != cfg:
         raise ConfigMismatch(f"the model's {cfg.steps}-step DDIM schedule visits t = "
                              f"{_fmt_ts(schedule.timesteps.tolist())} ({len(schedule)} steps), the statistics "
@@ -461,13 +466,13 @@ def collect_noise_statistics(model, q_model_fn: ModelFn, stats: NoiseStatistics,
 
         def eps_fn(x, t, step, c=c, uc=uc):
             e_fp = cfg_eps(fp_model_fn, x, t, c, uc, scale)
-            lookahead = sampler_cls.first_step_evals == 2 and calls[0] == 1   # PLMS' Euler evaluation
+            lookahead = settings.first_step_evals == 2 and calls[0] == 1   # PLMS' Euler evaluation
             calls[0] += 1
             if step.i in first_visit and not lookahead:
                 stats.update(step.t, cfg_eps(q_model_fn, x, t, c, uc, scale), e_fp)
             return e_fp  # FP trajectory
 
-        sampler_cls.loop(eps_fn, x_T, schedule, noise_sampler=randn_sampler(size, device, g), progress=progress)
+        settings.loop_fn(eps_fn, x_T, schedule, noise_sampler=randn_sampler(size, device, g), progress=progress)
         if on_batch is not None:
             on_batch(stats, stop)
     return stats

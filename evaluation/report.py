@@ -213,12 +213,27 @@ def quality_without_with_lines(seeds: Sequence[int], n: int,
               f"{r.summary('classifier_accuracy')[0]:.3f} |" for r, (f0, a0) in quality]]
 
 
-def update_readme(report: Path, readme: Path, tag: str = "demo-results", keep: Sequence[str] | None = None) -> bool:
-    """Copy the report's conditions, tables and total time between the README's ``<!-- {tag}:start/end -->``
-    markers (demo-results: `make demo`; demo-qncd-results: `make demo QNCD=1 SMOOTH=1`); ``keep``: only the report
-    sections of these titles (default: all up to the stage times)."""
+# The docs/ page (path from the repository root) holding each marked section `make demo` regenerates; the README
+# itself stays short and is never written by code.
+FASHION_PAGE = "docs/results-fashion.md"
+RESULTS_PAGES = {"demo-results": FASHION_PAGE, "demo-bits-results": FASHION_PAGE,
+                 "demo-pixel-results": "docs/cifar10.md", "demo-text-results": "docs/stable-diffusion.md",
+                 "demo-qncd-results": "docs/qncd.md"}
+
+
+def results_page(tag: str) -> str:
+    """The page of a section tag; every 250-step protocol section (demo-long-eta{η}-results) is on the Fashion page."""
+    return FASHION_PAGE if tag.startswith("demo-long-") else RESULTS_PAGES[tag]
+
+
+def update_results_page(report: Path, page: Path, tag: str = "demo-results",
+                        keep: Sequence[str] | None = None) -> bool:
+    """Copy the report's conditions, tables and total time between the page's ``<!-- {tag}:start/end -->`` markers
+    (``results_page(tag)`` says which page: demo-results of `make demo` and the HARD / LONG sections on
+    docs/results-fashion.md, demo-qncd-results of `make demo QNCD=1 SMOOTH=1` on docs/qncd.md, ...); ``keep``: only
+    the report sections of these titles (default: all up to the stage times). False when the markers are absent."""
     start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-    text = readme.read_text()
+    text = page.read_text()
     if start not in text or end not in text:
         return False
     md = report.read_text()
@@ -226,17 +241,19 @@ def update_readme(report: Path, readme: Path, tag: str = "demo-results", keep: S
     if keep is not None:
         head, *parts = body.split("\n## ")
         body = "\n## ".join([head] + [part for part in parts if part.split("\n", 1)[0] in keep]) + "\n"
-    # the report's sections become subsections of the README section holding the markers
-    depth = "####" if tag in ("demo-qncd-results", "demo-pixel-results", "demo-text-results") else "###"
-    body = body.replace("## ", f"{depth} ")
+    # the report's sections become subsections of the page's "## ..." section that holds the markers
+    body = body.replace("## ", "### ")
     total = next((line for line in md.splitlines() if line.startswith("| **total**")), None)
     if total:
         seconds = float(total.split("|")[2])
         body += f"Sum of the stage wall times: {seconds / 60:.1f} min (each stage in {report}).\n"
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
-    write_text_atomic(readme, f"{head}{start}\n{body.strip()}\n{end}{tail}")
+    write_text_atomic(page, f"{head}{start}\n{body.strip()}\n{end}{tail}")
     return True
+
+
+update_readme = update_results_page   # the name before the results moved from README.md to docs/ pages
 
 
 # ---- paired fidelity to FP (evaluation.fidelity records, one per variant and seed) ---------------------------------

@@ -1,4 +1,5 @@
-"""Batch sampling helpers on top of ``DDIMSampler``: guided class-conditional and unconditional latents.
+"""Batch sampling helpers over ``ldm.models.diffusion.settings.sample``: guided class-conditional and unconditional
+latents, with one ``SamplingSettings`` (steps, η, scale, grid, loop).
 
 Used by the pipeline scripts (FP32 grids, and later quantized and corrected sampling through ``model_fn`` and
 ``correction``). Everything random comes from one ``torch.Generator``, so a seed fixes the result.
@@ -10,7 +11,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, StepCorrection
+from ldm.models.diffusion.ddim import ModelFn, StepCorrection
+from ldm.models.diffusion.settings import SamplingSettings, sample
 
 # a batch of conditions (class ids here; prompts for a text model) -> (c, uc): the conditioning and, for
 # classifier-free guidance, the unconditional one (None without guidance)
@@ -47,35 +49,32 @@ def class_conditioner(model, scale: float, uncond_label: int | None = None) -> C
     return lambda labels: class_conditioning(model, labels, scale, uncond_label)
 
 
-def sample_latents(model, labels: Sequence[Any] | None, *, n: int | None = None, steps: int, eta: float,
-                   scale: float, uncond_label: int | None = None, batch_size: int = 16,
-                   generator: torch.Generator | None = None, model_fn: ModelFn | None = None,
-                   correction: StepCorrection | None = None, progress: bool = True,
-                   conditioner: Conditioner | None = None, shape: tuple[int, ...] | None = None,
-                   sampler_cls: type[DDIMSampler] = DDIMSampler) -> torch.Tensor:
-    """DDIM latents [N, C, H, W]: one per entry of ``labels`` (class-conditional, guided with ``scale`` against
-    ``uncond_label``; or any conditions ``conditioner`` turns into (c, uc)), or ``n`` unconditional ones when
-    ``labels`` is None. Batches of ``batch_size``; x_T for all samples is drawn first, so it does not depend on
-    the batching. ``shape`` defaults to the model's latent shape, ``sampler_cls`` to DDIM (PLMSSampler: PLMS)."""
+def sample_latents(model, labels: Sequence[Any] | None, *, settings: SamplingSettings, n: int | None = None,
+                   uncond_label: int | None = None, batch_size: int = 16, generator: torch.Generator | None = None,
+                   model_fn: ModelFn | None = None, correction: StepCorrection | None = None, progress: bool = True,
+                   conditioner: Conditioner | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Latents [N, C, H, W] sampled with ``settings`` (steps, η, scale, grid, loop): one per entry of ``labels``
+    (class-conditional, guided with the settings' scale against ``uncond_label``; or any conditions
+    ``conditioner`` turns into (c, uc)), or ``n`` unconditional ones when ``labels`` is None. Batches of
+    ``batch_size``; x_T for all samples is drawn first, so it does not depend on the batching. ``shape`` defaults to
+    the model's latent shape, ``model_fn`` to ``model.apply_model``."""
     device = model.betas.device
     conditional = labels is not None
     total = len(labels) if conditional else n
     if not total:
         raise ValueError("nothing to sample: give labels or n > 0")
     if conditional and conditioner is None:
-        conditioner = class_conditioner(model, scale, uncond_label)
+        conditioner = class_conditioner(model, settings.scale, uncond_label)
     shape = tuple(shape or latent_shape(model))
     x_T = torch.randn((total, *shape), generator=generator, device=device)
-    sampler = sampler_cls(model, model_fn=model_fn, correction=correction)
+    schedule = settings.schedule(model)
+    model_fn = model_fn if model_fn is not None else model.apply_model
     out = []
     for start in tqdm(range(0, total, batch_size), desc="sampling", disable=not progress):
         stop = min(start + batch_size, total)
-        b = stop - start
         c, uc = conditioner(labels[start:stop]) if conditional else (None, None)
-        samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
-                                    x_T=x_T[start:stop], unconditional_guidance_scale=scale,
-                                    unconditional_conditioning=uc, generator=generator, verbose=False)
-        out.append(samples)
+        out.append(sample(model_fn, x_T[start:stop], schedule, settings, cond=c, uncond=uc, generator=generator,
+                          correction=correction))
     return torch.cat(out)
 
 

@@ -17,32 +17,21 @@ from ldm.fileio import file_fingerprint
 from ldm.precision import Precision
 from ldm.util import ArgumentParser, CheckpointError, UserFacingError, download_hint, load_config, parse_device
 from ldm.util import run_cli  # noqa: F401  (the scripts take it from here)
+from pipeline.basics import (REPO_ROOT, check_at_least, disable_grad_checkpointing, ensure_writable_dir,  # noqa: F401
+                             exact_cuda_numerics, load_preset, pick_device, preset_names, resolve)
 from pipeline.families import ModelFamily, family_for
 from pipeline.layout import QuantTag, RunLayout
 from pipeline.packed import Execution
+from pipeline.quantize import CACHE_BATCH_SIZE, CacheSettings
+from pipeline.run import ModelSource, Run, SamplerChoice
 from pipeline.sampler_spec import LISTED, SamplerSpec
 from pipeline.settings import SamplingSettings, grid_name
+from quant.api import QuantConfig
+from quant.quantizer import PerChannel, PerTensor
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CACHE_BATCH_SIZE = 128   # rows per forward pass when steps 2-3 fill their caches (quant.reconstruction.ReconConfig)
 W_BITS = (3, 4, 8)   # the paper's W4 / W8, and W3 where 4-bit weights stop being hard
 A_BITS = (4, 6, 8)   # A8, QNCD's A6, and A4 where pure PTQ breaks in the literature
 
-
-PRESET_DIR = REPO_ROOT / "configs" / "presets"
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def load_preset(name: str) -> dict:
-    """A named bundle of model paths and sampling defaults (configs/presets/<name>.yaml)."""
-    path = PRESET_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserFacingError(f"unknown preset '{name}'; choose one of {preset_names()} or pass --config/--ckpt")
-    import yaml
-    return yaml.safe_load(path.read_text())
 
 
 def apply_preset(args: argparse.Namespace, default_preset: str) -> dict:
@@ -80,10 +69,74 @@ def add_output_args(p: argparse.ArgumentParser, outdir: str = "outputs", seed: i
         p.add_argument("--force", action="store_true", help=force)
 
 
-def run_script(args: argparse.Namespace, preset: str, step: Callable[[argparse.Namespace], None]) -> None:
-    """Fill the flags left unset from the preset, then run the step (``pipeline.steps``)."""
-    apply_preset(args, preset)
-    step(args)
+# ---- the typed objects the steps take, built once from the flags ---------------------------------------------------
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """--config/--ckpt (after the preset), --trust_checkpoint, --prompts (or a script's prompt list) and
+    --no_grad_ckpt as a ``ModelSource``."""
+    prompt_list = getattr(args, "prompt_list", None)
+    return ModelSource(str(args.config), str(args.ckpt), args.preset_used,
+                       trust=bool(getattr(args, "trust_checkpoint", False)), prompts=getattr(args, "prompts", None),
+                       prompt_list=tuple(prompt_list) if prompt_list else None,
+                       grad_ckpt=not getattr(args, "no_grad_ckpt", False))
+
+
+def run_of(args: argparse.Namespace) -> Run:
+    """The ``Run`` the flags describe (the preset applied first: ``apply_preset``), checked: sampling settings,
+    --batch_size, --seed, and the step count against the family's grid."""
+    settings = sampling_of(args)
+    return Run(model_source(args), settings, Path(args.outdir), args.device,
+               bool(getattr(args, "force", False))).check()
+
+
+def sampler_of(args: argparse.Namespace, steps: int, compare: bool = False) -> SamplerChoice:
+    """--sampler with --sample_reverse / --reverse_interval, --execution, --packed and --precision as a checked
+    ``SamplerChoice`` for a run of ``steps`` steps (``compare``: step 6's --compare rows)."""
+    spec = resolve_sampler(args, steps)
+    precision = check_precision_args(args)
+    choice = SamplerChoice(spec, Execution(getattr(args, "execution", Execution.FAKE.value)),
+                           getattr(args, "packed", None), precision)
+    return choice.check(compare)
+
+
+def grid_of(args: argparse.Namespace):
+    """Steps 0 and 6: --classes, --n_samples_per_class, --n_samples, --uncond_class, --no_ema, --seed,
+    --batch_size, --no_progress as ``GridSettings``."""
+    from pipeline.steps.sample_grid import GridSettings
+    check_positive(args, "n_samples_per_class", "n_samples")
+    return GridSettings(seed=args.seed, batch_size=args.batch_size,
+                        n_samples_per_class=args.n_samples_per_class or 1, n_samples=args.n_samples,
+                        classes=args.classes, uncond=getattr(args, "uncond_class", None),
+                        ema=not getattr(args, "no_ema", False), progress=not getattr(args, "no_progress", False))
+
+
+def quant_of(args: argparse.Namespace, run: Run) -> QuantConfig:
+    """Steps 2-3: the quantization flags as the one ``QuantConfig`` (what the artifact's meta serializes), checked
+    against the family's layer policies. ``--quant_mode qncd`` is a recipe: it sets the flags it stands for (QNCD's
+    smoothing, and at step 3 the running statistics), so the artifacts' meta name them."""
+    if args.quant_mode == "qncd":
+        args.smoothing = args.smoothing or "code"
+        if hasattr(args, "running_stat"):
+            args.running_stat = args.running_stat or "all"
+    policies = run.family.quant_specials().policies
+    if args.policy not in policies:
+        raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(policies)}")
+    check_bits(args)
+    a_bits = getattr(args, "a_bits", None)
+    return QuantConfig(args.w_bits, a_bits, PerChannel(0) if args.channel_wise else PerTensor(),
+                       getattr(args, "sm_abit", None) if a_bits else None, bool(args.split_shortcut), args.policy,
+                       args.smoothing)
+
+
+def cache_of(args: argparse.Namespace) -> CacheSettings:
+    """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128) and --cache_dir."""
+    return CacheSettings(args.cache_dtype or "float32", args.cache_batch_size or CACHE_BATCH_SIZE, args.cache_dir)
+
+
+def tag_of(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
+    """The quantized model the flags select (--w_bits, --a_bits, --sm_abit), --sm_abit checked."""
+    check_bits(args)
+    return quant_tag(args, weights_only)
 
 
 def add_model_args(p: argparse.ArgumentParser, default_preset: str) -> None:
@@ -118,29 +171,15 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "timesteps; uniform: exactly --steps steps)")
 
 
-def check_sampling_args(args: argparse.Namespace) -> SamplingSettings:
-    """One-line errors for sampling settings, before any model is loaded; ``args.settings`` holds them checked."""
+def sampling_of(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling flags (after the preset) as ``SamplingSettings``, with --batch_size and --seed checked (one line
+    each, before any model is loaded)."""
     if args.batch_size is not None and args.batch_size < 1:
         raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
     if isinstance(getattr(args, "seed", None), int) and args.seed < 0:   # (every script: torch seeds are >= 0)
         raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
     grid = grid_name(getattr(args, "skip_type", None), getattr(args, "corrected_grid", False))
-    args.settings = SamplingSettings(args.steps, args.eta, args.scale, grid, bool(getattr(args, "plms", None)))
-    if getattr(args, "config", None) is not None:   # the step-count limit is the family's grid's (yaml alone)
-        config, family = config_family(args)
-        family.check_steps(config, args.settings.steps, grid)
-    return args.settings
-
-
-def config_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
-    """The config and its family for cheap checks (a text family without its prompts bound; ``model_family``
-    binds them)."""
-    if getattr(args, "config_family", None) is not None:
-        return args.config_family
-    if getattr(args, "config_family_unbound", None) is None:
-        config = load_config(resolve(args.config))
-        args.config_family_unbound = (config, family_for(config, f"config {args.config}"))
-    return args.config_family_unbound
+    return SamplingSettings(args.steps, args.eta, args.scale, grid, bool(getattr(args, "plms", None)))
 
 
 @contextlib.contextmanager
@@ -183,28 +222,6 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--execution", choices=[e.value for e in Execution], default=Execution.FAKE.value,
                    help="fake: fake-quant emulation (the research code's arithmetic); integer: int8 kernels for "
                         "every layer they compute exactly (quant.integer; oneDNN on x86, torch._int_mm on CUDA)")
-
-
-def check_execution_args(args: argparse.Namespace) -> None:
-    """--packed needs a quantized sampler and names an existing file; --precision (``check_precision_args``) is not
-    combined with integer kernels; sets args.execution_mode and the step-7 folder suffix args.variant_suffix
-    (-packed, -int, -tf32 / -bf16)."""
-    args.execution = getattr(args, "execution", Execution.FAKE.value)
-    args.packed = packed = getattr(args, "packed", None)
-    args.execution_mode = Execution(args.execution)
-    if packed is not None:
-        if not Path(packed).is_file():
-            raise UserFacingError(f"--packed {packed}: no such file; write it with quant_scripts/export_packed.py")
-        if getattr(args, "compare", False) or not args.spec.quantized:
-            raise UserFacingError("--packed replaces the checkpoint's UNet weights, so no FP32 sampler can run beside "
-                                  "it; drop --compare / use a quantized --sampler, or drop --packed")
-    if args.execution_mode is Execution.INTEGER and not args.spec.quantized and not getattr(args, "compare", False):
-        raise UserFacingError(f"--execution integer runs a quantized model's layers in int8, and --sampler "
-                              f"{args.spec} is the FP32 model: nothing would run in integer; pick a quantized "
-                              f"--sampler or drop --execution integer")
-    check_precision_args(args)
-    integer = "-int" if args.execution_mode is Execution.INTEGER else ""
-    args.variant_suffix = ("-packed" if packed else "") + integer + args.precision.suffix
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:
@@ -252,19 +269,17 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
                    help="QNCD probe period R in steps (default 10); needs --sample_reverse")
 
 
-def resolve_sampler(args: argparse.Namespace) -> SamplerSpec:
-    """``args.sampler`` parsed into ``args.spec``, with ``--sample_reverse [--reverse_interval R]`` folded in (the
-    name becomes qncd[-rR][+base], so sample folders and metadata name the probe and its period); one-line errors
-    for unknown names and for what means nothing."""
+def resolve_sampler(args: argparse.Namespace, steps: int | None = None) -> SamplerSpec:
+    """``args.sampler`` parsed, with ``--sample_reverse [--reverse_interval R]`` folded in (the name becomes
+    qncd[-rR][+base], so sample folders and metadata name the probe and its period); one-line errors for unknown
+    names and for what means nothing (a probe that never fires in ``steps`` steps)."""
     if args.reverse_interval is not None and not args.sample_reverse:
         raise UserFacingError("--reverse_interval sets the period of QNCD's probe; add --sample_reverse")
     spec = SamplerSpec.parse(args.sampler)
     if args.sample_reverse:
         spec = spec.with_probe() if args.reverse_interval is None else spec.with_probe(args.reverse_interval)
-    settings = getattr(args, "settings", None)
-    if spec.probe is not None and settings is not None:
-        check_probe_fires(spec.probe, settings.steps)
-    args.spec, args.sampler = spec, str(spec)
+    if spec.probe is not None and steps is not None:
+        check_probe_fires(spec.probe, steps)
     return spec
 
 
@@ -283,113 +298,7 @@ def sampler_help(default: str) -> str:
     return f"sampler: one of {', '.join(LISTED)}, or qncd[-rR]+<base> (default {default})"
 
 
-def pick_device(name: str) -> torch.device:
-    device = parse_device(name)
-    if device.type == "cuda":
-        exact_cuda_numerics()
-    return device
-
-
-def exact_cuda_numerics() -> None:
-    """FP32 means FP32 on a GPU too: PyTorch runs FP32 convolutions in TF32 by default (10-bit mantissa, ~1e-3
-    relative error), which would blur the very quantization noise being measured (SQNRs, reconstruction targets,
-    Δ = ε_q − ε_fp). TF32 off for convolutions and matmuls, cuDNN's deterministic algorithms, and deterministic
-    PyTorch ops where they exist (warn, not fail, where they do not), so a rerun on the same GPU repeats itself."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # (read when cuBLAS starts: before any CUDA work)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def resolve(path: str) -> Path:
-    """Paths in the constants are relative to the repository root; user-given relative paths to the cwd;
-    ``released:NAME`` is where a released pixel-DDPM checkpoint is kept (``ddim_checkpoint.released_path``)."""
-    if str(path).startswith("released:"):
-        from ldm.modules.diffusionmodules.ddim_checkpoint import released_path
-        return released_path(str(path).removeprefix("released:"))
-    p = Path(path).expanduser()
-    if not p.is_absolute() and not p.exists() and (REPO_ROOT / p).exists():
-        return REPO_ROOT / p
-    return p
-
-
-def model_family(args: argparse.Namespace) -> tuple[Any, ModelFamily]:
-    """The config and its model family, from the yaml alone (before any model is built); read once per run."""
-    if getattr(args, "config_family", None) is None:
-        config, family = config_family(args)
-        if family.takes_prompts:
-            family = bind_prompts(family, args)
-        elif getattr(args, "prompts", None) is not None:
-            raise UserFacingError(f"--prompts applies to text-to-image models; {args.config} is a {family.name} "
-                                  f"model: drop --prompts")
-        args.config_family = (config, family)
-    return args.config_family
-
-
-def bind_prompts(family: ModelFamily, args: argparse.Namespace) -> ModelFamily:
-    """A text family with the run's prompts: ``args.prompt_list`` (set by a script), else the ``--prompts`` file
-    (default: the preset's)."""
-    from pipeline.families.stable_diffusion import load_prompts
-    if getattr(args, "prompt_list", None):
-        return family.with_prompts(args.prompt_list, "the command line")
-    if getattr(args, "prompts", None) is None:
-        raise UserFacingError(f"config {args.config} is a text-to-image model: pass --prompts FILE (one prompt per "
-                              f"line; condition i is line i; txt2img: --from_file FILE or --prompt TEXT)")
-    return family.with_prompts(load_prompts(resolve(args.prompts)), str(args.prompts))
-
-
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ModelFamily, Any]:
-    """(family, model): the checkpoint loaded strictly into the family's model, in eval mode on ``device``."""
-    config, family = model_family(args)
-    model = family.load(config, resolve(args.ckpt), device=device, trust=args.trust_checkpoint,
-                        config_name=f"config {args.config}", without_unet=getattr(args, "packed", None) is not None)
-    if hasattr(args, "settings"):
-        args.settings.check_num_timesteps(model.num_timesteps)
-        family.use_grid(model, args.settings.grid)
-    if getattr(args, "no_grad_ckpt", False):
-        disable_grad_checkpointing(model)
-    return family, model
-
-
-def disable_grad_checkpointing(model: torch.nn.Module) -> None:
-    """--no_grad_ckpt (Q-Diffusion / QNCD for SD): no activation recomputation in the transformer blocks and
-    ResBlocks while reconstruction back-propagates: faster, more memory, the same numbers."""
-    for m in model.modules():
-        for attr in ("checkpoint", "use_checkpoint"):
-            if isinstance(getattr(m, attr, None), bool):
-                setattr(m, attr, False)
-
-
-def ensure_writable_dir(path: str | os.PathLike, create: bool = False, flag: str = "--outdir") -> Path:
-    """Check, before any compute is spent, that files can be written in ``path``: it or its nearest existing
-    ancestor must be a writable directory. Nothing is created unless ``create`` (the writers make their folders as
-    they write), so a run that then fails validation leaves no empty folder behind."""
-    path = Path(path)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        why = "a file is in the way" if probe.exists() and not probe.is_dir() else "permission denied"
-        raise UserFacingError(f"output directory {path} is not writable ({why} at {probe}); pass another {flag}")
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserFacingError(f"output directory {path} is not writable ({e.strerror}); pass another {flag}") \
-                from None
-    return path
-
-
 # ---- steps 2+: the run directory, the calibration set and quantized models ----------------------------------------
-
-
-def layout(args: argparse.Namespace) -> RunLayout:
-    """Where every artifact of this run lives (outputs/<preset>/scale{s}_eta{η}_steps{S}/...)."""
-    settings = getattr(args, "settings", None)
-    return RunLayout(Path(args.outdir), args.preset_used, args.steps, float(args.eta), float(args.scale),
-                     settings.grid if settings is not None else None, settings is not None and settings.plms)
 
 
 def quant_tag(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
@@ -397,17 +306,6 @@ def quant_tag(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
     if weights_only:
         return QuantTag(args.w_bits)
     return QuantTag(args.w_bits, args.a_bits, getattr(args, "sm_abit", None))
-
-
-def model_meta(args: argparse.Namespace) -> dict:
-    """What identifies the model and sampler settings in every artifact's meta (checked before anything loads)."""
-    ckpt = resolve(args.ckpt)
-    if not ckpt.is_file():
-        released = str(args.ckpt).startswith("released:")
-        hint = (f"fetch it (MD5-checked) with: python -m ldm.modules.diffusionmodules.ddim_checkpoint "
-                f"{str(args.ckpt).removeprefix('released:')}" if released else download_hint(Path(args.ckpt)))
-        raise CheckpointError(f"checkpoint not found: {ckpt}; {hint}")
-    return {"model": str(args.config), "ckpt": file_fingerprint(ckpt), **args.settings.meta()}
 
 
 def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel_wise: bool) -> None:
@@ -451,33 +349,8 @@ def add_bits_args(p: argparse.ArgumentParser, w_bits: int, a_bits: int | None = 
         p.add_argument("--sm_abit", type=int, default=None, help=sm_help)
 
 
-def check_quant_args(args: argparse.Namespace) -> None:
-    """One-line errors for the quantization flags (steps 2-3), before any model is loaded. ``--quant_mode qncd``
-    is a recipe: it sets the flags it stands for, so the artifacts' meta name them."""
-    from quant.policy import POLICIES
-    if args.quant_mode == "qncd":
-        args.smoothing = args.smoothing or "code"
-        if hasattr(args, "running_stat"):
-            args.running_stat = args.running_stat or "all"
-    if getattr(args, "cache_dtype", "absent") is None:   # neither the flag nor the preset chose
-        args.cache_dtype = "float32"
-    if getattr(args, "cache_batch_size", "absent") is None:
-        args.cache_batch_size = CACHE_BATCH_SIZE
-    if args.policy not in POLICIES:
-        raise UserFacingError(f"unknown --policy '{args.policy}'; choose one of {sorted(POLICIES)}")
-    check_bits(args)
-    check_positive(args, "act_init_samples", "recon_batch_size", "cache_batch_size", "rs_batch_size")
-    check_positive(args, "weight_iters", "act_iters", "round_weight", minimum=0)   # 0: no reconstruction
-    check_positive(args, "lr", "p", minimum=1e-12)
-
-
 def check_bits(args: argparse.Namespace) -> None:
     if getattr(args, "sm_abit", None) is not None and not 2 <= args.sm_abit <= 16:
         raise UserFacingError(f"--sm_abit must be in 2..16, got {args.sm_abit}")
 
 
-def cache_spec(args: argparse.Namespace):
-    from quant.reconstruction import CacheSpec
-    if args.cache_dir is not None:
-        ensure_writable_dir(args.cache_dir, create=True, flag="--cache_dir")  # (the memmap caches need it)
-    return CacheSpec(dtype=getattr(torch, args.cache_dtype), directory=args.cache_dir)

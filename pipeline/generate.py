@@ -26,14 +26,12 @@ def sample_latents(family: ModelFamily, model, conditions: Sequence[Any] | None,
     family's null condition), or ``n`` unconditional ones, with the family's loop, conditioning and shape.
     ``model_fn`` defaults to the family's FP denoiser; it runs in ``precision`` (its ε cast back to float32, so
     guidance, correction and update stay float32; the conditioning encoder stays exact)."""
-    scale = family.guidance_scale(settings.scale)
-    conditioner = family.conditioner(model, scale, uncond) if conditions is not None else None
+    settings = settings.with_scale(family.guidance_scale(settings.scale))
+    conditioner = family.conditioner(model, settings.scale, uncond) if conditions is not None else None
     model_fn = model_fn if model_fn is not None else family.model_fn(model)
-    return _sample_latents(model, conditions, n=n, steps=settings.steps, eta=settings.eta, scale=scale,
-                           batch_size=batch_size, generator=generator,
-                           model_fn=precision.wrap(model_fn, model.betas.device.type),
-                           correction=correction, progress=progress, conditioner=conditioner,
-                           shape=family.latent_shape(model), sampler_cls=settings.sampler_cls(family.sampler_cls))
+    return _sample_latents(model, conditions, settings=settings, n=n, batch_size=batch_size, generator=generator,
+                           model_fn=precision.wrap(model_fn, model.betas.device.type), correction=correction,
+                           progress=progress, conditioner=conditioner, shape=family.latent_shape(model))
 
 
 def sample_images(family: ModelFamily, model, conditions: Sequence[Any] | None, *, settings: SamplingSettings,

@@ -5,7 +5,8 @@
         w{b}/quant_w{b}.pt                                 step 2 (weights only); quant_w{b}.partial.pt while running
         w{b}a{b}[sm{b}]/quant_w{b}a{b}[sm{b}].pt           step 3; sm{b}: attention matmuls quantized (--sm_abit)
         w{b}a{b}[sm{b}]/noise_stats.pt                     step 4 (+ noise_stats.partial.pt, noise_stats_spill/)
-        w{b}a{b}[sm{b}]/gaussian_{tensor,channel}.pt       step 5 (+ ptqd.pt, noise_stats.png)
+        w{b}a{b}[sm{b}]/gaussian_{tensor,channel}.pt       step 5 (+ ptqd.pt, noise_stats.png): one file per fit kind
+                                                           (and granularity) of pipeline.corrections
         w{b}a{b}[sm{b}]/samples/                           step 6 grids
         <w{b}a{b}[sm{b}]|fp32>/samples_<sampler>_n{N}_seed{S}/   step 7 (evaluation protocol: shards/, manifest.json,
                                                            samples.npz); -packed / -int / -bf16 / -tf32 after the
@@ -19,6 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from correction.gaussian import Granularity
+from pipeline.corrections import FitKind
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,11 @@ class QuantTag:
     def __str__(self) -> str:
         a = "" if self.a_bits is None else f"a{self.a_bits}"
         return f"w{self.w_bits}{a}" + ("" if self.sm_abit is None else f"sm{self.sm_abit}")
+
+    @classmethod
+    def of(cls, config) -> "QuantTag":
+        """The tag of a ``quant.api.QuantConfig`` (its bits)."""
+        return cls(config.w_bits, config.a_bits, config.sm_abit)
 
     @property
     def weights(self) -> "QuantTag":
@@ -97,11 +106,15 @@ class RunLayout:
     def noise_plot(self, tag: QuantTag) -> Path:
         return self.model_dir(tag) / "noise_stats.png"
 
-    def gaussian(self, tag: QuantTag, granularity: str) -> Path:
-        return self.model_dir(tag) / f"gaussian_{granularity}.pt"
+    def fit(self, tag: QuantTag, kind: FitKind, granularity: Granularity | str | None = None) -> Path:
+        """A step-5 fit of ``kind``; its file name is the registry's (``pipeline.corrections``)."""
+        return self.model_dir(tag) / kind.file_name(granularity)
+
+    def gaussian(self, tag: QuantTag, granularity: Granularity | str) -> Path:
+        return self.fit(tag, FitKind.GAUSSIAN, granularity)
 
     def ptqd(self, tag: QuantTag) -> Path:
-        return self.model_dir(tag) / "ptqd.pt"
+        return self.fit(tag, FitKind.PTQD)
 
     def grids(self, tag: QuantTag | str) -> Path:
         return self.model_dir(tag) / "samples"

@@ -23,6 +23,7 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from pipeline.families.base import ModelFamily
 from pipeline.quantize import QUANT_KIND, QUANT_SCRIPT, load_quant_model, quant_config
 from quant.export import load_packed, pack_quant_model
 from quant.integer import layer_summary, to_integer_
@@ -44,10 +45,11 @@ def state_bytes(state: dict) -> int:
     return buf.tell()
 
 
-def export_packed(unet: torch.nn.Module, quant_path: Path, out_path: Path, expect: dict[str, Any]) -> dict:
-    """Pack the quantized model of ``quant_path`` (checked against ``expect``) over the FP ``unet`` and write it to
-    ``out_path`` atomically; returns the meta written."""
-    qm, qmeta = load_quant_model(unet, quant_path, expect, QUANT_SCRIPT)
+def export_packed(unet: torch.nn.Module, quant_path: Path, out_path: Path, expect: dict[str, Any], *,
+                  family: ModelFamily) -> dict:
+    """Pack the quantized model of ``quant_path`` (checked against ``expect``) over ``family``'s FP ``unet`` and
+    write it to ``out_path`` atomically; returns the meta written."""
+    qm, qmeta = load_quant_model(unet, quant_path, expect, QUANT_SCRIPT, family=family)
     payload = pack_quant_model(qm)
     meta = {**{k: v for k, v in qmeta.items() if k not in ("format", "version")},
             "quant": file_fingerprint(quant_path), "fp32_unet_bytes": state_bytes(unet.state_dict())}
@@ -55,15 +57,15 @@ def export_packed(unet: torch.nn.Module, quant_path: Path, out_path: Path, expec
     return meta
 
 
-def load_packed_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any]
-                      ) -> tuple[QuantModel, dict]:
-    """The quantized UNet of a packed file, built over ``unet`` (same structure, any weights: they are all
-    replaced), meta checked against ``expect`` like the quant artifact's."""
+def load_packed_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any], *,
+                      family: ModelFamily) -> tuple[QuantModel, dict]:
+    """The quantized UNet of a packed file, built over ``family``'s ``unet`` (same structure, any weights: they
+    are all replaced), meta checked against ``expect`` like the quant artifact's."""
     obj = load_artifact(path, PACKED_KIND, expect, EXPORT_SCRIPT)
     meta = obj["meta"]
-    cfg, filter_fn = quant_config(meta)
+    cfg, filter_fn = quant_config(meta, family)
     try:
-        qm = load_packed(unet, obj, cfg, filter_fn)
+        qm = load_packed(unet, obj, cfg, filter_fn, specials=family.quant_specials())
     except (ValueError, KeyError) as e:
         raise ArtifactMismatch(f"{path}: {e}") from None
     return qm.to(next(unet.parameters()).device), meta

@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ldm.fileio import remove_stale_temporaries
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
+from pipeline.families.base import ModelFamily
+from ldm.util import UserFacingError
+from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.layout import partial_path
 from quant.api import LayerFilter, QuantConfig, quantize
 from quant.model import QuantModel
-from quant.policy import POLICIES
-from quant.quantizer import PerChannel, PerTensor
-from quant.reconstruction import CalibrationData, Phase, ReconConfig, reconstruct_
+from quant.reconstruction import CacheSpec, CalibrationData, Phase, ReconConfig, reconstruct_
 
 QUANT_KIND = "quant"
 PARTIAL_KIND = "quant_partial"
@@ -33,48 +35,74 @@ CALIBRATION_SCRIPT = "quant_scripts/collect_imagenet_calibration_set.py"
 WEIGHT_SCRIPT = "quant_scripts/quantize_weight.py"
 QUANT_SCRIPT = "quant_scripts/quantize_weight_activation.py"
 # what must agree between a quantized model and the request that loads it
+CACHE_BATCH_SIZE = 128   # rows per forward pass when steps 2-3 fill their caches
 MODEL_KEYS = ("model", "ckpt", "w_bits", "a_bits", "policy", "channel_wise", "sm_abit", "split_shortcut",
               "smoothing")
 
 
-def quant_config(meta: dict[str, Any]) -> tuple[QuantConfig, LayerFilter]:
-    """The ``QuantConfig`` and layer filter a quant artifact's meta (or a request shaped like one) describes."""
-    if meta["policy"] not in POLICIES:
-        raise ArtifactMismatch(f"unknown layer policy {meta['policy']!r}; this code knows {sorted(POLICIES)}")
-    a_bits = meta.get("a_bits")
-    cfg = QuantConfig(w_bits=meta["w_bits"], a_bits=a_bits,
-                      granularity=PerChannel(0) if meta["channel_wise"] else PerTensor(),
-                      sm_abit=meta.get("sm_abit") if a_bits else None,
-                      split_shortcut=bool(meta.get("split_shortcut")))
-    return cfg, POLICIES[meta["policy"]]
+def quant_config(meta: dict[str, Any], family: ModelFamily) -> tuple[QuantConfig, LayerFilter]:
+    """The ``QuantConfig`` a quant artifact's meta (or a request shaped like one) serializes, and its layer filter:
+    ``family``'s policy of that name."""
+    policies = family.quant_specials().policies
+    if meta["policy"] not in policies:
+        raise ArtifactMismatch(f"unknown layer policy {meta['policy']!r}; the {family.name} family knows "
+                               f"{sorted(policies)}")
+    return QuantConfig.from_meta(meta), policies[meta["policy"]]
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Where reconstruction keeps each unit's inputs and outputs: in memory at ``dtype`` (float16 halves it) or in
+    memmap files under ``directory``; the caches fill ``batch_size`` rows per forward pass."""
+
+    dtype: str = "float32"
+    batch_size: int = CACHE_BATCH_SIZE
+    directory: str | None = None
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise UserFacingError(f"--cache_dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        check_at_least("cache_batch_size", self.batch_size)
+
+    def spec(self) -> CacheSpec:
+        if self.directory is not None:
+            ensure_writable_dir(self.directory, create=True, flag="--cache_dir")  # (the memmap caches need it)
+        return CacheSpec(dtype=getattr(torch, self.dtype), directory=self.directory)
+
+    def meta(self, key: str) -> dict:
+        """``{key: batch_size}`` when not the default (artifacts made before the option keep their keys)."""
+        return {key: self.batch_size} if self.batch_size != CACHE_BATCH_SIZE else {}
 
 
 def make_quant_model(unet: torch.nn.Module, meta: dict[str, Any], obj: dict | None = None,
-                     path: str | os.PathLike | None = None, copy: bool = True) -> QuantModel:
-    """A QuantModel shaped as ``meta`` says; with ``obj`` (a loaded quant artifact, from ``path``) holding its
+                     path: str | os.PathLike | None = None, copy: bool = True, *,
+                     family: ModelFamily) -> QuantModel:
+    """A QuantModel of ``family``'s ``unet`` shaped as ``meta`` says (its specials: ``family.quant_specials()``);
+    with ``obj`` (a loaded quant artifact, from ``path``) holding its
     quantized state (smoothing re-folded first, then Δ, z and rounding). ``meta`` may add to the artifact's (step 3
     restores step 2's weights into a model with activation quantizers). ``copy=False``: wrap ``unet`` itself
     (steps 2-3, which need no second FP UNet: 1.6 GB less for cin256-v2)."""
-    cfg, filter_fn = quant_config(meta)
+    cfg, filter_fn = quant_config(meta, family)
     state = None
     if obj is not None:
         state = {"quant_state": obj["quant_state"], "smoothing": obj["smoothing"] if meta.get("smoothing") else None}
     # step 3 with --sm_abit adds attention quantizers to step 2's weights-only state
     fresh_attention = obj is not None and cfg.sm_abit is not None and obj["meta"].get("a_bits") is None
     try:
-        return quantize(unet, cfg, filter_fn, state, fresh_attention=fresh_attention, copy=copy)
+        return quantize(unet, cfg, filter_fn, state, fresh_attention=fresh_attention, copy=copy,
+                        specials=family.quant_specials())
     except (ValueError, KeyError) as e:
         raise ArtifactMismatch(f"{path or 'the quantized model'}: {e}") from None
 
 
 def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dict[str, Any],
-                     produced_by: str = QUANT_SCRIPT) -> tuple[QuantModel, dict]:
-    """Rebuild a quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler settings...),
-    on ``unet``'s device. Quantization is switched on as the artifact was made (weights, and activations when it
-    has a_bits)."""
+                     produced_by: str = QUANT_SCRIPT, *, family: ModelFamily) -> tuple[QuantModel, dict]:
+    """Rebuild ``family``'s quantized UNet from its artifact, checked against ``expect`` (model, bits, sampler
+    settings...), on ``unet``'s device. Quantization is switched on as the artifact was made (weights, and
+    activations when it has a_bits)."""
     obj = load_artifact(path, QUANT_KIND, expect, produced_by)
     meta = obj["meta"]
-    qm = make_quant_model(unet, meta, obj, path)
+    qm = make_quant_model(unet, meta, obj, path, family=family)
     qm.to(next(unet.parameters()).device)
     qm.set_quant_state(weight=True, act=meta.get("a_bits") is not None)
     return qm.eval(), meta

@@ -11,38 +11,20 @@ back from the spec (``str(SamplerSpec.parse(name)) == name`` for every accepted 
     qncd          QNCD's runtime noise estimation: a probe every R = 10 steps (no fit)
     qncd+<base>   the probe on top of a quantized base correction (residual bias): qncd+dd2-channel, qncd+ptqd, ...
     qncd-r5[+<base>]   the same with a probe every 5 steps (any R ≥ 1 other than the default 10)
+
+The methods are the entries of ``pipeline.corrections`` (a registered method is parsed, printed and listed here
+with no change to this module); the QNCD probe is a modifier of any quantized method.
 """
 from __future__ import annotations
 
-import enum
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from correction.gaussian import Granularity
 from correction.qncd import DEFAULT_INTERVAL
 from ldm.util import UserFacingError
-
-
-class Method(enum.Enum):
-    """The correction applied to the quantized model's ε (FP32: the FP model, nothing quantized)."""
-
-    FP32 = "fp32"
-    NONE = "none"
-    PTQD = "ptqd"
-    SD2 = "sd2"   # stochastic dual denoising
-    DD2 = "dd2"   # deterministic dual denoising
-
-
-_DESCRIPTION = {Method.FP32: "full-precision model", Method.NONE: "quantized, uncorrected",
-                Method.PTQD: "quantized + PTQD (CNC + BC + VSC)", Method.SD2: "quantized + S-D²",
-                Method.DD2: "quantized + D-D²"}
-
-
-class FitKind(enum.Enum):
-    """Which step-5 artifact a correction reads."""
-
-    GAUSSIAN = "gaussian"
-    PTQD = "ptqd"
+from pipeline.corrections import METHODS, FitKind, Method
 
 
 class UnknownSampler(UserFacingError):
@@ -51,18 +33,19 @@ class UnknownSampler(UserFacingError):
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """``method``; ``granularity`` of a D² fit (TENSOR or CHANNEL; None otherwise); ``probe``: the QNCD probe period
-    R on top of the method (None: no probe; the method is then the probe's base)."""
+    """``method`` (a ``pipeline.corrections`` entry); ``granularity`` of a method fitted per granularity (D²: TENSOR
+    or CHANNEL; None otherwise); ``probe``: the QNCD probe period R on top of the method (None: no probe; the method
+    is then the probe's base)."""
 
     method: Method
     granularity: Granularity | None = None
     probe: int | None = None
 
     def __post_init__(self):
-        d2 = self.method in (Method.SD2, Method.DD2)
-        if d2 != (self.granularity is not None):
-            raise ValueError(f"{self.method.value}: a granularity is {'required' if d2 else 'meaningless'}")
-        if self.probe is not None and (self.method is Method.FP32 or self.probe < 1):
+        per = self.method.granularities   # a method fitted per granularity names one (D²: tensor or channel)
+        if bool(per) != (self.granularity is not None) or (per and self.granularity not in per):
+            raise ValueError(f"{self.method.name}: a granularity is {'required' if per else 'meaningless'}")
+        if self.probe is not None and (not self.method.quantized or self.probe < 1):
             raise ValueError("the QNCD probe needs a quantized method and a period R >= 1")
 
     # ---- names --------------------------------------------------------------------------------------------------
@@ -72,7 +55,7 @@ class SamplerSpec:
         """The spec of a CLI name; ``UnknownSampler`` (one line listing the valid names) otherwise."""
         m, spec = _NAME.fullmatch(name), None
         if m:
-            base = BASES.get(m.group("base") or "none")
+            base = base_specs().get(m.group("base") or "none")
             if not m.group("qncd"):
                 spec = base if m.group("base") else None
             elif base is not None and base.quantized and m.group("base") != "none" and \
@@ -85,7 +68,7 @@ class SamplerSpec:
         return spec
 
     def __str__(self) -> str:
-        base = self.method.value + ("" if self.granularity is None else f"-{self.granularity.value}")
+        base = self.method.name + ("" if self.granularity is None else f"-{self.granularity.value}")
         if self.probe is None:
             return base
         head = "qncd" if self.probe == DEFAULT_INTERVAL else f"qncd-r{self.probe}"
@@ -104,22 +87,20 @@ class SamplerSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.method is not Method.FP32
+        return self.method.quantized
 
     @property
     def fit(self) -> FitKind | None:
-        if self.method is Method.PTQD:
-            return FitKind.PTQD
-        return FitKind.GAUSSIAN if self.granularity is not None else None
+        return self.method.fit
 
     @property
     def needs_generator(self) -> bool:
         """Whether its correction draws noise (S-D², the probe) from a generator of its own."""
-        return self.method is Method.SD2 or self.probe is not None
+        return self.method.draws_noise or self.probe is not None
 
     @property
     def description(self) -> str:
-        what = _DESCRIPTION[self.method] + ("" if self.granularity is None else f", {self.granularity.value}-wise")
+        what = self.method.description + ("" if self.granularity is None else f", {self.granularity.value}-wise")
         if self.probe is None:
             return what
         if self.method is Method.NONE:
@@ -128,11 +109,45 @@ class SamplerSpec:
         return f"{what} (R = {self.probe})"
 
 
-# the seven probe-free samplers, by name
-BASES: dict[str, SamplerSpec] = {str(s): s for s in (
-    SamplerSpec(Method.FP32), SamplerSpec(Method.NONE), SamplerSpec(Method.PTQD),
-    *(SamplerSpec(m, g) for g in (Granularity.TENSOR, Granularity.CHANNEL) for m in (Method.SD2, Method.DD2)))}
-# the names the scripts list: every base, and the probe alone and on the channel-wise D² corrections (any
-# qncd[-rR]+<base> is accepted too)
-LISTED: tuple[str, ...] = (*BASES, "qncd", "qncd+dd2-channel", "qncd+sd2-channel")
+def base_specs() -> dict[str, SamplerSpec]:
+    """The probe-free samplers by name, from the registry (``pipeline.corrections``): the methods without a
+    granularity in registration order, then for each granularity the methods fitted per granularity (fp32, none,
+    ptqd, sd2-tensor, dd2-tensor, sd2-channel, dd2-channel)."""
+    methods = list(METHODS.values())
+    specs = [SamplerSpec(m) for m in methods if not m.granularities]
+    specs += [SamplerSpec(m, g) for g in Granularity for m in methods if g in m.granularities]
+    return {str(s): s for s in specs}
+
+
+def listed_names() -> tuple[str, ...]:
+    """The names the scripts list: every base, and the probe alone and on the channel-wise D² corrections (any
+    qncd[-rR]+<base> is accepted too)."""
+    return (*base_specs(), "qncd", "qncd+dd2-channel", "qncd+sd2-channel")
+
+
+class _Bases(Mapping):
+    """``base_specs()`` as a read-only mapping that follows the registry (a method registered later is in it)."""
+
+    def __getitem__(self, name: str) -> SamplerSpec:
+        return base_specs()[name]
+
+    def __iter__(self):
+        return iter(base_specs())
+
+    def __len__(self) -> int:
+        return len(base_specs())
+
+
+class _Listed(Sequence):
+    """``listed_names()`` as a read-only sequence that follows the registry."""
+
+    def __getitem__(self, i):
+        return listed_names()[i]
+
+    def __len__(self) -> int:
+        return len(listed_names())
+
+
+BASES: Mapping[str, SamplerSpec] = _Bases()
+LISTED: Sequence[str] = _Listed()
 _NAME = re.compile(r"(?P<qncd>qncd(?:-r(?P<interval>[1-9]\d*))?)?(?:(?(qncd)\+)(?P<base>[a-z0-9-]+))?")

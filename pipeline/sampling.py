@@ -8,58 +8,51 @@ against ``expect`` (model, ckpt, steps, eta, scale), the bits, the model's DDIM 
 fingerprint of the quantized model they were measured on. A missing or mismatched artifact is a one-line
 ``ArtifactMismatch`` naming the script to run; nothing falls back to another sampler.
 
-To add a correction method: a ``StepCorrection`` in ``correction/``, a ``Method`` (and its name) in
-``pipeline.sampler_spec``, and its construction in ``make_correction`` below.
+To add a correction method: a ``StepCorrection`` in ``correction/`` and its entry in ``pipeline.corrections`` (name,
+fit kind, factory, description); nothing here changes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from correction.d2 import DeterministicD2, StochasticD2
 from correction.gaussian import GaussianFit
-from correction.ptqd import PTQDCorrection, PTQDFit
+from correction.ptqd import PTQDFit
 from correction.qncd import QNCDProbe
-from correction.statistics import CorrectionError
+from correction.statistics import ConfigMismatch, CorrectionError
 from ldm.fileio import file_fingerprint
-from ldm.models.diffusion.ddim import ModelFn, StepCorrection, model_schedule
+from ldm.models.diffusion.ddim import ModelFn, StepCorrection
 from pipeline.artifacts import ArtifactMismatch, load_artifact
+from pipeline.corrections import FitKind, check_fit_settings, fit_kind
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, RunLayout
 from pipeline.packed import EXPORT_SCRIPT, Execution, apply_execution, load_packed_model
 from pipeline.quantize import QUANT_KIND, QUANT_SCRIPT, load_quant_model
-from pipeline.sampler_spec import FitKind, Method, SamplerSpec
+from pipeline.sampler_spec import SamplerSpec
 from pipeline.settings import SamplingSettings
 
 STATS_SCRIPT = "quant_scripts/collect_timestep_aware_statistics.py"
 FIT_SCRIPT = "quant_scripts/gaussian_modeling.py"
 NOISE_STATS_KIND = "noise_stats"
-GAUSSIAN_KIND = "gaussian"
-PTQD_KIND = "ptqd"
+GAUSSIAN_KIND = FitKind.GAUSSIAN.kind   # the built-in kinds' strings, for callers that name one
+PTQD_KIND = FitKind.PTQD.kind
 
-Fit = GaussianFit | PTQDFit
+Fit = GaussianFit | PTQDFit   # the built-in fits; a registered kind may load another
 
 
 # ---- corrections from a spec --------------------------------------------------------------------------------------
 
 def make_correction(spec: SamplerSpec, fit: Fit | None, generator: torch.Generator | None) -> StepCorrection | None:
-    """A fresh ``StepCorrection`` for ``spec`` (None for fp32 and none). S-D² and the QNCD probe draw their noise
-    from ``generator``; the others ignore it. With a probe, the method is its base (the probe then estimates the
-    bias left after the base's correction)."""
+    """A fresh ``StepCorrection`` for ``spec`` (None for fp32 and none), built by the method's registry factory.
+    S-D² and the QNCD probe draw their noise from ``generator``; the others ignore it. With a probe, the method is
+    its base (the probe then estimates the bias left after the base's correction)."""
     if spec.needs_generator and generator is None:
         raise CorrectionError(f"{spec} draws its correction noise from a torch.Generator; pass one "
                               f"(e.g. torch.Generator().manual_seed(seed))")
-    base: StepCorrection | None = None
-    if spec.method is Method.PTQD:
-        base = PTQDCorrection(fit)
-    elif spec.method is Method.SD2:
-        base = StochasticD2(fit, generator)
-    elif spec.method is Method.DD2:
-        base = DeterministicD2(fit)
+    base = spec.method.build(fit, generator)
     return base if spec.probe is None else QNCDProbe(spec.probe, base=base, generator=generator)
 
 
@@ -100,8 +93,8 @@ class Variant:
     def check_sampling(self, settings: SamplingSettings) -> None:
         """One-line ``ConfigMismatch`` when the sampler's settings differ from those the fit was made for."""
         if self.fit is not None:
-            self.fit.sampling.check(steps=settings.steps, eta=settings.eta, scale=settings.scale,
-                                    what=f"the {self.name} statistics")
+            check_fit_settings(self.fit, steps=settings.steps, eta=settings.eta, scale=settings.scale,
+                               what=f"the {self.name} statistics")
 
     def fingerprints(self) -> dict[str, str]:
         """{artifact: fingerprint} of what this variant loaded (for the metadata of what it produces)."""
@@ -112,11 +105,9 @@ class Variant:
 
 def fit_path(spec: SamplerSpec, layout: RunLayout, tag: QuantTag) -> tuple[Path, str] | None:
     """(path, kind) of the fit ``spec`` reads, None when it reads none."""
-    if spec.fit is FitKind.PTQD:
-        return layout.ptqd(tag), PTQD_KIND
-    if spec.fit is FitKind.GAUSSIAN:
-        return layout.gaussian(tag, spec.granularity.value), GAUSSIAN_KIND
-    return None
+    if spec.fit is None:
+        return None
+    return layout.fit(tag, spec.fit, spec.granularity), spec.fit.kind
 
 
 def required_artifacts(spec: SamplerSpec, layout: RunLayout, tag: QuantTag, packed: bool = False
@@ -146,28 +137,33 @@ def check_present(specs: Iterable[SamplerSpec], layout: RunLayout, tag: QuantTag
 
 
 def load_fit(path: Path, kind: str, want: dict, produced_by: str) -> Fit:
-    """A Gaussian or PTQD fit artifact, meta checked against ``want`` and the payload's sampling settings against
-    the meta (a file edited by hand or written by other code is refused)."""
+    """A fit artifact of a registered ``kind`` (``pipeline.corrections``), meta checked against ``want`` and the
+    payload's sampling settings against the meta (a file edited by hand or written by other code is refused)."""
+    loader = fit_kind(kind).load
     obj = load_artifact(path, kind, want, produced_by)
     try:
-        fit = GaussianFit.from_dict(obj["fit"]) if kind == GAUSSIAN_KIND else PTQDFit.from_dict(obj["fit"])
+        fit = loader(obj["fit"])
     except (KeyError, ValueError, TypeError) as e:
         raise ArtifactMismatch(f"{path} holds no usable fit ({type(e).__name__}: {e}); rerun {produced_by}") from None
-    s = fit.sampling
-    if list(s.timesteps) != sorted(set(want["timesteps"])) or s.steps != want["steps"] or \
-            not math.isclose(s.eta, want["eta"], abs_tol=1e-9) or not math.isclose(s.scale, want["scale"],
-                                                                                  abs_tol=1e-9):
-        raise ArtifactMismatch(f"{path}: its fit covers steps={s.steps}, eta={s.eta:g}, scale={s.scale:g}, but "
-                               f"steps={want['steps']}, eta={want['eta']:g}, scale={want['scale']:g} is asked for; "
-                               f"rerun {produced_by}")
+    try:
+        check_fit_settings(fit, steps=want["steps"], eta=want["eta"], scale=want["scale"],
+                           timesteps=want["timesteps"], what="the statistics of its fit")
+    except ConfigMismatch as e:
+        raise ArtifactMismatch(f"{path}: {e}; rerun {produced_by}") from None
     return fit
 
 
 # ---- building -----------------------------------------------------------------------------------------------------
 
-def ddim_timesteps(model, steps: int, eta: float) -> list[int]:
-    """The model's DDIM grid for ``steps`` steps (ascending), as every artifact's meta records it."""
-    return model_schedule(model, steps, eta).timesteps.tolist()
+def ddim_timesteps(model, settings: SamplingSettings) -> list[int]:
+    """The model's timestep grid under ``settings`` (ascending, repeats included), as every artifact's meta records
+    it."""
+    return settings.schedule(model).timesteps.tolist()
+
+
+def settings_of(meta: dict) -> SamplingSettings:
+    """The sampling settings an artifact's meta (or a request shaped like one) records."""
+    return SamplingSettings(meta["steps"], meta["eta"], meta["scale"], meta.get("grid"), bool(meta.get("plms")))
 
 
 EXPECT_KEYS = ("model", "ckpt", "steps", "eta", "scale")
@@ -198,11 +194,11 @@ def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayo
     qscript = f"{QUANT_SCRIPT} {tag.flags}" if packed is None else f"{EXPORT_SCRIPT} {tag.flags}"
     with family.ema_scope(model):
         if packed is None:
-            qm, qmeta = load_quant_model(family.unet(model), qpath, qwant, qscript)
+            qm, qmeta = load_quant_model(family.unet(model), qpath, qwant, qscript, family=family)
         else:
-            qm, qmeta = load_packed_model(family.unet(model), qpath, qwant)
+            qm, qmeta = load_packed_model(family.unet(model), qpath, qwant, family=family)
     apply_execution(qm, execution)
-    grid = ddim_timesteps(model, expect["steps"], expect["eta"])
+    grid = ddim_timesteps(model, settings_of(expect))
     if "timesteps" in qmeta and list(qmeta["timesteps"]) != grid:
         raise ArtifactMismatch(f"{qpath} was calibrated on another DDIM grid than the model's {expect['steps']}-step "
                                f"one; rerun {qscript}")
@@ -211,9 +207,9 @@ def build_variant(spec: SamplerSpec, family: ModelFamily, model, layout: RunLayo
     if found is not None:
         fpath, kind = found
         # a packed file names the quant artifact it was packed from: the fits made on that model accept it
-        fwant = {**qwant, "timesteps": grid, "quant": file_fingerprint(qpath) if packed is None else qmeta["quant"]}
-        if kind == GAUSSIAN_KIND:
-            fwant["granularity"] = spec.granularity.value
+        fwant = spec.fit.meta({**qwant, "timesteps": grid,
+                               "quant": file_fingerprint(qpath) if packed is None else qmeta["quant"]},
+                              spec.granularity)
         try:
             fit = load_fit(fpath, kind, fwant, f"{FIT_SCRIPT} {tag.flags}")
         except ArtifactMismatch as e:

@@ -13,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler, ModelFn, model_schedule
+from ldm.models.diffusion.ddim import ModelFn
+from ldm.models.diffusion.settings import SamplingSettings
 from ldm.sample import Conditioner, sample_latents
 
 
@@ -73,12 +74,11 @@ def _call_sequence(steps: list, first_step_evals: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, steps: int, eta: float, scale: float,
+def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, settings: SamplingSettings,
                             distribution: TimestepDistribution, seed: int, n_unconditional: int | None = None,
                             batch_size: int = 250, n_holdout: int = 0, progress: bool = True,
                             model_fn: ModelFn | None = None, conditioner: Conditioner | None = None,
-                            sampler_cls: type[DDIMSampler] = DDIMSampler, cali_st: int | None = None
-                            ) -> dict[str, torch.Tensor]:
+                            cali_st: int | None = None) -> dict[str, torch.Tensor]:
     """Sample FP trajectories (one per label, or ``n_unconditional``) and keep ``n`` UNet inputs.
 
     Returns {"x": [n, C, H, W], "t": [n] int64, "c": [n, ...] (absent for unconditional models)}, ordered by step,
@@ -87,19 +87,19 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
     With guidance each trajectory contributes two inputs per step, indexed branch · n_traj + trajectory
     (unconditional branch first), so the subset does not depend on the batch size. ``model_fn`` is the FP
     denoiser (default ``model.apply_model``), ``conditioner`` turns a batch of ``labels`` into (c, uc) (default:
-    class conditioning against the null class), ``sampler_cls`` the loop (PLMSSampler: PLMS trajectories, as QNCD
-    and Q-Diffusion calibrate Stable Diffusion), ``cali_st`` keeps only every (S // cali_st)-th step.
+    class conditioning against the null class); ``settings`` (steps, η, scale, grid, loop) pick the trajectories
+    (PLMS, as QNCD and Q-Diffusion calibrate Stable Diffusion); ``cali_st`` keeps only every (S // cali_st)-th step.
     """
     model_fn = model_fn or model.apply_model
-    schedule = model_schedule(model, steps, eta)
+    schedule = settings.schedule(model)
     # t -> the steps visiting it, in chain order: a grid may repeat a timestep (the original quad grid does), and
     # every trajectory then calls the model that many times in a row at that t
     t_to_steps: dict[int, list[int]] = {}
-    for t, i in _call_sequence(list(schedule.steps()), getattr(sampler_cls, "first_step_evals", 1)):
+    for t, i in _call_sequence(list(schedule.steps()), settings.first_step_evals):
         t_to_steps.setdefault(t, []).append(i)
     calls = dict.fromkeys(t_to_steps, 0)
     n_traj = len(labels) if labels is not None else n_unconditional
-    guided = labels is not None and scale != 1.0
+    guided = labels is not None and settings.scale != 1.0
     per_step = n_traj * (2 if guided else 1)
     keep = draw_subset(n + n_holdout, len(schedule), per_step, distribution, np.random.default_rng(seed), cali_st)
     kept: dict[int, list] = {i: [] for i in keep}
@@ -126,9 +126,8 @@ def collect_calibration_set(model, labels: Sequence[int] | None, *, n: int, step
         return model_fn(x, t, c)
 
     generator = torch.Generator(device=model.betas.device).manual_seed(seed)
-    sample_latents(model, labels, n=n_unconditional, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
-                   generator=generator, model_fn=recording_model_fn, progress=progress, conditioner=conditioner,
-                   sampler_cls=sampler_cls)
+    sample_latents(model, labels, settings=settings, n=n_unconditional, batch_size=batch_size, generator=generator,
+                   model_fn=recording_model_fn, progress=progress, conditioner=conditioner)
     xs, ts, cs = [], [], []
     for i in sorted(kept):
         order = np.argsort(np.concatenate([r[0] for r in kept[i]]), kind="stable")

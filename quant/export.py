@@ -2,7 +2,7 @@
 inference UNet needs, so that the file alone (without the FP32 UNet weights) rebuilds the quantized model.
 
     packed = pack_quant_model(qm)                     # payload below; the pipeline adds the meta and writes it
-    qm = load_packed(unet, packed, config, filter)    # over any UNet of the same structure (its weights overwritten)
+    qm = load_packed(unet, packed, config, filter, specials=specials)   # over any UNet of the same structure
     weights = unpack_weights(packed)                  # {fqn.weight: dequantized tensor} == the fake-quantized weights
 
 Payload (format version 2):
@@ -27,6 +27,7 @@ from quant.layers import WeightRounding
 from quant.model import QuantModel
 from quant.quantizer import pack_bits, unpack_bits
 from quant.smoothing import ChannelSmoothing, smoothing_state
+from quant.specials import QuantSpecials
 
 VERSION = 2
 QUANT_STATE_LEAVES = ("w_scale", "w_zero_point", "a_scale", "a_zero_point", "alpha", "round_up")
@@ -74,9 +75,11 @@ def unpack_weights(packed: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_packed(unet: nn.Module, packed: dict, config: QuantConfig, filter_fn: LayerFilter) -> QuantModel:
+def load_packed(unet: nn.Module, packed: dict, config: QuantConfig, filter_fn: LayerFilter | str, *,
+                specials: QuantSpecials) -> QuantModel:
     """The quantized UNet a packed payload describes, built over ``unet`` in place (a UNet of the same structure;
-    its weights are all overwritten, so it may come straight from the config). Quantization is on as packed
+    its weights are all overwritten, so it may come straight from the config; ``specials``: its family's, as for
+    ``quant.api.quantize``). Quantization is on as packed
     (weights; activations when ``config.a_bits``). ValueError, naming the first keys, if the file does not fit."""
     if packed.get("version") != VERSION:
         raise ValueError(f"packed format version {packed.get('version')}, this code reads {VERSION}; re-export it")
@@ -87,7 +90,7 @@ def load_packed(unet: nn.Module, packed: dict, config: QuantConfig, filter_fn: L
                 raise ValueError(f"the packed file has a quantizer state for {name} but no weight codes")
             d["w_scale"], d["w_zero_point"] = packed["layers"][name]["scale"], packed["layers"][name]["zero_point"]
     state = {"quant_state": quant_state, "smoothing": packed.get("smoothing")}
-    qm = quantize(unet, config, filter_fn, state=state, copy=False)
+    qm = quantize(unet, config, filter_fn, state=state, copy=False, specials=specials)
     weights = unpack_weights(packed)
     own = {k: v for k, v in qm.model.state_dict().items() if not _is_quant_state(k)}
     given = {**packed["fp"], **weights}

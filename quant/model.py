@@ -1,6 +1,6 @@
 """QuantModel: a UNet whose Conv/Linear layers are QuantLayers chosen by a layer policy (BRECQ's QuantModel).
 
-    qm = QuantModel(unet, w_bits=4, a_bits=8)         # D²-DPM policy, per-tensor asymmetric MSE init
+    qm = QuantModel(unet, w_bits=4, a_bits=8, specials=family.quant_specials())   # D²-DPM policy, per-tensor
     qm.init_weights_()                                # explicit: weight Δ, z for every layer
     qm.calibrate_activations_(batches)                # explicit: activation Δ, z from calibration inputs
     qm.set_quant_state(weight=True, act=True)
@@ -10,34 +10,42 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock
 from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
-from quant.policy import Precision, d2dpm_policy
+from quant.policy import LayerFilter, Precision
 from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range, unpack_bits
+from quant.specials import QuantSpecials
 
 
 class QuantModel(nn.Module):
     def __init__(self, unet: nn.Module, w_bits: int = 4, a_bits: int | None = 8,
-                 policy: Callable[[str, nn.Module], Precision] = d2dpm_policy,
+                 policy: LayerFilter | str = "d2dpm",
                  granularity: PerTensor | PerChannel = PerTensor(), search: ScaleSearch = ScaleSearch.MSE,
-                 copy_model: bool = True, sm_abit: int | None = None, split_shortcut: bool = False):
-        """``policy`` (fqn, module) -> Precision decides which layers are quantized and at which bits.
+                 copy_model: bool = True, sm_abit: int | None = None, split_shortcut: bool = False, *,
+                 specials: QuantSpecials):
+        """``policy`` (fqn, module) -> Precision decides which layers are quantized and at which bits (a name:
+        ``specials``' predicate of that name). ``specials``: the model family's (``quant.specials``), kept as
+        ``self.specials`` for the verbs that need them (units, smoothing sites).
         ``granularity``: of the weight ranges (``PerTensor()``, D²-DPM; or ``PerChannel(0)``, per output channel).
         ``sm_abit``: also quantize the attention matmuls' inputs (q, k, v at ``a_bits``, softmax output at
-        ``sm_abit``; Q-Diffusion). ``split_shortcut``: quantized skip convs of the decoder ResBlocks get separate
-        ranges for the [h ; skip] halves of their concatenated input (Q-Diffusion's shortcut splitting).
+        ``sm_abit``; Q-Diffusion). ``split_shortcut``: the quantized convs ``specials.shortcut_splits`` names (the
+        decoder blocks' skip convs) get separate ranges for the [h ; skip] halves of their concatenated input
+        (Q-Diffusion's shortcut splitting).
         ``quant.api.quantize`` builds one from a ``QuantConfig``."""
         super().__init__()
         if not isinstance(granularity, (PerTensor, PerChannel)):
             raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}")
         self.model = copy.deepcopy(unet) if copy_model else unet
         self.w_bits, self.a_bits, self.granularity = w_bits, a_bits, granularity
+        self.specials = specials
+        policy = specials.policy(policy)
+        # on the FP modules, before any is wrapped: the family's function sees the network it was written for
+        splits = specials.shortcut_splits(self.model) if split_shortcut else {}
 
         def schemes(precision: Precision) -> tuple[QScheme, QScheme | None]:
             wb, ab = (8, 8 if a_bits else None) if precision is Precision.EIGHT_BIT else (w_bits, a_bits)
@@ -59,11 +67,10 @@ class QuantModel(nn.Module):
                 # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
                 raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no CrossAttention "
                                  "or QKVAttention module to quantize them in; leave sm_abit unset")
-        if split_shortcut:
-            layers = dict(self.quant_layers())
-            for name, split in shortcut_splits(self.model).items():
-                if name in layers:  # policies that keep skip convs in FP32 have nothing to split
-                    layers[name].set_split_(split)
+        layers = dict(self.quant_layers())
+        for name, split in splits.items():
+            if name in layers:  # policies that keep skip convs in FP32 have nothing to split
+                layers[name].set_split_(split)
         self.sm_abit, self.split_shortcut = sm_abit, split_shortcut
         self._state = {"weight": False, "act": False}
         # the wrapper takes the UNet's mode: a new Module is in training mode, and whoever restores "the model's
@@ -270,45 +277,3 @@ def forward_batches(model: nn.Module, batches: Iterable[tuple], handles: list) -
     finally:
         for h in handles:
             h.remove()
-
-
-def shortcut_splits(unet: nn.Module) -> dict[str, int]:
-    """{fqn of a decoder ResBlock's skip conv: channels of h in its concatenated input [h ; skip]}.
-
-    The UNet pushes every input block's output on a stack and each output block pops one: output block i gets the
-    skip of input block −(i + 1). An input block's output channels are those of its last channel-changing module.
-    """
-    if hasattr(unet, "up") and hasattr(unet, "spec"):
-        return _pixel_ddpm_splits(unet)
-    chans = []
-    for block in unet.input_blocks:
-        c = None
-        for m in block:
-            if isinstance(m, (ResBlock, Downsample)):
-                c = m.out_channels
-            elif isinstance(m, (nn.Conv2d, QuantLayer)):
-                c = m.weight.shape[0]
-        chans.append(c)
-    splits = {}
-    for i, block in enumerate(unet.output_blocks):
-        res = block[0]
-        skip = res.skip_connection
-        if isinstance(res, ResBlock) and isinstance(skip, (nn.Conv2d, QuantLayer)):
-            splits[f"output_blocks.{i}.0.skip_connection"] = res.channels - chans[-(i + 1)]
-    return splits
-
-
-def _pixel_ddpm_splits(unet: nn.Module) -> dict[str, int]:
-    """``shortcut_splits`` of the pixel DDPM ``Model``: its decoder blocks take cat([h, hs.pop()]); the stack holds
-    conv_in's output, every encoder block's and every Downsample's, in that order."""
-    spec = unet.spec
-    skips = [spec.ch]
-    for i, mult in enumerate(spec.ch_mult):
-        skips += [spec.ch * mult] * spec.num_res_blocks + ([spec.ch * mult] if i != len(spec.ch_mult) - 1 else [])
-    splits = {}
-    for i in reversed(range(len(spec.ch_mult))):
-        for j, block in enumerate(unet.up[i].block):
-            skip = skips.pop()
-            if isinstance(getattr(block, "nin_shortcut", None), (nn.Conv2d, QuantLayer)):
-                splits[f"up.{i}.block.{j}.nin_shortcut"] = block.in_channels - skip
-    return splits

@@ -1,13 +1,19 @@
-"""Which layers are quantized, and at what precision: the keep-in-higher-precision policy, in one place.
+"""Which layers are quantized, and at what precision: the keep-in-higher-precision policies, as mechanisms.
 
 D²-DPM (spec d2dpm.md §3.2): ResBlock skip 1×1 convs and Downsample convs stay FP32; the first time-embedding
 Linear, the input conv and the output conv run at W8A8; every other Conv/Linear runs at the target bits.
 Q-Diffusion's "quantize everything" is the other policy; QNCD's released Stable Diffusion path (spec qncd_ptqd.md
 §A.4) quantizes everything but the transformer blocks (self-/cross-attention and GEGLU FF stay FP).
+
+Which layers those are is a model family's knowledge: each family fills ``D2DPMPolicy`` / ``ExcludeParts`` with its
+own layer names and hands them over by policy name in its ``quant.specials.QuantSpecials``. ``POLICIES`` names the
+policies every family provides (the ``--policy`` choices and the artifacts' ``policy``).
 """
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 
@@ -20,22 +26,28 @@ class Precision(enum.Enum):
     TARGET = "target"  # the requested bits (e.g. W4A8)
 
 
-# UNet-relative names: the LDM UNet (CompVis checkpoints without the model.diffusion_model prefix) and the pixel DDPM
-# ``Model`` (the released CIFAR-10 checkpoint's keys), which name the same roles differently
-EIGHT_BIT_LAYERS = ("time_embed.0", "input_blocks.0.0", "out.2",   # first embedding Linear, input conv, output conv
-                    "temb.dense.0", "conv_in", "conv_out")
-SKIP_CONVS = ("skip_connection", "nin_shortcut")                    # ResBlock 1×1 shortcuts
+LayerFilter = Callable[[str, nn.Module], Precision]
 
 
-def d2dpm_policy(fqn: str, module: nn.Module) -> Precision:
-    """D²-DPM's layer policy for a module of the UNet named ``fqn`` (relative to the UNet)."""
-    if not isinstance(module, QUANTIZABLE):
-        return Precision.FP32
-    if set(SKIP_CONVS) & set(fqn.split(".")) or fqn.endswith(".op") or fqn.endswith("downsample.conv"):
-        return Precision.FP32
-    if fqn in EIGHT_BIT_LAYERS:
-        return Precision.EIGHT_BIT
-    return Precision.TARGET
+@dataclass(frozen=True)
+class D2DPMPolicy:
+    """D²-DPM's layer policy over one family's UNet-relative layer names: ``eight_bit`` (exact names: the first
+    time-embedding Linear, the input conv, the output conv) at W8A8; a layer with a name component in ``fp32_parts``
+    (the residual blocks' 1×1 shortcuts) or a name ending in one of ``fp32_suffixes`` (the Downsample convs) FP32;
+    every other Conv/Linear at the target bits."""
+
+    eight_bit: tuple[str, ...]
+    fp32_parts: tuple[str, ...]
+    fp32_suffixes: tuple[str, ...]
+
+    def __call__(self, fqn: str, module: nn.Module) -> Precision:
+        if not isinstance(module, QUANTIZABLE):
+            return Precision.FP32
+        if set(self.fp32_parts) & set(fqn.split(".")) or fqn.endswith(self.fp32_suffixes):
+            return Precision.FP32
+        if fqn in self.eight_bit:
+            return Precision.EIGHT_BIT
+        return Precision.TARGET
 
 
 def quantize_all_policy(fqn: str, module: nn.Module) -> Precision:
@@ -43,9 +55,18 @@ def quantize_all_policy(fqn: str, module: nn.Module) -> Precision:
     return Precision.TARGET if isinstance(module, QUANTIZABLE) else Precision.FP32
 
 
-def qncd_sd_policy(fqn: str, module: nn.Module) -> Precision:
-    """QNCD's SD: every Conv/Linear at the target bits except inside the SpatialTransformers' transformer blocks."""
-    return Precision.FP32 if "transformer_blocks" in fqn.split(".") else quantize_all_policy(fqn, module)
+@dataclass(frozen=True)
+class ExcludeParts:
+    """Every Conv/Linear at the target bits except those with a name component in ``parts`` (QNCD's SD: the
+    SpatialTransformers' transformer blocks stay FP)."""
+
+    parts: tuple[str, ...]
+
+    def __call__(self, fqn: str, module: nn.Module) -> Precision:
+        return Precision.FP32 if set(self.parts) & set(fqn.split(".")) else quantize_all_policy(fqn, module)
 
 
-POLICIES = {"d2dpm": d2dpm_policy, "all": quantize_all_policy, "qncd-sd": qncd_sd_policy}
+# the policies every family provides, by the name the CLI and the artifacts' meta use
+POLICIES = {"d2dpm": "D²-DPM: skip and Downsample convs FP32; time embedding, input and output conv W8A8",
+            "all": "Q-Diffusion: every Conv/Linear at the target bits",
+            "qncd-sd": "QNCD's Stable Diffusion: all but the transformer blocks"}

@@ -1,9 +1,8 @@
 """BRECQ reconstruction (Li et al. 2021, Eq. 7) of a QuantModel, unit by unit, as D²-DPM / Q-Diffusion run it.
 
 Units, in module order (spec quantization.md §3.2, §4.2):
-    ResBlock              -> block reconstruction, inputs (h, emb)
-    BasicTransformerBlock -> block reconstruction, inputs (h, context)
-    AttentionBlock        -> block reconstruction, input h (legacy attention of LSUN-style UNets)
+    a module of the family's ``QuantSpecials.unit_types`` holding a quantized layer -> block reconstruction, its
+        forward's inputs (the LDM UNet: ResBlock (h, emb), BasicTransformerBlock (h, context), AttentionBlock h)
     any other QuantLayer  -> layer reconstruction
 Layers kept at 8 bits by the policy (time_embed.0, the input and output conv) are not reconstructed, as in D²-DPM
 (``skip_eight_bit``).
@@ -36,18 +35,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ldm.modules.attention import BasicTransformerBlock
-from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock
-from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, ResBlock
 from ldm.util import UserFacingError
 from quant.attention import ActQuantizer
 from quant.layers import QuantLayer
 from quant.model import QuantModel
 from quant.policy import Precision
 from quant.quantizer import TempDecay, round_reg
-
-BLOCK_TYPES = (ResBlock, BasicTransformerBlock, AttentionBlock, ResnetBlock, AttnBlock)   # LDM UNet; pixel DDPM
-
 
 class Phase(enum.Enum):
     WEIGHT = "weight"
@@ -56,14 +49,12 @@ class Phase(enum.Enum):
 
 @dataclass(frozen=True)
 class Unit:
-    """One reconstruction unit: a block or a single layer, by its name inside the UNet."""
+    """One reconstruction unit: a block (one of the family's unit types) or a single layer, by its name inside
+    the UNet."""
 
     name: str
     module: nn.Module
-
-    @property
-    def is_block(self) -> bool:
-        return isinstance(self.module, BLOCK_TYPES)
+    is_block: bool = False
 
     def layers(self) -> list[QuantLayer]:
         return [m for m in self.module.modules() if isinstance(m, QuantLayer)]
@@ -73,13 +64,14 @@ class Unit:
 
 
 def find_units(qm: QuantModel, skip_eight_bit: bool = True) -> list[Unit]:
-    """Walk the UNet in module order: blocks with quantized layers are units, loose QuantLayers are units."""
+    """Walk the UNet in module order: blocks (``qm.specials.unit_types``) with quantized layers are units, loose
+    QuantLayers are units."""
     def walk(module: nn.Module, prefix: str) -> Iterator[Unit]:
         for name, child in module.named_children():
             fqn = f"{prefix}{name}"
-            if isinstance(child, BLOCK_TYPES):
+            if qm.specials.is_unit(child):
                 if any(isinstance(m, QuantLayer) for m in child.modules()):
-                    yield Unit(fqn, child)
+                    yield Unit(fqn, child, is_block=True)
             elif isinstance(child, QuantLayer):
                 if not (skip_eight_bit and child.precision is Precision.EIGHT_BIT):
                     yield Unit(fqn, child)

@@ -8,8 +8,10 @@ In a ResBlock the time embedding is added to the features right before ``out_lay
     a = SiLU(GN(h))                         the input of the second conv (out_layers[3]); per-tensor activation
     out = conv(Dropout(a); W)               quantization of ``a`` suffers from the channels the embedding inflates
 
-The pixel DDPM's ``ResnetBlock`` (QNCD's CIFAR-10 model) has the same structure under other names: e =
-temb_proj(swish(temb)), then norm2, swish, dropout, conv2; ``block_norm`` / ``block_conv`` name the parts of either.
+Other families' blocks have the same structure under other names (the pixel DDPM's ResnetBlock, QNCD's CIFAR-10
+model: e = temb_proj(swish(temb)), then norm2, swish, dropout, conv2): the family names the parts and computes e in
+its ``quant.specials.SmoothingSite``s. Every verb takes ``specials=`` (the family's ``QuantSpecials``); a QuantModel
+carries its own.
 
 QNCD divides ``a`` by a per-channel factor S and multiplies it into the conv's input channels (SmoothQuant-style):
 conv(a / S; W · S) = conv(a; W). The activation quantizer then sees a / S, the weight quantizer W · S.
@@ -47,13 +49,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.ddim_unet import get_timestep_embedding
-from ldm.modules.diffusionmodules.model import ResnetBlock, nonlinearity
-from ldm.modules.diffusionmodules.openaimodel import ResBlock
-from ldm.modules.diffusionmodules.util import timestep_embedding
 from quant.layers import QuantLayer
 from quant.model import QuantModel, forward_batches
 from quant.quantizer import PerChannel, PerTensor, QScheme, choose_qparams, fake_quant
+from quant.specials import QuantSpecials, SmoothingSite
 
 FORMAT = "qncd-smoothing"
 VERSION = 1
@@ -126,38 +125,26 @@ def _unet(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, QuantModel) else model
 
 
-# Residual blocks with an additive time embedding, in the two layouts this code base has: the LDM UNet's ``ResBlock``
-# (e = emb_layers(emb); out_layers = [GN, SiLU, Dropout, conv]) and the pixel DDPM's ``ResnetBlock`` (e =
-# temb_proj(swish(temb)); norm2, swish, dropout, conv2), where QNCD smooths the same activation.
-RESIDUAL_BLOCKS = (ResBlock, ResnetBlock)
+def _specials(model: nn.Module, specials: QuantSpecials | None) -> QuantSpecials:
+    if specials is not None:
+        return specials
+    if isinstance(model, QuantModel):
+        return model.specials
+    raise ValueError("smoothing a bare UNet needs its model family's specials: pass "
+                     "specials=family.quant_specials() (or smooth the QuantModel, which carries them)")
 
 
-def resblocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every residual block of the UNet (a UNetModel, a DDPM ``Model`` or a QuantModel) with its UNet-relative name."""
-    return [(n, m) for n, m in _unet(model).named_modules()
-            if isinstance(m, ResBlock) or (isinstance(m, ResnetBlock) and hasattr(m, "temb_proj"))]
+def sites(model: nn.Module, specials: QuantSpecials | None = None) -> list[tuple[str, nn.Module, SmoothingSite]]:
+    """Every smoothing site of the UNet (a UNet or a QuantModel), (UNet-relative name, block, its site), in module
+    order. ``specials``: the family's (default: the QuantModel's own)."""
+    sp = _specials(model, specials)
+    found = ((n, m, sp.site(m)) for n, m in _unet(model).named_modules())
+    return [(n, m, site) for n, m, site in found if site is not None]
 
 
-def block_norm(block: nn.Module) -> nn.GroupNorm:
-    """The GroupNorm in front of the second conv."""
-    return block.out_layers[0] if isinstance(block, ResBlock) else block.norm2
-
-
-def block_conv(block: nn.Module) -> nn.Module:
-    """The second conv, whose input is smoothed."""
-    return block.out_layers[3] if isinstance(block, ResBlock) else block.conv2
-
-
-def _slot(block: nn.Module) -> nn.Module:
-    """The Dropout right before the second conv (``ChannelSmoothing`` takes its place)."""
-    return block.out_layers[2] if isinstance(block, ResBlock) else block.dropout
-
-
-def _set_slot(block: nn.Module, module: nn.Module) -> None:
-    if isinstance(block, ResBlock):
-        block.out_layers[2] = module
-    else:
-        block.dropout = module
+def resblocks(model: nn.Module, specials: QuantSpecials | None = None) -> list[tuple[str, nn.Module]]:
+    """Every residual block QNCD smooths (``sites``), with its UNet-relative name."""
+    return [(n, m) for n, m, _ in sites(model, specials)]
 
 
 def _timesteps(calibration) -> torch.Tensor:
@@ -174,27 +161,26 @@ def _timesteps(calibration) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embedding_outputs(model: nn.Module, t: torch.Tensor) -> dict[str, torch.Tensor]:
-    """e = emb_layers(emb(t)) [N, C_out or 2 C_out] of every ResBlock, as the FP UNet computes it. Exact without a
-    forward pass: in a UNet without class embedding (``num_classes``), emb depends on t alone."""
-    unet = _unet(model)
-    if getattr(unet, "num_classes", None) is not None:
-        raise ValueError("smoothing factors need the class labels of a UNet with num_classes (label_emb); only UNets "
-                         "conditioned through context (cin256-v2, the embedded default) are supported")
+def embedding_outputs(model: nn.Module, t: torch.Tensor,
+                      specials: QuantSpecials | None = None) -> dict[str, torch.Tensor]:
+    """e [N, C_out or 2 C_out] of every smoothed block (an LDM ResBlock: emb_layers(emb(t))), as the FP UNet
+    computes it through the family's ``SmoothingSite`` functions. Exact without a forward pass: the embedding depends
+    on t alone (a site refuses a UNet where it does not, e.g. one with class embedding)."""
+    unet, found = _unet(model), sites(model, specials)
     # S describes the FP embeddings: quantization off in the layers involved, each restored as it was
     layers = [m for m in unet.modules() if isinstance(m, QuantLayer)]
     flags = [(m.weight_quant, m.act_quant) for m in layers]
     for m in layers:
         m.weight_quant = m.act_quant = False
     try:
-        param = next(unet.parameters())
-        if hasattr(unet, "temb"):   # the pixel DDPM: sinusoid (sin first) -> dense0 -> swish -> dense1
-            t_emb = get_timestep_embedding(t.to(param.device), unet.ch).to(param.dtype)
-            temb = unet.temb.dense[1](nonlinearity(unet.temb.dense[0](t_emb)))
-            return {n: block.temb_proj(nonlinearity(temb)).float() for n, block in resblocks(unet)}
-        t_emb = timestep_embedding(t.to(param.device), unet.model_channels, repeat_only=False).to(param.dtype)
-        emb = unet.time_embed(t_emb)
-        return {n: block.emb_layers(emb).float() for n, block in resblocks(unet)}
+        t = t.to(next(unet.parameters()).device)
+        shared: dict[SmoothingSite, torch.Tensor] = {}   # the UNet's embedding, once per kind of site
+        out = {}
+        for name, block, site in found:
+            if site not in shared:
+                shared[site] = site.time_embedding(unet, t)
+            out[name] = site.block_embedding(block, shared[site]).float()
+        return out
     finally:
         for m, (w, a) in zip(layers, flags, strict=True):
             m.weight_quant, m.act_quant = w, a
@@ -202,21 +188,22 @@ def embedding_outputs(model: nn.Module, t: torch.Tensor) -> dict[str, torch.Tens
 
 @torch.no_grad()
 def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.CODE,
-                      min_scale: float = MIN_SCALE) -> dict[str, torch.Tensor]:
+                      min_scale: float = MIN_SCALE, specials: QuantSpecials | None = None) -> dict[str, torch.Tensor]:
     """S [C] (float32, CPU) per ResBlock name from the FP embeddings over the calibration timesteps (spec A.2).
 
     ``calibration``: the timesteps, a CalibrationData, or batches (x_t, t, c) (only t is used: every sample counts
-    once, so the weighting over t is the calibration set's). |S| is floored at ``min_scale``."""
+    once, so the weighting over t is the calibration set's). |S| is floored at ``min_scale``. ``specials``: the
+    family's (default: the QuantModel's own)."""
     formula = Formula(formula)
     t = _timesteps(calibration)
     if t.numel() == 0:
         raise ValueError("no calibration timesteps")
     out = {}
-    emb = embedding_outputs(model, t)
-    for name, block in resblocks(model):
-        norm = block_norm(block)
+    emb = embedding_outputs(model, t, specials)
+    for name, block, site in sites(model, specials):
+        norm = site.norm_of(block)
         e = emb[name]
-        if getattr(block, "use_scale_shift_norm", False):
+        if site.scale_shift(block):
             scale = e.chunk(2, dim=1)[0]  # h·(1 + scale) + shift: the scale half carries the outliers
             s = (paper_factor_scale_shift(scale) if formula is Formula.PAPER else
                  code_factor(standardize_groups(scale, norm.num_groups, norm.eps), norm.weight))
@@ -233,22 +220,24 @@ def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.
 
 # ---- applying, persisting --------------------------------------------------------------------------------------
 
-def is_smoothed(block: nn.Module) -> bool:
-    return isinstance(_slot(block), ChannelSmoothing)
+def is_smoothed(block: nn.Module, site: SmoothingSite) -> bool:
+    return isinstance(site.slot_of(block), ChannelSmoothing)
 
 
-def _block(model: nn.Module, name: str) -> nn.Module:
+def _block(model: nn.Module, name: str, specials: QuantSpecials) -> tuple[nn.Module, SmoothingSite]:
     try:
         block = _unet(model).get_submodule(name)
     except AttributeError:
         block = None
-    if not isinstance(block, RESIDUAL_BLOCKS):
+    site = None if block is None else specials.site(block)
+    if site is None:
         raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
-    return block
+    return block, site
 
 
 @torch.no_grad()
-def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_weights: bool = True) -> nn.Module:
+def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_weights: bool = True,
+                     specials: QuantSpecials | None = None) -> nn.Module:
     """Smooth the named ResBlocks in place: out_layers[2] becomes ``ChannelSmoothing(S)`` (a ↦ a / S) and S is
     multiplied into the master weight of out_layers[3] along its input channels, W[:, c] ← W[:, c] · S_c.
 
@@ -256,35 +245,39 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
     AdaRound's α are chosen on W · S), so a QuantLayer whose weight qparams exist is refused. A QuantLayer's weight
     is its module's Parameter: a QuantModel built with ``copy_model=False`` shares it with the FP UNet, which is
     smoothed alongside (same object), never half-smoothed. ``fold_weights=False`` only inserts the division, for
-    weights that already carry S (a state_dict saved from a smoothed model)."""
-    blocks = {name: _block(model, name) for name in factors}
-    for name, block in blocks.items():  # check everything before changing anything
-        if is_smoothed(block):
+    weights that already carry S (a state_dict saved from a smoothed model). ``specials``: the family's (default:
+    the QuantModel's own); they say which part of a block is "out_layers[2]" and "out_layers[3]"."""
+    sp = _specials(model, specials)
+    blocks = {name: _block(model, name, sp) for name in factors}
+    for name, (block, site) in blocks.items():  # check everything before changing anything
+        if is_smoothed(block, site):
             raise ValueError(f"{name} is already smoothed; smoothing twice would fold S twice")
-        conv, s = block_conv(block), factors[name]
+        conv, s = site.conv_of(block), factors[name]
         if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None or conv.round_up is not None):
             raise RuntimeError(f"{name}'s second conv already has weight quantizers: apply smoothing before "
                                f"init_weights_() (Δ_w must be chosen on W·S)")
         if s.ndim != 1 or s.numel() != conv.weight.shape[1]:
             raise ValueError(f"{name}: S has shape {tuple(s.shape)}, the conv has {conv.weight.shape[1]} input "
                              f"channels")
-    for name, block in blocks.items():
+    for name, (block, site) in blocks.items():
         s = factors[name].detach().to(torch.float32)
+        w = site.conv_of(block).weight
         if fold_weights:
-            w = block_conv(block).weight
             w.mul_(s.to(w).view(1, -1, *([1] * (w.ndim - 2))))
-        _set_slot(block, ChannelSmoothing(s.to(block_conv(block).weight.device), _slot(block)))
+        site.set_slot(block, ChannelSmoothing(s.to(w.device), site.slot_of(block)))
     return model
 
 
-def smoothing_state(model: nn.Module) -> dict:
+def smoothing_state(model: nn.Module, specials: QuantSpecials | None = None) -> dict:
     """The factors of every smoothed ResBlock, as plain tensors (``torch.load(weights_only=True)``-safe). The folded
     weights are not included: the FP weights come from the model checkpoint and ``load_smoothing_`` re-folds."""
-    factors = {n: _slot(b).scale.detach().cpu().clone() for n, b in resblocks(model) if is_smoothed(b)}
+    factors = {n: site.slot_of(b).scale.detach().cpu().clone()
+               for n, b, site in sites(model, specials) if is_smoothed(b, site)}
     return {"format": FORMAT, "version": VERSION, "factors": factors}
 
 
-def load_smoothing_(model: nn.Module, state: dict, fold_weights: bool = True) -> nn.Module:
+def load_smoothing_(model: nn.Module, state: dict, fold_weights: bool = True,
+                    specials: QuantSpecials | None = None) -> nn.Module:
     """Restore smoothing from ``smoothing_state`` onto a model holding the checkpoint's (unsmoothed) weights: the same
     float32 S times the same W gives bit-identical folded weights. Run it before ``load_quant_state_dict_``."""
     got = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -292,11 +285,12 @@ def load_smoothing_(model: nn.Module, state: dict, fold_weights: bool = True) ->
         raise ValueError(f"not a smoothing state (format {got!r}); pass what smoothing_state() returned")
     if state.get("version") != VERSION:
         raise ValueError(f"smoothing state version {state.get('version')}, this code reads {VERSION}")
-    return apply_smoothing_(model, dict(state["factors"]), fold_weights=fold_weights)
+    return apply_smoothing_(model, dict(state["factors"]), fold_weights=fold_weights, specials=specials)
 
 
 @torch.no_grad()
-def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, tuple[float, float]]:
+def conv_input_ranges(model: nn.Module, batches: Iterable[tuple],
+                      specials: QuantSpecials | None = None) -> dict[str, tuple[float, float]]:
     """(min, max) of the input of every ResBlock's second conv over ``batches`` of (x_t, t, c), in the model's
     current quantization state: the range a per-tensor activation quantizer must cover (QNCD's target)."""
     seen: dict[str, list[float]] = {}
@@ -306,8 +300,8 @@ def conv_input_ranges(model: nn.Module, batches: Iterable[tuple]) -> dict[str, t
         lo, hi = seen.get(name, (float("inf"), float("-inf")))
         seen[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
 
-    forward_batches(model, batches, [block_conv(b).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
-                                     for n, b in resblocks(model)])
+    forward_batches(model, batches, [site.conv_of(b).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+                                     for n, b, site in sites(model, specials)])
     return seen
 
 
@@ -322,7 +316,8 @@ def _fake_quant(x: torch.Tensor, scheme: QScheme) -> torch.Tensor:
 @torch.no_grad()
 def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches: Iterable[tuple],
                      a_bits: Iterable[int] = (8, 6), w_bits: int = 4,
-                     granularity: PerTensor | PerChannel = PerTensor()) -> dict[str, dict]:
+                     granularity: PerTensor | PerChannel = PerTensor(),
+                     specials: QuantSpecials | None = None) -> dict[str, dict]:
     """What smoothing does to each smoothed ResBlock's second conv, on the FP ``unet`` (unsmoothed) over ``batches``
     of (x_t, t, c): the numbers behind QNCD's claim (spec A.2), measured rather than assumed.
 
@@ -334,20 +329,21 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
                              range per output channel, as ``--channel_wise``).
     A range ratio alone would mislead: dividing every channel by 2 halves the range but not the relative error, and
     S moves difficulty from a into W. Values are (before, after) pairs. Holds every block's conv inputs in memory:
-    pass a few hundred small-latent inputs, not thousands at 64×64."""
-    blocks = dict(resblocks(unet))
+    pass a few hundred small-latent inputs, not thousands at 64×64. ``specials``: the family's."""
+    blocks = {n: (b, site) for n, b, site in sites(unet, specials)}
     for name in factors:
         if name not in blocks:
             raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
-    if isinstance(unet, QuantModel) or any(is_smoothed(blocks[n]) for n in factors):
+    if isinstance(unet, QuantModel) or any(is_smoothed(*blocks[n]) for n in factors):
         raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
+    convs = {n: blocks[n][1].conv_of(blocks[n][0]) for n in factors}
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
-    forward_batches(unet, batches, [block_conv(blocks[n]).register_forward_pre_hook(
+    forward_batches(unet, batches, [convs[n].register_forward_pre_hook(
         lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])
     w_scheme = QScheme(w_bits, granularity=granularity)
     out = {}
     for name, s in factors.items():
-        conv = block_conv(blocks[name])
+        conv = convs[name]
         a = torch.cat(inputs.pop(name))                              # [N, C, H, W]
         w = conv.weight.detach().float().cpu()                       # [C_out, C, k, k]
         bias = None if conv.bias is None else conv.bias.detach().float().cpu()

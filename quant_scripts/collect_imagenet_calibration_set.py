@@ -10,10 +10,7 @@ outputs/<preset>/scale{s}_eta{η}_steps{S}/calibration.pt, whose metadata the ne
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.steps import calibrate  # noqa: E402
@@ -21,9 +18,9 @@ from quant.calibration import TimestepDistribution  # noqa: E402
 
 # ---- defaults (edit here or override with flags) ---------------------------------------------------------------
 PRESET = "fashion"
-N_CALIBRATION = 1024                 # D²-DPM: 1024
-N_HOLDOUT = 128                      # extra inputs, drawn the same way, kept out of calibration to measure SQNR
-TIMESTEP_DISTRIBUTION = "uniform"    # "uniform" (the DDIM grid evenly) or "normal" (PTQ4DM: N(0.4, 0.4) over the grid)
+N_CALIBRATION = calibrate.CalibrationSettings.n            # D²-DPM: 1024
+N_HOLDOUT = calibrate.CalibrationSettings.n_holdout        # 128 extra inputs, drawn the same way, kept out of calibration to measure SQNR
+TIMESTEP_DISTRIBUTION = calibrate.CalibrationSettings.distribution.value   # "uniform" "uniform" (the DDIM grid evenly) or "normal" (PTQ4DM: N(0.4, 0.4) over the grid)
 SEED = 0
 OUTDIR = "outputs"
 # -------------------------------------------------------------------------------------------------------------------
@@ -46,8 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def settings_of(args: argparse.Namespace) -> calibrate.CalibrationSettings:
+    return calibrate.CalibrationSettings(
+        n=args.n, n_holdout=args.n_holdout, distribution=TimestepDistribution(args.distribution), seed=args.seed,
+        trajectories_per_condition=args.calibration_trajectories_per_class or 1, batch_size=args.batch_size,
+        classes=args.calibration_classes, cali_st=args.cali_st)
+
+
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, calibrate.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    cal = settings_of(args)
+    calibrate.run(cli.run_of(args), cal)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ unless --keep_spill (keep it to refit later with another --outlier_k).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ldm.util import UserFacingError  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.cli import add_bits_args  # noqa: E402
 from pipeline.steps import noise_statistics  # noqa: E402
@@ -33,8 +31,8 @@ PRESET = "fashion"
 W_BITS = 4
 A_BITS = 8
 N_SAMPLES = None        # trajectories (None: the preset's stats_samples; D²-DPM: 1024)
-OUTLIER_K = 4.0         # the fit's |Δ − mean Δ| ≤ k·std Δ filter (D²-DPM: 4); 0 = no filter, no spill
-SAVE_EVERY = 4          # batches between resume checkpoints
+OUTLIER_K = noise_statistics.StatisticsSettings.outlier_k   # 4.0: the fit's |Δ − mean Δ| ≤ k·std Δ filter (D²-DPM: 4); 0 = no filter, no spill
+SAVE_EVERY = noise_statistics.StatisticsSettings.save_every   # batches between resume checkpoints (4)
 SEED = 0
 OUTDIR = "outputs"
 # -------------------------------------------------------------------------------------------------------------------
@@ -54,7 +52,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, noise_statistics.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    tag = cli.tag_of(args)
+    if args.stats_samples is None:
+        raise UserFacingError("no sample count: pass --n or add stats_samples to the preset")
+    st = noise_statistics.StatisticsSettings(args.stats_samples, args.batch_size, args.seed, args.outlier_k,
+                                             args.save_every, args.keep_spill, progress=not args.no_progress)
+    noise_statistics.run(run, st, tag)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from evaluation.fidelity import Bootstrap  # noqa: E402
 from evaluation.report import (Row, fidelity_lines, quality_without_with_lines, report_figures,  # noqa: E402
-                               smoothing_effect_lines, sqnr_without_with_lines, sweep_lines, update_readme,
-                               write_report)
+                               results_page, smoothing_effect_lines, sqnr_without_with_lines, sweep_lines,
+                               update_results_page, write_report)
 from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
 from ldm.util import UserFacingError  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
@@ -303,7 +302,7 @@ def model_sizes(args, layout: RunLayout):
     sizes = {"FP32": (export / "unet_fp32.pt").stat().st_size}
     for w in sorted({t.w_bits for t in quant_settings(args)}):
         export_packed(unet, layout.quant(QuantTag(w)), export / f"unet_w{w}.pt",
-                      {**expect, "w_bits": w, "a_bits": None})
+                      {**expect, "w_bits": w, "a_bits": None}, family=family)
         sizes[f"W{w}"] = (export / f"unet_w{w}.pt").stat().st_size
     return sizes, unet
 
@@ -316,7 +315,7 @@ def report_dir(args, layout: RunLayout) -> Path:
 
 
 def readme_tag(args) -> str | None:
-    """The README section this run's report regenerates (None: it updates none)."""
+    """The docs/ results-page section this run's report regenerates (None: it updates none)."""
     if args.outdir is not None or args.sm_abit or args.mode in ("quick", "paper"):
         return None
     if args.mode == "long":
@@ -440,6 +439,8 @@ def smoothing_sections(args, layout: RunLayout, m: dict, unet, rows: list, sqnr:
     """The QNCD-smoothing part of the report: per-block effect on the second conv (quant.smoothing.smoothing_effect
     on the held-out calibration inputs), ε SQNR with and without smoothing, and sample quality with and without
     (read from the unsmoothed run of the same mode, where it has been made)."""
+    from ldm.util import load_config
+    from pipeline.families import family_for
     from quant.quantizer import PerChannel, PerTensor
     from quant.reconstruction import CalibrationData
     from quant.smoothing import smoothing_effect
@@ -449,8 +450,10 @@ def smoothing_sections(args, layout: RunLayout, m: dict, unet, rows: list, sqnr:
     calib = load_artifact(layout.calibration, "calibration")
     held = CalibrationData(calib["holdout_x"], calib["holdout_t"], calib.get("holdout_c"), torch.device("cpu"))
     a_bits = sorted({v.tag.a_bits for v in variants(args) if v.tag and v.tag.w_bits == 4}, reverse=True)
+    family = family_for(load_config(REPO_ROOT / load_preset(args.preset)["config"]))   # whose blocks S names
     effect = smoothing_effect(unet, factors, held.batches(64), a_bits=a_bits, w_bits=4,
-                              granularity=PerChannel(0) if meta.get("channel_wise") else PerTensor())
+                              granularity=PerChannel(0) if meta.get("channel_wise") else PerTensor(),
+                              specials=family.quant_specials())
     sections = {"QNCD smoothing: effect on each ResBlock's second conv":
                 smoothing_effect_lines(effect, factors, meta["smoothing"], len(held), a_bits)}
     extra = {"smoothing_effect": effect}
@@ -534,8 +537,9 @@ def main(argv=None) -> None:
     report = make_report(args, layout, m, driver, stages)
     print(f"\nwrote {report} ({time.perf_counter() - t0:.0f} s this run)")
     tag = readme_tag(args)
-    if tag and update_readme(report, REPO_ROOT / "README.md", tag=tag, keep=[SWEEP_SECTION] if args.hard else None):
-        print(f"updated the {tag} section of README.md")
+    if tag and update_results_page(report, REPO_ROOT / results_page(tag), tag=tag,
+                                   keep=[SWEEP_SECTION] if args.hard else None):
+        print(f"updated the {tag} section of {results_page(tag)}")
     print(report.read_text())
 
 

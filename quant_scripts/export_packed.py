@@ -15,10 +15,7 @@ still come from the checkpoint.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.steps import export_packed  # noqa: E402
@@ -41,7 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, export_packed.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    export_packed.run(run, cli.tag_of(args, weights_only=args.weights_only), args.out)
 
 
 if __name__ == "__main__":

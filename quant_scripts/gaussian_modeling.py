@@ -18,10 +18,7 @@ Fig. 2). Prints a per-timestep table.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.cli import add_bits_args  # noqa: E402
@@ -46,7 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, fit_noise.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    fit_noise.run(run, cli.tag_of(args), args.outlier_k)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ outputs/<preset>/scale{s}_eta{η}_steps{S}/<w{b}a{b}|fp32>/samples_<sampler>_n{N
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ldm.util import UserFacingError  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.steps import evaluation_samples  # noqa: E402
 
@@ -53,8 +51,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def typed(args: argparse.Namespace, preset: str = PRESET) -> tuple:
+    """(Run, EvalSettings, SamplerChoice, QuantTag) from the flags, the preset applied first; every flag checked."""
+    cli.apply_preset(args, preset)
+    run = cli.run_of(args)
+    cli.check_bits(args)
+    if args.eval_samples is None:
+        raise UserFacingError("the preset has no eval_samples; pass --n_samples")
+    cli.check_positive(args, "eval_samples", "decode_batch_size", flag={"eval_samples": "n_samples"})
+    ev = evaluation_samples.EvalSettings(args.eval_samples, args.seed, args.batch_size, args.eval_classes,
+                                         args.decode_batch_size, args.dry_run)
+    sampler = cli.sampler_of(args, run.sampling.steps)
+    return run, ev, sampler, cli.quant_tag(args)
+
+
+def preflight(args: argparse.Namespace, preset: str = PRESET) -> None:
+    """What a script that runs step 7 after other work checks first: the preset, every flag, the plan and the
+    checkpoint, silently."""
+    run, ev, _, _ = typed(args, preset)
+    evaluation_samples.preflight(run, ev)
+
+
 def main(argv=None) -> None:
-    evaluation_samples.main(parse_args(argv), PRESET)  # applies the preset inside the torchrun error protocol
+    args = parse_args(argv)
+    # the preset and the checks inside the torchrun error protocol (rank 0 says it once)
+    evaluation_samples.torchrun_protocol(lambda: evaluation_samples.generate(*typed(args)))
 
 
 if __name__ == "__main__":

@@ -12,23 +12,21 @@ AdaRound and stored in the artifact's meta.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.cli import add_quant_args  # noqa: E402
 from pipeline.steps import quantize_weights  # noqa: E402
+from quant.api import QuantConfig  # noqa: E402
 
 # ---- defaults (edit here or override with flags) ---------------------------------------------------------------
 PRESET = "fashion"
 W_BITS = 4
-POLICY = "d2dpm"          # D²-DPM's layer policy; "all" quantizes every Conv/Linear (Q-Diffusion)
+POLICY = QuantConfig.policy      # "d2dpm": D²-DPM's layer policy; "all" quantizes every Conv/Linear (Q-Diffusion)
 CHANNEL_WISE = False      # D²-DPM: per-tensor weight scales
 WEIGHT_ITERS = None       # AdaRound iterations per unit (None: the preset's; paper 10,000)
-RECON_BATCH_SIZE = 8      # D²-DPM: 8
-ROUND_WEIGHT = 0.01       # λ of the rounding regulariser
+RECON_BATCH_SIZE = quantize_weights.WeightSettings.batch_size    # D²-DPM: 8
+ROUND_WEIGHT = quantize_weights.WeightSettings.round_weight     # λ of the rounding regulariser (0.01)
 SEED = 0
 # -------------------------------------------------------------------------------------------------------------------
 
@@ -44,7 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, quantize_weights.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    config = cli.quant_of(args, run)
+    weights = quantize_weights.WeightSettings(args.weight_iters, args.recon_batch_size, args.round_weight, args.seed,
+                                              cli.cache_of(args))
+    quantize_weights.run(run, config, weights)
 
 
 if __name__ == "__main__":

@@ -13,27 +13,25 @@ unit inputs, or with --act_inputs quantized the quantized prefix's). Resumable a
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.cli import add_quant_args  # noqa: E402
 from pipeline.steps import quantize_activations  # noqa: E402
+from quant.api import QuantConfig  # noqa: E402
 
 # ---- defaults (edit here or override with flags) ---------------------------------------------------------------
 PRESET = "fashion"
 W_BITS = 4
 A_BITS = 8
 SM_ABIT = None            # attention-matmul quantization (Q-Diffusion --sm_abit); None: off, as in D²-DPM
-POLICY = "d2dpm"
+POLICY = QuantConfig.policy   # "d2dpm"
 CHANNEL_WISE = False
 ACT_ITERS = None          # step-size iterations per unit (None: the preset's; paper 5,000)
 ACT_INIT_SAMPLES = None   # calibration inputs for the initial ranges (None: the preset's; paper 32)
-RECON_BATCH_SIZE = 16     # D²-DPM: 16
-LR = 4e-4
-P_NORM = 2.4
+RECON_BATCH_SIZE = quantize_activations.ActivationSettings.batch_size   # D²-DPM: 16
+LR = quantize_activations.ActivationSettings.lr   # 4e-4
+P_NORM = quantize_activations.ActivationSettings.p   # 2.4
 ACT_INPUTS = "fp"         # each unit's inputs during step learning: "fp" (D²-DPM) or "quantized" (the quantized
                           # prefix, weights and activations on: Q-Diffusion / BRECQ's asymmetric reconstruction)
 SEED = 0
@@ -70,7 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, quantize_activations.run)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    config = cli.quant_of(args, run)
+    acts = quantize_activations.ActivationSettings(
+        args.act_iters, args.act_init_samples, args.recon_batch_size, args.lr, args.p, args.seed, args.act_inputs,
+        args.running_stat, args.rs_batch_size, cli.cache_of(args))
+    quantize_activations.run(run, config, acts)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.modules.diffusionmodules.ddim_checkpoint import fetch_released  # noqa: E402
@@ -171,8 +169,7 @@ def run(args: argparse.Namespace) -> None:
         sample += ["--sample_reverse", "--reverse_interval", str(args.sample_reverse)]
     sample += ["--seed", str(args.seed)] + (["--n_samples", str(args.max_images)]
                                             if args.max_images is not None else [])
-    evaluation_samples.preflight(generate_evaluation_samples_dist.parse_args(sample),   # every flag, before work
-                                 generate_evaluation_samples_dist.PRESET)
+    generate_evaluation_samples_dist.preflight(generate_evaluation_samples_dist.parse_args(sample))  # before work
     if args.ptq and args.cali_ckpt is not None:
         place_cali_ckpt(args, common + bits)
     elif args.ptq:

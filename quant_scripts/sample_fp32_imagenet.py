@@ -11,10 +11,7 @@ preset's values (configs/presets/<name>.yaml); the constants below are the scrip
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline import cli  # noqa: E402
 from pipeline.steps import sample_grid  # noqa: E402
@@ -42,7 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(parse_args(argv), PRESET, sample_grid.fp32_grid)
+    args = parse_args(argv)
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    grid = cli.grid_of(args)
+    sample_grid.fp32_grid(run, grid, cli.check_precision_args(args))
 
 
 if __name__ == "__main__":

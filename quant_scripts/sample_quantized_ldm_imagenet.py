@@ -19,10 +19,7 @@ PNG. Grids go to .../w{b}a{b}/samples/.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import cli  # noqa: E402
 from pipeline.steps import sample_grid  # noqa: E402
@@ -56,7 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    cli.run_script(sample_grid.compare_defaults(parse_args(argv)), PRESET, sample_grid.quantized_grid)
+    args = parse_args(argv)
+    if args.compare and args.n_samples_per_class is None:   # --compare: one sample per class unless told otherwise
+        args.n_samples_per_class = 1
+    cli.apply_preset(args, PRESET)
+    run = cli.run_of(args)
+    grid = cli.grid_of(args)
+    tag = cli.tag_of(args)
+    sample_grid.quantized_grid(run, grid, cli.sampler_of(args, run.sampling.steps, compare=args.compare), tag, compare=args.compare)
 
 
 if __name__ == "__main__":

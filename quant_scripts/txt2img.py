@@ -36,10 +36,8 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.fileio import atomic_path  # noqa: E402
 from ldm.precision import Precision  # noqa: E402
@@ -238,10 +236,7 @@ def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.
         (["--packed", args.packed] if args.packed else [])
     ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []) + run_flags)
     cli.apply_preset(ns, PRESET)
-    for key in ("prompt", "n_iter", "n_rows", "H", "W", "C", "f", "skip_grid", "skip_save", "no_progress"):
-        setattr(ns, key, getattr(args, key))
     ns.n_samples = N_SAMPLES if args.n_samples is None else args.n_samples
-    ns.image_dir = Path(args.outdir)
     if args.prompt is not None:
         ns.prompt_list = (args.prompt,)
     ns.a_bits = args.act_bit if args.ptq and args.quant_act else None
@@ -308,13 +303,17 @@ def run(args: argparse.Namespace) -> None:
                                   f"(--ddim_steps)")
     if args.eval is not None:   # step 7's flags and plan, checked before any image is written
         with cli.flag_names({"--n_samples": "--eval"}):
-            evaluation_samples.preflight(generate_evaluation_samples_dist.parse_args(eval_flags(args, common)),
-                                         generate_evaluation_samples_dist.PRESET)
+            generate_evaluation_samples_dist.preflight(
+                generate_evaluation_samples_dist.parse_args(eval_flags(args, common)))
     if args.ptq and args.cali_ckpt is not None and args.packed is None:
         place_cali_ckpt(args, ns)
     elif args.ptq and args.packed is None:
         quantize(args, common, len(family.prompts), steps)
-    txt2img.run(ns)
+    images = txt2img.ImageSettings(Path(args.outdir), args.seed, ns.n_samples, args.n_iter, args.n_rows,
+                                   single=args.prompt is not None, size=(args.C, args.H, args.W, args.f),
+                                   skip_grid=args.skip_grid, skip_save=args.skip_save, progress=not args.no_progress)
+    run_ = cli.run_of(ns)
+    txt2img.run(run_, images, cli.sampler_of(ns, run_.sampling.steps), cli.quant_tag(ns, weights_only=ns.a_bits is None))
     if args.eval is not None:
         with cli.flag_names({"--n_samples": "--eval"}):
             generate_evaluation_samples_dist.main(eval_flags(args, common))

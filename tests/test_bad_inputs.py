@@ -41,8 +41,7 @@ def fashion_quant_path(outdir: Path) -> Path:
     from pipeline import cli
     ns = load_script(SCRIPTS / "export_packed.py", "bad_inputs_export_ns").parse_args(["--outdir", str(outdir)])
     cli.apply_preset(ns, "fashion")
-    cli.check_sampling_args(ns)
-    return cli.layout(ns).quant(cli.quant_tag(ns))
+    return cli.run_of(ns).layout.quant(cli.tag_of(ns))
 
 
 def test_export_packed_never_writes_over_its_input_or_a_directory(tmp_path, capsys):

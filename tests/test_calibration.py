@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tiny_models
+from ldm.models.diffusion.settings import SamplingSettings
 from ldm.models.diffusion.ddim import DDIMSchedule
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from quant.calibration import TimestepDistribution, collect_calibration_set, draw_subset
@@ -30,7 +31,7 @@ def test_uniform_subset_is_even_and_normal_is_skewed_early():
 
 def test_recorded_inputs_are_the_sampler_inputs(tiny):
     labels = [0, 1, 2, 3, 0, 1]
-    data = collect_calibration_set(tiny, labels, n=30, steps=5, eta=0.0, scale=3.0,
+    data = collect_calibration_set(tiny, labels, n=30, settings=SamplingSettings(5, 0.0, 3.0),
                                    distribution=TimestepDistribution.UNIFORM, seed=3, batch_size=4, progress=False)
     assert data["x"].shape == (30, 3, 8, 8) and data["t"].shape == (30,) and data["c"].shape == (30, 1, 16)
     grid = DDIMSchedule.make(tiny.alphas_cumprod, 5, 0.0).timesteps
@@ -45,7 +46,7 @@ def test_recorded_inputs_are_the_sampler_inputs(tiny):
     x_T = torch.randn((6, 3, 8, 8), generator=torch.Generator().manual_seed(3))
     for x in data["x"][first]:
         assert (x_T - x).abs().amax(dim=(1, 2, 3)).min() < 1e-6
-    again = collect_calibration_set(tiny, labels, n=30, steps=5, eta=0.0, scale=3.0,
+    again = collect_calibration_set(tiny, labels, n=30, settings=SamplingSettings(5, 0.0, 3.0),
                                     distribution=TimestepDistribution.UNIFORM, seed=3, batch_size=6, progress=False)
     # other batching: the same inputs, up to float summation order
     assert torch.equal(again["t"], data["t"])

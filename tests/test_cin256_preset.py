@@ -1,7 +1,7 @@
 """The cin256 preset's full-size settings are the ones benchmarks/cin256_rehearsal.py showed are needed, and every
 script's CUDA device gets exact FP32 numerics.
 
-The rehearsal (README, "Full-size rehearsal") measured on cin256-v2: step 2 peaks at 6.4 GiB of host memory
+The rehearsal (docs/cin256.md, "Full-size rehearsal") measured on cin256-v2: step 2 peaks at 6.4 GiB of host memory
 with 8 calibration rows (the model, its quantized weights and masks, the cache forward), and a no-grad forward holds
 ~52 MiB more per row. At the paper's 1,024 rows the largest reconstruction unit, output_blocks.9.0, caches its
 inputs and FP outputs: 12.0 GiB in float32, 6.0 GiB in the preset's float16. The budget of steps 2-3 is 16 GiB of
@@ -12,7 +12,6 @@ breaks the budget fails here.
 """
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
@@ -28,34 +27,36 @@ REST_BYTES = 7 * GiB
 FORWARD_BYTES_PER_ROW = 52 * 2 ** 20
 
 
-def parsed(script: str, *argv: str) -> argparse.Namespace:
+def parsed(script: str, *argv: str):
+    """The reconstruction caches a step script's flags and preset give (``pipeline.cli.cache_of``)."""
     from pipeline import cli
     mod = load_script(REPO / "quant_scripts" / f"{script}.py")
     args = mod.parse_args(list(argv))
     cli.apply_preset(args, mod.PRESET)
-    cli.check_quant_args(args)
-    return args
+    return cli.cache_of(args)
 
 
 @pytest.mark.parametrize("script", ["quantize_weight", "quantize_weight_activation"])
 def test_cin256_caches_are_float16_in_batches_of_32_and_fashion_keeps_the_defaults(script):
     cin = parsed(script, "--preset", "cin256")
-    assert (cin.cache_dtype, cin.cache_batch_size) == ("float16", 32)
-    for args in (parsed(script, "--preset", "fashion"), parsed(script)):   # (fashion is the default preset)
-        assert (args.cache_dtype, args.cache_batch_size) == ("float32", 128)
+    assert (cin.dtype, cin.batch_size) == ("float16", 32)
+    for cache in (parsed(script, "--preset", "fashion"), parsed(script)):   # (fashion is the default preset)
+        assert (cache.dtype, cache.batch_size) == ("float32", 128)
     flags = parsed(script, "--preset", "cin256", "--cache_dtype", "float32", "--cache_batch_size", "8")
-    assert (flags.cache_dtype, flags.cache_batch_size) == ("float32", 8)     # flags win
+    assert (flags.dtype, flags.batch_size) == ("float32", 8)     # flags win
 
 
 def unit_cache_elements() -> dict[str, int]:
     """Per reconstruction unit of cin256-v2 under the default policy: elements of one row of its input and output
     caches (what RowCache holds per calibration input), from a forward on the meta device."""
     from ldm.util import instantiate_from_config, load_config
+    from pipeline.families.compvis_ldm import ClassConditionalLDM
     from quant.api import QuantConfig, quantize
     from quant.reconstruction import _bind, find_units
     cfg = load_config(REPO / "configs" / "latent-diffusion" / "cin256-v2.yaml").model.params.unet_config
     with torch.device("meta"):
-        qm = quantize(instantiate_from_config(cfg).eval(), QuantConfig(w_bits=4, a_bits=8))
+        qm = quantize(instantiate_from_config(cfg).eval(), QuantConfig(w_bits=4, a_bits=8),
+                      specials=ClassConditionalLDM().quant_specials())
     units, sizes = find_units(qm), {}
 
     def hook(name):

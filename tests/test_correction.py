@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tiny_models
+from ldm.models.diffusion.settings import SamplingSettings
 from correction.d2 import DeterministicD2, StochasticD2, absorb_variance, eps_coefficient
 from correction.gaussian import GaussianFit, Granularity, fit_gaussian
 from correction.ptqd import PTQDCorrection, PTQDFit, fit_ptqd
@@ -423,7 +424,7 @@ def test_corrected_sampling_moves_the_fake_quantized_model_back_to_fp(tiny, tmp_
 
     def run(correction=None, q=True):
         g = torch.Generator().manual_seed(123)
-        return sample_latents(tiny, labels, steps=steps, eta=eta, scale=scale, batch_size=6, generator=g,
+        return sample_latents(tiny, labels, settings=SamplingSettings(steps, eta, scale), batch_size=6, generator=g,
                               model_fn=fake_quantized(tiny, 1) if q else None, correction=correction,
                               progress=False)
 
@@ -502,7 +503,8 @@ def test_zero_statistics_give_plain_ddim_bit_for_bit(tiny_model_eta):
     def run(correction):
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
-            return sample_latents(model, [0, 1], steps=6, eta=eta, scale=3.0, generator=g, correction=correction,
+            return sample_latents(model, [0, 1], settings=SamplingSettings(6, eta, 3.0),
+                                  generator=g, correction=correction,
                                   progress=False)
     plain = run(None)
     assert torch.equal(run(DeterministicD2(zero)), plain)

@@ -26,31 +26,32 @@ def run_demo(outdir, *extra):
     return proc, time.perf_counter() - t0
 
 
-def test_update_readme_replaces_only_its_own_section(tmp_path):
+def test_update_results_page_replaces_only_its_own_section(tmp_path):
     from quant_scripts import demo
     report = tmp_path / "report.md"
     report.write_text("# title\n\nConditions: N 10.\n\n## Sample quality\n\n| a |\n\n## Wall time\n\n"
                       "| stage | seconds |\n| **total** | 90.0 |\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("top\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\nmid\n"
-                      "<!-- demo-qncd-results:start -->\nold\n<!-- demo-qncd-results:end -->\nend\n")
-    assert demo.update_readme(report, readme, tag="demo-qncd-results")
-    text = readme.read_text()
+    page = tmp_path / "page.md"
+    page.write_text("top\n<!-- demo-results:start -->\nold\n<!-- demo-results:end -->\nmid\n"
+                    "<!-- demo-qncd-results:start -->\nold\n<!-- demo-qncd-results:end -->\nend\n")
+    assert demo.update_results_page(report, page, tag="demo-qncd-results")
+    text = page.read_text()
     assert text.startswith("top\n<!-- demo-results:start -->\nold\n") and text.endswith("end\n")
     qncd = text.split("<!-- demo-qncd-results:start -->")[1].split("<!-- demo-qncd-results:end -->")[0]
-    assert "Conditions: N 10." in qncd and "#### Sample quality" in qncd and "1.5 min" in qncd and "old" not in qncd
-    assert not demo.update_readme(report, readme, tag="missing")
+    assert "Conditions: N 10." in qncd and "1.5 min" in qncd and "old" not in qncd
+    assert "### Sample quality" in qncd and "#### " not in qncd   # a subsection of the page's "## ..." section
+    assert not demo.update_results_page(report, page, tag="missing")
 
 
-def test_update_readme_keeps_only_the_sections_asked(tmp_path):
+def test_update_results_page_keeps_only_the_sections_asked(tmp_path):
     from quant_scripts import demo
     report = tmp_path / "report.md"
     report.write_text("# t\n\nConditions: N 10.\n\n## Sample quality\n\nbig table\n\n## Bit-width sweep\n\n| row |\n\n"
                       "## Paired fidelity\n\nmore\n\n## Wall time\n\n| **total** | 60.0 |\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- demo-bits-results:start -->\nold\n<!-- demo-bits-results:end -->\n")
-    assert demo.update_readme(report, readme, tag="demo-bits-results", keep=["Bit-width sweep"])
-    text = readme.read_text()
+    page = tmp_path / "page.md"
+    page.write_text("<!-- demo-bits-results:start -->\nold\n<!-- demo-bits-results:end -->\n")
+    assert demo.update_results_page(report, page, tag="demo-bits-results", keep=["Bit-width sweep"])
+    text = page.read_text()
     assert "Conditions: N 10." in text and "### Bit-width sweep\n\n| row |" in text
     assert "big table" not in text and "more" not in text and "1.0 min" in text
 

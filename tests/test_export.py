@@ -9,8 +9,11 @@ import torch
 import tiny_models
 from quant.export import pack_bits, pack_quant_model, unpack_bits, unpack_weights
 from quant.layers import WeightRounding
+from pipeline.families.compvis_ldm import ClassConditionalLDM
 from quant.model import QuantModel
-from quant.policy import d2dpm_policy
+
+SPECIALS = ClassConditionalLDM().quant_specials()   # the family of the tiny class-conditional LDM
+d2dpm_policy = SPECIALS.policy("d2dpm")
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
@@ -33,7 +36,7 @@ def test_packed_weights_equal_the_fake_quantized_ones():
     unet = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND)).model.diffusion_model
     sizes = {}
     for bits in (4, 8):
-        qm = QuantModel(unet, w_bits=bits, a_bits=None).init_weights_()
+        qm = QuantModel(unet, w_bits=bits, a_bits=None, specials=SPECIALS).init_weights_()
         if bits == 4:  # a hard AdaRound layer: codes use the learned round-up mask
             name, layer = next((n, m) for n, m in qm.quant_layers() if m.w_scheme.bits == 4)
             layer.init_adaround_()
@@ -63,7 +66,7 @@ def test_packed_file_alone_rebuilds_the_fake_quant_model(smoothed):
     cfg = tiny_models.config(tiny_models.CLASS_COND)
     model = tiny_models.build(cfg)
     config = QuantConfig(w_bits=4, a_bits=8, granularity=PerChannel(0), split_shortcut=True)
-    qm = quantize(model.model.diffusion_model, config, quantize_all_policy)
+    qm = quantize(model.model.diffusion_model, config, quantize_all_policy, specials=SPECIALS)
     if smoothed:
         apply_smoothing_(qm, {n: torch.rand(b.out_layers[3].weight.shape[1]) + 0.5 for n, b in resblocks(qm)})
     qm.init_weights_()
@@ -81,9 +84,10 @@ def test_packed_file_alone_rebuilds_the_fake_quant_model(smoothed):
     ref = qm(x, t, context=c)
     packed = pack_quant_model(qm)
     other = tiny_models.build(cfg, seed=1).model.diffusion_model     # other weights: all replaced from the file
-    rebuilt = load_packed(other, packed, config, quantize_all_policy)
+    rebuilt = load_packed(other, packed, config, quantize_all_policy, specials=SPECIALS)
     assert any(isinstance(m, ChannelSmoothing) for m in rebuilt.modules()) == smoothed
     assert torch.equal(rebuilt(x, t, context=c), ref)
     with pytest.raises(ValueError, match="does not fit"):    # another layer policy: the layer sets differ
         load_packed(tiny_models.build(cfg, seed=1).model.diffusion_model, packed, config,
-                    lambda n, m: quantize_all_policy(n, m) if "input_blocks" not in n else d2dpm_policy(n, m))
+                    lambda n, m: quantize_all_policy(n, m) if "input_blocks" not in n else d2dpm_policy(n, m),
+                    specials=SPECIALS)

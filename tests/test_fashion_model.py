@@ -8,6 +8,7 @@ import torch
 from conftest import REPO
 from evaluation.fashion_classifier import compute_features, load_fashion_classifier
 from evaluation.fashion_reference import DEFAULT_OUT
+from ldm.models.diffusion.settings import SamplingSettings
 from ldm.models.autoencoder import VQModelInterface
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.encoders.modules import ClassEmbedder
@@ -40,7 +41,8 @@ def test_short_guided_sampling_gives_finite_recognisable_images(fashion, classif
     """One short FP32 run: 2 samples of each class, 10 DDIM steps, scale 3."""
     labels = [c for c in range(10) for _ in range(2)]
     g = torch.Generator().manual_seed(0)
-    z = sample_latents(fashion, labels, steps=10, eta=0.0, scale=3.0, generator=g, batch_size=20, progress=False)
+    z = sample_latents(fashion, labels, settings=SamplingSettings(10, 0.0, 3.0),
+                       generator=g, batch_size=20, progress=False)
     images = decode_latents(fashion, z)
     assert images.shape == (20, 1, 32, 32) and torch.isfinite(images).all()
     assert images.std() > 0.2  # not a constant image

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ldm.models.diffusion.settings import SamplingSettings
 
 from conftest import REPO, error_line, load_script, run_main
 from evaluation import generation as G
@@ -241,7 +242,7 @@ def test_samples_are_the_decoded_latents_of_their_batch_seed(reference, tiny):
     cfg, ckpt = tiny["cond"]
     model = load_model_from_config(load_config(cfg), ckpt)
     batch = G.Plan(N, BATCH, SEED, CLASSES).batch(1)
-    z = sample_latents(model, batch.labels.tolist(), steps=STEPS, eta=0.0, scale=3.0, batch_size=BATCH,
+    z = sample_latents(model, batch.labels.tolist(), settings=SamplingSettings(STEPS, 0.0, 3.0), batch_size=BATCH,
                        generator=torch.Generator().manual_seed(batch.seed), progress=False)
     images = to_uint8(decode_latents(model, z))
     s = load_samples(reference["dir"] / G.SAMPLES)

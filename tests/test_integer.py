@@ -16,6 +16,7 @@ import torch.nn as nn
 import tiny_models
 from integer_checks import assert_integer_is_fake_quant, require_exact_int_mm
 from conftest import REPO
+from pipeline.families.compvis_ldm import ClassConditionalLDM
 from quant.api import QuantConfig, quantize
 from quant import integer
 from quant.integer import Backend, FloatWeightLayer, IntegerLayer, int8_weight, onednn_int8_exact, to_integer_
@@ -166,7 +167,8 @@ def test_whole_unet_integer_equals_fake_quant(w_bits, backend, int8_exact, monke
     torch.set_num_threads(1)   # conftest restores the thread count after each test
     model = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND))
     unet = model.model.diffusion_model
-    qm = quantize(unet, QuantConfig(w_bits=w_bits, a_bits=8, granularity=PerChannel(0))).init_weights_()
+    qm = quantize(unet, QuantConfig(w_bits=w_bits, a_bits=8, granularity=PerChannel(0)),
+                  specials=ClassConditionalLDM().quant_specials()).init_weights_()
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3, 8, 8), torch.randint(0, 1000, (2,)),
                 model.get_learned_conditioning({"class_label": torch.tensor([0, 1])})) for _ in range(2)]

@@ -12,6 +12,7 @@ from PIL import Image
 import tiny_models
 from conftest import REPO, error_line, load_script, run_main
 from integer_checks import assert_integer_is_fake_quant
+from ldm.models.diffusion.settings import SamplingSettings
 from correction.gaussian import GaussianFit, Granularity
 from pipeline.artifacts import ArtifactMismatch, file_fingerprint
 from pipeline.families import family_for
@@ -140,7 +141,7 @@ def test_every_variant_builds_and_samples(pipe, scripts):
         v = build(name)
         assert v.quantized == (name != "fp32") and (v.fit is None) == (name in ("fp32", "none", "qncd"))
         g = torch.Generator().manual_seed(0)
-        outs[name] = sample_latents(model, [0, 1, 2], steps=STEPS, eta=0.0, scale=3.0, generator=g,
+        outs[name] = sample_latents(model, [0, 1, 2], settings=SamplingSettings(STEPS, 0.0, 3.0), generator=g,
                                     model_fn=v.model_fn, correction=v.correction_for(torch.Generator().manual_seed(1)),
                                     progress=False)
         assert torch.isfinite(outs[name]).all(), name
@@ -261,11 +262,11 @@ def test_packed_file_alone_rebuilds_the_quantized_unet(pipe, scripts, capsys):
     expect = {"model": common[1], "ckpt": file_fingerprint(common[3]), "steps": STEPS, "eta": 0.0, "scale": 3.0,
               "w_bits": 4, "a_bits": 8, "sm_abit": None}
     full = family.load(cfg, common[3], device=torch.device("cpu"))
-    ref_qm, _ = load_quant_model(family.unet(full), run / "w4a8" / "quant_w4a8.pt", expect)
+    ref_qm, _ = load_quant_model(family.unet(full), run / "w4a8" / "quant_w4a8.pt", expect, family=family)
     bare = family.load(cfg, common[3], device=torch.device("cpu"), without_unet=True)
     name, w = next(iter(family.unet(full).state_dict().items()))
     assert not torch.equal(family.unet(bare).state_dict()[name], w)   # the UNet did not come from the checkpoint
-    qm, _ = load_packed_model(family.unet(bare), path, expect)
+    qm, _ = load_packed_model(family.unet(bare), path, expect, family=family)
     torch.manual_seed(0)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 801])
     c = full.get_learned_conditioning({"class_label": torch.tensor([0, 3])})

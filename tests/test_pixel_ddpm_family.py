@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, SHARED, require_shared
+from ldm.models.diffusion.settings import SamplingSettings, sample
 from correction.gaussian import Granularity, fit_gaussian
 from correction.d2 import DeterministicD2
 from correction.statistics import NoiseStatistics, SamplingConfig, collect_noise_statistics
@@ -19,9 +20,10 @@ from ldm.models.diffusion.ddim import DDIMSampler, model_schedule, sample_ddim
 from ldm.models.diffusion.generalized import GeneralizedDDPM
 from ldm.util import CheckpointError, load_config
 from pipeline.families import family_for
+from pipeline.families.pixel_ddpm import PIXEL_DDPM_SPECIALS
 from quant.calibration import TimestepDistribution, collect_calibration_set
-from quant.model import QuantModel, shortcut_splits
-from quant.policy import Precision, d2dpm_policy
+from quant.model import QuantModel
+from quant.policy import Precision
 from quant.reconstruction import find_units
 from quant.smoothing import apply_smoothing_, smoothing_factors
 
@@ -54,46 +56,63 @@ def test_the_yml_layout_selects_the_family():
 
 @pytest.mark.parametrize("grid", ["quad", "uniform"])
 def test_the_familys_sampler_reproduces_the_original(family_model, io, grid):
-    """DDIMSampler (the CompVis interface every pipeline step uses) on the family's model = generalized_steps."""
+    """The project's sampling (one SamplingSettings, its grid included) on the family's model = generalized_steps;
+    the model's own default grid is left alone."""
     family, model = family_model
     inputs, outputs = io
-    family.use_grid(model, grid)
+    default = model.grid
     steps, key = (100, "sample.quad100.f32.x0") if grid == "quad" else (10, "sample.uniform.f32.x0")
-    x0, _ = DDIMSampler(model, model_fn=family.model_fn(model)).sample(
-        S=steps, batch_size=2, shape=(3, 32, 32), x_T=inputs["x_T"], eta=0.0, verbose=False)
+    settings = SamplingSettings(steps, 0.0, 1.0, grid)
+    x0 = sample(family.model_fn(model), inputs["x_T"], settings.schedule(model), settings)
     ref = outputs[key]
     assert (x0 - ref).abs().max() <= SAMPLE_RTOL * ref.abs().max()
+    assert model.grid == default
+
+
+def test_pipeline_sample_latents_samples_on_the_settings_grid(family_model, io):
+    """Issue 30's bug: pipeline.generate.sample_latents took SamplingSettings(grid="quad") and sampled on whatever
+    grid the model had (a fresh model: uniform; max |Δ| 144 against the quad reference). The grid is the settings'."""
+    from pipeline.generate import sample_latents
+    family, model = family_model
+    inputs, outputs = io
+    assert model.grid == "uniform"
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 3, 32, 32, generator=gen)
+    quad = SamplingSettings(100, 0.0, 1.0, "quad")
+    got = sample_latents(family, model, None, settings=quad, n=2, batch_size=2, progress=False,
+                         generator=torch.Generator().manual_seed(0))
+    want = sample(family.model_fn(model), x_T, quad.schedule(model), quad)
+    uniform = sample(family.model_fn(model), x_T, model_schedule(model, 100, 0.0), quad)
+    assert torch.equal(got, want)
+    assert (got - uniform).abs().max() > 1.0   # the two grids differ visibly: the old result is not this one
 
 
 def test_the_corrected_grid_is_an_explicit_choice(family_model):
     family, model = family_model
-    family.use_grid(model, "quad")
-    assert len(model_schedule(model, 100, 0.0)) == 100           # the original: repeats run
-    family.use_grid(model, "quad-corrected")
-    s = model_schedule(model, 100, 0.0)
+    assert len(model_schedule(model, 100, 0.0, grid="quad")) == 100           # the original: repeats run
+    s = SamplingSettings(100, 0.0, 1.0, "quad-corrected").schedule(model)
     assert len(set(s.timesteps.tolist())) == len(s) == 97          # rounded, de-duplicated
-    family.use_grid(model, "quad")
 
 
 def test_calibration_and_statistics_with_repeated_timesteps(family_model):
     family, model = family_model
-    family.use_grid(model, "quad")
-    schedule = model_schedule(model, 100, 0.0)
+    quad = SamplingSettings(100, 0.0, 1.0, "quad")
+    schedule = quad.schedule(model)
     counts = {t: schedule.timesteps.tolist().count(t) for t in set(schedule.timesteps.tolist())}
     n_traj = 2
-    data = collect_calibration_set(model, None, n=100 * n_traj, steps=100, eta=0.0, scale=1.0,
+    data = collect_calibration_set(model, None, n=100 * n_traj, settings=quad,
                                    distribution=TimestepDistribution.UNIFORM, seed=0, n_unconditional=n_traj,
                                    batch_size=2, progress=False, model_fn=family.model_fn(model))
     got = torch.bincount(data["t"], minlength=1000)
     assert all(got[t] == c * n_traj for t, c in counts.items())   # every visit of a repeated t recorded
 
-    cfg = SamplingConfig.for_model(model, 100, 0.0, 1.0)
+    cfg = SamplingConfig.for_run(model, quad)
     assert cfg.length == 100 and len(cfg.timesteps) == 96
     assert SamplingConfig.from_dict(cfg.to_dict()) == cfg
     fp = family.model_fn(model)
     noisy = lambda x, t, c: fp(x, t, c) * 1.01 + 0.001  # noqa: E731  (a "quantized" model with a known bias)
     stats = collect_noise_statistics(model, noisy, NoiseStatistics(cfg), None, n=2, batch_size=2, progress=False,
-                                     fp_model_fn=fp)
+                                     fp_model_fn=fp, settings=quad)
     assert stats.samples.tolist() == [2] * 96                         # a repeat counted once per trajectory
     fit = fit_gaussian(stats, Granularity.CHANNEL, outlier_k=None)
     corr = DeterministicD2(fit)
@@ -104,21 +123,22 @@ def test_calibration_and_statistics_with_repeated_timesteps(family_model):
 
 def test_quantization_knows_the_ermongroup_blocks(family_model):
     family, model = family_model
-    unet = family.unet(model)
+    unet, specials = family.unet(model), family.quant_specials()
+    assert specials is PIXEL_DDPM_SPECIALS
     names = dict(unet.named_modules())
-    policy = {n: d2dpm_policy(n, m) for n, m in names.items()}
+    policy = {n: specials.policy("d2dpm")(n, m) for n, m in names.items()}
     assert policy["conv_in"] is policy["conv_out"] is policy["temb.dense.0"] is Precision.EIGHT_BIT
     assert policy["down.0.downsample.conv"] is Precision.FP32
     assert policy["down.1.block.0.nin_shortcut"] is Precision.FP32
     assert policy["down.0.block.0.conv1"] is policy["mid.attn_1.q"] is Precision.TARGET
-    qm = QuantModel(unet, 4, 8)
+    qm = QuantModel(unet, 4, 8, specials=specials)
     units = [u.name for u in find_units(qm)]
     assert "mid.block_1" in units and "mid.attn_1" in units and "up.1.attn.0" in units
     # split: [h ; skip] halves of every decoder shortcut's input (fixture README: 128→64, 96→64, 96→32, 64→32)
-    assert shortcut_splits(unet) == {"up.1.block.0.nin_shortcut": 64, "up.1.block.1.nin_shortcut": 64,
+    assert specials.shortcut_splits(unet) == {"up.1.block.0.nin_shortcut": 64, "up.1.block.1.nin_shortcut": 64,
                                      "up.0.block.0.nin_shortcut": 64, "up.0.block.1.nin_shortcut": 32}
     with pytest.raises(ValueError, match="no CrossAttention or QKVAttention"):
-        QuantModel(unet, 4, 8, sm_abit=8)
+        QuantModel(unet, 4, 8, sm_abit=8, specials=specials)
 
 
 def test_smoothing_of_resnet_blocks_is_exact(fx, family_model):
@@ -128,10 +148,10 @@ def test_smoothing_of_resnet_blocks_is_exact(fx, family_model):
     unet = family.unet(model)
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([10, 700])
     before = unet(x, t)
-    factors = smoothing_factors(unet, torch.arange(0, 1000, 50))
+    factors = smoothing_factors(unet, torch.arange(0, 1000, 50), specials=family.quant_specials())
     assert len(factors) == 8 and all(f.shape[0] == unet.get_submodule(n).conv2.in_channels
                                      for n, f in factors.items())
-    apply_smoothing_(unet, factors)
+    apply_smoothing_(unet, factors, specials=family.quant_specials())
     assert torch.allclose(unet(x, t), before, atol=1e-4, rtol=1e-5)
 
 
@@ -148,7 +168,7 @@ def test_grid_flags_on_an_ldm_are_refused(small_dir):
     from ldm.util import UserFacingError
     config = load_config(small_dir / "config.yaml")
     with pytest.raises(UserFacingError, match="--skip_type quad: .* CompVis uniform grid only"):
-        family_for(config).use_grid(None, "quad")
+        family_for(config).check_steps(config, 20, "quad")
 
 
 def run_script(*argv: str) -> subprocess.CompletedProcess:
@@ -208,8 +228,7 @@ def test_a_probe_due_on_a_repeated_timestep_moves_to_the_next_real_step(family_m
     to t adds no noise. It must move to i = 99 (t = 0 -> ᾱ = 1), not measure ε̂ − z on an un-noised x."""
     from correction.qncd import QNCDProbe
     family, model = family_model
-    family.use_grid(model, "quad")
-    schedule = model_schedule(model, 100, 0.0)
+    schedule = model_schedule(model, 100, 0.0, grid="quad")
     fp = family.model_fn(model)
     probe = QNCDProbe(interval=10)
     eps_fn = lambda x, t, step: fp(x, t, None) + 0.05  # noqa: E731  (a known bias of 0.05)
@@ -231,7 +250,7 @@ def test_reconstruction_leaves_an_eval_unet_in_eval_mode(fx):
     unet = Model(cfg)
     unet.load_state_dict(torch.load(fx / "model.pt", weights_only=True))
     unet.eval()
-    qm = QuantModel(unet, 8, None, copy_model=False)
+    qm = QuantModel(unet, 8, None, copy_model=False, specials=PIXEL_DDPM_SPECIALS)
     assert not qm.training
     g = torch.Generator().manual_seed(0)
     data = CalibrationData(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 1000, (8,), generator=g),

@@ -13,12 +13,14 @@ from omegaconf import OmegaConf
 
 import tiny_models
 from conftest import REPO
+from ldm.models.diffusion.settings import SamplingSettings
 from correction.gaussian import Granularity
 from correction.qncd import QNCDProbe, bias_estimate, probe_steps, renoise
 from ldm.models.diffusion.ddim import DDIMSampler, DDIMSchedule, ddim_step, sample_ddim
 from ldm.models.diffusion.plms import PLMSSampler, plms_eps, plms_first_eps, sample_plms
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
+from pipeline.families.compvis_ldm import ClassConditionalLDM
 from quant.model import QuantModel
 from quant.quantizer import ScaleSearch
 from quant.smoothing import (ChannelSmoothing, Formula, apply_smoothing_, conv_input_ranges, load_smoothing_,
@@ -26,6 +28,7 @@ from quant.smoothing import (ChannelSmoothing, Formula, apply_smoothing_, conv_i
 
 FASHION = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
 GRID20 = torch.arange(1, 1000, 50)  # the 20-step DDIM grid: the calibration timesteps
+SPECIALS = ClassConditionalLDM().quant_specials()   # cin256-v2, the embedded default, the tiny LDM: CompVis UNets
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +66,7 @@ def fashion_unet():
 
 
 def ranges(unet, batches) -> dict[str, float]:
-    return {n: hi - lo for n, (lo, hi) in conv_input_ranges(unet, batches).items()}
+    return {n: hi - lo for n, (lo, hi) in conv_input_ranges(unet, batches, specials=SPECIALS).items()}
 
 
 # ---- smoothing ---------------------------------------------------------------------------------------------------
@@ -77,10 +80,10 @@ def test_smoothing_is_exact_in_fp_on_cin256_and_narrows_the_second_conv_inputs()
     with torch.no_grad():
         y0 = unet(*batch[0][:2], context=batch[0][2])
     r0 = ranges(unet, batch)
-    factors = smoothing_factors(unet, GRID20)
-    assert set(factors) == {n for n, _ in resblocks(unet)} and len(factors) == 22
+    factors = smoothing_factors(unet, GRID20, specials=SPECIALS)
+    assert set(factors) == {n for n, _ in resblocks(unet, specials=SPECIALS)} and len(factors) == 22
     assert max(float(s.max()) for s in factors.values()) > 1.5  # channels whose embedding stands out of its group
-    apply_smoothing_(unet, factors)
+    apply_smoothing_(unet, factors, specials=SPECIALS)
     with torch.no_grad():
         y1 = unet(*batch[0][:2], context=batch[0][2])
     r1 = ranges(unet, batch)
@@ -97,16 +100,17 @@ def test_smoothing_is_exact_in_fp_on_the_embedded_default(formula):
     c = table[torch.arange(8) % 11][:, None]
     with torch.no_grad():
         y0 = unet(x, t, context=c)
-    factors = smoothing_factors(unet, [(x, t, c)], formula=formula)
-    apply_smoothing_(unet, factors)
+    factors = smoothing_factors(unet, [(x, t, c)], formula=formula, specials=SPECIALS)
+    apply_smoothing_(unet, factors, specials=SPECIALS)
     with torch.no_grad():
         assert rel_err(unet(x, t, context=c), y0) <= 1e-5
     if formula is Formula.CODE:
         # 32 GroupNorm groups over 32 or 64 channels: the standardized embedding is 0 or ±1, so the code's S = γ
-        for name, block in resblocks(unet):
+        for name, block in resblocks(unet, specials=SPECIALS):
             torch.testing.assert_close(factors[name], block.out_layers[0].weight.detach())
     else:  # the paper's S would be 0 where every group has one channel: those blocks stay unsmoothed
-        assert {n for n, b in resblocks(unet) if b.out_layers[0].num_channels == 32}.isdisjoint(factors)
+        one_per_group = {n for n, b in resblocks(unet, specials=SPECIALS) if b.out_layers[0].num_channels == 32}
+        assert one_per_group.isdisjoint(factors)
 
 
 def test_smoothing_effect_measures_range_and_both_sides_of_the_trade():
@@ -116,9 +120,9 @@ def test_smoothing_effect_measures_range_and_both_sides_of_the_trade():
     unet, table = fashion_unet()
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(16, 3, 8, 8, generator=g), GRID20[torch.arange(16) % 20], table[torch.arange(16) % 10][:, None])]
-    name, block = resblocks(unet)[0]
+    name, block = resblocks(unet, specials=SPECIALS)[0]
     c = block.out_layers[3].weight.shape[1]
-    twos = smoothing_effect(unet, {name: torch.full((c,), 2.0)}, batches)[name]
+    twos = smoothing_effect(unet, {name: torch.full((c,), 2.0)}, batches, specials=SPECIALS)[name]
     assert twos["range"][1] == pytest.approx(twos["range"][0] / 2, rel=1e-6)
     for before, after in (*twos["act_sqnr_db"].values(), twos["weight_sqnr_db"]):
         assert after == pytest.approx(before, abs=1e-3)
@@ -127,13 +131,13 @@ def test_smoothing_effect_measures_range_and_both_sides_of_the_trade():
         block.out_layers[0].bias[5] = block.out_layers[0].bias[5] * 50 + 50  # SiLU passes it: a positive outlier
     s = torch.ones(c)
     s[5] = 50.0
-    e = smoothing_effect(unet, {name: s}, batches, a_bits=(6,))[name]
+    e = smoothing_effect(unet, {name: s}, batches, a_bits=(6,), specials=SPECIALS)[name]
     assert e["range"][1] < e["range"][0] / 10
     assert e["act_sqnr_db"][6][1] > e["act_sqnr_db"][6][0] + 10
     assert e["weight_sqnr_db"][1] < e["weight_sqnr_db"][0] - 1
     with pytest.raises(ValueError, match="unsmoothed FP UNet"):
-        apply_smoothing_(unet, {name: s})
-        smoothing_effect(unet, {name: s}, batches)
+        apply_smoothing_(unet, {name: s}, specials=SPECIALS)
+        smoothing_effect(unet, {name: s}, batches, specials=SPECIALS)
 
 
 @pytest.mark.parametrize("formula", list(Formula))
@@ -148,9 +152,9 @@ def test_smoothing_is_exact_in_fp_on_scale_shift_resblocks(formula):
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([51, 901])
     with torch.no_grad():
         y0 = unet(x, t)
-        factors = smoothing_factors(unet, GRID20, formula=formula)
-        assert factors and all(b.use_scale_shift_norm for _, b in resblocks(unet))
-        apply_smoothing_(unet, factors)
+        factors = smoothing_factors(unet, GRID20, formula=formula, specials=SPECIALS)
+        assert factors and all(b.use_scale_shift_norm for _, b in resblocks(unet, specials=SPECIALS))
+        apply_smoothing_(unet, factors, specials=SPECIALS)
         assert rel_err(unet(x, t), y0) <= 1e-5
 
 
@@ -158,13 +162,13 @@ def test_smoothing_on_a_quant_model_keeps_the_fp_path_and_feeds_the_activation_q
     unet = copy.deepcopy(tiny.model.diffusion_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # trained-like GroupNorm affines, some γ negative: S takes their sign
-        for _, block in resblocks(unet):
+        for _, block in resblocks(unet, specials=SPECIALS):
             block.out_layers[0].weight.copy_(torch.randn(block.out_layers[0].weight.shape, generator=g))
     x, c = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 1, 16, generator=g)
     t = torch.tensor([1, 301, 601, 951])
     with torch.no_grad():
         y_fp = unet(x, t, context=c)
-    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX)
+    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
     factors = smoothing_factors(qm, GRID20)
     name = next(iter(factors))
     conv = qm.model.get_submodule(name).out_layers[3]
@@ -186,7 +190,7 @@ def test_smoothing_on_a_quant_model_keeps_the_fp_path_and_feeds_the_activation_q
         assert rel_err(unet(x, t, context=c), y_fp) == 0  # the FP UNet it was copied from is untouched
     with pytest.raises(ValueError, match="already smoothed"):
         apply_smoothing_(qm, factors)
-    late = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX).init_weights_()
+    late = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS).init_weights_()
     with pytest.raises(RuntimeError, match="before init_weights_"):
         apply_smoothing_(late, factors)
 
@@ -196,14 +200,15 @@ def test_smoothing_state_round_trip_is_exact_with_the_quantized_state(tiny):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.tensor([1, 301, 601, 951]),
                 torch.randn(4, 1, 16, generator=g))]
-    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX)
+    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
     apply_smoothing_(qm, smoothing_factors(qm, batches, formula=Formula.PAPER))
     qm.init_weights_().calibrate_activations_(batches).set_quant_state(weight=True, act=True)
     buf = io.BytesIO()
     torch.save({"smoothing": smoothing_state(qm), "quant_state": qm.quant_state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    fresh = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX)  # from the checkpoint's weights again
+    # from the checkpoint's weights again
+    fresh = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
     load_smoothing_(fresh, saved["smoothing"])
     fresh.load_quant_state_dict_(saved["quant_state"]).set_quant_state(weight=True, act=True)
     for (n, a), b in zip(qm.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
@@ -460,7 +465,7 @@ def test_probe_binds_itself_to_the_ddim_loop_and_costs_its_schedule():
     probe = QNCDProbe(5, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        out = sample_latents(model, [0, 1, 2], steps=10, eta=0.0, scale=3.0, batch_size=3, generator=g,
+        out = sample_latents(model, [0, 1, 2], settings=SamplingSettings(10, 0.0, 3.0), batch_size=3, generator=g,
                              model_fn=counting, correction=probe, progress=False)
     assert torch.isfinite(out).all()
     assert len(calls) == 10 + probe.extra_calls(10) == 12

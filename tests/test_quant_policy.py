@@ -1,13 +1,18 @@
-"""The layer policy on the cin256-v2 UNet (built on the meta device)."""
+"""The layer policies on the cin256-v2 UNet (built on the meta device), as the CompVis family provides them."""
 from __future__ import annotations
 
 from collections import Counter
 
+import pytest
 import torch
 
 from conftest import REPO
 from ldm.util import instantiate_from_config, load_config
-from quant.policy import QUANTIZABLE, Precision, d2dpm_policy, quantize_all_policy
+from pipeline.families.compvis_ldm import ClassConditionalLDM
+from quant.policy import POLICIES, QUANTIZABLE, Precision, quantize_all_policy
+
+SPECIALS = ClassConditionalLDM().quant_specials()
+d2dpm_policy = SPECIALS.policy("d2dpm")
 
 
 def test_d2dpm_policy_on_cin256():
@@ -29,3 +34,9 @@ def test_d2dpm_policy_on_cin256():
     assert counts[Precision.TARGET] == len(roles) - 21
     assert all(quantize_all_policy(n, unet.get_submodule(n)) is Precision.TARGET for n in roles)
     assert d2dpm_policy("norm", torch.nn.GroupNorm(32, 64)) is Precision.FP32
+    sd = SPECIALS.policy("qncd-sd")
+    assert [n for n in roles if sd(n, unet.get_submodule(n)) is Precision.FP32] == \
+        [n for n in roles if ".transformer_blocks." in n]
+    assert set(SPECIALS.policies) == set(POLICIES)             # every policy name the CLI offers
+    with pytest.raises(ValueError, match="unknown layer policy 'nope'; this model family knows"):
+        SPECIALS.policy("nope")

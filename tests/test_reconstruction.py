@@ -11,13 +11,19 @@ import torch
 import tiny_models
 from conftest import REPO
 from pipeline.artifacts import ArtifactMismatch, save_artifact
+from ldm.models.diffusion.settings import SamplingSettings
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
+from pipeline.families.compvis_ldm import ClassConditionalLDM
 from pipeline.layout import partial_path
 from pipeline.quantize import load_quant_model, resumable_reconstruct
 from quant.policy import Precision
 from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, RowCache, capture_unit_io,
                                   find_units, reconstruct_, sqnr_db)
+
+
+FAMILY = ClassConditionalLDM()   # the tiny LDM's family
+SPECIALS = FAMILY.quant_specials()
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def data(tiny):
     from quant.calibration import TimestepDistribution, collect_calibration_set
-    cal = collect_calibration_set(tiny, [0, 1, 2, 3] * 4, n=96, steps=5, eta=0.0, scale=3.0,
+    cal = collect_calibration_set(tiny, [0, 1, 2, 3] * 4, n=96, settings=SamplingSettings(5, 0.0, 3.0),
                                   distribution=TimestepDistribution.UNIFORM, seed=0, n_holdout=32, progress=False)
     cpu = torch.device("cpu")
     return (CalibrationData(cal["x"], cal["t"], cal["c"], cpu),
@@ -37,7 +43,7 @@ def data(tiny):
 
 
 def fresh(tiny, w_bits=4, a_bits=None) -> QuantModel:
-    return QuantModel(tiny.model.diffusion_model, w_bits=w_bits, a_bits=a_bits).init_weights_()
+    return QuantModel(tiny.model.diffusion_model, w_bits=w_bits, a_bits=a_bits, specials=SPECIALS).init_weights_()
 
 
 def test_units_follow_module_order_and_skip_eight_bit_layers(tiny):
@@ -165,11 +171,11 @@ def test_artifact_round_trip_and_mismatch(tiny, data, w4, tmp_path):
     qm.set_quant_state(weight=True, act=True)
     meta = {"model": "tiny", "ckpt": "x", "w_bits": 4, "a_bits": 8, "policy": "d2dpm", "channel_wise": False}
     path = save_artifact(tmp_path / "q.pt", "quant", meta, {"quant_state": qm.quant_state_dict()})
-    loaded, got = load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 4, "a_bits": 8})
+    loaded, got = load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 4, "a_bits": 8}, family=FAMILY)
     x, t, c = next(held.batches(16))
     assert torch.equal(loaded(x, t, context=c), qm(x, t, context=c))
     with pytest.raises(ArtifactMismatch, match="w_bits=4.*w_bits=8"):
-        load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 8})
+        load_quant_model(tiny.model.diffusion_model, path, {"w_bits": 8}, family=FAMILY)
 
 
 # ---- the scripts --------------------------------------------------------------------------------------------------
@@ -239,8 +245,8 @@ def test_qncd_smoothing_through_steps_2_and_3(tiny, tmp_path):
     art = torch.load(path, weights_only=True)
     assert art["meta"]["smoothing"] == "code" and art["smoothing"]["factors"]
     unet = tiny.model.diffusion_model
-    qm, _ = load_quant_model(unet, path, {"smoothing": "code", "a_bits": 8})
-    again, _ = load_quant_model(unet, path, {"smoothing": "code"})
+    qm, _ = load_quant_model(unet, path, {"smoothing": "code", "a_bits": 8}, family=FAMILY)
+    again, _ = load_quant_model(unet, path, {"smoothing": "code"}, family=FAMILY)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)
     c = tiny.get_learned_conditioning({"class_label": torch.tensor([0, 1, 2, 3])}).detach()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ldm.models.diffusion.settings import SamplingSettings
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -240,13 +241,14 @@ def test_plms_calibration_records_the_step_inputs(text_model):
     conditioner = family.conditioner(model, 7.5)
     labels = [0, 1]
     seen = []
-    sample_latents(model, labels, steps=5, eta=0.0, scale=7.5, batch_size=2, progress=False,
-                   generator=torch.Generator().manual_seed(0), conditioner=conditioner, sampler_cls=PLMSSampler,
+    sample_latents(model, labels, settings=SamplingSettings(5, 0.0, 7.5, plms=True), batch_size=2, progress=False,
+                   generator=torch.Generator().manual_seed(0), conditioner=conditioner,
                    shape=(4, 8, 8), model_fn=lambda x, t, c: (seen.append((int(t[0]), x.clone())),
                                                               model.apply_model(x, t, c))[1])
-    data = collect_calibration_set(model, labels, n=2 * 2 * 5, steps=5, eta=0.0, scale=7.5, seed=0, batch_size=2,
+    data = collect_calibration_set(model, labels, n=2 * 2 * 5, settings=SamplingSettings(5, 0.0, 7.5, plms=True),
+                                   seed=0, batch_size=2,
                                    distribution=TimestepDistribution.UNIFORM, progress=False,
-                                   conditioner=conditioner, sampler_cls=PLMSSampler)
+                                   conditioner=conditioner)
     step_inputs = [x for k, (t, x) in enumerate(seen) if k != 1]   # call 1 is the Euler look-ahead
     c, uc = conditioner(labels)
     for i, x in enumerate(step_inputs):

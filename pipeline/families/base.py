@@ -3,8 +3,9 @@
 
 Steps 1-7 only talk to a family through this interface, so a family is one module (``pipeline/families/<name>.py``)
 and adding one touches nothing in ``quant/`` or ``correction/``: quantization sees a UNet (``nn.Module`` with the
-``(x, t, context=..., y=...)`` signature and ResBlock / transformer units ``quant.reconstruction.find_units`` knows),
-correction sees ``(x, t, c) -> ε`` functions and DDIM steps.
+``(x, t, context=..., y=...)`` signature) and the family's ``quant_specials()`` (its reconstruction units, smoothing
+sites, shortcut splits and layer policies: ``quant.specials.QuantSpecials``), correction sees ``(x, t, c) -> ε``
+functions and DDIM steps. ``COMPVIS_SPECIALS``, those of CompVis' ``UNetModel``, are the default.
 """
 from __future__ import annotations
 
@@ -16,14 +17,77 @@ import torch
 import torch.nn as nn
 
 from ldm.models.diffusion.ddim import DDIMSampler, ModelFn
+from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample, ResBlock
+from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.sample import Conditioner
 from ldm.util import ConfigError, UserFacingError, load_model_from_config
+from quant.policy import D2DPMPolicy, ExcludeParts, quantize_all_policy
+from quant.specials import QuantSpecials, SmoothingSite
 
 
 def config_target(config: Any) -> str:
     """The ``model.target`` class path of a CompVis config ('' when there is none)."""
     model = config.get("model") if hasattr(config, "get") else None
     return str(model.get("target", "")) if hasattr(model, "get") else ""
+
+
+# ---- quantization specials of CompVis' UNetModel (openaimodel.py) ---------------------------------------------------
+
+def compvis_time_embedding(unet: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """emb = time_embed(sinusoid(t)), what every ResBlock's emb_layers read. A UNet with class embedding
+    (``num_classes``: emb also holds label_emb(y)) is refused: its embedding is not a function of t alone."""
+    if getattr(unet, "num_classes", None) is not None:
+        raise ValueError("smoothing factors need the class labels of a UNet with num_classes (label_emb); only UNets "
+                         "conditioned through context (cin256-v2, the embedded default) are supported")
+    param = next(unet.parameters())
+    t_emb = timestep_embedding(t.to(param.device), unet.model_channels, repeat_only=False).to(param.dtype)
+    return unet.time_embed(t_emb)
+
+
+def compvis_shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """{fqn of a decoder ResBlock's skip conv: channels of h in its concatenated input [h ; skip]}.
+
+    The UNet pushes every input block's output on a stack and each output block pops one: output block i gets the
+    skip of input block −(i + 1). An input block's output channels are those of its last channel-changing module.
+    """
+    chans = []
+    for block in unet.input_blocks:
+        c = None
+        for m in block:
+            if isinstance(m, (ResBlock, Downsample)):
+                c = m.out_channels
+            elif isinstance(m, nn.Conv2d):
+                c = m.weight.shape[0]
+        chans.append(c)
+    splits = {}
+    for i, block in enumerate(unet.output_blocks):
+        res = block[0]
+        if isinstance(res, ResBlock) and isinstance(res.skip_connection, nn.Conv2d):
+            splits[f"output_blocks.{i}.0.skip_connection"] = res.channels - chans[-(i + 1)]
+    return splits
+
+
+def resblock_embedding(block: nn.Module, emb: torch.Tensor) -> torch.Tensor:
+    return block.emb_layers(emb)
+
+
+def resblock_is_film(block: nn.Module) -> bool:
+    return bool(block.use_scale_shift_norm)
+
+
+# ResBlock: e = emb_layers(emb); out_layers = [GroupNorm, SiLU, Dropout, conv] (QNCD smooths the conv's input)
+COMPVIS_SMOOTHING = SmoothingSite(ResBlock, norm="out_layers.0", conv="out_layers.3", slot="out_layers.2",
+                                  time_embedding=compvis_time_embedding, block_embedding=resblock_embedding,
+                                  scale_shift=resblock_is_film)
+COMPVIS_SPECIALS = QuantSpecials(
+    unit_types=(ResBlock, BasicTransformerBlock, AttentionBlock),   # AttentionBlock: LSUN-style legacy attention
+    smoothing_sites=(COMPVIS_SMOOTHING,),
+    shortcut_splits=compvis_shortcut_splits,
+    policies={"d2dpm": D2DPMPolicy(eight_bit=("time_embed.0", "input_blocks.0.0", "out.2"),  # embedding, in, out
+                                   fp32_parts=("skip_connection",), fp32_suffixes=(".op",)),  # 1×1 skips, Downsample
+              "all": quantize_all_policy,
+              "qncd-sd": ExcludeParts(("transformer_blocks",))})
 
 
 class ModelFamily:
@@ -36,7 +100,6 @@ class ModelFamily:
 
     name = "abstract"
     description = ""
-    sampler_cls: type[DDIMSampler] = DDIMSampler  # the family's default loop (--plms picks PLMS for a run)
     takes_prompts = False   # a text family: conditions index the run's prompt list (``with_prompts``)
 
     # ---- recognising and loading ----------------------------------------------------------------------------
@@ -83,6 +146,11 @@ class ModelFamily:
         """``unet`` (e.g. a QuantModel) behind the family's conditioning routing, as ``(x, t, c) -> ε``."""
         raise NotImplementedError
 
+    def quant_specials(self) -> QuantSpecials:
+        """What quantization must know of ``unet``'s network (BRECQ units, QNCD smoothing sites, Q-Diffusion shortcut
+        splits, the layer policies by name); passed to ``quant.api.quantize``. Default: CompVis' UNetModel."""
+        return COMPVIS_SPECIALS
+
     def model_fn(self, model: nn.Module) -> ModelFn:
         """The full-precision denoiser ``(x, t, c) -> ε``."""
         return self.unet_model_fn(model, self.unet(model))
@@ -114,10 +182,14 @@ class ModelFamily:
         return scale
 
     def check_steps(self, config: Any, steps: int, grid: str | None) -> None:
-        """Whether the family's timestep grid takes ``steps`` (read from the config alone, before anything is built;
-        one line naming --steps otherwise). CompVis: the uniform grid ``range(0, T, T // S) + 1``, whose +1 offset
-        must stay below T (so S from T/2 + 1 to T, and a few others, are refused)."""
+        """Whether the family's timestep grid ``grid`` (None: its default) takes ``steps`` (read from the config alone,
+        before anything is built; one line naming the flag otherwise). CompVis: one grid, the uniform
+        ``range(0, T, T // S) + 1``, whose +1 offset must stay below T (so S from T/2 + 1 to T, and a few others, are
+        refused); any other grid is refused."""
         from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+        if grid is not None:
+            raise UserFacingError(f"--skip_type {grid.replace('-corrected', ' --corrected_grid')}: the {self.name} "
+                                  f"family samples on the CompVis uniform grid only; drop --skip_type")
         try:
             num_timesteps = int(config.model.params.get("timesteps", 1000))
         except (AttributeError, TypeError, ValueError):
@@ -126,13 +198,6 @@ class ModelFamily:
             make_ddim_timesteps("uniform", steps, num_timesteps)
         except ValueError as e:
             raise UserFacingError(f"--steps {steps}: {e}") from None
-
-    def use_grid(self, model: nn.Module, grid: str | None) -> None:
-        """Sample ``model`` on the timestep grid ``grid`` (``--skip_type``; None: the family's default). The CompVis
-        families have one grid, CompVis' uniform one; anything else is refused in one line."""
-        if grid is not None:
-            raise UserFacingError(f"--skip_type {grid.replace('-corrected', ' --corrected_grid')}: the {self.name} "
-                                  f"family samples on the CompVis uniform grid only; drop --skip_type")
 
     def latent_shape(self, model: nn.Module) -> tuple[int, ...]:
         return (model.channels, model.image_size, model.image_size)

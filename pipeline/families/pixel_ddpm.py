@@ -6,6 +6,7 @@ The config is the ermongroup yml (``configs/cifar10.yml``: ``data`` / ``model`` 
 ``target``); the checkpoint a plain ``state_dict`` of the ``Model`` keys (the released file's format), loaded
 strictly and weights-only. ``load`` returns a ``generalized.GeneralizedDDPM``: the UNet with its β schedule and the
 timestep grid (``--skip_type``), whose ``sampling_schedule`` every loop, calibration and statistics run uses.
+Its quantization specials (``PIXEL_DDPM_SPECIALS``) name the ``Model``'s own blocks and layers.
 """
 from __future__ import annotations
 
@@ -18,13 +19,63 @@ import torch.nn as nn
 from ldm.models.diffusion.ddim import ModelFn
 from ldm.models.diffusion.generalized import GeneralizedDDPM, get_beta_schedule, parse_grid, timestep_sequence
 from ldm.modules.diffusionmodules.ddim_checkpoint import RELEASED, load_unet_state, verify_md5
-from ldm.modules.diffusionmodules.ddim_unet import Model, UNetSpec
+from ldm.modules.diffusionmodules.ddim_unet import Model, UNetSpec, get_timestep_embedding
+from ldm.modules.diffusionmodules.model import AttnBlock, ResnetBlock, nonlinearity
 from ldm.util import ConfigError, UserFacingError
 from pipeline.families.base import ModelFamily
+from quant.policy import D2DPMPolicy, quantize_all_policy
+from quant.specials import QuantSpecials, SmoothingSite
 
 
 def _section(config: Any, name: str) -> Any:
     return config.get(name) if hasattr(config, "get") else None
+
+
+def pixel_time_embedding(unet: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """temb = dense1(swish(dense0(sinusoid(t)))) (the ermongroup sinusoid: sin first), what every temb_proj reads."""
+    param = next(unet.parameters())
+    t_emb = get_timestep_embedding(t.to(param.device), unet.ch).to(param.dtype)
+    return unet.temb.dense[1](nonlinearity(unet.temb.dense[0](t_emb)))
+
+
+def resnet_block_embedding(block: nn.Module, temb: torch.Tensor) -> torch.Tensor:
+    return block.temb_proj(nonlinearity(temb))
+
+
+def takes_embedding(block: nn.Module) -> bool:
+    return hasattr(block, "temb_proj")
+
+
+def pixel_shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """{fqn of a decoder ResnetBlock's nin_shortcut: channels of h in its input [h ; skip]}: the decoder blocks take
+    cat([h, hs.pop()]); the stack holds conv_in's output, every encoder block's and every Downsample's, in order."""
+    spec = unet.spec
+    skips = [spec.ch]
+    for i, mult in enumerate(spec.ch_mult):
+        skips += [spec.ch * mult] * spec.num_res_blocks + ([spec.ch * mult] if i != len(spec.ch_mult) - 1 else [])
+    splits = {}
+    for i in reversed(range(len(spec.ch_mult))):
+        for j, block in enumerate(unet.up[i].block):
+            skip = skips.pop()
+            if isinstance(getattr(block, "nin_shortcut", None), nn.Conv2d):
+                splits[f"up.{i}.block.{j}.nin_shortcut"] = block.in_channels - skip
+    return splits
+
+
+# ResnetBlock: e = temb_proj(swish(temb)) added after conv1, then norm2, swish, dropout, conv2 (QNCD smooths conv2's
+# input, as in the LDM ResBlock); a block without temb_proj takes no embedding and is no site
+PIXEL_DDPM_SPECIALS = QuantSpecials(
+    unit_types=(ResnetBlock, AttnBlock),
+    smoothing_sites=(SmoothingSite(ResnetBlock, norm="norm2", conv="conv2", slot="dropout",
+                                   time_embedding=pixel_time_embedding,
+                                   block_embedding=resnet_block_embedding, applies=takes_embedding),),
+    shortcut_splits=pixel_shortcut_splits,
+    # the same roles as the LDM UNet's under the released CIFAR-10 checkpoint's names; no transformer blocks, so
+    # QNCD's SD policy quantizes every layer here
+    policies={"d2dpm": D2DPMPolicy(eight_bit=("temb.dense.0", "conv_in", "conv_out"), fp32_parts=("nin_shortcut",),
+                                   fp32_suffixes=("downsample.conv",)),
+              "all": quantize_all_policy,
+              "qncd-sd": quantize_all_policy})
 
 
 class PixelDDPM(ModelFamily):
@@ -68,6 +119,9 @@ class PixelDDPM(ModelFamily):
     def unet(self, model: nn.Module) -> nn.Module:
         return model.model
 
+    def quant_specials(self) -> QuantSpecials:
+        return PIXEL_DDPM_SPECIALS
+
     def unet_model_fn(self, model: nn.Module, unet: nn.Module) -> ModelFn:
         def model_fn(x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
             return unet(x, t)   # unconditional: cond is always None
@@ -84,11 +138,6 @@ class PixelDDPM(ModelFamily):
             timestep_sequence(skip, steps, num_timesteps, corrected=corrected)
         except ValueError as e:
             raise UserFacingError(f"--steps {steps}: {e}; pass --steps 1..{num_timesteps}") from None
-
-    def use_grid(self, model: nn.Module, grid: str | None) -> None:
-        if grid is not None:
-            parse_grid(grid)
-            model.grid = grid
 
     def decode(self, model: nn.Module, z: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """The sample is the image ([-1, 1], ``data.rescaled``); a grayscale model's channel is repeated to RGB."""

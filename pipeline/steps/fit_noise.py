@@ -2,21 +2,20 @@
 the per-timestep plot (the paper's Fig. 2) and a table."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from correction.gaussian import GaussianFit, Granularity, gaussian_from_moments
-from correction.ptqd import ptqd_from_moments
+from correction.gaussian import GaussianFit, Granularity
 from correction.statistics import Moments, NoiseStatistics, SamplingConfig
 from evaluation.plots import noise_statistics_figure
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline import cli
 from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
-from pipeline.layout import partial_path
-from pipeline.sampling import (GAUSSIAN_KIND, NOISE_STATS_KIND, PTQD_KIND, STATS_SCRIPT, check_present,
-                               quant_expect)
+from pipeline.basics import check_at_least, ensure_writable_dir
+from pipeline.corrections import FitKind, fit_artifacts
+from pipeline.layout import QuantTag, partial_path
+from pipeline.run import Run
+from pipeline.sampling import NOISE_STATS_KIND, STATS_SCRIPT, check_present, quant_expect
 from pipeline.steps.noise_statistics import UNCORRECTED
 
 
@@ -71,7 +70,7 @@ def print_table(tensor_fit, channel_fit, ptqd_fit) -> None:
           f"{channel_fit.rho.min():.4f}..{channel_fit.rho.max():.4f}")
 
 
-def load_statistics(args: argparse.Namespace, layout, tag, want: dict) -> dict:
+def load_statistics(layout, tag, want: dict) -> dict:
     """Step 4's artifact, made on the quantized model that is there now."""
     qpath, spath = layout.quant(tag), layout.noise_stats(tag)
     try:
@@ -84,56 +83,73 @@ def load_statistics(args: argparse.Namespace, layout, tag, want: dict) -> dict:
         raise
 
 
-def fits_current(paths: dict, meta: dict, force: bool) -> bool:
-    """Whether the three fits hold these settings (the one reuse check, per artifact)."""
-    current = (is_current(paths[g], GAUSSIAN_KIND, {**meta, "granularity": g}, force, None)
-               for g in ("tensor", "channel"))
-    if all(current) and is_current(paths["ptqd"], PTQD_KIND, {k: v for k, v in meta.items() if k != "outlier_k"},
-                                   force, None):
-        print(f"{paths['ptqd'].parent} already holds these fits; skipping (--force to redo)")
+FitPaths = dict[tuple[FitKind, Granularity | None], Path]
+
+
+def fit_paths(layout, tag) -> FitPaths:
+    """Where each fit of every registered kind (per granularity) goes, in the order step 5 writes them:
+    gaussian_tensor.pt, gaussian_channel.pt, ptqd.pt."""
+    return {(kind, g): layout.fit(tag, kind, g) for kind, g in fit_artifacts()}
+
+
+def fits_current(paths: FitPaths, meta: dict, force: bool) -> bool:
+    """Whether every fit holds these settings (the one reuse check, per artifact)."""
+    if all(is_current(p, kind.kind, kind.meta(meta, g), force, None) for (kind, g), p in paths.items()):
+        print(f"{next(iter(paths.values())).parent} already holds these fits; skipping (--force to redo)")
         return True
     return False
 
 
-def run(args: argparse.Namespace) -> None:
-    cli.check_sampling_args(args)
-    cli.check_bits(args)
-    cli.check_positive(args, "outlier_k", minimum=0)
-    base = cli.model_meta(args)
-    layout, tag = cli.layout(args), cli.quant_tag(args)
+def write_fits(paths: FitPaths, meta: dict, moments: dict, raw: Moments, sampling: SamplingConfig,
+               k: float | None) -> dict:
+    """Fit and save each artifact of ``paths`` with its kind's fitter and meta: a filtered kind from the k·σ-filtered
+    ``moments`` of its granularity (tensor-wise thresholds for a kind without one), the others (PTQD) from the
+    ``raw`` moments. Returns {(kind, granularity): fit}."""
+    fits = {}
+    for (kind, g), path in paths.items():
+        m = moments[(g or Granularity.TENSOR).value] if kind.filtered else raw
+        fits[kind, g] = fit = kind.fitter(m, g, sampling, k if kind.filtered else None)
+        save_artifact(path, kind.kind, kind.meta(meta, g), {"fit": fit.to_dict()})
+    return fits
+
+
+def run(run: Run, tag: QuantTag, outlier_k: float | None = None) -> Path:
+    """Fit (or reuse) every registered fit of the quantized model ``tag`` from its step-4 statistics, with the
+    k·σ filter ``outlier_k`` (None: step 4's; 0: none), and draw Fig. 2; returns the folder."""
+    check_at_least("outlier_k", outlier_k, minimum=0)
+    base = run.meta()
+    layout = run.layout
     spath = layout.noise_stats(tag)
     check_present([UNCORRECTED], layout, tag)
-    cli.ensure_writable_dir(spath.parent)
+    ensure_writable_dir(spath.parent)
     want = quant_expect(base, tag)
-    obj = load_statistics(args, layout, tag, want)
+    obj = load_statistics(layout, tag, want)
     smeta = obj["meta"]
     stats = NoiseStatistics.from_state_dict(obj["state"])
     sampling: SamplingConfig = stats.sampling
     if list(sampling.timesteps) != sorted(set(smeta["timesteps"])) or sampling.length != len(smeta["timesteps"]):
         raise ArtifactMismatch(f"{spath}: its statistics and its meta name different timesteps; rerun {STATS_SCRIPT}")
-    k = (smeta.get("outlier_k") or 0.0) if args.outlier_k is None else args.outlier_k
+    k = (smeta.get("outlier_k") or 0.0) if outlier_k is None else outlier_k
     meta = {**want, "timesteps": list(smeta["timesteps"]), "quant": smeta["quant"],
             "noise_stats": file_fingerprint(spath), "n": smeta["n"], "outlier_k": k or None}
-    paths = {"tensor": layout.gaussian(tag, "tensor"), "channel": layout.gaussian(tag, "channel"),
-             "ptqd": layout.ptqd(tag)}
+    paths = fit_paths(layout, tag)
     png = layout.noise_plot(tag)
-    if png.exists() and fits_current(paths, meta, args.force):
-        return
+    if png.exists() and fits_current(paths, meta, run.force):
+        return spath.parent
 
+    s = run.sampling
     t0 = time.time()
     moments, k_used = filtered(obj, stats, k, layout.noise_stats_spill(tag))
-    fits = {g: gaussian_from_moments(moments[g], Granularity(g), sampling, k_used) for g in ("tensor", "channel")}
-    ptqd = ptqd_from_moments(stats.moments(), sampling)
-    for g, fit in fits.items():
-        save_artifact(paths[g], GAUSSIAN_KIND, {**meta, "granularity": g}, {"fit": fit.to_dict()})
-    save_artifact(paths["ptqd"], PTQD_KIND, {k_: v for k_, v in meta.items() if k_ != "outlier_k"},
-                  {"fit": ptqd.to_dict()})
+    written = write_fits(paths, meta, moments, stats.moments(), sampling, k_used)
+    fits = {g.value: written[FitKind.GAUSSIAN, g] for g in Granularity}
+    ptqd = written[FitKind.PTQD, None]
     filt = "no filter" if k_used is None else f"{k_used:g}σ filter"
     plot_noise(png, [fits["channel"], fits["tensor"]],
-               title=f"{args.preset_used} {tag.title()}: {smeta['n']} trajectories, {args.steps} steps, "
-                     f"η {args.eta:g}, scale {args.scale:g}, {filt}")
-    print(f"[{args.preset_used}] {tag.title()}, {smeta['n']} trajectories x {args.steps} steps, eta "
-          f"{args.eta:g}, scale {args.scale:g}, {'no' if k_used is None else f'{k_used:g}σ'} outlier filter")
+               title=f"{run.preset} {tag.title()}: {smeta['n']} trajectories, {s.steps} steps, "
+                     f"η {s.eta:g}, scale {s.scale:g}, {filt}")
+    print(f"[{run.preset}] {tag.title()}, {smeta['n']} trajectories x {s.steps} steps, eta "
+          f"{s.eta:g}, scale {s.scale:g}, {'no' if k_used is None else f'{k_used:g}σ'} outlier filter")
     print_table(fits["tensor"], fits["channel"], ptqd)
     print(f"wrote {', '.join(p.name for p in paths.values())} and {png.name} to {spath.parent} "
           f"({time.time() - t0:.1f} s)")
+    return spath.parent

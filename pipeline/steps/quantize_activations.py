@@ -3,121 +3,153 @@ initial ranges by the L2.4 clipping search, step sizes learned unit by unit (LSQ
 running-stat EMA ranges when asked."""
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline import cli
 from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact, save_timing
-from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, Stopwatch, finish_partial, load_calibration,
-                               make_quant_model, resumable_reconstruct)
+from pipeline.basics import check_at_least, ensure_writable_dir
+from pipeline.families import ModelFamily
+from pipeline.layout import QuantTag
+from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, CacheSettings, Stopwatch, finish_partial,
+                               load_calibration, make_quant_model, resumable_reconstruct)
+from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from pipeline.steps.quantize_weights import weight_meta
+from quant.api import QuantConfig
 from quant.reconstruction import Phase, ReconConfig, sqnr_db
 
 RS_MOMENTUM = 0.95        # Q-Diffusion / QNCD's EMA momentum
 RS_BATCH = 64             # their LDM chunk size for the EMA pass
 
 
-def check_args(args: argparse.Namespace) -> None:
-    cli.check_sampling_args(args)
-    cli.check_quant_args(args)
-    if args.running_stat == "softmax" and not args.sm_abit:
-        raise UserFacingError("--rs_sm_only updates the attention-softmax quantizers, which exist only with "
-                              "--sm_abit; add --sm_abit 8 (or 16), or use --running_stat")
+@dataclass(frozen=True)
+class ActivationSettings:
+    """Step 3's calibration: initial ranges from ``init_samples`` calibration inputs (the L2.4 clipping search),
+    then ``iters`` step-size iterations per unit (LSQ-style, D²-DPM §4.1: batch ``batch_size``, Adam ``lr``, L_p
+    loss ``p``; each unit's inputs from the FP model or, ``inputs`` "quantized", the quantized prefix), then QNCD's
+    ``running_stat`` EMA ranges (None, "all" or "softmax") in chunks of ``rs_batch_size``; ``seed``; the caches."""
+
+    iters: int
+    init_samples: int
+    batch_size: int = 16
+    lr: float = 4e-4
+    p: float = 2.4
+    seed: int = 0
+    inputs: str = "fp"
+    running_stat: str | None = None
+    rs_batch_size: int = RS_BATCH
+    cache: CacheSettings = CacheSettings()
+
+    def __post_init__(self):
+        check_at_least("act_init_samples", self.init_samples)
+        check_at_least("recon_batch_size", self.batch_size)
+        check_at_least("rs_batch_size", self.rs_batch_size)
+        check_at_least("act_iters", self.iters, minimum=0)   # 0: initial ranges only
+        check_at_least("lr", self.lr, minimum=1e-12)
+        check_at_least("p", self.p, minimum=1e-12)
+        if self.inputs not in ("fp", "quantized"):
+            raise UserFacingError(f"--act_inputs must be fp or quantized, got {self.inputs}")
+        if self.running_stat not in (None, "all", "softmax"):
+            raise UserFacingError(f"running_stat must be None, all or softmax, got {self.running_stat}")
 
 
-def activation_meta(args: argparse.Namespace, w_meta: dict, w_path) -> dict:
+def activation_meta(acts: ActivationSettings, config: QuantConfig, w_meta: dict, w_path) -> dict:
     """Step 2's meta plus every setting of this step (what an up-to-date step-3 artifact must match)."""
-    meta = {**w_meta, "a_bits": args.a_bits, "sm_abit": args.sm_abit, "weights": file_fingerprint(w_path),
-            "act_iters": args.act_iters, "act_init_samples": args.act_init_samples, "act_cache_dtype": args.cache_dtype,
-            "act_batch_size": args.recon_batch_size, "act_lr": args.lr, "act_p": args.p, "act_seed": args.seed,
-            "running_stat": args.running_stat, **({"rs_momentum": RS_MOMENTUM} if args.running_stat else {}),
+    rs = acts.running_stat
+    meta = {**w_meta, "a_bits": config.a_bits, "sm_abit": config.sm_abit, "weights": file_fingerprint(w_path),
+            "act_iters": acts.iters, "act_init_samples": acts.init_samples, "act_cache_dtype": acts.cache.dtype,
+            "act_batch_size": acts.batch_size, "act_lr": acts.lr, "act_p": acts.p, "act_seed": acts.seed,
+            "running_stat": rs, **({"rs_momentum": RS_MOMENTUM} if rs else {}),
             # (only when not the default, so artifacts made before the flag keep their keys)
-            **({"rs_batch_size": args.rs_batch_size} if args.running_stat and args.rs_batch_size != RS_BATCH
-               else {}),
+            **({"rs_batch_size": acts.rs_batch_size} if rs and acts.rs_batch_size != RS_BATCH else {}),
             # recorded when not D²-DPM's FP inputs / the default cache pass (earlier artifacts stay current)
-            **({"act_inputs": args.act_inputs} if args.act_inputs != "fp" else {}),
-            **({"act_cache_batch_size": args.cache_batch_size}
-               if args.cache_batch_size != cli.CACHE_BATCH_SIZE else {})}
+            **({"act_inputs": acts.inputs} if acts.inputs != "fp" else {}),
+            **acts.cache.meta("act_cache_batch_size")}
     for k in ("format", "version", "seconds"):
         meta.pop(k, None)
     return meta
 
 
-def running_stat_(qm, data, args: argparse.Namespace) -> None:
+def running_stat_(qm, data, acts: ActivationSettings) -> None:
     """QNCD's --running_stat: EMA ranges over the calibration set streamed through the fully quantized model."""
     # shuffled: the set is ordered by timestep, and an EMA over ordered data would keep the last timesteps' ranges
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed + 1))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(acts.seed + 1))
     shuffled = data.rows(order)
     qm.set_quant_state(weight=True, act=True)
-    qm.ema_activation_ranges_(tqdm(shuffled.batches(args.rs_batch_size), total=-(-len(data) // args.rs_batch_size),
+    qm.ema_activation_ranges_(tqdm(shuffled.batches(acts.rs_batch_size), total=-(-len(data) // acts.rs_batch_size),
                                    desc="running stat", unit="batch"),
-                              momentum=RS_MOMENTUM, softmax_only=args.running_stat == "softmax")
+                              momentum=RS_MOMENTUM, softmax_only=acts.running_stat == "softmax")
 
 
-def run(args: argparse.Namespace) -> None:
-    check_args(args)
-    base = cli.model_meta(args)
-    cli.model_family(args)
-    layout, tag = cli.layout(args), cli.quant_tag(args)
+def run(run: Run, config: QuantConfig, acts: ActivationSettings) -> Path:
+    """Quantize the activations of step 2's model (``config`` with its ``a_bits``, ``sm_abit``); returns the quant
+    artifact's path (reused when current, resumed after an interruption)."""
+    if acts.running_stat == "softmax" and not config.sm_abit:
+        raise UserFacingError("--rs_sm_only updates the attention-softmax quantizers, which exist only with "
+                              "--sm_abit; add --sm_abit 8 (or 16), or use --running_stat")
+    base = run.meta()
+    run.family   # noqa: B018  (a config of no known family stops here)
+    layout, tag = run.layout, QuantTag.of(config)
     w_path, out, cal_path = layout.quant(tag.weights), layout.quant(tag), layout.calibration
-    w_obj = load_artifact(w_path, QUANT_KIND, weight_meta(args, base), f"{WEIGHT_SCRIPT} --w_bits {args.w_bits}")
-    meta = activation_meta(args, w_obj["meta"], w_path)
-    if is_current(out, QUANT_KIND, {k: v for k, v in meta.items() if not k.startswith("sqnr")}, args.force,
+    w_obj = load_artifact(w_path, QUANT_KIND, weight_meta(base, config), f"{WEIGHT_SCRIPT} --w_bits {config.w_bits}")
+    meta = activation_meta(acts, config, w_obj["meta"], w_path)
+    if is_current(out, QUANT_KIND, {k: v for k, v in meta.items() if not k.startswith("sqnr")}, run.force,
                   "this quantized model"):
-        return
-    cli.ensure_writable_dir(out.parent)
-    device = cli.pick_device(args.device)
-    family, model = cli.load_model(args, device)
-    data, held, _ = load_calibration(cal_path, base, ddim_timesteps(model, args.steps, args.eta), device)
+        return out
+    ensure_writable_dir(out.parent)
+    device = run.torch_device()
+    family, model = run.load(device)
+    data, held, _ = load_calibration(cal_path, base, ddim_timesteps(model, run.sampling), device)
     if meta.get("calibration") != file_fingerprint(cal_path):
         raise ArtifactMismatch(f"{w_path} was reconstructed on another calibration set than {cal_path}; rerun "
-                               f"{WEIGHT_SCRIPT} --w_bits {args.w_bits}")
-    if args.act_init_samples > len(data):
-        raise UserFacingError(f"--act_init_samples {args.act_init_samples} exceeds the {len(data)} calibration "
+                               f"{WEIGHT_SCRIPT} --w_bits {config.w_bits}")
+    if acts.init_samples > len(data):
+        raise UserFacingError(f"--act_init_samples {acts.init_samples} exceeds the {len(data)} calibration "
                               f"inputs; lower it")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(acts.seed)
 
     t0 = time.time()
     # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
     with family.ema_scope(model):
-        calibrate_and_save(args, meta, w_obj, w_path, family.unet(model), data, held, out, t0, device)
+        calibrate_and_save(run, tag, acts, meta, w_obj, w_path, family.unet(model), data, held, out, t0, device,
+                           family)
+    return out
 
 
-def calibrate_and_save(args: argparse.Namespace, meta: dict, w_obj: dict, w_path, unet: torch.nn.Module, data,
-                       held, out, t0: float, device: torch.device) -> None:
+def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: dict, w_obj: dict, w_path,
+                       unet: torch.nn.Module, data, held, out, t0: float, device: torch.device,
+                       family: ModelFamily) -> None:
     """Activation ranges, step-size learning unit by unit (and QNCD's running stat), the SQNRs, the artifact."""
-    tag = cli.quant_tag(args)
-    qm = make_quant_model(unet, meta, w_obj, w_path, copy=False).to(device)
+    qm = make_quant_model(unet, meta, w_obj, w_path, copy=False, family=family).to(device)
     held = held or data
     init, sqnr = Stopwatch(), Stopwatch()
     sqnr_w = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=False)
     # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.act_init_samples]
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(acts.seed))[:acts.init_samples]
     qm.set_quant_state(weight=True)
     # (batches of at most 64, fewer where the preset's cache pass is smaller: cin256's per-row activations are large)
-    init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(min(64, args.cache_batch_size)))
+    init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(min(64, acts.cache.batch_size)))
     sqnr_init = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
-    stages = [f"step-size learning ({args.act_iters} iterations per unit)"] if args.act_iters else []
-    stages += [f"running stat ({args.running_stat})"] if args.running_stat else []
+    stages = [f"step-size learning ({acts.iters} iterations per unit)"] if acts.iters else []
+    stages += [f"running stat ({acts.running_stat})"] if acts.running_stat else []
     what = " + ".join(stages) or "initial ranges only"
-    print(f"[{args.preset_used}] {tag.title()}: SQNR W only {sqnr_w:.2f} dB, with initial activation ranges "
+    print(f"[{run.preset}] {tag.title()}: SQNR W only {sqnr_w:.2f} dB, with initial activation ranges "
           f"{sqnr_init:.2f} dB; now {what}, on {device}")
-    cfg = ReconConfig.activation_defaults(iters=args.act_iters, batch_size=args.recon_batch_size, lr=args.lr,
-                                          p=args.p, cache=cli.cache_spec(args), seed=args.seed,
-                                          cache_batch_size=args.cache_batch_size,
-                                          asym=args.act_inputs == "quantized")
+    cfg = ReconConfig.activation_defaults(iters=acts.iters, batch_size=acts.batch_size, lr=acts.lr, p=acts.p,
+                                          cache=acts.cache.spec(), seed=acts.seed,
+                                          cache_batch_size=acts.cache.batch_size, asym=acts.inputs == "quantized")
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \
-        if args.act_iters else []
-    if args.running_stat:
+        if acts.iters else []
+    if acts.running_stat:
         meta["sqnr_before_running_stat_db"] = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
-        running_stat_(qm, data, args)
+        running_stat_(qm, data, acts)
     sqnr_final = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
     payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}

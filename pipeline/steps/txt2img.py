@@ -9,8 +9,8 @@ fixes every image.
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +18,43 @@ import torch
 
 from evaluation.images import make_grid, save_png_numbered, to_uint8
 from ldm.util import UserFacingError
-from pipeline import cli
+from pipeline.basics import ensure_writable_dir
 from pipeline.generate import sample_images
+from pipeline.layout import QuantTag
+from pipeline.run import Run, SamplerChoice
 from pipeline.sampling import build_variant, check_present
 from pipeline.steps.sample_grid import CORRECTION_SEED_OFFSET, in_precision, precision_text
 
 
-def check_size(family, model, args: argparse.Namespace) -> None:
-    """--H/--W/--C/--f, when given, must describe the model's latent (it samples at its trained latent size)."""
+@dataclass(frozen=True)
+class ImageSettings:
+    """txt2img's own settings: PNGs into ``image_dir``/samples and a grid per run into ``image_dir``; batches of
+    ``n_samples`` prompts (``single``: the one prompt repeated), ``n_iter`` passes, grid rows of ``n_rows`` (0: the
+    batch); ``size`` (C, H, W, f; None where not given) checked against the model; seed for x_T and the noise."""
+
+    image_dir: Path
+    seed: int
+    n_samples: int = 3
+    n_iter: int = 1
+    n_rows: int = 0
+    single: bool = False
+    size: tuple[int | None, int | None, int | None, int | None] = (None, None, None, None)
+    skip_grid: bool = False
+    skip_save: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_dir", Path(self.image_dir))
+        for flag, minimum in (("n_samples", 1), ("n_iter", 1), ("n_rows", 0)):
+            if getattr(self, flag) < minimum:
+                raise UserFacingError(f"--{flag} must be >= {minimum}, got {getattr(self, flag)}")
+
+
+def check_size(family, model, size: tuple) -> None:
+    """--C/--H/--W/--f, when given, must describe the model's latent (it samples at its trained latent size)."""
     c, h, w = family.latent_shape(model)
     f = 2 ** (model.first_stage_model.encoder.num_resolutions - 1)
-    asked = (args.C or c, args.H or h * f, args.W or w * f, args.f or f)
+    asked = tuple(given or own for given, own in zip(size, (c, h * f, w * f, f), strict=True))
     if asked != (c, h * f, w * f, f):
         raise UserFacingError(f"--C {asked[0]} --H {asked[1]} --W {asked[2]} --f {asked[3]}: this model samples "
                               f"{c}x{h}x{w} latents, i.e. {h * f}x{w * f} images at f = {f}; drop the size flags")
@@ -50,57 +76,52 @@ def next_index(folder: Path, pattern: str) -> int:
     return len(list(folder.glob(pattern))) if folder.is_dir() else 0
 
 
-def run(args: argparse.Namespace) -> None:
-    settings = cli.check_sampling_args(args)
-    cli.check_positive(args, "n_samples", "n_iter")
-    cli.check_positive(args, "n_rows", minimum=0)   # (0: --n_samples per row)
-    quantized = args.sampler != "fp32"
-    if quantized:
-        cli.check_bits(args)
-    spec = cli.resolve_sampler(args)
-    cli.check_execution_args(args)
-    base = cli.model_meta(args)
-    layout, tag = cli.layout(args), cli.quant_tag(args, weights_only=args.a_bits is None)
-    packed = Path(args.packed) if args.packed else None
-    check_present([spec], layout, tag, packed=packed is not None)
-    outdir = cli.ensure_writable_dir(args.image_dir)
-    device = cli.pick_device(args.device)
-    family, model = cli.load_model(args, device)
-    check_size(family, model, args)
-    variant = build_variant(spec, family, model, layout, tag, base, packed, args.execution_mode)
+def run(run: Run, im: ImageSettings, sampler: SamplerChoice, tag: QuantTag) -> Path:
+    """Sample the run's prompts with ``sampler`` (``tag``: the quantized model's bits); returns the image folder."""
+    settings = run.sampling
+    quantized = sampler.spec.quantized
+    base = run.meta()
+    layout = run.layout
+    check_present([sampler.spec], layout, tag, packed=sampler.packed is not None)
+    outdir = ensure_writable_dir(im.image_dir)
+    device = run.torch_device()
+    family, model = run.load(device, without_unet=sampler.packed is not None)
+    check_size(family, model, im.size)
+    variant = build_variant(sampler.spec, family, model, layout, tag, base, sampler.packed, sampler.execution)
     variant.check_sampling(settings)
-    plan = batches(len(family.prompts), args.prompt is not None, args.n_samples, args.n_iter)
-    loop = "PLMS" if settings.plms else "DDIM"
-    print(f"[{args.preset_used}] {variant.name} ({tag if quantized else 'FP32'}): {sum(map(len, plan))} images from "
-          f"{len(family.prompts)} prompt(s), {settings.steps} {loop} steps, eta {settings.eta:g}, scale "
-          f"{settings.scale:g}, seed {args.seed}, on {device}{in_precision(args)}")
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    corr_gen = torch.Generator(device=device).manual_seed(args.seed + CORRECTION_SEED_OFFSET)
+    plan = batches(len(family.prompts), im.single, im.n_samples, im.n_iter)
+    print(f"[{run.preset}] {variant.name} ({tag if quantized else 'FP32'}): {sum(map(len, plan))} images from "
+          f"{len(family.prompts)} prompt(s), {settings.steps} {settings.loop} steps, eta {settings.eta:g}, scale "
+          f"{settings.scale:g}, seed {im.seed}, on {device}{in_precision(sampler.precision)}")
+    generator = torch.Generator(device=device).manual_seed(im.seed)
+    corr_gen = torch.Generator(device=device).manual_seed(im.seed + CORRECTION_SEED_OFFSET)
     sample_dir = outdir / "samples"
     count = next_index(sample_dir, "*.png")
-    text = {"config": str(args.config), "ckpt": base["ckpt"], "steps": str(settings.steps), "eta": f"{settings.eta:g}",
-            "scale": f"{settings.scale:g}", "seed": str(args.seed), "sampler": variant.name, "loop": settings.loop,
-            "bits": str(tag) if quantized else "fp32", "execution": args.execution, **precision_text(args)}
+    text = {"config": run.model.config, "ckpt": base["ckpt"], "steps": str(settings.steps),
+            "eta": f"{settings.eta:g}", "scale": f"{settings.scale:g}", "seed": str(im.seed), "sampler": variant.name,
+            "loop": settings.loop, "bits": str(tag) if quantized else "fp32", "execution": sampler.execution.value,
+            **precision_text(sampler.precision)}
     t0, images, n_done = time.time(), [], 0
     with family.ema_scope(model):
         for b, conditions in enumerate(plan):
             x = to_uint8(sample_images(family, model, conditions, settings=settings, batch_size=len(conditions),
                                        generator=generator, model_fn=variant.model_fn,
-                                       correction=variant.correction_for(corr_gen), progress=not args.no_progress,
-                                       precision=args.precision))
-            if not args.skip_save:
+                                       correction=variant.correction_for(corr_gen), progress=im.progress,
+                                       precision=sampler.precision))
+            if not im.skip_save:
                 for img, c in zip(x, conditions):
                     path = save_png_numbered(img, sample_dir, "{:05}.png".format, count,
                                              text={**text, "prompt": family.prompt(c)})
                     count = int(path.stem) + 1
-            if not args.skip_grid:   # (5,000 captions at 512² would otherwise be held in memory for nothing)
+            if not im.skip_grid:   # (5,000 captions at 512² would otherwise be held in memory for nothing)
                 images.append(x)
             n_done += len(x)
             print(f"batch {b + 1}/{len(plan)} done ({time.time() - t0:.1f} s)")
-    if not args.skip_grid:
+    if not im.skip_grid:
         grid_path = save_png_numbered(
-            make_grid(np.concatenate(images), nrow=args.n_rows or args.n_samples), outdir, "grid-{:04}.png".format,
+            make_grid(np.concatenate(images), nrow=im.n_rows or im.n_samples), outdir, "grid-{:04}.png".format,
             next_index(outdir, "grid-*.png"),
             text={**text, "prompts": " | ".join(dict.fromkeys(family.prompt(c) for b in plan for c in b))})
         print(f"wrote {grid_path}")
     print(f"your samples are ready in {outdir} ({n_done} images, {time.time() - t0:.1f} s)")
+    return outdir

@@ -73,14 +73,18 @@ class DDIMSchedule:
                            float(self.alphas_prev[index]), float(self.sigmas[index]))
 
 
-def model_schedule(model: Any, num_steps: int, eta: float, discretize: str = "uniform") -> DDIMSchedule:
-    """The DDIM schedule a model is sampled with: the model's own ``sampling_schedule(num_steps, eta)`` when it
-    defines one (the pixel DDPM of ``generalized.GeneralizedDDPM``: its timestep grid and ᾱ table, final step to
-    ᾱ = 1), else CompVis' ``DDIMSchedule.make`` over ``model.alphas_cumprod``. Every loop, calibration and statistics
-    run asks here, so a model family with its own discretisation plugs in without touching them."""
+def model_schedule(model: Any, num_steps: int, eta: float, discretize: str = "uniform",
+                   grid: str | None = None) -> DDIMSchedule:
+    """The DDIM schedule a model is sampled with: the model's own ``sampling_schedule(num_steps, eta, grid)`` when
+    it defines one (the pixel DDPM of ``generalized.GeneralizedDDPM``: its timestep grid -- ``grid``, or the model's
+    default when None -- and ᾱ table, final step to ᾱ = 1), else CompVis' ``DDIMSchedule.make`` over
+    ``model.alphas_cumprod`` (which has one grid: a ``grid`` is refused). Every loop, calibration and statistics run
+    asks here, so a model family with its own discretisation plugs in without touching them."""
     own = getattr(model, "sampling_schedule", None)
     if own is not None:
-        return own(num_steps, eta)
+        return own(num_steps, eta) if grid is None else own(num_steps, eta, grid=grid)
+    if grid is not None:
+        raise ValueError(f"timestep grid {grid!r}: this model samples on the CompVis uniform grid only")
     return DDIMSchedule.make(model.alphas_cumprod, num_steps, eta, discretize)
 
 

@@ -164,7 +164,8 @@ class GeneralizedDDPM(nn.Module):
     ``sampling_schedule(num_steps, eta)`` is ``generalized_schedule`` over ``timestep_sequence(grid)``; ``model(x,
     t)`` is ε. ``alphas_cumprod`` (ᾱ_t for t = 0 … T−1, the original's float32 cumulative product) and the other
     CompVis attributes (``num_timesteps``, ``channels``, ``image_size``, ``apply_model``) let the CompVis-shaped code
-    around the loops use it unchanged. ``grid`` is a name of ``GRIDS``; set it before sampling.
+    around the loops use it unchanged. ``grid`` is a name of ``GRIDS``: the default grid; a run's own grid travels in
+    its ``SamplingSettings`` (``sampling_schedule(..., grid=)``), so the pipeline never changes it in place.
     """
 
     parameterization = "eps"
@@ -190,8 +191,9 @@ class GeneralizedDDPM(nn.Module):
         parse_grid(name)
         self._grid = name
 
-    def sampling_schedule(self, num_steps: int, eta: float) -> DDIMSchedule:
-        skip, corrected = parse_grid(self.grid)
+    def sampling_schedule(self, num_steps: int, eta: float, grid: str | None = None) -> DDIMSchedule:
+        """The schedule on ``grid`` (None: the model's default grid, ``self.grid``)."""
+        skip, corrected = parse_grid(self.grid if grid is None else grid)
         seq = timestep_sequence(skip, num_steps, self.num_timesteps, corrected=corrected)
         return generalized_schedule(self.betas.cpu(), seq, eta)
 

@@ -1,0 +1,130 @@
+"""What a model family tells quantization about its network: BRECQ's / Q-Diffusion's model-specific "specials".
+
+BRECQ (Li et al. 2021, §3.2) reconstructs block by block, so it must know which module classes are blocks;
+Q-Diffusion (Li et al. 2023, §3.3) splits the decoder shortcut convs' input [h ; skip], so it must know where h ends;
+QNCD (Chu et al. 2024, spec qncd_ptqd.md §A.2) smooths the second conv of residual blocks that add a time embedding,
+so it must know those blocks' parts and how their embedding is computed; D²-DPM's layer policy (spec d2dpm.md §3.2)
+names layers. All of that is knowledge of one model family. Here it is only *shape*: a family
+(``pipeline/families/<name>.py``) fills a ``QuantSpecials`` and hands it to ``quant.api.quantize``; nothing in
+``quant/`` names a family, a block class or a layer.
+
+    specials = QuantSpecials(unit_types=(MyBlock,), smoothing_sites=(SmoothingSite(MyBlock, ...),),
+                             shortcut_splits=my_splits, policies={"all": quantize_all_policy, ...})
+    qm = quantize(unet, config, "all", specials=specials)     # qm.specials: find_units and smoothing read it
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+import torch
+import torch.nn as nn
+
+from quant.policy import LayerFilter, quantize_all_policy
+
+
+def no_shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """A network without concatenated skip inputs: nothing to split."""
+    return {}
+
+
+def _always(block: nn.Module) -> bool:
+    return True
+
+
+def _never(block: nn.Module) -> bool:
+    return False
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """``root.<path> = module`` for a dotted submodule path (a Sequential index included: the child keeps its slot)."""
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@dataclass(frozen=True)
+class SmoothingSite:
+    """One kind of residual block whose time embedding e is added to the features before a GroupNorm → activation →
+    Dropout → conv tail: the conv's input is what QNCD smooths. Paths are relative to the block.
+
+    ``time_embedding(unet, t)``: the embedding shared by all blocks, from timesteps t [N] (float32 or the UNet's
+    dtype; may raise ValueError for a UNet whose embedding needs more than t). ``block_embedding(block, emb)``: this
+    block's e [N, C] (or [N, 2C] for a FiLM block, ``scale_shift``: h·(1 + scale) + shift, the scale half first).
+    ``applies(block)``: whether an instance of ``block_type`` is a site (e.g. only blocks with an embedding)."""
+
+    block_type: type[nn.Module]
+    norm: str    # the GroupNorm in front of the conv
+    conv: str    # the conv whose input is smoothed
+    slot: str    # the Dropout right before the conv: ChannelSmoothing takes its place, so the conv keeps its name
+    time_embedding: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    block_embedding: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    applies: Callable[[nn.Module], bool] = _always
+    scale_shift: Callable[[nn.Module], bool] = _never
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, self.block_type) and self.applies(module)
+
+    def norm_of(self, block: nn.Module) -> nn.GroupNorm:
+        return block.get_submodule(self.norm)
+
+    def conv_of(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.conv)
+
+    def slot_of(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.slot)
+
+    def set_slot(self, block: nn.Module, module: nn.Module) -> None:
+        _set_path(block, self.slot, module)
+
+
+@dataclass(frozen=True)
+class QuantSpecials:
+    """A model family's specials for quantization (the defaults are pure mechanism: no blocks, so every quantized
+    layer is its own reconstruction unit; no smoothing sites; no shortcut splits; only the quantize-all policy).
+
+    ``unit_types``: module classes reconstructed as one BRECQ block when they hold a quantized layer (walking the
+    UNet in module order, a unit's children are not searched further; loose quantized layers are layer units).
+    ``smoothing_sites``: the residual blocks QNCD's smoothing applies to (the first matching site describes a block).
+    ``shortcut_splits(unet)``: {fqn of a conv whose input is [h ; skip]: channels of h}, computed on the FP UNet.
+    ``policies``: the layer policies by name ("d2dpm", "all", "qncd-sd"; ``quant.policy.POLICIES``), each a
+    predicate over this family's layer names."""
+
+    unit_types: tuple[type[nn.Module], ...] = ()
+    smoothing_sites: tuple[SmoothingSite, ...] = ()
+    shortcut_splits: Callable[[nn.Module], dict[str, int]] = no_shortcut_splits
+    policies: Mapping[str, LayerFilter] = field(default_factory=lambda: {"all": quantize_all_policy})
+
+    def __post_init__(self):
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in self.unit_types):
+            raise TypeError(f"unit_types must be nn.Module classes, got {self.unit_types!r}")
+        if not all(isinstance(s, SmoothingSite) for s in self.smoothing_sites):
+            raise TypeError("smoothing_sites must be SmoothingSite instances")
+        # a read-only view: specials are shared by every model of a family
+        object.__setattr__(self, "policies", MappingProxyType(dict(self.policies)))
+
+    # one immutable description shared by every model of the family: a deep-copied QuantModel shares it too, and
+    # pickling rebuilds it from a plain dict (a mappingproxy does not pickle)
+    def __copy__(self) -> "QuantSpecials":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "QuantSpecials":
+        return self
+
+    def __reduce__(self):
+        return QuantSpecials, (self.unit_types, self.smoothing_sites, self.shortcut_splits, dict(self.policies))
+
+    def policy(self, policy: str | LayerFilter) -> LayerFilter:
+        """A layer filter: ``policy`` itself when it is one, else this family's predicate of that name."""
+        if callable(policy):
+            return policy
+        if policy not in self.policies:
+            raise ValueError(f"unknown layer policy {policy!r}; this model family knows {sorted(self.policies)}")
+        return self.policies[policy]
+
+    def is_unit(self, module: nn.Module) -> bool:
+        return isinstance(module, self.unit_types)
+
+    def site(self, module: nn.Module) -> SmoothingSite | None:
+        """The smoothing site ``module`` is an instance of, None when it is none."""
+        return next((s for s in self.smoothing_sites if s.matches(module)), None)
