@@ -1,7 +1,7 @@
 """Train the embedded DiT (Peebles & Xie 2023) on the Fashion-MNIST latents of the embedded LDM's VQ-f4 first stage.
 
-    python train_dit.py                                  # configs/dit/fashion-dit.yaml; resumes logs/fashion-dit/last.pt
-    python train_dit.py --max_minutes 20                 # stop (and export) after 20 minutes
+    python train_dit.py                     # configs/dit/fashion-dit.yaml; resumes logs/fashion-dit/last.pt
+    python train_dit.py --max_minutes 20    # stop (and export) after 20 minutes
 
 DiT's train.py objective (``create_diffusion(timestep_respacing="")``: 1000 linear-β steps, learned variance, MSE
 loss type): Improved DDPM's hybrid loss L_simple + L_vlb (``ldm.models.diffusion.dit_training``), t uniform in
@@ -87,6 +87,23 @@ def export(model, ema: dict, step: int, log: list, config_path: Path, config, ou
         "threads": torch.get_num_threads()})
 
 
+def initial_state(config, state_path: Path, fresh: bool):
+    """(model, EMA weights, AdamW, step, loss log): DiT's initialisation under training.seed with the EMA equal to
+    the model, or the saved state at ``state_path`` unless ``fresh``."""
+    torch.manual_seed(int(config.training.seed))
+    model = build_dit(OmegaConf.to_container(config.model))
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optim = torch.optim.AdamW(model.parameters(), lr=float(config.training.lr),
+                              weight_decay=float(config.training.weight_decay))
+    if not state_path.is_file() or fresh:
+        return model, ema, optim, 0, []
+    state = load_checkpoint_file(state_path)
+    model.load_state_dict(state["model"], strict=True)
+    optim.load_state_dict(state["optim"])
+    print(f"resuming {state_path} at step {int(state['step'])}")
+    return model, state["ema"], optim, int(state["step"]), [tuple(r) for r in state["log"]]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/dit/fashion-dit.yaml")
@@ -112,18 +129,7 @@ def main(argv=None) -> None:
     state_path = Path(args.logdir) / name / "last.pt"
     out = Path(args.out) if args.out else REPO / config.checkpoint
 
-    torch.manual_seed(seed)
-    model = build_dit(OmegaConf.to_container(config.model))
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optim = torch.optim.AdamW(model.parameters(), lr=float(tr.lr), weight_decay=float(tr.weight_decay))
-    step, log = 0, []
-    if state_path.is_file() and not args.fresh:
-        state = load_checkpoint_file(state_path)
-        model.load_state_dict(state["model"], strict=True)
-        ema, step, log = state["ema"], int(state["step"]), [tuple(r) for r in state["log"]]
-        optim.load_state_dict(state["optim"])
-        print(f"resuming {state_path} at step {step}")
-
+    model, ema, optim, step, log = initial_state(config, state_path, args.fresh)
     tables = TrainingTables.make(int(config.diffusion.num_timesteps))
     t0 = time.time()
     latents, labels = training_latents(config, Path(args.logdir) / name / "latents.pt", args.data_root)

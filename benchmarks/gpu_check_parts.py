@@ -59,7 +59,7 @@ def preset_layout(preset_name: str, outdir: Path):
 
 
 def pipeline_stages(preset_name: str, device: str, outdir: Path, c: dict, upto: int = 7) -> list[tuple]:
-    """(name, script, argv) of steps 1-``upto`` on one embedded default, as quant_scripts/demo.py drives them."""
+    """(name, script, argv) of steps 1-``upto`` on one embedded default, as quant_scripts/demo.py orders them."""
     preset, layout = preset_layout(preset_name, outdir)
     common = ["--preset", preset_name, "--outdir", str(outdir), "--device", device]
     wa = ["--w_bits", "4", "--a_bits", "8"]
@@ -87,13 +87,13 @@ def pipeline_stages(preset_name: str, device: str, outdir: Path, c: dict, upto: 
 
 def run_stages(stages: list[tuple]) -> tuple[dict, str | None]:
     """Each stage's script in this process (one import of torch for all); ({name: seconds}, the first error)."""
-    from quant_scripts.demo import script
+    import importlib
     seconds = {}
     for name, name_script, argv in stages:
         print(f"=== {name}: {name_script} {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
         try:
-            script(name_script).main(argv)
+            importlib.import_module(f"quant_scripts.{name_script}").main(argv)
         except BaseException as e:   # (SystemExit too: argparse errors)
             traceback.print_exc()
             return seconds, f"{name}: {one_line(e)}"

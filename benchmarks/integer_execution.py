@@ -46,6 +46,7 @@ import torch.nn as nn  # noqa: E402
 from ldm.util import instantiate_from_config, load_config  # noqa: E402
 from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from pipeline.packed import state_bytes  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
 from quant.export import pack_quant_model  # noqa: E402
 from quant.integer import Backend, IntegerLayer, layer_summary, onednn_int8_exact, to_integer_  # noqa: E402
 from quant.layers import QuantLayer  # noqa: E402
@@ -111,8 +112,8 @@ def unet_inputs(p: dict, batch: int, seed: int = 1):
 
 def quant_model(unet: nn.Module, w_bits: int, a_bits: int, inputs, copy_model: bool = True) -> QuantModel:
     """W{w}A{a} with the D²-DPM policy, per-tensor min-max ranges, activation ranges from ``inputs``."""
-    qm = QuantModel(unet, w_bits=w_bits, a_bits=a_bits, policy="d2dpm", search=ScaleSearch.MAX,
-                    copy_model=copy_model, specials=SPECIALS).eval().init_weights_()
+    qm = QuantModel(unet, QuantConfig(w_bits, a_bits, policy="d2dpm"), search=ScaleSearch.MAX, copy_model=copy_model,
+                    specials=SPECIALS).eval().init_weights_()
     qm.calibrate_activations_([inputs])
     return qm.set_quant_state(weight=True, act=True)
 
@@ -314,8 +315,8 @@ def part_sizes(args) -> dict:
     out = {"fp32": state_bytes(unet.state_dict())}
     for policy in ("d2dpm", "all"):
         for w in (4, 8):
-            qm = QuantModel(unet, w_bits=w, a_bits=None, policy=policy, search=ScaleSearch.MAX,
-                            specials=SPECIALS).init_weights_()
+            qm = QuantModel(unet, QuantConfig(w, None), search=ScaleSearch.MAX, specials=SPECIALS,
+                            filter_fn=policy).init_weights_()
             out[f"W{w} {policy}"] = state_bytes(pack_quant_model(qm))
             del qm
     n = sum(t.numel() for t in unet.parameters())

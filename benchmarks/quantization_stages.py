@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from ldm.models.diffusion.settings import SamplingSettings
 from ldm.util import instantiate_from_config, load_config, load_model_from_config  # noqa: E402
 from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
+from quant.config import QuantConfig  # noqa: E402
 from quant.model import QuantModel  # noqa: E402
 from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, capture_unit_io,  # noqa: E402
                                   find_units, optimise_unit)
@@ -86,8 +87,7 @@ def main(argv=None) -> None:
     preset = load_preset(args.model)
     full_iters = (preset["weight_iters"], preset["act_iters"])  # what the preset's steps 2-3 run
 
-    qm = QuantModel(unet, w_bits=args.w_bits, a_bits=args.a_bits,   # fashion and cin256: class-conditional LDMs
-                    specials=ClassConditionalLDM().quant_specials()).to(device)
+    qm = QuantModel(unet, QuantConfig(args.w_bits, args.a_bits), specials=ClassConditionalLDM().quant_specials()).to(device)
     _, init_w_s = timed(qm.init_weights_, device)
     units = find_units(qm)[:args.units]
     rows = []

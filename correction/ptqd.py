@@ -9,8 +9,9 @@ PTQD splits the noise into a part correlated with the FP output and a Gaussian r
 * CNC + BC (correlated-noise and bias correction): ε̃ = (ε̂ − μ_t)/(1 + k_t), leaving an error of std
   σ_q = σ_t/(1 + k_t) in ε̃.
 * VSC (variance schedule calibration): that error enters x_{t−1} with the coefficient k'_t of ε in the DDIM update
-  (``d2.eps_coefficient``), so the sampler's noise is lowered to σ_t' = √max(σ_sched² − k'_t² σ_q², 0). Inert at
-  η = 0, where σ_sched = 0.
+  (``d2.step_eps_coefficient``: at ``step.sigma``), so the noise the step injects is lowered to
+  σ' = √max(σ² − k'_t² σ_q², 0). Inert at η = 0, where σ = 0. Under DiT's learned-variance DDPM step k'_t is taken
+  at the posterior std ``step.sigma`` and the handed per-element σ_θ is lowered (docs/DIT.md; as ``d2``).
 
 Definitions of the residual statistics (the released code's differ slightly; both agree when E[ε_fp] ≈ 0 and the
 per-sample spread is uniform): μ_t,c = mean over channel c of Δ − k_t ε_fp (the original: of raw Δ), and σ_t the
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from correction.d2 import absorb_variance, eps_coefficient
+from correction.d2 import absorb_variance, step_eps_coefficient
 from correction.statistics import (DELTA, EPS_FP, CorrectionError, Moments, NoiseStatistics, SamplingConfig,
                                    _has_no)
 from ldm.models.diffusion.ddim import DDIMStep
@@ -108,7 +109,8 @@ def fit_ptqd(stats: NoiseStatistics) -> PTQDFit:
 
 
 class PTQDCorrection:
-    """PTQD as a ``StepCorrection``: ε̃ = (ε̂ − μ_t)/(1 + k_t) and σ_t' = √max(σ_t² − k'_t² (σ_t,res/(1 + k_t))², 0)."""
+    """PTQD as a ``StepCorrection``: ε̃ = (ε̂ − μ_t)/(1 + k_t) and σ' = √max(σ² − k'_t² (σ_t,res/(1 + k_t))², 0),
+    σ the handed (injected) std, k'_t at ``step.sigma``."""
 
     method = "PTQD"
 
@@ -135,8 +137,7 @@ class PTQDCorrection:
             return eps_tilde, sigma
         sigma_q = float(self.fit.sigma[r]) / (1. + k)
         s64 = sigma.to(torch.float64)
-        coef = eps_coefficient(torch.tensor(step.alpha, dtype=torch.float64, device=s64.device),
-                               torch.tensor(step.alpha_prev, dtype=torch.float64, device=s64.device), s64)
+        coef = step_eps_coefficient(step, sigma)   # k'_t at step.sigma; the handed σ is what gets lowered
         return eps_tilde, absorb_variance(s64, coef, torch.tensor(sigma_q ** 2, dtype=torch.float64,
                                                                   device=s64.device)).to(sigma.dtype)
 

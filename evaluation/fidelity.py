@@ -30,6 +30,8 @@ every metric, by both variants and by their difference, so paired quantities sta
 Every interval is checked to contain the estimate it is printed with (``check_interval``; why not, where not).
 
     python -m evaluation.fidelity FP.npz SAMPLES.npz [--vs OTHER.npz] [--json OUT.json]
+
+(``paired_fidelity`` is what this command line and the demo call.)
 """
 from __future__ import annotations
 
@@ -455,19 +457,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def paired_fidelity(fp_path: str | Path, path: str | Path, json_path: str | Path | None = None,
+                    vs: str | Path | None = None, features: str = "auto", boot: Bootstrap = Bootstrap(),
+                    device: str = "cpu") -> dict:
+    """``compare`` with its report printed and its record written atomically to ``json_path`` (checked before any
+    work: the record never goes over a sample file, into a directory or an unwritable folder); the record."""
+    out = check_output_file(json_path, (fp_path, path, vs), "--json") if json_path else None
+    record = compare(fp_path, path, vs, features, boot, device)
+    print("\n".join(report_lines(record)))
+    if out is not None:
+        write_json_atomic(out, record)
+        print(f"wrote {out}")
+    return record
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.bootstrap < 1 or args.fid_bootstrap < 0:
         raise FidelityError(f"--bootstrap must be >= 1 and --fid_bootstrap >= 0, got {args.bootstrap}, "
                             f"{args.fid_bootstrap}")
-    # before any work: the record never goes over a sample file, into a directory or an unwritable folder
-    out = check_output_file(args.json, (args.fp_samples, args.samples, args.vs), "--json") if args.json else None
-    record = compare(args.fp_samples, args.samples, args.vs, args.features,
-                     Bootstrap(args.bootstrap, args.fid_bootstrap, args.seed), args.device)
-    print("\n".join(report_lines(record)))
-    if out is not None:
-        write_json_atomic(out, record)
-        print(f"wrote {out}")
+    paired_fidelity(args.fp_samples, args.samples, args.json, args.vs, args.features,
+                    Bootstrap(args.bootstrap, args.fid_bootstrap, args.seed), args.device)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def grid_of(args: argparse.Namespace):
     from pipeline.steps.sample_grid import GridSettings
     check_positive(args, "n_samples_per_class", "n_samples")
     return GridSettings(seed=args.seed, batch_size=args.batch_size,
-                        n_samples_per_class=args.n_samples_per_class or 1, n_samples=args.n_samples,
+                        n_samples_per_class=1 if args.n_samples_per_class is None else args.n_samples_per_class,
+                        n_samples=args.n_samples,
                         classes=args.classes, uncond=getattr(args, "uncond_class", None),
                         ema=not getattr(args, "no_ema", False), progress=not getattr(args, "no_progress", False))
 
@@ -130,7 +131,8 @@ def quant_of(args: argparse.Namespace, run: Run) -> QuantConfig:
 
 def cache_of(args: argparse.Namespace) -> CacheSettings:
     """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128) and --cache_dir."""
-    return CacheSettings(args.cache_dtype or "float32", args.cache_batch_size or CACHE_BATCH_SIZE, args.cache_dir)
+    return CacheSettings("float32" if args.cache_dtype is None else args.cache_dtype,
+                         CACHE_BATCH_SIZE if args.cache_batch_size is None else args.cache_batch_size, args.cache_dir)
 
 
 def tag_of(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:

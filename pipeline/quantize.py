@@ -12,13 +12,15 @@ Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ldm.fileio import remove_stale_temporaries
+from ldm.fileio import atomic_path, remove_stale_temporaries
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from pipeline.families.base import ModelFamily
 from ldm.util import UserFacingError
@@ -106,6 +108,24 @@ def load_quant_model(unet: torch.nn.Module, path: str | os.PathLike, expect: dic
     qm.to(next(unet.parameters()).device)
     qm.set_quant_state(weight=True, act=meta.get("a_bits") is not None)
     return qm.eval(), meta
+
+
+def adopt_quant_artifact(src: str | os.PathLike, dest: str | os.PathLike, expect: dict[str, Any],
+                         bits: tuple[int, int | None], asked: str, flag: str = "--cali_ckpt") -> Path:
+    """Use a quantized model made elsewhere (``flag`` names it) as the run's ``dest``: its bits must be ``bits``
+    (else one line: "<flag> SRC is W8A8, but <asked>", ``asked`` naming the flags that asked for them), its meta
+    must match ``expect`` (``pipeline.sampling.quant_expect``: the run's model, sampler settings and bits); only
+    then is it copied in, atomically (nothing is copied when ``src`` is ``dest``). Returns ``dest``."""
+    src, dest = Path(src), Path(dest)
+    meta = load_artifact(src, QUANT_KIND, {}, QUANT_SCRIPT)["meta"]
+    if (meta.get("w_bits"), meta.get("a_bits")) != tuple(bits):
+        raise UserFacingError(f"{flag} {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but {asked}")
+    load_artifact(src, QUANT_KIND, expect, QUANT_SCRIPT)
+    if dest.resolve() != src.resolve():
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+        print(f"{flag}: using {src} as {dest}")
+    return dest
 
 
 def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps: list[int],

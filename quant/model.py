@@ -1,6 +1,6 @@
 """QuantModel: a UNet whose Conv/Linear layers are QuantLayers chosen by a layer policy (BRECQ's QuantModel).
 
-    qm = QuantModel(unet, w_bits=4, a_bits=8, specials=family.quant_specials())   # D²-DPM policy, per-tensor
+    qm = QuantModel(unet, QuantConfig(w_bits=4, a_bits=8), specials=family.quant_specials())   # D²-DPM, per-tensor
     qm.init_weights_()                                # explicit: weight Δ, z for every layer
     qm.calibrate_activations_(batches)                # explicit: activation Δ, z from calibration inputs
     qm.set_quant_state(weight=True, act=True)
@@ -18,29 +18,30 @@ import torch.nn as nn
 from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
 from quant.policy import LayerFilter, Precision
-from quant.quantizer import PerChannel, PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range, unpack_bits
+from quant.quantizer import PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range, unpack_bits
+from quant.config import QuantConfig
 from quant.specials import QuantSpecials
 
 
 class QuantModel(nn.Module):
-    def __init__(self, unet: nn.Module, w_bits: int = 4, a_bits: int | None = 8,
-                 policy: LayerFilter | str = "d2dpm",
-                 granularity: PerTensor | PerChannel = PerTensor(), search: ScaleSearch = ScaleSearch.MSE,
-                 copy_model: bool = True, sm_abit: int | None = None, split_shortcut: bool = False, *,
-                 specials: QuantSpecials):
-        """``policy`` (fqn, module) -> Precision decides which layers are quantized and at which bits (a name:
-        ``specials``' predicate of that name). ``specials``: the model family's (``quant.specials``), kept as
-        ``self.specials`` for the verbs that need them (units, smoothing sites).
-        ``granularity``: of the weight ranges (``PerTensor()``, D²-DPM; or ``PerChannel(0)``, per output channel).
-        ``sm_abit``: also quantize the attention matmuls' inputs (q, k, v at ``a_bits``, softmax output at
-        ``sm_abit``; Q-Diffusion). ``split_shortcut``: the quantized convs ``specials.shortcut_splits`` names (the
+    def __init__(self, unet: nn.Module, config: QuantConfig, *, specials: QuantSpecials,
+                 filter_fn: LayerFilter | str | None = None, search: ScaleSearch = ScaleSearch.MSE,
+                 copy_model: bool = True):
+        """The layers of ``unet`` (a copy unless ``copy_model`` is False) quantized as ``config`` says: which layers
+        and at which bits by ``filter_fn`` (fqn, module) -> Precision, default the policy ``config.policy`` names
+        (a name: ``specials``' predicate of that name); weight ranges of ``config.granularity``; with
+        ``config.sm_abit`` the attention matmuls' inputs too (q, k, v at ``a_bits``, softmax output at ``sm_abit``;
+        Q-Diffusion); with ``config.split_shortcut`` the quantized convs ``specials.shortcut_splits`` names (the
         decoder blocks' skip convs) get separate ranges for the [h ; skip] halves of their concatenated input
-        (Q-Diffusion's shortcut splitting).
-        ``quant.api.quantize`` builds one from a ``QuantConfig``."""
+        (Q-Diffusion's shortcut splitting). ``specials``: the model family's (``quant.specials``), kept as
+        ``self.specials`` for the verbs that need them (units, smoothing sites). ``search``: how ranges are chosen
+        (the L2.4 clipping search, or the max). ``quant.api.quantize`` is the usual way to build one."""
         super().__init__()
-        if not isinstance(granularity, (PerTensor, PerChannel)):
-            raise TypeError(f"granularity must be PerTensor() or PerChannel(axis), got {granularity!r}")
+        w_bits, a_bits, granularity = config.w_bits, config.a_bits, config.granularity
+        sm_abit, split_shortcut = config.sm_abit, config.split_shortcut
+        policy = filter_fn if filter_fn is not None else config.policy
         self.model = copy.deepcopy(unet) if copy_model else unet
+        self.config = config
         self.w_bits, self.a_bits, self.granularity = w_bits, a_bits, granularity
         self.specials = specials
         policy = specials.policy(policy)
@@ -59,9 +60,7 @@ class QuantModel(nn.Module):
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child, QuantLayer(module, *schemes(precision), precision=precision))
-        if sm_abit is not None:
-            if not a_bits:
-                raise ValueError("attention quantization (sm_abit) needs activation bits (a_bits)")
+        if sm_abit is not None:   # (the config guarantees a_bits)
             if not wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
                                    QScheme(sm_abit, False, PerTensor(), search)):
                 # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches

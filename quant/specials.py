@@ -122,6 +122,11 @@ class QuantSpecials:
             raise ValueError(f"unknown layer policy {policy!r}; this model family knows {sorted(self.policies)}")
         return self.policies[policy]
 
+    @property
+    def has_shortcut_splits(self) -> bool:
+        """Whether the family's network has convs over concatenated skip inputs at all (Q-Diffusion's split)."""
+        return self.shortcut_splits is not no_shortcut_splits
+
     def is_unit(self, module: nn.Module) -> bool:
         return isinstance(module, self.unit_types)
 

@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_of(args: argparse.Namespace) -> calibrate.CalibrationSettings:
     return calibrate.CalibrationSettings(
         n=args.n, n_holdout=args.n_holdout, distribution=TimestepDistribution(args.distribution), seed=args.seed,
-        trajectories_per_condition=args.calibration_trajectories_per_class or 1, batch_size=args.batch_size,
+        trajectories_per_condition=(1 if args.calibration_trajectories_per_class is None
+                                    else args.calibration_trajectories_per_class), batch_size=args.batch_size,
         classes=args.calibration_classes, cali_st=args.cali_st)
 
 

@@ -13,36 +13,48 @@
     python quant_scripts/demo.py --preset fashion-txt2img --n_eval 500   # the text default: FP32, W8A8, W4A8 x
                                                   # {uncorrected, D-D², QNCD probe} (outputs/fashion-txt2img/)
 
-A thin driver: every step is the real pipeline script, called in this process with its command line. Steps whose
-artifacts exist with matching metadata are skipped by the scripts themselves, so a rerun after an interruption
-continues where it stopped (reconstruction and sample generation resume mid-step). Stage wall times are recorded
-when a stage actually runs (demo_timings.json) and reported.
+    python quant_scripts/demo.py --hard --list    # the stages of a mode, in order; nothing is run or written
+
+A thin driver: every stage is a pipeline step (``pipeline.steps``, and the evaluator's and the paired fidelity's
+library functions) called in this process with its typed settings: one ``Run`` (the preset's model at the mode's
+sampling settings) and each step's settings: the mode's counts (``MODES``) over the preset's values, and for the rest
+the settings classes' defaults (which the step scripts' flags default to). Steps whose artifacts exist with matching
+metadata skip themselves, so a rerun after an interruption continues where it stopped (reconstruction and sample
+generation resume mid-step). Stage wall times are recorded when a stage actually runs (demo_timings.json) and
+reported.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
+import torch
 
-import torch  # noqa: E402
-
-from evaluation.fidelity import Bootstrap  # noqa: E402
-from evaluation.report import (Row, fidelity_lines, quality_without_with_lines, report_figures,  # noqa: E402
-                               results_page, smoothing_effect_lines, sqnr_without_with_lines, sweep_lines,
-                               update_results_page, write_report)
-from ldm.fileio import save_atomic, write_json_atomic  # noqa: E402
-from ldm.util import UserFacingError  # noqa: E402
-from pipeline.artifacts import load_artifact  # noqa: E402
-from pipeline.cli import REPO_ROOT, ArgumentParser, load_preset, run_cli  # noqa: E402
-from pipeline.layout import FP32, QuantTag, RunLayout  # noqa: E402
+from evaluation.evaluate import evaluate
+from evaluation.fidelity import Bootstrap, paired_fidelity
+from evaluation.report import (Row, fidelity_lines, quality_without_with_lines, report_figures, results_page,
+                               smoothing_effect_lines, sqnr_without_with_lines, sweep_lines, update_results_page,
+                               write_report)
+from ldm.fileio import save_atomic, write_json_atomic
+from ldm.util import UserFacingError, at_least
+from pipeline.artifacts import load_artifact
+from pipeline.basics import REPO_ROOT, load_preset, pick_device
+from pipeline.cli import ArgumentParser, check_probe_fires, run_cli
+from pipeline.layout import FP32, QuantTag, RunLayout
+from pipeline.quantize import CacheSettings
+from pipeline.run import Preset, Run, SamplerChoice
+from pipeline.sampler_spec import SamplerSpec
+from pipeline.steps import (calibrate, evaluation_samples, fit_noise, noise_statistics, quantize_activations,
+                            quantize_weights, sample_grid)
+from pipeline.steps.sample_grid import GridSettings
+from quant.api import QuantConfig
 
 PRESET = "fashion"
 SEEDS = (0, 1)
@@ -136,24 +148,13 @@ MODES = {
 }
 
 
-SCRIPT_PATHS = {"evaluator": "evaluator.py", "fidelity": "evaluation/fidelity.py"}
-
-
-def script(name: str):
-    """A pipeline script as a module (each has main(argv))."""
-    path = REPO_ROOT / SCRIPT_PATHS.get(name, f"quant_scripts/{name}.py")
-    spec = importlib.util.spec_from_file_location(f"demo_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+GRID_SEED = 42   # steps 0 and 6: the seed of the grids (the grid scripts' default)
 
 
 @dataclass
 class Stage:
     name: str
-    script: str
-    argv: list[str]
+    work: Callable[[], object]    # the step, called with its typed settings (it skips work whose artifact is current)
     outputs: list[Path]           # what the stage writes: it "ran" when one of them changed
     skip_if_exists: bool = False  # for steps without their own metadata check (grids, evaluator records)
     pattern: str | None = None    # a glob (in outputs[0]) that marks a grid step as done
@@ -177,7 +178,7 @@ class Driver:
             return
         before = _stamp(stage.outputs)  # (directories count as changed when a file is added to them)
         t0 = time.perf_counter()
-        script(stage.script).main(stage.argv)
+        stage.work()
         seconds = time.perf_counter() - t0
         if _stamp(stage.outputs) != before:  # it did work (not a metadata-matched skip): record its time
             self.timings[stage.name] = seconds
@@ -204,69 +205,124 @@ def quant_settings(args) -> list[QuantTag]:
     return sorted({v.tag for v in variants(args) if v.tag}, key=lambda t: (t.w_bits, t.a_bits, t.sm_abit or 0))
 
 
-def quant_stages(args, layout: RunLayout, m: dict, common: list[str]) -> list[Stage]:
+def _given(**values) -> dict:
+    """The settings this mode or the preset gives (None: the settings class's own default)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _count(m: dict, preset: Preset, mode_key: str, preset_key: str):
+    """A count of the mode (``m``), else the preset's."""
+    return m[mode_key] if m[mode_key] is not None else preset.get(preset_key)
+
+
+def quant_config(args, preset: Preset, tag: QuantTag) -> QuantConfig:
+    """Steps 2-3's model: ``tag``'s bits, D²-DPM's layer policy and per-tensor weight ranges; --smooth: QNCD's
+    smoothing (the code formula)."""
+    return QuantConfig(tag.w_bits, tag.a_bits, sm_abit=tag.sm_abit,
+                       smoothing="code" if args.smooth else preset.get("smoothing"))
+
+
+def quant_stages(args, run: Run, preset: Preset, m: dict) -> list[Stage]:
     """Steps 2-5: weights per bit width, activations per model, statistics and fits for the corrected ones."""
-    opt = _opt
-    smooth = ["--scale_split_static"] if args.smooth else []
-    tags = quant_settings(args)
-    stages = [Stage(f"W{w} weights (BRECQ/AdaRound)", "quantize_weight",
-                    common + ["--w_bits", str(w)] + smooth
-                    + opt("--weight_iters", m["weight_iters_8"] if w == 8 else m["weight_iters"]),
-                    [layout.quant(QuantTag(w))]) for w in sorted({t.w_bits for t in tags})]
-    stages += [Stage(f"{t.title()} activations (learned steps)", "quantize_weight_activation",
-                     common + t.flags.split() + smooth + opt("--act_iters", m["act_iters"])
-                     + opt("--act_init_samples", m["act_init"]), [layout.quant(t)]) for t in tags]
+    layout, tags = run.layout, quant_settings(args)
+    cache = CacheSettings(**_given(dtype=preset.get("cache_dtype"), batch_size=preset.get("cache_batch_size")))
+    stages = []
+    for w in sorted({t.w_bits for t in tags}):
+        iters = _count(m, preset, "weight_iters_8" if w == 8 else "weight_iters", "weight_iters")
+        weights = quantize_weights.WeightSettings(iters, cache=cache)
+        stages.append(Stage(f"W{w} weights (BRECQ/AdaRound)",
+                            partial(quantize_weights.run, run, quant_config(args, preset, QuantTag(w)), weights),
+                            [layout.quant(QuantTag(w))]))
+    for t in tags:
+        acts = quantize_activations.ActivationSettings(
+            _count(m, preset, "act_iters", "act_iters"), _count(m, preset, "act_init", "act_init_samples"),
+            cache=cache)
+        stages.append(Stage(f"{t.title()} activations (learned steps)",
+                            partial(quantize_activations.run, run, quant_config(args, preset, t), acts),
+                            [layout.quant(t)]))
     fitted = sorted({v.tag for v in variants(args) if v.tag and v.sampler not in ("none", "qncd")},
                     key=lambda t: (-t.w_bits, -t.a_bits, t.sm_abit or 0))  # the models some variant's fit is of
+    n_stats = _count(m, preset, "stats", "stats_samples")
+    if fitted and n_stats is None:
+        raise UserFacingError(f"preset {args.preset} has no stats_samples (step 4's sample count); add it")
+    statistics = noise_statistics.StatisticsSettings(n_stats, preset["batch_size"]) if fitted else None
     for t in fitted:
         stages += [
-            Stage(f"{t.title()} noise statistics", "collect_timestep_aware_statistics",
-                  common + t.flags.split() + opt("--n", m["stats"]), [layout.noise_stats(t)]),
-            Stage(f"{t.title()} Gaussian + PTQD fits", "gaussian_modeling", common + t.flags.split(),
-                  [layout.gaussian(t, "tensor")])]
+            Stage(f"{t.title()} noise statistics", partial(noise_statistics.run, run, statistics, t),
+                  [layout.noise_stats(t)]),
+            Stage(f"{t.title()} Gaussian + PTQD fits", partial(fit_noise.run, run, t), [layout.gaussian(t, "tensor")])]
     return stages
 
 
-def _opt(flag, value) -> list[str]:
-    return [flag, str(value)] if value is not None else []
+def sampler_choice(name: str, steps: int, compare: bool = False) -> SamplerChoice:
+    """A sampler by name, run with fake quantization in FP32 (a QNCD probe checked to fire within ``steps``)."""
+    spec = SamplerSpec.parse(name)
+    if spec.probe is not None:
+        check_probe_fires(spec.probe, steps)
+    return SamplerChoice(spec).check(compare)
 
 
-def build_stages(args, layout: RunLayout, m: dict) -> list[Stage]:
-    common = ["--preset", args.preset, "--outdir", m["outdir"], "--steps", str(layout.steps), "--eta",
-              f"{layout.eta:g}", "--scale", f"{layout.scale:g}"]
-    run = layout.run_dir
-    grids = [  # (left out of the 250-step protocol: its report is about numbers, and they would cost minutes)
-        Stage("FP32 grid", "sample_fp32_imagenet", ["--preset", args.preset, "--outdir", str(run / "grids")],
-              [run / "grids"], skip_if_exists=True, pattern="fp32_*.png"),
-        Stage("comparison grid (FP / uncorrected / PTQD / D-D²)", "sample_quantized_ldm_imagenet",
-              common + ["--compare", "--sampler", "dd2-channel", "--no_progress"], [layout.grids(W4A8)],
-              skip_if_exists=True, pattern="compare_*.png")] if args.mode != "long" else []
+def grid_stages(args, run: Run, preset: Preset) -> list[Stage]:
+    """Steps 0 and 6: the FP32 grid and the comparison grid (left out of the 250-step protocol: its report is about
+    numbers, and they would cost minutes)."""
+    if args.mode == "long":
+        return []
+    where = run.layout.run_dir
+    fp32 = GridSettings(**_given(seed=GRID_SEED, batch_size=preset.get("batch_size"), classes=preset.get("classes"),
+                                 n_samples_per_class=preset.get("n_samples_per_class")))
+    compare = GridSettings(**_given(seed=GRID_SEED, batch_size=preset.get("batch_size"),
+                                    classes=preset.get("classes")), progress=False)   # (one sample per class)
+    sampler = sampler_choice("dd2-channel", run.sampling.steps, compare=True)
+    return [
+        Stage("FP32 grid", partial(sample_grid.fp32_grid, preset.run(where / "grids"), fp32), [where / "grids"],
+              skip_if_exists=True, pattern="fp32_*.png"),
+        Stage("comparison grid (FP / uncorrected / PTQD / D-D²)",
+              partial(sample_grid.quantized_grid, run, compare, sampler, W4A8, compare=True),
+              [run.layout.grids(W4A8)], skip_if_exists=True, pattern="compare_*.png")]
+
+
+def calibration_stage(args, run: Run, preset: Preset, m: dict) -> Stage:
+    """Step 1: the calibration set (the modes count trajectories per class; an unconditional model gets enough for
+    the inputs, with a margin)."""
     traj = m["traj"]
-    if traj is not None and args.preset in PIXEL_PRESETS:   # (the modes count trajectories per class; unconditional:
-        traj = -(-5 * (m["n_cal"] + m["n_holdout"]) // (4 * layout.steps))   # enough for the inputs, with a margin)
+    if traj is not None and args.preset in PIXEL_PRESETS:
+        traj = -(-5 * (m["n_cal"] + m["n_holdout"]) // (4 * run.sampling.steps))
+    cal = calibrate.CalibrationSettings(**_given(
+        n=m["n_cal"], n_holdout=m["n_holdout"], batch_size=preset.get("batch_size"),
+        trajectories_per_condition=traj if traj is not None else preset.get("calibration_trajectories_per_class")))
+    return Stage("calibration set", partial(calibrate.run, run, cal), [run.layout.calibration])
+
+
+def sample_stages(args, run: Run, preset: Preset, m: dict, v: Variant, seed: int) -> list[Stage]:
+    """Step 7 of one variant and seed, its evaluator record and (quantized) its paired fidelity to the FP samples of
+    the same seed (same x_T and noise)."""
+    layout = run.layout
+    d = layout.eval_samples(v.tag or FP32, v.sampler, m["n_eval"], seed)
+    ev = evaluation_samples.EvalSettings(m["n_eval"], seed, preset["batch_size"])
+    sampler = sampler_choice(v.sampler, run.sampling.steps)
     stages = [
-        *grids[:1],
-        Stage("calibration set", "collect_imagenet_calibration_set",
-              common + _opt("--n", m["n_cal"]) + _opt("--n_holdout", m["n_holdout"])
-              + _opt("--calibration_trajectories_per_class", traj), [layout.calibration]),
-        *quant_stages(args, layout, m, common),
-        *grids[1:],
-    ]
+        Stage(f"samples {v.setting} {v.method} seed {seed}",   # (the tag is ignored for FP32)
+              partial(evaluation_samples.generate, run, ev, sampler, v.tag or W4A8), [d / "samples.npz"]),
+        Stage(f"evaluate {v.setting} {v.method} seed {seed}",
+              partial(evaluate, REPO_ROOT / REFERENCE, d / "samples.npz", d / "eval.json",
+                      cache_dir=layout.run_dir.parent / "evaluator_cache", pick_device=pick_device),
+              [d / "eval.json"], skip_if_exists=True)]
+    if v.tag is not None:
+        fp = layout.eval_samples(FP32, "fp32", m["n_eval"], seed) / "samples.npz"
+        stages.append(Stage(f"fidelity {v.setting} {v.method} seed {seed}",
+                            partial(paired_fidelity, fp, d / "samples.npz", d / "fidelity.json"),
+                            [d / "fidelity.json"], skip_if_exists=True))
+    return stages
+
+
+def build_stages(args, run: Run, m: dict) -> list[Stage]:
+    """Every stage of this mode, in order, each a pipeline step called with its typed settings."""
+    preset = Preset.load(args.preset)
+    grids = grid_stages(args, run, preset)
+    stages = [*grids[:1], calibration_stage(args, run, preset, m), *quant_stages(args, run, preset, m), *grids[1:]]
     for seed in args.seeds:
         for v in variants(args):
-            d = layout.eval_samples(v.tag or FP32, v.sampler, m["n_eval"], seed)
-            stages.append(Stage(f"samples {v.setting} {v.method} seed {seed}", "generate_evaluation_samples_dist",
-                                common + ["--sampler", v.sampler, "--n_samples", str(m["n_eval"]), "--seed",
-                                          str(seed)] + (v.tag.flags.split() if v.tag else []), [d / "samples.npz"]))
-            stages.append(Stage(f"evaluate {v.setting} {v.method} seed {seed}", "evaluator",
-                                [str(REPO_ROOT / REFERENCE), str(d / "samples.npz"), "--json", str(d / "eval.json"),
-                                 "--cache_dir", str(run.parent / "evaluator_cache")],
-                                [d / "eval.json"], skip_if_exists=True))
-            if v.tag is not None:  # paired with the FP samples of the same seed (same x_T and noise)
-                fp = layout.eval_samples(FP32, "fp32", m["n_eval"], seed) / "samples.npz"
-                stages.append(Stage(f"fidelity {v.setting} {v.method} seed {seed}", "fidelity",
-                                    [str(fp), str(d / "samples.npz"), "--json", str(d / "fidelity.json")],
-                                    [d / "fidelity.json"], skip_if_exists=True))
+            stages += sample_stages(args, run, preset, m, v, seed)
     return stages
 
 
@@ -432,7 +488,7 @@ def sqnr_rows(args, layout: RunLayout) -> dict[str, dict]:
 def _unsmoothed(layout: RunLayout, m: dict) -> RunLayout:
     """The same mode's run without smoothing (``outputs/…`` for ``outputs-smooth/…``), for side-by-side numbers."""
     return RunLayout(Path(m["outdir"].removesuffix("-smooth")), layout.preset, layout.steps, layout.eta, layout.scale,
-                     layout.grid)
+                     layout.grid, layout.plms)
 
 
 def smoothing_sections(args, layout: RunLayout, m: dict, unet, rows: list, sqnr: dict) -> tuple[dict, dict]:
@@ -500,12 +556,15 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=PRESET)
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 (quick: 0)")
     p.add_argument("--outdir", default=None, help="artifact root (default: outputs, outputs/quick, outputs/paper)")
-    p.add_argument("--n_eval", type=int, default=None, help="evaluation samples per variant and seed (default: the "
-                                                             "mode's)")
+    p.add_argument("--n_eval", type=at_least(1), default=None,
+                   help="evaluation samples per variant and seed (default: the mode's)")
+    p.add_argument("--list", action="store_true", help="print this mode's stages in order and stop (nothing is run "
+                                                       "or written)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def setup(argv=None) -> tuple:
+    """(flags, this mode's counts and outdir from ``MODES``, the ``Run`` every stage works on)."""
     args = parse_args(argv)
     args.mode = "quick" if args.quick else "paper" if args.paper else "long" if args.long else "default"
     if args.eta and not args.long:
@@ -518,10 +577,25 @@ def main(argv=None) -> None:
     args.seeds = list(args.seeds or m["seeds"])
     if args.n_eval is not None:
         m["n_eval"] = args.n_eval
-    preset = load_preset(args.preset)
+    preset = Preset.load(args.preset)
     steps, eta, scale = ((LONG_PROTOCOL["steps"], args.eta, LONG_PROTOCOL["scale"]) if args.long
                          else (preset["steps"], preset["eta"], preset["scale"]))
-    layout = RunLayout(Path(m["outdir"]), args.preset, steps, float(eta), float(scale), preset.get("skip_type"))
+    return args, m, preset.run(m["outdir"], steps=steps, eta=float(eta), scale=float(scale))
+
+
+def stage_names(argv=None) -> list[str]:
+    """The names of the stages the demo with these flags runs, in order (nothing is run or written)."""
+    args, m, run = setup(argv)
+    return [stage.name for stage in build_stages(args, run, m)]
+
+
+def main(argv=None) -> None:
+    args, m, run = setup(argv)
+    stages = build_stages(args, run, m)
+    if args.list:
+        print("\n".join(stage.name for stage in stages))
+        return
+    layout = run.layout
     root = layout.run_dir.parent
     fresh = layout.run_dir if args.long else root  # (the 250-step runs share the root with the default's)
     if args.fresh and fresh.exists():
@@ -530,7 +604,6 @@ def main(argv=None) -> None:
     layout.run_dir.mkdir(parents=True, exist_ok=True)
     # the 250-step protocol's stages have the default's names: its times are kept in its own run folder
     driver = Driver(root, (layout.run_dir if args.long else root) / "demo_timings.json")
-    stages = build_stages(args, layout, m)
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         driver.run(stage, len(stages), i)

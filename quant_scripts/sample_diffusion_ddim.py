@@ -9,7 +9,7 @@
 
 QNCD's own script rejects this command (``--quant_mode`` only accepts ``qdiff``, ``--sample_reverse`` does not exist,
 its ``quant`` package imports a missing ``qdiff``, and it moves tensors to CUDA unconditionally). Here each flag maps
-onto the pipeline (quant_scripts/ steps 1-7, run in this process; each step skips what a matching artifact already
+onto the pipeline (its steps 1-3 and 7, called in this process; each step skips what a matching artifact already
 holds, so a rerun resumes):
 
 * ``--ptq``: step 1 (calibration inputs along FP trajectories: ``--cali_n`` of them from ``--cali_trajectories``
@@ -29,22 +29,23 @@ holds, so a rerun resumes):
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-
-from ldm.fileio import atomic_path  # noqa: E402
-from ldm.modules.diffusionmodules.ddim_checkpoint import fetch_released  # noqa: E402
-from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.artifacts import load_artifact  # noqa: E402
-from pipeline.cli import preset_names, resolve  # noqa: E402
-from pipeline.sampling import quant_expect  # noqa: E402
-from pipeline.steps import evaluation_samples  # noqa: E402
-from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
-                           quantize_weight, quantize_weight_activation)
+from ldm.modules.diffusionmodules.ddim_checkpoint import fetch_released
+from ldm.util import ArgumentParser, UserFacingError, run_cli
+from pipeline import cli
+from pipeline.basics import preset_names, resolve
+from pipeline.layout import QuantTag
+from pipeline.quantize import CacheSettings, adopt_quant_artifact
+from pipeline.run import ModelSource, Preset, Run, SamplerChoice
+from pipeline.sampler_spec import SamplerSpec
+from pipeline.sampling import quant_expect
+from pipeline.settings import SamplingSettings, grid_name
+from pipeline.steps import calibrate, evaluation_samples, quantize_activations, quantize_weights
+from quant.api import QuantConfig
 
 SEED = 1234   # QNCD's default
+CUSTOM_DEFAULTS = "fashion"   # the preset whose defaults a --config/--ckpt model takes (the step scripts' default)
 # the step scripts' flags -> this script's (messages name what was typed)
 RENAMED = {"--steps": "--timesteps", "--n_samples": "--max_images", "--reverse_interval": "--sample_reverse",
            "--w_bits": "--weight_bit", "--a_bits": "--act_bit", "--n": "--cali_n", "--weight_iters": "--cali_iters",
@@ -93,22 +94,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--cali_iters_a", type=int, default=None, help="activation-step iterations per unit")
     return p.parse_args(argv)
 
+# ---- the typed objects, built once from the flags ------------------------------------------------------------------
 
-def model_flags(args: argparse.Namespace) -> list[str]:
-    """--preset / --config --ckpt for the step scripts."""
+def model_of(args: argparse.Namespace) -> tuple[Preset, ModelSource]:
+    """The preset whose defaults fill unset flags, and the model: --use_pretrained (the released CIFAR-10 DDPM, fetched
+    and MD5-checked), --preset [--config --ckpt], or --config --ckpt (a custom model: run folder "custom", the
+    step scripts' default preset's defaults)."""
     if args.use_pretrained:
         if args.ckpt is not None:
             raise UserFacingError("--use_pretrained and --ckpt both name a checkpoint; pass one")
         fetch_released("ema_cifar10")   # as the original: download if missing (here: verified either way)
-        config = args.config or "configs/cifar10.yml"
-        return ["--preset", "cifar10", "--config", str(_config(config))]
+        preset = Preset.load("cifar10")
+        return preset, ModelSource(str(_config(args.config or "configs/cifar10.yml")), preset["ckpt"], preset.name)
     if args.preset is not None:
-        return ["--preset", args.preset] + (["--config", str(_config(args.config))] if args.config else []) + \
-            (["--ckpt", args.ckpt] if args.ckpt else [])
+        preset = Preset.load(args.preset)
+        config = str(_config(args.config)) if args.config else preset["config"]
+        return preset, ModelSource(config, args.ckpt or preset["ckpt"], preset.name, prompts=preset.get("prompts"))
     if args.config is None or args.ckpt is None:
         raise UserFacingError("say which model: --use_pretrained (the released CIFAR-10 DDPM), --preset fashion-ddim "
                               "(the embedded default) or --config YML --ckpt FILE")
-    return ["--config", str(_config(args.config)), "--ckpt", args.ckpt]
+    return Preset.load(CUSTOM_DEFAULTS), ModelSource(str(_config(args.config)), args.ckpt)
 
 
 def _config(name: str) -> Path:
@@ -120,34 +125,47 @@ def _config(name: str) -> Path:
     return path
 
 
-def run_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--scale", "1", "--outdir", args.outdir, "--device", args.device]
-    for flag, value in (("--steps", args.timesteps), ("--eta", args.eta), ("--skip_type", args.skip_type),
-                        ("--batch_size", args.batch_size)):
-        if value is not None:
-            flags += [flag, str(value)]
-    return flags + (["--corrected_grid"] if args.corrected_grid else [])
+def sampling_of(args: argparse.Namespace, preset: Preset) -> SamplingSettings:
+    """--timesteps, --eta, --skip_type [--corrected_grid] over the preset's; no guidance (scale 1)."""
+    grid = grid_name(args.skip_type if args.skip_type is not None else preset.get("skip_type"), args.corrected_grid)
+    given = {"steps": args.timesteps, "eta": args.eta}
+    return preset.sampling(scale=1.0, grid=grid, **{k: v for k, v in given.items() if v is not None})
 
 
-def place_cali_ckpt(args: argparse.Namespace, common: list[str]) -> None:
-    """Put ``--cali_ckpt`` where this run's steps look for W{b}A{b} (its metadata is checked when it loads)."""
-    from pipeline.quantize import QUANT_KIND
-    src = Path(args.cali_ckpt)
-    meta = load_artifact(src, QUANT_KIND, {}, "quant_scripts/quantize_weight_activation.py")["meta"]
-    if (meta.get("w_bits"), meta.get("a_bits")) != (args.weight_bit, args.act_bit):
-        raise UserFacingError(f"--cali_ckpt {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but --weight_bit "
-                              f"{args.weight_bit} --act_bit {args.act_bit} is asked for")
-    ns = generate_evaluation_samples_dist.parse_args(common)
-    cli.apply_preset(ns, generate_evaluation_samples_dist.PRESET)
-    cli.check_sampling_args(ns)
-    tag = cli.quant_tag(ns)   # (the file must be this run's model before it is copied in)
-    load_artifact(src, QUANT_KIND, quant_expect(cli.model_meta(ns), tag),
-                  "quant_scripts/quantize_weight_activation.py")
-    dest = cli.layout(ns).quant(tag)
-    if dest.resolve() != src.resolve():
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
-        print(f"--cali_ckpt: using {src} as {dest}")
+def sampler_of(args: argparse.Namespace, steps: int) -> SamplerChoice:
+    """FP32, or (--ptq) the quantized model, with QNCD's probe every --sample_reverse R steps."""
+    spec = SamplerSpec.parse("none" if args.ptq else "fp32")
+    if args.sample_reverse is not None:
+        spec = spec.with_probe(args.sample_reverse)
+        cli.check_probe_fires(spec.probe, steps)
+    return SamplerChoice(spec).check()
+
+
+def quant_config_of(args: argparse.Namespace) -> QuantConfig:
+    """W--weight_bit A--act_bit, D²-DPM's per-tensor layer policy; --quant_mode qncd adds QNCD's smoothing (the
+    code's formula), --split Q-Diffusion's shortcut splitting."""
+    return QuantConfig(args.weight_bit, args.act_bit, split_shortcut=args.split,
+                       smoothing="code" if args.quant_mode == "qncd" else None)
+
+
+def quantize(args: argparse.Namespace, run: Run, preset: Preset, config: QuantConfig, batch_size: int) -> None:
+    """Steps 1-3: --cali_n inputs along FP trajectories from --cali_trajectories x_T, W--weight_bit by BRECQ /
+    AdaRound (--cali_iters), A--act_bit (--cali_iters_a; QNCD's running statistics with --quant_mode qncd)."""
+    cal = calibrate.CalibrationSettings(
+        n=calibrate.CalibrationSettings.n if args.cali_n is None else args.cali_n,
+        trajectories_per_condition=args.cali_trajectories or preset.get("calibration_trajectories_per_class") or 1,
+        batch_size=batch_size)
+    calibrate.run(run, cal)
+    dtype, cache_batch = preset.get("cache_dtype"), preset.get("cache_batch_size")
+    cache = CacheSettings(CacheSettings.dtype if dtype is None else dtype,
+                          CacheSettings.batch_size if cache_batch is None else cache_batch)
+    iters = preset.get("weight_iters") if args.cali_iters is None else args.cali_iters
+    quantize_weights.run(run, config, quantize_weights.WeightSettings(iters, cache=cache))
+    acts = quantize_activations.ActivationSettings(
+        iters=preset.get("act_iters") if args.cali_iters_a is None else args.cali_iters_a,
+        init_samples=preset.get("act_init_samples") if args.cali_n is None else min(args.cali_n, 256),  # <= the set
+        running_stat="all" if args.quant_mode == "qncd" else None, cache=cache)
+    quantize_activations.run(run, config, acts)
 
 
 def main(argv=None) -> None:
@@ -157,33 +175,29 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Every check first (one line, nothing written), then steps 1-3 (or --cali_ckpt), then step 7."""
     for name, minimum in MINIMUM.items():
         cli.check_positive(args, name, minimum=minimum)
     if not args.ptq and args.sample_reverse is not None:
         raise UserFacingError("--sample_reverse corrects a quantized model's noise; add --ptq")
-    common = model_flags(args) + run_flags(args)
-    bits = ["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit)]
-    mode = ["--quant_mode", "qncd" if args.quant_mode == "qncd" else "brecq"] + (["--split"] if args.split else [])
-    sample = common + (bits + ["--sampler", "none"] if args.ptq else ["--sampler", "fp32"])   # + the probe: qncd-rR
-    if args.sample_reverse is not None:
-        sample += ["--sample_reverse", "--reverse_interval", str(args.sample_reverse)]
-    sample += ["--seed", str(args.seed)] + (["--n_samples", str(args.max_images)]
-                                            if args.max_images is not None else [])
-    generate_evaluation_samples_dist.preflight(generate_evaluation_samples_dist.parse_args(sample))  # before work
+    preset, source = model_of(args)
+    job = Run(source, sampling_of(args, preset), Path(args.outdir), args.device).check()
+    batch_size = preset["batch_size"] if args.batch_size is None else args.batch_size
+    n = preset.get("eval_samples") if args.max_images is None else args.max_images
+    if n is None:
+        raise UserFacingError("the preset has no eval_samples; pass --max_images")
+    ev = evaluation_samples.EvalSettings(n, args.seed, batch_size)
+    sampler = sampler_of(args, job.sampling.steps)
+    config = quant_config_of(args)
+    tag = QuantTag.of(config)
+    evaluation_samples.preflight(job, ev)   # the plan and the checkpoint, before any work
     if args.ptq and args.cali_ckpt is not None:
-        place_cali_ckpt(args, common + bits)
+        adopt_quant_artifact(args.cali_ckpt, job.layout.quant(tag), quant_expect(job.meta(), tag),
+                             (args.weight_bit, args.act_bit),
+                             f"--weight_bit {args.weight_bit} --act_bit {args.act_bit} is asked for")
     elif args.ptq:
-        cal = common + (["--n", str(args.cali_n)] if args.cali_n is not None else []) + \
-            (["--calibration_trajectories_per_class", str(args.cali_trajectories)]
-             if args.cali_trajectories is not None else [])
-        collect_imagenet_calibration_set.main(cal)
-        quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + mode +
-                             (["--weight_iters", str(args.cali_iters)] if args.cali_iters is not None else []))
-        act_init = ["--act_init_samples", str(min(args.cali_n, 256))] if args.cali_n is not None else []  # ≤ set
-        quantize_weight_activation.main(common + bits + mode + act_init +
-                                        (["--act_iters", str(args.cali_iters_a)] if args.cali_iters_a is not None
-                                         else []))
-    generate_evaluation_samples_dist.main(sample)
+        quantize(args, job, preset, config, batch_size)
+    evaluation_samples.torchrun_protocol(lambda: evaluation_samples.generate(job, ev, sampler, tag))
 
 
 if __name__ == "__main__":

@@ -35,21 +35,23 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from pathlib import Path
 
-
-from ldm.fileio import atomic_path  # noqa: E402
-from ldm.precision import Precision  # noqa: E402
-from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
-from pipeline import cli  # noqa: E402
-from pipeline.artifacts import load_artifact  # noqa: E402
-from pipeline.sampling import quant_expect  # noqa: E402
-from pipeline.steps import evaluation_samples, txt2img  # noqa: E402
-from quant.calibration import strided_steps  # noqa: E402
-from quant.policy import POLICIES  # noqa: E402
-from quant_scripts import (collect_imagenet_calibration_set, generate_evaluation_samples_dist,  # noqa: E402
-                           quantize_weight, quantize_weight_activation)
+from ldm.precision import Precision
+from ldm.util import ArgumentParser, UserFacingError, run_cli
+from pipeline import cli
+from pipeline.layout import QuantTag
+from pipeline.packed import Execution
+from pipeline.quantize import CacheSettings, adopt_quant_artifact
+from pipeline.run import ModelSource, Preset, Run, SamplerChoice
+from pipeline.sampler_spec import SamplerSpec
+from pipeline.sampling import quant_expect
+from pipeline.settings import SamplingSettings
+from pipeline.steps import calibrate, evaluation_samples, quantize_activations, quantize_weights, txt2img
+from quant.api import QuantConfig
+from quant.calibration import strided_steps
+from quant.policy import POLICIES
+from quant.quantizer import PerChannel
 
 PRESET = "fashion-txt2img"
 N_SAMPLES = 3   # images per batch (CompVis)
@@ -145,104 +147,6 @@ def precision_flag(text: str):
     return cli.precision_arg(COMPVIS_PRECISION.get(str(text).strip().lower(), text))
 
 
-def common_flags(args: argparse.Namespace) -> list[str]:
-    """Model, prompts and sampler settings, as every step script takes them."""
-    flags = ["--outdir", args.logdir, "--device", args.device]
-    if args.preset is None and args.config is None and args.ckpt is None:
-        flags += ["--preset", PRESET]   # the step scripts' own default preset is the class model
-    for flag, value in (("--preset", args.preset), ("--config", args.config), ("--ckpt", args.ckpt),
-                        ("--prompts", args.from_file), ("--steps", args.steps), ("--eta", args.eta),
-                        ("--scale", args.scale)):
-        if value is not None:
-            flags += [flag, str(value)]
-    loop = {True: ["--plms"], False: ["--ddim"], None: []}[args.plms]
-    return flags + loop + (["--trust_checkpoint"] if args.trust_checkpoint else [])
-
-
-def calibrate(args: argparse.Namespace, common: list[str], n_prompts: int, steps: int) -> None:
-    """Step 1 with QNCD's counts: --cali_n latents at each of the --cali_st strided steps, each with its prompt's and
-    the empty prompt's embedding, from trajectories of the first --cali_n prompts (+ 1/8 more for held-out rows)."""
-    k = len(strided_steps(steps, args.cali_st))
-    held = max(1, args.cali_n // 8)
-    traj = args.cali_n + held
-    cal = common + ["--calibration_classes", *map(str, range(min(n_prompts, traj))),
-                    "--calibration_trajectories_per_class", str(math.ceil(traj / n_prompts)),
-                    "--n", str(2 * k * args.cali_n), "--n_holdout", str(2 * k * held), "--cali_st", str(args.cali_st)]
-    collect_imagenet_calibration_set.main(cal)
-
-
-def quantize(args: argparse.Namespace, common: list[str], n_prompts: int, steps: int) -> None:
-    """QNCD's released SD path (spec qncd_ptqd.md §A.4): per-channel weights, every layer but the transformer blocks
-    (policy qncd-sd); W8 round-to-nearest, W4 BRECQ/AdaRound (--cali_iters); activations from their initial ranges
-    (+ --running_stat EMA at batch --cali_batch_size), no step-size learning unless --cali_iters_a is given;
-    --scale_split_static smoothing. --quant_mode only names the branch: each feature is its own flag, as in QNCD."""
-    base = ["--policy", args.policy, "--channel_wise", "--quant_mode", "brecq"] + \
-        (["--split"] if args.split else []) + (["--scale_split_static"] if args.scale_split_static else []) + \
-        (["--no_grad_ckpt"] if args.no_grad_ckpt else [])
-    calibrate(args, common, n_prompts, steps)
-    iters = args.cali_iters if args.cali_iters is not None else 0 if args.weight_bit == 8 else None
-    quantize_weight.main(common + ["--w_bits", str(args.weight_bit)] + base +
-                         (["--weight_iters", str(iters)] if iters is not None else []))
-    if not args.quant_act:
-        return
-    act = ["--a_bits", str(args.act_bit), "--act_iters", str(args.cali_iters_a or 0)] + sm_abit_flags(args) + \
-        (["--running_stat"] if args.running_stat else []) + (["--rs_sm_only"] if args.rs_sm_only else []) + \
-        (["--rs_batch_size", str(args.cali_batch_size)] if args.cali_batch_size is not None else []) + \
-        ["--act_init_samples", str(min(2 * len(strided_steps(steps, args.cali_st)) * args.cali_n, 256))]
-    for flag, value in (("--lr", args.cali_lr), ("--p", args.cali_p)):
-        if value is not None:
-            act += [flag, str(value)]
-    quantize_weight_activation.main(common + ["--w_bits", str(args.weight_bit)] + base + act)
-
-
-def sm_abit_flags(args: argparse.Namespace) -> list[str]:
-    """--sm_abit reaches the model only where attention is quantized: under qncd-sd the transformer blocks run in FP,
-    as in QNCD's released SD code, whose attention matmuls are never quantized (the flag is accepted, as there)."""
-    if not args.sm_abit or not args.quant_act or args.policy == "qncd-sd":
-        return []
-    return ["--sm_abit", str(args.sm_abit)]
-
-
-def place_cali_ckpt(args: argparse.Namespace, ns: argparse.Namespace) -> None:
-    """Put ``--cali_ckpt`` where this run's sampling looks for it (its metadata is checked when it loads)."""
-    from pipeline.quantize import QUANT_KIND
-    src = Path(args.cali_ckpt)
-    meta = load_artifact(src, QUANT_KIND, {}, "quant_scripts/quantize_weight_activation.py")["meta"]
-    want = (args.weight_bit, args.act_bit if args.quant_act else None)
-    if (meta.get("w_bits"), meta.get("a_bits")) != want:
-        raise UserFacingError(f"--cali_ckpt {src} is W{meta.get('w_bits')}A{meta.get('a_bits')}, but W{want[0]}"
-                              f"A{want[1]} is asked for (--weight_bit, --quant_act --act_bit)")
-    tag = cli.quant_tag(ns, weights_only=not args.quant_act)
-    load_artifact(src, QUANT_KIND, quant_expect(cli.model_meta(ns), tag),
-                  "quant_scripts/quantize_weight_activation.py")
-    dest = cli.layout(ns).quant(tag)   # (checked against this run before it is copied in)
-    if dest.resolve() != src.resolve():
-        with atomic_path(dest) as tmp:
-            shutil.copyfile(src, tmp)
-        print(f"--cali_ckpt: using {src} as {dest}")
-
-
-def sampling_namespace(args: argparse.Namespace, common: list[str]) -> argparse.Namespace:
-    """The txt2img step's flags: the common ones parsed as a step script parses them (``--outdir`` there is the
-    artifact root, ``-l``), the preset applied, plus the images' own flags."""
-    p = cli.script_parser(__doc__, PRESET)
-    cli.add_sampler_args(p, "none" if args.ptq else "fp32", args.weight_bit, args.act_bit)
-    cli.add_output_args(p, seed=args.seed, force=None)
-    sampler = ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
-                                      if args.reverse_interval is not None else []) if args.sample_reverse else []
-    cli.add_execution_args(p)
-    cli.add_precision_args(p)
-    run_flags = ["--execution", args.execution, "--precision", args.precision.value] + \
-        (["--packed", args.packed] if args.packed else [])
-    ns = p.parse_args(common + sampler + (sm_abit_flags(args) if args.ptq else []) + run_flags)
-    cli.apply_preset(ns, PRESET)
-    ns.n_samples = N_SAMPLES if args.n_samples is None else args.n_samples
-    if args.prompt is not None:
-        ns.prompt_list = (args.prompt,)
-    ns.a_bits = args.act_bit if args.ptq and args.quant_act else None
-    return ns
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """Every flag alone and in combination, before anything is written."""
     for name, minimum in MINIMUM.items():
@@ -261,17 +165,110 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UserFacingError("--ptq calibrates on a prompt list: pass --from_file FILE (or use the preset's "
                               "prompts) instead of --prompt")
 
+# ---- the typed objects, built once from the flags ------------------------------------------------------------------
 
-def eval_flags(args: argparse.Namespace, common: list[str]) -> list[str]:
-    """Step 7's flags for --eval N."""
-    flags = common + (["--w_bits", str(args.weight_bit), "--a_bits", str(args.act_bit), "--sampler", "none"]
-                      if args.ptq else ["--sampler", "fp32"])
-    flags += (sm_abit_flags(args) + ["--execution", args.execution] +
-              (["--packed", args.packed] if args.packed else [])) if args.ptq else []
+def is_custom(args: argparse.Namespace) -> bool:
+    """--config/--ckpt without --preset: a custom model (its run folder is "custom"; the preset gives only its
+    defaults, and CompVis txt2img's --ddim_steps and --scale apply)."""
+    return args.preset is None and (args.config is not None or args.ckpt is not None)
+
+
+def model_of(args: argparse.Namespace, preset: Preset) -> ModelSource:
+    """--preset / --config --ckpt, --trust_checkpoint, --from_file or --prompt, --no_grad_ckpt."""
+    custom = is_custom(args)
+    if custom and (args.config is None or args.ckpt is None):
+        raise UserFacingError("a custom model needs both --config and --ckpt (or pick a --preset)")
+    prompts = args.from_file if args.from_file is not None or custom else preset.get("prompts")
+    return ModelSource(str(args.config or preset["config"]), str(args.ckpt or preset["ckpt"]),
+                       "custom" if custom else preset.name, trust=args.trust_checkpoint, prompts=prompts,
+                       prompt_list=(args.prompt,) if args.prompt is not None else None,
+                       grad_ckpt=not args.no_grad_ckpt)
+
+
+def sampling_of(args: argparse.Namespace, preset: Preset) -> SamplingSettings:
+    """--ddim_steps, --ddim_eta, --scale, --plms / --ddim over the preset's (a custom model: CompVis' steps and
+    scale); the grid is the preset's."""
+    custom = is_custom(args)
+    steps = CUSTOM_STEPS if custom and args.steps is None else args.steps
+    scale = CUSTOM_SCALE if custom and args.scale is None else args.scale
+    given = {"steps": steps, "eta": args.eta, "scale": scale, "plms": args.plms}
+    return preset.sampling(**{k: v for k, v in given.items() if v is not None})
+
+
+def sampler_of(args: argparse.Namespace) -> SamplerChoice:
+    """The FP32 sampler, or (--ptq) the quantized one with QNCD's probe (--sample_reverse, --reverse_interval), how
+    it runs (--execution, --packed) and --precision; checked (tf32 off CUDA refused here, before steps 1-3)."""
+    spec = SamplerSpec.parse("none" if args.ptq else "fp32")
     if args.sample_reverse:
-        flags += ["--sample_reverse"] + (["--reverse_interval", str(args.reverse_interval)]
-                                         if args.reverse_interval is not None else [])
-    return flags + ["--n_samples", str(args.eval), "--seed", str(args.seed), "--precision", args.precision.value]
+        spec = spec.with_probe() if args.reverse_interval is None else spec.with_probe(args.reverse_interval)
+    choice = SamplerChoice(spec, Execution(args.execution), args.packed, args.precision)
+    choice.check_device(args.device)
+    return choice.check()
+
+
+def sm_abit_of(args: argparse.Namespace) -> int | None:
+    """--sm_abit reaches the model only where attention is quantized: under qncd-sd the transformer blocks run in FP,
+    as in QNCD's released SD code, whose attention matmuls are never quantized (the flag is accepted, as there)."""
+    if not args.sm_abit or not args.quant_act or args.policy == "qncd-sd":
+        return None
+    if not 2 <= args.sm_abit <= 16:
+        raise UserFacingError(f"--sm_abit must be in 2..16, got {args.sm_abit}")
+    return args.sm_abit
+
+
+def quant_config_of(args: argparse.Namespace) -> QuantConfig:
+    """QNCD's released SD path (spec qncd_ptqd.md §A.4): per-channel weights, every layer but the transformer blocks
+    (--policy qncd-sd), --split, --scale_split_static smoothing; W--weight_bit, and A--act_bit with --quant_act.
+    --quant_mode only names the branch: each feature is its own flag, as in QNCD."""
+    a_bits = args.act_bit if args.ptq and args.quant_act else None
+    return QuantConfig(args.weight_bit, a_bits, PerChannel(0), sm_abit_of(args) if args.ptq else None, args.split,
+                       args.policy, "code" if args.scale_split_static else None)
+
+
+def cache_of(preset: Preset) -> CacheSettings:
+    """The reconstruction caches as the preset sizes them (else float32 and the default cache pass)."""
+    dtype, batch_size = preset.get("cache_dtype"), preset.get("cache_batch_size")
+    return CacheSettings(CacheSettings.dtype if dtype is None else dtype,
+                         CacheSettings.batch_size if batch_size is None else batch_size)
+
+
+def calibration_of(args: argparse.Namespace, n_prompts: int, steps: int, batch_size: int
+                   ) -> calibrate.CalibrationSettings:
+    """Step 1 with QNCD's counts: --cali_n latents at each of the --cali_st strided steps, each with its prompt's and
+    the empty prompt's embedding, from trajectories of the first --cali_n prompts (+ 1/8 more for held-out rows)."""
+    k = len(strided_steps(steps, args.cali_st))
+    held = max(1, args.cali_n // 8)
+    traj = args.cali_n + held
+    return calibrate.CalibrationSettings(n=2 * k * args.cali_n, n_holdout=2 * k * held,
+                                         trajectories_per_condition=math.ceil(traj / n_prompts),
+                                         batch_size=batch_size, classes=tuple(range(min(n_prompts, traj))),
+                                         cali_st=args.cali_st)
+
+
+def quantize(args: argparse.Namespace, run: Run, preset: Preset, config: QuantConfig) -> None:
+    """Steps 1-3: W8 round-to-nearest, W4 BRECQ/AdaRound (--cali_iters); activations from their initial ranges
+    (+ --running_stat EMA at batch --cali_batch_size), no step-size learning unless --cali_iters_a is given."""
+    cal = calibration_of(args, len(run.family.prompts), run.sampling.steps, preset["batch_size"])
+    calibrate.run(run, cal)
+    iters = args.cali_iters if args.cali_iters is not None else 0 if args.weight_bit == 8 else \
+        preset.get("weight_iters")
+    quantize_weights.run(run, config, quantize_weights.WeightSettings(iters, cache=cache_of(preset)))
+    if not args.quant_act:
+        return
+    defaults = quantize_activations.ActivationSettings
+    acts = defaults(iters=args.cali_iters_a or 0, init_samples=min(cal.n, 256),
+                    lr=defaults.lr if args.cali_lr is None else args.cali_lr,
+                    p=defaults.p if args.cali_p is None else args.cali_p,
+                    running_stat="softmax" if args.rs_sm_only else "all" if args.running_stat else None,
+                    rs_batch_size=args.cali_batch_size or defaults.rs_batch_size, cache=cache_of(preset))
+    quantize_activations.run(run, config, acts)
+
+
+def adopt_cali_ckpt(args: argparse.Namespace, run: Run, tag: QuantTag) -> None:
+    """Put ``--cali_ckpt`` where this run's sampling looks for it, once it is known to be this run's model."""
+    want = (args.weight_bit, args.act_bit if args.quant_act else None)
+    adopt_quant_artifact(args.cali_ckpt, run.layout.quant(tag), quant_expect(run.meta(), tag), want,
+                         f"W{want[0]}A{want[1]} is asked for (--weight_bit, --quant_act --act_bit)")
 
 
 def main(argv=None) -> None:
@@ -281,42 +278,45 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Every check first (one line, nothing written), then steps 1-3 (unless --packed / --cali_ckpt), the images,
+    and --eval's step 7."""
     check_flags(args)
-    if args.preset is None and (args.config or args.ckpt):   # a custom model: CompVis txt2img's defaults
-        args.steps = CUSTOM_STEPS if args.steps is None else args.steps
-        args.scale = CUSTOM_SCALE if args.scale is None else args.scale
-    common = common_flags(args)
-    ns = sampling_namespace(args, common)
-    cli.check_sampling_args(ns)
-    cli.check_precision_args(ns)   # (tf32 off CUDA: refused before steps 1-3 write anything)
-    _, family = cli.model_family(ns)   # the prompts are read (one-line errors) before any work
+    preset = Preset.load(args.preset or PRESET)
+    job = Run(model_of(args, preset), sampling_of(args, preset), Path(args.logdir), args.device).check()
+    sampler = sampler_of(args)
+    family = job.family   # the prompts are read (one-line errors) before any work
     if not family.takes_prompts:
-        raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); {ns.config} is "
-                              f"a {family.name} model: sample it with quant_scripts/sample_fp32_imagenet.py")
-    steps = ns.settings.steps
-    if args.sample_reverse:
-        cli.check_probe_fires(args.reverse_interval or 10, steps)
-    if args.ptq and args.packed is None and args.cali_ckpt is None:
+        raise UserFacingError(f"txt2img needs a text-to-image model (cond stage FrozenCLIPEmbedder); "
+                              f"{job.model.config} is a {family.name} model: sample it with "
+                              f"quant_scripts/sample_fp32_imagenet.py")
+    steps = job.sampling.steps
+    if sampler.spec.probe is not None:
+        cli.check_probe_fires(sampler.spec.probe, steps)
+    calibrates = args.ptq and args.packed is None and args.cali_ckpt is None
+    if calibrates:
         args.cali_st = min(CALI_ST, steps) if args.cali_st is None else args.cali_st
         if args.cali_st > steps:
             raise UserFacingError(f"--cali_st {args.cali_st} must be at most the {steps} sampling steps "
                                   f"(--ddim_steps)")
-    if args.eval is not None:   # step 7's flags and plan, checked before any image is written
+    config = quant_config_of(args)
+    tag = QuantTag.of(config)
+    images = txt2img.ImageSettings(Path(args.outdir), args.seed, N_SAMPLES if args.n_samples is None else
+                                   args.n_samples, args.n_iter, args.n_rows, single=args.prompt is not None,
+                                   size=(args.C, args.H, args.W, args.f), skip_grid=args.skip_grid,
+                                   skip_save=args.skip_save, progress=not args.no_progress)
+    ev = None
+    if args.eval is not None:   # step 7's plan and checkpoint, checked before any image is written
+        ev = evaluation_samples.EvalSettings(args.eval, args.seed, preset["batch_size"])
         with cli.flag_names({"--n_samples": "--eval"}):
-            generate_evaluation_samples_dist.preflight(
-                generate_evaluation_samples_dist.parse_args(eval_flags(args, common)))
+            evaluation_samples.preflight(job, ev)
     if args.ptq and args.cali_ckpt is not None and args.packed is None:
-        place_cali_ckpt(args, ns)
-    elif args.ptq and args.packed is None:
-        quantize(args, common, len(family.prompts), steps)
-    images = txt2img.ImageSettings(Path(args.outdir), args.seed, ns.n_samples, args.n_iter, args.n_rows,
-                                   single=args.prompt is not None, size=(args.C, args.H, args.W, args.f),
-                                   skip_grid=args.skip_grid, skip_save=args.skip_save, progress=not args.no_progress)
-    run_ = cli.run_of(ns)
-    txt2img.run(run_, images, cli.sampler_of(ns, run_.sampling.steps), cli.quant_tag(ns, weights_only=ns.a_bits is None))
-    if args.eval is not None:
+        adopt_cali_ckpt(args, job, tag)
+    elif calibrates:
+        quantize(args, job, preset, config)
+    txt2img.run(job, images, sampler, tag)
+    if ev is not None:
         with cli.flag_names({"--n_samples": "--eval"}):
-            generate_evaluation_samples_dist.main(eval_flags(args, common))
+            evaluation_samples.torchrun_protocol(lambda: evaluation_samples.generate(job, ev, sampler, tag))
 
 
 if __name__ == "__main__":

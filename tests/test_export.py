@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tiny_models
+from quant.config import QuantConfig
 from quant.export import pack_bits, pack_quant_model, unpack_bits, unpack_weights
 from quant.layers import WeightRounding
 from pipeline.families.compvis_ldm import ClassConditionalLDM
@@ -36,7 +37,7 @@ def test_packed_weights_equal_the_fake_quantized_ones():
     unet = tiny_models.build(tiny_models.config(tiny_models.CLASS_COND)).model.diffusion_model
     sizes = {}
     for bits in (4, 8):
-        qm = QuantModel(unet, w_bits=bits, a_bits=None, specials=SPECIALS).init_weights_()
+        qm = QuantModel(unet, QuantConfig(bits, None), specials=SPECIALS).init_weights_()
         if bits == 4:  # a hard AdaRound layer: codes use the learned round-up mask
             name, layer = next((n, m) for n, m in qm.quant_layers() if m.w_scheme.bits == 4)
             layer.init_adaround_()

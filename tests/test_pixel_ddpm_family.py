@@ -22,6 +22,7 @@ from ldm.util import CheckpointError, load_config
 from pipeline.families import family_for
 from pipeline.families.pixel_ddpm import PIXEL_DDPM_SPECIALS
 from quant.calibration import TimestepDistribution, collect_calibration_set
+from quant.config import QuantConfig
 from quant.model import QuantModel
 from quant.policy import Precision
 from quant.reconstruction import find_units
@@ -131,14 +132,14 @@ def test_quantization_knows_the_ermongroup_blocks(family_model):
     assert policy["down.0.downsample.conv"] is Precision.FP32
     assert policy["down.1.block.0.nin_shortcut"] is Precision.FP32
     assert policy["down.0.block.0.conv1"] is policy["mid.attn_1.q"] is Precision.TARGET
-    qm = QuantModel(unet, 4, 8, specials=specials)
+    qm = QuantModel(unet, QuantConfig(4, 8), specials=specials)
     units = [u.name for u in find_units(qm)]
     assert "mid.block_1" in units and "mid.attn_1" in units and "up.1.attn.0" in units
     # split: [h ; skip] halves of every decoder shortcut's input (fixture README: 128→64, 96→64, 96→32, 64→32)
     assert specials.shortcut_splits(unet) == {"up.1.block.0.nin_shortcut": 64, "up.1.block.1.nin_shortcut": 64,
                                      "up.0.block.0.nin_shortcut": 64, "up.0.block.1.nin_shortcut": 32}
     with pytest.raises(ValueError, match="no CrossAttention or QKVAttention"):
-        QuantModel(unet, 4, 8, sm_abit=8, specials=specials)
+        QuantModel(unet, QuantConfig(4, 8, sm_abit=8), specials=specials)
 
 
 def test_smoothing_of_resnet_blocks_is_exact(fx, family_model):
@@ -250,7 +251,7 @@ def test_reconstruction_leaves_an_eval_unet_in_eval_mode(fx):
     unet = Model(cfg)
     unet.load_state_dict(torch.load(fx / "model.pt", weights_only=True))
     unet.eval()
-    qm = QuantModel(unet, 8, None, copy_model=False, specials=PIXEL_DDPM_SPECIALS)
+    qm = QuantModel(unet, QuantConfig(8, None), copy_model=False, specials=PIXEL_DDPM_SPECIALS)
     assert not qm.training
     g = torch.Generator().manual_seed(0)
     data = CalibrationData(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 1000, (8,), generator=g),

@@ -21,6 +21,7 @@ from ldm.models.diffusion.plms import PLMSSampler, plms_eps, plms_first_eps, sam
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 from ldm.util import instantiate_from_config
 from pipeline.families.compvis_ldm import ClassConditionalLDM
+from quant.config import QuantConfig
 from quant.model import QuantModel
 from quant.quantizer import ScaleSearch
 from quant.smoothing import (ChannelSmoothing, Formula, apply_smoothing_, conv_input_ranges, load_smoothing_,
@@ -168,7 +169,7 @@ def test_smoothing_on_a_quant_model_keeps_the_fp_path_and_feeds_the_activation_q
     t = torch.tensor([1, 301, 601, 951])
     with torch.no_grad():
         y_fp = unet(x, t, context=c)
-    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
+    qm = QuantModel(unet, QuantConfig(4, 8), search=ScaleSearch.MAX, specials=SPECIALS)
     factors = smoothing_factors(qm, GRID20)
     name = next(iter(factors))
     conv = qm.model.get_submodule(name).out_layers[3]
@@ -190,7 +191,7 @@ def test_smoothing_on_a_quant_model_keeps_the_fp_path_and_feeds_the_activation_q
         assert rel_err(unet(x, t, context=c), y_fp) == 0  # the FP UNet it was copied from is untouched
     with pytest.raises(ValueError, match="already smoothed"):
         apply_smoothing_(qm, factors)
-    late = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS).init_weights_()
+    late = QuantModel(unet, QuantConfig(4, 8), search=ScaleSearch.MAX, specials=SPECIALS).init_weights_()
     with pytest.raises(RuntimeError, match="before init_weights_"):
         apply_smoothing_(late, factors)
 
@@ -200,7 +201,7 @@ def test_smoothing_state_round_trip_is_exact_with_the_quantized_state(tiny):
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.tensor([1, 301, 601, 951]),
                 torch.randn(4, 1, 16, generator=g))]
-    qm = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
+    qm = QuantModel(unet, QuantConfig(4, 8), search=ScaleSearch.MAX, specials=SPECIALS)
     apply_smoothing_(qm, smoothing_factors(qm, batches, formula=Formula.PAPER))
     qm.init_weights_().calibrate_activations_(batches).set_quant_state(weight=True, act=True)
     buf = io.BytesIO()
@@ -208,7 +209,7 @@ def test_smoothing_state_round_trip_is_exact_with_the_quantized_state(tiny):
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     # from the checkpoint's weights again
-    fresh = QuantModel(unet, w_bits=4, a_bits=8, search=ScaleSearch.MAX, specials=SPECIALS)
+    fresh = QuantModel(unet, QuantConfig(4, 8), search=ScaleSearch.MAX, specials=SPECIALS)
     load_smoothing_(fresh, saved["smoothing"])
     fresh.load_quant_state_dict_(saved["quant_state"]).set_quant_state(weight=True, act=True)
     for (n, a), b in zip(qm.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):

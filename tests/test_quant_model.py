@@ -6,6 +6,7 @@ import torch
 
 import tiny_models
 from pipeline.families.compvis_ldm import ClassConditionalLDM
+from quant.config import QuantConfig
 from quant.layers import QuantLayer
 from quant.model import QuantModel
 from quant.policy import quantize_all_policy
@@ -32,7 +33,7 @@ def unet_and_data():
 @torch.no_grad()
 def test_off_state_is_exactly_fp(unet_and_data):
     unet, batches = unet_and_data
-    qm = QuantModel(unet, w_bits=4, a_bits=8, specials=SPECIALS).init_weights_()
+    qm = QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS).init_weights_()
     x, t, c = batches[0]
     assert torch.equal(qm(x, t, context=c), unet(x, t, context=c))
     assert any(isinstance(m, QuantLayer) for m in qm.modules())
@@ -46,8 +47,8 @@ def test_sqnr_floors(unet_and_data):
     ref = unet(x, t, context=c)
     results = {}
     for w, a in ((8, None), (4, None), (8, 8)):
-        qm = QuantModel(unet, w_bits=w, a_bits=a, policy=quantize_all_policy, granularity=PerChannel(0),
-                        specials=SPECIALS).init_weights_()
+        qm = QuantModel(unet, QuantConfig(w, a, granularity=PerChannel(0)), specials=SPECIALS,
+                        filter_fn=quantize_all_policy).init_weights_()
         qm.set_quant_state(weight=True)
         if a:
             qm.calibrate_activations_(batches[:2])
@@ -60,7 +61,7 @@ def test_sqnr_floors(unet_and_data):
 
 def test_act_quant_without_calibration_is_an_error(unet_and_data):
     unet, batches = unet_and_data
-    qm = QuantModel(unet, w_bits=8, a_bits=8, specials=SPECIALS).init_weights_().set_quant_state(weight=True, act=True)
+    qm = QuantModel(unet, QuantConfig(8, 8), specials=SPECIALS).init_weights_().set_quant_state(weight=True, act=True)
     x, t, c = batches[0]
     with pytest.raises(RuntimeError, match="never calibrated"):
         qm(x, t, context=c)
@@ -71,7 +72,7 @@ def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     from pipeline.artifacts import load_artifact, save_artifact
     from quant.quantizer import adaround_fake_quant
     unet, batches = unet_and_data
-    qm = QuantModel(unet, w_bits=4, a_bits=8, specials=SPECIALS).init_weights_()
+    qm = QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS).init_weights_()
     qm.calibrate_activations_(batches[:1])
     for _, layer in qm.quant_layers():
         layer.init_adaround_()
@@ -86,7 +87,7 @@ def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     ref = qm(x, t, context=c)
     path = save_artifact(tmp_path / "q.pt", "quant_model", {"w_bits": 4, "a_bits": 8},
                          {"quant_state": qm.quant_state_dict()})
-    fresh = QuantModel(unet, w_bits=4, a_bits=8, specials=SPECIALS)
+    fresh = QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS)
     fresh.load_quant_state_dict_(load_artifact(path, "quant_model", {"w_bits": 4})["quant_state"])
     fresh.set_quant_state(weight=True, act=True)
     assert torch.equal(fresh(x, t, context=c), ref)
@@ -96,14 +97,14 @@ def test_save_load_reproduces_outputs_exactly(unet_and_data, tmp_path):
     assert state[name]["round_up_bits"].numel() == -(-layer.weight.numel() // 8)
     old = {n: ({k: v for k, v in d.items() if k != "round_up_bits"} | {"round_up": dict(qm.quant_layers())[n].round_up}
                if "round_up_bits" in d else d) for n, d in state.items()}
-    legacy = QuantModel(unet, w_bits=4, a_bits=8, specials=SPECIALS).load_quant_state_dict_(old)
+    legacy = QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS).load_quant_state_dict_(old)
     legacy.set_quant_state(weight=True, act=True)
     assert torch.equal(legacy(x, t, context=c), ref)
     state[name]["round_up_bits"] = state[name]["round_up_bits"][:-1]
     with pytest.raises(ValueError, match="round-up mask of .* bytes, this layer needs"):
-        QuantModel(unet, w_bits=4, a_bits=8, specials=SPECIALS).load_quant_state_dict_(state)
+        QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS).load_quant_state_dict_(state)
     with pytest.raises(ValueError, match="does not fit this model"):
-        QuantModel(unet, w_bits=4, a_bits=8, policy=quantize_all_policy, specials=SPECIALS).load_quant_state_dict_(
+        QuantModel(unet, QuantConfig(4, 8), specials=SPECIALS, filter_fn=quantize_all_policy).load_quant_state_dict_(
             qm.quant_state_dict())
 
 
@@ -117,7 +118,7 @@ def test_sqnr_of_a_zero_output_model_is_one_clear_error(unet_and_data):
     zero = copy.deepcopy(unet)
     torch.nn.init.zeros_(zero.out[-1].weight)   # CompVis' initialisation of the output conv
     torch.nn.init.zeros_(zero.out[-1].bias)
-    qm = QuantModel(zero, w_bits=8, a_bits=None, specials=SPECIALS).init_weights_()
+    qm = QuantModel(zero, QuantConfig(8, None), specials=SPECIALS).init_weights_()
     x, t, c = batches[0]
     with pytest.raises(UserFacingError, match="identically zero on these 4 inputs, so no SQNR exists"):
         model_sqnr_db(qm, CalibrationData(x, t, c, torch.device("cpu")))

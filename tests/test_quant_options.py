@@ -8,6 +8,7 @@ import torch
 import tiny_models
 from pipeline.families import ModelFamily
 from quant.attention import ActQuantizer, QuantCrossAttention, QuantQKVAttention
+from quant.config import QuantConfig
 from quant.model import QuantModel
 from quant.quantizer import choose_qparams
 from quant.reconstruction import CalibrationData, Phase, ReconConfig, find_units, reconstruct_, sqnr_db
@@ -33,7 +34,7 @@ def unet_and_data(request):
 @torch.no_grad()
 def test_attention_quantization(unet_and_data):
     name, unet, data = unet_and_data
-    qm = QuantModel(unet, w_bits=8, a_bits=8, policy="all", sm_abit=8, specials=SPECIALS).init_weights_()
+    qm = QuantModel(unet, QuantConfig(8, 8, sm_abit=8, policy="all"), specials=SPECIALS).init_weights_()
     wrappers = [m for m in qm.modules() if isinstance(m, (QuantCrossAttention, QuantQKVAttention))]
     assert wrappers and len(list(qm.act_quantizers())) == 4 * len(wrappers)
     x, t, c = next(data.batches(16))
@@ -52,11 +53,11 @@ def test_attention_quantization(unet_and_data):
     assert not torch.equal(qm(x, t, context=c), out)  # the matmul quantizers do act
     qm.set_quant_state(weight=True, act=True)
     # exact round trip of the state, attention quantizers included
-    again = QuantModel(unet, w_bits=8, a_bits=8, policy="all", sm_abit=8, specials=SPECIALS)
+    again = QuantModel(unet, QuantConfig(8, 8, sm_abit=8, policy="all"), specials=SPECIALS)
     again.load_quant_state_dict_(qm.quant_state_dict()).set_quant_state(weight=True, act=True)
     assert torch.equal(again(x, t, context=c), qm(x, t, context=c))
     with pytest.raises(ValueError, match="bits"):
-        QuantModel(unet, w_bits=8, a_bits=8, policy="all", sm_abit=16, specials=SPECIALS).load_quant_state_dict_(
+        QuantModel(unet, QuantConfig(8, 8, sm_abit=16, policy="all"), specials=SPECIALS).load_quant_state_dict_(
             qm.quant_state_dict())
     # the activation phase learns the matmul quantizers' steps too
     before = {n: float(q.a_scale) for n, q in qm.act_quantizers()}
@@ -89,7 +90,7 @@ def test_shortcut_split(unet_and_data):
     for fqn, split in splits.items():
         i = int(fqn.split(".")[1])
         assert split == seen[f"in{i}"] - outs[-(i + 1)]
-    qm = QuantModel(unet, w_bits=4, a_bits=8, policy="all", split_shortcut=True, specials=SPECIALS).init_weights_()
+    qm = QuantModel(unet, QuantConfig(4, 8, split_shortcut=True, policy="all"), specials=SPECIALS).init_weights_()
     layers = dict(qm.quant_layers())
     layer = layers[next(iter(splits))]
     split = layer.split
@@ -104,12 +105,12 @@ def test_shortcut_split(unet_and_data):
     assert layer.a_scale.shape == (2,) and layer.a_scale[0] != layer.a_scale[1]
     qm.set_quant_state(weight=True, act=True)
     out = qm(x, t, context=c)
-    again = QuantModel(unet, w_bits=4, a_bits=8, policy="all", split_shortcut=True, specials=SPECIALS)
+    again = QuantModel(unet, QuantConfig(4, 8, split_shortcut=True, policy="all"), specials=SPECIALS)
     again.load_quant_state_dict_(qm.quant_state_dict()).set_quant_state(weight=True, act=True)
     assert torch.equal(again(x, t, context=c), out)
     with pytest.raises(ValueError, match="split"):
-        QuantModel(unet, w_bits=4, a_bits=8, policy="all", specials=SPECIALS).load_quant_state_dict_(
+        QuantModel(unet, QuantConfig(4, 8, policy="all"), specials=SPECIALS).load_quant_state_dict_(
             qm.quant_state_dict())
     # the D²-DPM policy keeps skip convs in FP32: nothing to split
-    d2 = QuantModel(unet, w_bits=4, a_bits=8, split_shortcut=True, specials=SPECIALS)
+    d2 = QuantModel(unet, QuantConfig(4, 8, split_shortcut=True), specials=SPECIALS)
     assert not any(m.split for _, m in d2.quant_layers())

@@ -12,6 +12,7 @@ import tiny_models
 from conftest import REPO
 from pipeline.artifacts import ArtifactMismatch, save_artifact
 from ldm.models.diffusion.settings import SamplingSettings
+from quant.config import QuantConfig
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
 from pipeline.families.compvis_ldm import ClassConditionalLDM
@@ -43,7 +44,7 @@ def data(tiny):
 
 
 def fresh(tiny, w_bits=4, a_bits=None) -> QuantModel:
-    return QuantModel(tiny.model.diffusion_model, w_bits=w_bits, a_bits=a_bits, specials=SPECIALS).init_weights_()
+    return QuantModel(tiny.model.diffusion_model, QuantConfig(w_bits, a_bits), specials=SPECIALS).init_weights_()
 
 
 def test_units_follow_module_order_and_skip_eight_bit_layers(tiny):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ldm.fileio import file_fingerprint
+from ldm.util import UserFacingError
 from pipeline.artifacts import is_current, save_artifact, save_timing
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.families import ModelFamily
@@ -51,12 +52,25 @@ def weight_meta(base: dict, config: QuantConfig) -> dict:
     return {**base, **config.weights_only.meta()}
 
 
+def check_specials(family: ModelFamily, config: QuantConfig) -> None:
+    """Options that would do nothing on this family's network are refused in one line: QNCD's smoothing needs
+    residual blocks that add a time embedding before a conv, Q-Diffusion's split needs concatenated skip inputs."""
+    specials = family.quant_specials()
+    if config.smoothing and not specials.smoothing_sites:
+        raise UserFacingError(f"--scale_split_static (or --quant_mode qncd): QNCD's smoothing acts on residual blocks "
+                              f"that add a time embedding before a conv, and the {family.name} family has none; drop "
+                              f"it (--quant_mode brecq)")
+    if config.split_shortcut and not specials.has_shortcut_splits:
+        raise UserFacingError(f"--split: Q-Diffusion's shortcut split acts on convs whose input concatenates a skip "
+                              f"connection, and the {family.name} family has none; drop --split")
+
+
 def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
     """Quantize the run's UNet weights as ``config`` says (its activation bits are step 3's); returns the quant
     artifact's path (reused when current, resumed after an interruption)."""
     config = config.weights_only
     base = run.meta()
-    run.family   # noqa: B018  (a config of no known family stops here, before anything is written)
+    check_specials(run.family, config)   # (a config of no known family stops here too, before anything is written)
     layout = run.layout
     out, cal_path = layout.quant(QuantTag.of(config)), layout.calibration
     meta = {**weight_meta(base, config), "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,

@@ -11,7 +11,8 @@ L_vlb by T/1000).
   divided by ln 2.
 
 All tables are the un-respaced chain's (``RespacedSchedule.make("")``), each float64 entry cast to float32 before use
-as the original does. Written from the equations; ``tests/test_dit_training.py`` checks the pieces against closed forms.
+as the original does. Written from the equations; ``tests/test_dit_training.py`` checks the pieces against closed
+forms.
 """
 from __future__ import annotations
 
