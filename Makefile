@@ -52,12 +52,14 @@ quality: $(STAMP) data
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# make demo [QUICK=1] [PAPER=1] [FRESH=1] [QNCD=1] [SMOOTH=1] [HARD=1] [LONG=1] [PIXEL=1] [TEXT=1] -- the whole pipeline on the embedded
+# make demo [QUICK=1] [PAPER=1] [FRESH=1] [QNCD=1] [SMOOTH=1] [HARD=1] [LONG=1] [PIXEL=1] [TEXT=1] [DIT=1] -- the whole pipeline on the embedded
 # default + outputs/<mode>/fashion/report.md (HARD=1: the bit-width sweep, report in fashion/bits/; LONG=1: the
 # 250-step scale-1.5 protocol at η 0 and η 1, a report in each run folder; PIXEL=1: the pixel DDPM default;
-# TEXT=1: the text-to-image default)
+# TEXT=1: the text-to-image default; DIT=1: the embedded DiT)
 demo: $(STAMP)
-ifdef TEXT
+ifdef DIT
+	$(PY) quant_scripts/demo.py --preset fashion-dit --n_eval 500 $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
+else ifdef TEXT
 	$(PY) quant_scripts/demo.py --preset fashion-txt2img --n_eval 500 $(if $(QUICK),--quick) $(if $(FRESH),--fresh)
 else ifdef PIXEL
 	$(PY) quant_scripts/demo.py --preset fashion-ddim --n_eval 500 $(if $(QUICK),--quick) $(if $(FRESH),--fresh)

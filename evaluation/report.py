@@ -218,7 +218,7 @@ def quality_without_with_lines(seeds: Sequence[int], n: int,
 FASHION_PAGE = "docs/results-fashion.md"
 RESULTS_PAGES = {"demo-results": FASHION_PAGE, "demo-bits-results": FASHION_PAGE,
                  "demo-pixel-results": "docs/cifar10.md", "demo-text-results": "docs/stable-diffusion.md",
-                 "demo-qncd-results": "docs/qncd.md"}
+                 "demo-qncd-results": "docs/qncd.md", "demo-dit-results": "docs/DIT.md"}
 
 
 def results_page(tag: str) -> str:

@@ -110,6 +110,13 @@ TEXT_METHODS = (("uncorrected", "none"), ("D-D² (channel)", "dd2-channel"), ("Q
 TEXT_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
     Variant(tag.title(), method, sampler, tag) for tag in (W8A8, W4A8) for method, sampler in TEXT_METHODS)
 
+# --preset fashion-dit (the embedded DiT, class-conditional, a transformer denoiser): W8A8 and W4A8, each uncorrected,
+# with PTQD, D-D² and the QNCD probe (no PTQ paper has corrected a DiT's quantization noise at sampling time); its
+# report goes to <outdir>/fashion-dit/
+DIT_PRESETS = ("fashion-dit",)
+DIT_VARIANTS = (Variant("FP32", "—", "fp32", None),) + tuple(
+    Variant(tag.title(), method, sampler, tag) for tag in (W8A8, W4A8) for method, sampler in PIXEL_METHODS)
+
 W4A4, W3A8 = QuantTag(4, 4), QuantTag(3, 8)
 # the methods every setting of the bit-width sweep runs (--hard), and the settings in report order
 METHODS = (("uncorrected", "none"), ("PTQD", "ptqd"), ("S-D² (tensor)", "sd2-tensor"), ("D-D² (tensor)", "dd2-tensor"),
@@ -193,6 +200,8 @@ def variants(args) -> tuple[Variant, ...]:
         return PIXEL_VARIANTS
     if args.preset in TEXT_PRESETS:
         return TEXT_VARIANTS
+    if args.preset in DIT_PRESETS:
+        return DIT_VARIANTS
     chosen = (VARIANTS + (QNCD_VARIANTS if args.qncd else ()) + (HARD_VARIANTS if args.hard else ())
               + (sm_variants(args.sm_abit) if args.sm_abit else ()))
     unique = list({(v.tag, v.sampler): v for v in reversed(chosen)}.values())[::-1]  # the first of each kept
@@ -380,6 +389,8 @@ def readme_tag(args) -> str | None:
         return "demo-pixel-results" if not (args.qncd or args.smooth or args.hard) else None
     if args.preset in TEXT_PRESETS:
         return "demo-text-results" if not (args.qncd or args.smooth or args.hard) else None
+    if args.preset in DIT_PRESETS:
+        return "demo-dit-results" if not (args.qncd or args.smooth or args.hard) else None
     if args.preset != PRESET:
         return None
     if args.hard:
@@ -416,6 +427,7 @@ def make_report(args, layout: RunLayout, m: dict, driver: Driver, stages: list[S
             images[caption] = os.path.relpath(found[-1], where)
     what = ("PTQD / D²-DPM / QNCD on the embedded pixel default" if args.preset in PIXEL_PRESETS else
             "D²-DPM / QNCD on the embedded text-to-image default" if args.preset in TEXT_PRESETS else
+            "PTQD / D²-DPM / QNCD on the embedded DiT" if args.preset in DIT_PRESETS else
             "D²-DPM / PTQD on the embedded default")
     context = {"title": f"{what} ({args.preset}), mode {args.mode}"
                         + (", bit-width sweep" if args.hard else "") + (", QNCD smoothing" if args.smooth else ""),

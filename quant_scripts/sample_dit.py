@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -85,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="grid labels (default: sample.py's eight for 1000 classes, else each class twice)")
-    p.add_argument("--nrow", type=at_least(1), default=None, help="grid columns (default: 4, or the class count)")
+    p.add_argument("--nrow", type=at_least(1), default=None,
+                   help="grid columns (default: 4 for 1000 classes, else the class count; at most the label count)")
     p.add_argument("--out", default="sample.png", help="the grid PNG")
     p.add_argument("--num-fid-samples", type=at_least(1), default=None,
                    help="write the evaluator's npz of this many samples instead of a grid")
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     classes = dit.model.num_classes
     labels = args.class_labels or (DIT_EXAMPLE_LABELS if classes == 1000 else list(range(classes)) * 2)
     images = sample_images(dit, np.asarray(labels), schedule, args, args.seed)
-    nrow = args.nrow or (4 if classes == 1000 else classes)
+    nrow = args.nrow or min(len(labels), 4 if classes == 1000 else classes)
     save_png(make_grid(images, nrow), args.out, text={"ckpt": str(dit.ckpt), "sampling": what,
                                                       "labels": " ".join(map(str, labels))})
     print(f"wrote {args.out}: {len(labels)} samples ({what}) from {dit.ckpt}, decoded by {dit.first_stage}")
