@@ -78,16 +78,16 @@ def test_largest_unit_cache_at_paper_counts_fits_with_the_preset_dtype():
     sizes = unit_cache_elements()
     largest = max(sizes, key=sizes.get)
     assert largest == "output_blocks.9.0"
-    args = parsed("quantize_weight", "--preset", "cin256")
+    cache = parsed("quantize_weight", "--preset", "cin256")
 
     def peak(cache_dtype: str, cache_batch_size: int) -> float:
         per_row = sizes[largest] * torch.empty((), dtype=getattr(torch, cache_dtype)).element_size()
         return REST_BYTES + PAPER_ROWS * per_row + FORWARD_BYTES_PER_ROW * cache_batch_size
 
-    assert peak(args.cache_dtype, args.cache_batch_size) <= BUDGET_BYTES
+    assert peak(cache.dtype, cache.batch_size) <= BUDGET_BYTES
     # and each setting is needed, not a precaution
-    assert peak("float32", args.cache_batch_size) > BUDGET_BYTES
-    assert peak(args.cache_dtype, 128) > BUDGET_BYTES
+    assert peak("float32", cache.batch_size) > BUDGET_BYTES
+    assert peak(cache.dtype, 128) > BUDGET_BYTES
 
 
 def test_cuda_device_gets_exact_fp32_numerics(monkeypatch):

@@ -127,11 +127,11 @@ def load_first_stage(kind: str, folder: str, device: torch.device) -> FirstStage
     return load_ldm_first_stage(resolve(folder), device)
 
 
-def load_dit(args: dict[str, Any], ckpt: str | os.PathLike) -> DiT:
-    """A DiT of ``args`` with the checkpoint's weights (released or train.py: ``load_dit_state``, strict); built on
+def load_dit(dit_args: dict[str, Any], ckpt: str | os.PathLike) -> DiT:
+    """A DiT of ``dit_args`` with the checkpoint's weights (released or train.py: ``load_dit_state``, strict); built on
     the meta device first, so no random initialisation is spent on a model every tensor of which is replaced."""
     with torch.device("meta"):
-        dit = DiT(**args)
+        dit = DiT(**dit_args)
     return load_dit_state(dit.to_empty(device="cpu"), ckpt)
 
 
