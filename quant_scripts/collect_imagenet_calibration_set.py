@@ -51,11 +51,15 @@ def settings_of(args: argparse.Namespace) -> calibrate.CalibrationSettings:
         classes=args.calibration_classes, cali_st=args.cali_st)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     cal = settings_of(args)
-    calibrate.run(cli.run_of(args), cal)
+    return cli.run_of(args), cal
+
+
+def main(argv=None) -> None:
+    calibrate.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
     tag = cli.tag_of(args)
@@ -60,7 +60,11 @@ def main(argv=None) -> None:
         raise UserFacingError("no sample count: pass --n or add stats_samples to the preset")
     st = noise_statistics.StatisticsSettings(args.stats_samples, args.batch_size, args.seed, args.outlier_k,
                                              args.save_every, args.keep_spill, progress=not args.no_progress)
-    noise_statistics.run(run, st, tag)
+    return run, st, tag
+
+
+def main(argv=None) -> None:
+    noise_statistics.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

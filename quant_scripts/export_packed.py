@@ -37,11 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
-    export_packed.run(run, cli.tag_of(args, weights_only=args.weights_only), args.out)
+    return run, cli.tag_of(args, weights_only=args.weights_only), args.out
+
+
+def main(argv=None) -> None:
+    export_packed.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

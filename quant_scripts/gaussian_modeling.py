@@ -21,6 +21,7 @@ import argparse
 
 
 from pipeline import cli  # noqa: E402
+from pipeline.basics import check_at_least  # noqa: E402
 from pipeline.cli import add_bits_args  # noqa: E402
 from pipeline.steps import fit_noise  # noqa: E402
 
@@ -42,11 +43,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
-    fit_noise.run(run, cli.tag_of(args), args.outlier_k)
+    check_at_least("outlier_k", args.outlier_k, minimum=0)
+    return run, cli.tag_of(args), args.outlier_k
+
+
+def main(argv=None) -> None:
+    fit_noise.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -41,14 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
     config = cli.quant_of(args, run)
     weights = quantize_weights.WeightSettings(args.weight_iters, args.recon_batch_size, args.round_weight, args.seed,
                                               cli.cache_of(args))
-    quantize_weights.run(run, config, weights)
+    return run, config, weights
+
+
+def main(argv=None) -> None:
+    quantize_weights.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -67,15 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
     config = cli.quant_of(args, run)
     acts = quantize_activations.ActivationSettings(
         args.act_iters, args.act_init_samples, args.recon_batch_size, args.lr, args.p, args.seed, args.act_inputs,
         args.running_stat, args.rs_batch_size, cli.cache_of(args))
-    quantize_activations.run(run, config, acts)
+    return run, config, acts
+
+
+def main(argv=None) -> None:
+    quantize_activations.run(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

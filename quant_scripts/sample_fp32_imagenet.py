@@ -38,12 +38,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
-    grid = cli.grid_of(args)
-    sample_grid.fp32_grid(run, grid, cli.check_precision_args(args))
+    return run, cli.grid_of(args), cli.check_precision_args(args)
+
+
+def main(argv=None) -> None:
+    sample_grid.fp32_grid(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -52,15 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def typed(args: argparse.Namespace) -> tuple:
+    """The typed objects the flags describe (the preset applied first), every flag checked; nothing loaded."""
     if args.compare and args.n_samples_per_class is None:   # --compare: one sample per class unless told otherwise
         args.n_samples_per_class = 1
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
     grid = cli.grid_of(args)
     tag = cli.tag_of(args)
-    sample_grid.quantized_grid(run, grid, cli.sampler_of(args, run.sampling.steps, compare=args.compare), tag, compare=args.compare)
+    return run, grid, cli.sampler_of(args, run.sampling.steps, compare=args.compare), tag, args.compare
+
+
+def main(argv=None) -> None:
+    sample_grid.quantized_grid(*typed(parse_args(argv)))
 
 
 if __name__ == "__main__":

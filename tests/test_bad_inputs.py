@@ -224,3 +224,64 @@ def test_benchmark_counts_are_refused_in_one_line(script, argv, flag):
                           timeout=120)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and f"argument {flag}:" in lines[0], proc.stderr[-2000:]
+
+
+# the numeric flags of steps 0-6 and the packed export, checked where the typed objects are built (each script's
+# typed(args): the preset applied, every flag turned into its settings object, nothing loaded): (script, flag,
+# refused, accepted at the boundary, fragment of the refusal)
+TYPED_NUMERIC = [
+    *[(s, flag, bad, ok, fragment) for s in ("sample_fp32_imagenet", "collect_imagenet_calibration_set",
+                                             "quantize_weight", "collect_timestep_aware_statistics",
+                                             "gaussian_modeling", "sample_quantized_ldm_imagenet", "export_packed")
+      for flag, bad, ok, fragment in (("--steps", "0", "1", "--steps must be >= 1"),
+                                      ("--steps", "600", "500", "--steps 600"),
+                                      ("--eta", "1.5", "1", "--eta must be in [0, 1]"),
+                                      ("--eta", "-0.1", "0", "--eta must be in [0, 1]"),
+                                      ("--scale", "-1", "0", "--scale must be >= 0"),
+                                      ("--batch_size", "0", "1", "--batch_size must be >= 1"))],
+    ("sample_fp32_imagenet", "--seed", "-1", "0", "--seed must be >= 0"),
+    ("sample_fp32_imagenet", "--n_samples_per_class", "0", "1", "--n_samples_per_class must be >= 1"),
+    ("sample_fp32_imagenet", "--n_samples", "0", "1", "--n_samples must be >= 1"),
+    ("collect_imagenet_calibration_set", "--n", "0", "1", "--n and --calibration_trajectories_per_class"),
+    ("collect_imagenet_calibration_set", "--n_holdout", "-1", "0", "--n_holdout >= 0"),
+    ("collect_imagenet_calibration_set", "--calibration_trajectories_per_class", "0", "1",
+     "--calibration_trajectories_per_class must be >= 1"),
+    ("collect_imagenet_calibration_set", "--seed", "-1", "0", "--seed must be >= 0"),
+    ("quantize_weight", "--weight_iters", "-1", "0", "--weight_iters must be >= 0"),
+    ("quantize_weight", "--recon_batch_size", "0", "1", "--recon_batch_size must be >= 1"),
+    ("quantize_weight", "--round_weight", "-0.5", "0", "--round_weight must be >= 0"),
+    ("quantize_weight", "--cache_batch_size", "0", "1", "--cache_batch_size must be >= 1"),
+    ("quantize_weight_activation", "--act_iters", "-1", "0", "--act_iters must be >= 0"),
+    ("quantize_weight_activation", "--act_init_samples", "0", "1", "--act_init_samples must be >= 1"),
+    ("quantize_weight_activation", "--recon_batch_size", "0", "1", "--recon_batch_size must be >= 1"),
+    ("quantize_weight_activation", "--rs_batch_size", "0", "1", "--rs_batch_size must be >= 1"),
+    ("quantize_weight_activation", "--lr", "0", "1e-12", "--lr must be >= 1e-12"),
+    ("quantize_weight_activation", "--p", "nan", "1e-12", "--p must be a finite number"),
+    ("quantize_weight_activation", "--sm_abit", "1", "2", "--sm_abit must be in 2..16"),
+    ("quantize_weight_activation", "--sm_abit", "17", "16", "--sm_abit must be in 2..16"),
+    ("collect_timestep_aware_statistics", "--n", "0", "1", "--n must be >= 1"),
+    ("collect_timestep_aware_statistics", "--save_every", "0", "1", "--save_every must be >= 1"),
+    ("collect_timestep_aware_statistics", "--outlier_k", "-1", "0", "--outlier_k must be >= 0"),
+    ("gaussian_modeling", "--outlier_k", "-1", "0", "--outlier_k must be >= 0"),
+    ("sample_quantized_ldm_imagenet", "--n_samples_per_class", "0", "1", "--n_samples_per_class must be >= 1"),
+    ("sample_quantized_ldm_imagenet", "--seed", "-1", "0", "--seed must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("name, flag, bad, ok, fragment", TYPED_NUMERIC)
+def test_step_numeric_flags_are_refused_where_the_typed_objects_are_built(name, flag, bad, ok, fragment, tmp_path):
+    from ldm.util import UserFacingError
+    mod = load_script(SCRIPTS / f"{name}.py", f"typed_{name}")
+    with pytest.raises(UserFacingError) as e:
+        mod.typed(mod.parse_args([flag, bad, "--outdir", str(tmp_path)]))
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+    mod.typed(mod.parse_args([flag, ok, "--outdir", str(tmp_path)]))   # the boundary passes every check
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--batch_size", "0"], "--batch_size must be >= 1")])
+def test_evaluator_numeric_flags(argv, fragment, tmp_path):
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    proc = subprocess.run([sys.executable, str(REPO / "evaluator.py"), str(ref), str(ref), *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and fragment in error_line(proc), proc.stderr
