@@ -134,3 +134,103 @@ def test_vq_first_stage_round_trips_fashion_images():
     back = stage.decode(z).clamp(-1, 1)
     assert back.shape == x.shape
     assert float((back - x).abs().mean()) < 0.1 < 0.3 < float((back.roll(1, 0) - x).abs().mean())
+
+
+# ---- a quantized --correction: the pipeline's DiT, artifacts and DDIM loop ------------------------------------------
+
+def one_line(proc) -> str:
+    """The single 'error: ...' stderr line of a refusal (exit status 2)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline_outdir(tmp_path_factory):
+    """Steps 1-5 of the embedded fashion-dit preset (its 20 DDIM steps, η 0, scale 1.5) with tiny counts, W4A8,
+    through the typed steps; returns the pipeline's output root."""
+    if not EMBEDDED.is_file():
+        pytest.skip(f"{EMBEDDED} not trained yet (python train_dit.py)")
+    from pipeline.layout import QuantTag
+    from pipeline.run import Preset
+    from pipeline.steps import calibrate, fit_noise, noise_statistics, quantize_activations, quantize_weights
+    from quant.api import QuantConfig
+    torch.set_num_threads(1)   # (tiny tensors; conftest restores the count after the test that first asks for this)
+    outdir = tmp_path_factory.mktemp("dit-pipeline")
+    run = Preset.load("fashion-dit").run(outdir, device="cpu")
+    config, tag = QuantConfig(4, 8), QuantTag(4, 8)
+    calibrate.run(run, calibrate.CalibrationSettings(n=32, n_holdout=8, trajectories_per_condition=1, batch_size=20))
+    quantize_weights.run(run, config, quantize_weights.WeightSettings(iters=2))
+    quantize_activations.run(run, config, quantize_activations.ActivationSettings(iters=2, init_samples=8))
+    noise_statistics.run(run, noise_statistics.StatisticsSettings(n=10, batch_size=10, progress=False), tag)
+    fit_noise.run(run, tag)
+    return outdir
+
+
+def test_a_quantized_correction_samples_the_pipelines_dit(script, pipeline_outdir, tmp_path, capsys, one_thread):
+    """--correction loads step 3's W4A8 DiT and step 5's fit from --outdir (the preset's steps, η and scale where the
+    flags are unset) and samples them with the pipeline's DDIM loop: a grid and the evaluator's npz, D-D² differing
+    from the uncorrected model's from the same seed."""
+    grids = {}
+    for correction in ("dd2-channel", "none"):
+        grids[correction] = tmp_path / f"{correction}.png"
+        r = run_main(script.main, ["--correction", correction, "--w_bits", 4, "--a_bits", 8, "--outdir",
+                                   pipeline_outdir, "--class-labels", 0, 3, 7, "--out", grids[correction]], capsys)
+        assert r.returncode == 0, r.stderr
+        assert f"DDIM 20 steps (eta 0), cfg 1.5, seed 0, {correction} W4A8" in r.stdout
+    with Image.open(grids["dd2-channel"]) as im:
+        pixels = np.asarray(im)
+        assert im.size == (3 * 34 + 2, 36) and "quant=" in im.text["artifacts"] and "fit=" in im.text["artifacts"]
+    with Image.open(grids["none"]) as im:
+        assert "fit=" not in im.text["artifacts"]
+        assert np.abs(pixels.astype(int) - np.asarray(im).astype(int)).max() > 0
+    args = ["--correction", "dd2-channel", "--outdir", pipeline_outdir, "--num-fid-samples", 10,
+            "--per-proc-batch-size", 5, "--sample-dir", tmp_path / "samples"]
+    r = run_main(script.main, args, capsys)
+    assert r.returncode == 0, r.stderr
+    npz = next((tmp_path / "samples").glob("*/samples.npz"))
+    assert npz.parent.name.endswith("ddim20-eta0-cfg-1.5-seed-0-dd2-channel-w4a8")
+    manifest = json.loads((npz.parent / "manifest.json").read_text())
+    assert manifest["correction"] == "dd2-channel" and manifest["bits"] == "w4a8" and manifest["steps"] == 20
+    with np.load(npz) as f:
+        assert f["arr_0"].shape == (10, 32, 32, 3) and f["arr_1"].tolist() == list(range(10))
+        assert f["arr_0"].std() > 10
+
+
+def test_other_settings_than_the_artifacts_are_one_line(script, pipeline_outdir, tmp_path, capsys):
+    """Artifacts of 20 steps do not drive a 10-step chain: the line names the settings they exist for in this
+    script's flags, and the pipeline's flags to make them for these."""
+    line = one_line(run_main(script.main, ["--correction", "dd2-channel", "--outdir", pipeline_outdir,
+                                           "--num-sampling-steps", 10, "--out", tmp_path / "g.png"], capsys))
+    assert "--num-sampling-steps 20 --eta 0 --cfg-scale 1.5" in line
+    assert "--preset fashion-dit --steps 10 --eta 0 --scale 1.5" in line
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--correction", "dd2-channel", "--sampler", "ddpm"], "pass --sampler ddim"),
+    (["--correction", "dd2-channel"], "quantize_weight_activation.py --w_bits 4 --a_bits 8"),
+    (["--correction", "ptqd", "--w_bits", 8], "W8A8 quantized model not found"),
+    (["--correction", "dd3-channel"], "unknown sampler 'dd3-channel'"),
+    (["--correction", "none", "--vae-dir", "somewhere"], "--vae-dir does nothing with a quantized --correction"),
+    (["--correction", "none", "--num-sampling-steps", 1001], "--num-sampling-steps 1001"),
+    (["--correction", "qncd-r30", "--num-sampling-steps", 10], "never runs in 10 steps"),
+    (["--execution", "integer"], "--correction fp32 samples the FP DiT"),
+    (["--correction", "none", "--model", "DiT-B/4"], "pipeline --config"),
+])
+def test_quantized_flags_are_refused_in_one_line_before_anything_is_written(script, flags, message, tmp_path,
+                                                                            capsys):
+    """Checked from the flags and the yaml alone (no model loaded): the DDPM loop with a DDIM fit, a missing
+    artifact (naming the step that makes it and the pipeline's flags of the run), options that would do nothing."""
+    outdir = tmp_path / "outputs"
+    line = one_line(run_main(script.main, flags + ["--outdir", outdir, "--out", tmp_path / "g.png"], capsys))
+    assert message in line
+    if "not found" in message or "quantize_weight" in message:
+        assert "--preset fashion-dit --steps 20 --eta 0 --scale 1.5" in line
+    assert not (tmp_path / "g.png").exists() and not outdir.exists()
+
+
+def test_a_sampling_config_is_not_a_pipeline_config(script, tiny_config, tmp_path, capsys):
+    line = one_line(run_main(script.main, ["--config", tiny_config, "--correction", "none", "--outdir", tmp_path,
+                                           "--out", tmp_path / "g.png"], capsys))
+    assert "not a pipeline DiT config" in line and "ldm.models.dit_diffusion.DiTDiffusion" in line
