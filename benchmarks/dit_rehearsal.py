@@ -52,6 +52,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -226,7 +227,6 @@ def forward_probe_main(record: Path, device: str, what: str, batch: int, depth: 
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
     else:
-        import resource
         before = current_rss()
     t0 = time.perf_counter()
     with torch.inference_mode():

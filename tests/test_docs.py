@@ -69,6 +69,16 @@ def test_readme_results_table_is_the_pages():
     assert [row for row in rows if row not in page] == []
 
 
+def test_readme_dit_table_numbers_are_the_dit_pages():
+    """Every number of the README's DiT table is in docs/DIT.md, which `make demo DIT=1` writes."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("| embedded DiT at W4A8"):].split("\n\n")[0]
+    numbers = re.findall(r"\d+\.\d+", table)
+    assert len(numbers) >= 20
+    page = (REPO / "docs/DIT.md").read_text()
+    assert [n for n in numbers if n not in page] == []
+
+
 def test_markers_pair_up_once_per_page():
     for page in PAGES:
         found = Counter(MARKER.findall(page.read_text()))
