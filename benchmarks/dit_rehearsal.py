@@ -1,5 +1,5 @@
-"""Full-size dress rehearsal for DiT-XL/2 (256×256): the pipeline's steps 1-7 through the real scripts on a random-weight
-DiT, with measured time and memory per stage and their projection to the usual DiT PTQ protocol.
+"""Full-size dress rehearsal for DiT-XL/2 (256×256): the pipeline's steps 1-7 through the real scripts on a
+random-weight DiT, with measured time and memory per stage and their projection to the usual DiT PTQ protocol.
 
     python benchmarks/dit_rehearsal.py --device cuda --json dit.json           # the real model, 28 blocks
     python benchmarks/dit_rehearsal.py --device cpu --depth 2 --json dit.json  # a 2-core CPU: 2 of the 28 blocks
@@ -18,24 +18,25 @@ runs with ``--config <it> --ckpt <it>`` at few steps and small counts, each stag
 unit the cache-filling time, the optimisation time and the cache bytes).
 
 ``--depth N`` keeps N of DiT-XL/2's 28 identical blocks (everything else at its real size). It exists because the real
-model does not fit this CPU's time: one no-grad forward row takes 3.8 s on 2 threads and step 2's weight-range search
-24 s per block (11 min for the model) before any reconstruction. With N < 28 the projection adds the depth: forward-bound
-parts by the per-row forward time of the real 28-block model over the rehearsal model's (both measured by the forward
-probe), reconstruction by unit (each block's optimisation times 28/N; a block's cache pass runs the prefix before it, so
-the 28 blocks' cache passes by the mean prefix forward of 28 over N blocks, from the same probe), weight-proportional
+model does not fit this CPU's time: one no-grad forward row takes 1.8-3.8 s on 2 shared threads and step 2's
+weight-range search 24 s per block (11 min for the model) before any reconstruction. With N < 28 the projection adds
+the depth: forward-bound stages by adding, for every row they forwarded, the forward time of the missing blocks (the
+per-row time of the real 28-block model minus the rehearsal model's, both measured by the forward probe),
+reconstruction by unit (each block's optimisation times 28/N; a block's cache pass runs the prefix before it, so the
+28 blocks' cache passes by the mean prefix forward of 28 over N blocks, from the same probe), weight-proportional
 parts (range search, artifact writes) by the ratio of quantized weight elements, the model load by a probe loading the
 real 28-block checkpoint, and memory by the weight bytes of the missing blocks times the weight copies a stage holds
 (``WEIGHT_COPIES``). On a GPU run N = 28 (the default): nothing is extrapolated in depth.
 
 The protocol projected to (``PROTOCOLS``; ``--protocol`` picks the printed one, the JSON has both): PTQ4DiT (Wu et al.
-2024) on DiT-XL/2 256×256: sampling with 250 steps (and 50, its fastest setting), guidance scale 1.5, a calibration set of
-25 timesteps × 32 samples = 800 inputs (32 guided trajectories, ``--cali_st 25``), 10,000 evaluation samples (FID-10K, as
-PTQ4DiT and Q-DiT report) in batches of 16 (Q-DiT's). The reconstruction is this pipeline's BRECQ/AdaRound, which neither
-DiT paper uses (PTQ4DiT calibrates with its own salience balancing, Q-DiT with GPTQ and a granularity search), so its
-counts are the pipeline's paper's (D²-DPM): 10,000 / 5,000 iterations per unit at batch 8 / 16, activation ranges from
-32 inputs, 128 held-out inputs, 1,024 noise-statistics trajectories over every step. The rehearsal samples with the
-pipeline's DDIM at few steps (``--steps``, η 0); PTQ4DiT samples with DDPM, whose cost per step is the same forward, so
-every forward-bound part scales with the step count.
+2024) on DiT-XL/2 256×256: sampling with 250 steps (and 50, its fastest setting), guidance scale 1.5, a calibration
+set of 25 timesteps × 32 samples = 800 inputs (32 guided trajectories, ``--cali_st 25``), 10,000 evaluation samples
+(FID-10K, as PTQ4DiT and Q-DiT report) in batches of 16 (Q-DiT's). The reconstruction is this pipeline's
+BRECQ/AdaRound, which neither DiT paper uses (PTQ4DiT calibrates with its own salience balancing, Q-DiT with GPTQ and
+a granularity search), so its counts are the pipeline's paper's (D²-DPM): 10,000 / 5,000 iterations per unit at batch
+8 / 16, activation ranges from 32 inputs, 128 held-out inputs, 1,024 noise-statistics trajectories over every step.
+The rehearsal samples with the pipeline's DDIM at few steps (``--steps``, η 0); PTQ4DiT samples with DDPM, whose cost
+per step is the same forward, so every forward-bound part scales with the step count.
 
 Scaling rules, each part by the count it grows with (as cin256_rehearsal.py): step 1 by trajectories × steps; steps 2-3
 cache passes by calibration inputs, optimisation by iterations (and mini-batch), SQNRs by held-out inputs, activation
@@ -200,7 +201,7 @@ def write_checkpoint(path: Path, dit_args: dict, seed: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "bytes": path.stat().st_size, "parameters": n}
 
 
-# ---- probes, each in a fresh process (a process's peak RSS never goes down) -------------------------------------------
+# ---- probes, each in a fresh process (a process's peak RSS never goes down) ------------------------------------------
 
 def forward_probe_main(record: Path, device: str, what: str, batch: int, depth: int, tiny: bool) -> int:
     """Time and extra peak memory of one no-grad DiT forward of ``batch`` rows at ``depth`` blocks (with the bytes of
@@ -290,7 +291,7 @@ def forward_probe(args, work: Path, log) -> dict:
     return out
 
 
-# ---- the stages -------------------------------------------------------------------------------------------------------
+# ---- the stages ------------------------------------------------------------------------------------------------------
 
 def eval_classes(args) -> list[str]:
     """Step 7's classes: the calibrated ones, as many as divide its two batches evenly (the plan is balanced)."""
@@ -330,7 +331,7 @@ def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-# ---- the projection ---------------------------------------------------------------------------------------------------
+# ---- the projection --------------------------------------------------------------------------------------------------
 
 def depth_factors(args, fwd: dict, counts: dict) -> dict:
     """How a --depth run's parts grow to the full depth: the per-row forward time ratio, the mean block-prefix ratio
@@ -361,6 +362,10 @@ def project(args, work: Path, recs: dict, fwd: dict, counts: dict, load_full: di
     per_image_dec, dec_s = fwd["decode"]["bytes_per_sample"], fwd["decode"]["seconds_per_sample"]
     guided = 2 * protocol["batch"]
     on_gpu = args.device.startswith("cuda")
+    # the forward time of the blocks a --depth run leaves out, per row: added to each forward-bound stage's measured
+    # time for the rows it ran (additive, so its overheads and decodes are not scaled by depth)
+    missing = (fwd["dit_full"]["seconds_per_sample"] - fwd["dit"]["seconds_per_sample"]
+               if args.depth < args.full_depth else 0.0)
     out = []
 
     def row(name, rec, seconds, why, host_grow=0.0, device_grow=0.0, copies=0.0):
@@ -380,8 +385,9 @@ def project(args, work: Path, recs: dict, fwd: dict, counts: dict, load_full: di
         step = name.split()[0]
         copies = WEIGHT_COPIES["7 fp32" if name.endswith("(fp32)") else step]
         if step == "1":
-            f = protocol["trajectories"] / args.classes * steps * dep["forward"]
-            row(name, rec, load + compute * f, f"trajectories x steps x{f:g}", copies=copies,
+            f = protocol["trajectories"] / args.classes * steps
+            full = compute + 2 * args.classes * args.steps * missing
+            row(name, rec, load + full * f, f"trajectories x steps x{f:g}", copies=copies,
                 device_grow=per_row_act * max(0, min(guided, 2 * protocol["trajectories"]) - 2 * args.classes))
         elif step in ("2", "3"):
             tag = QuantTag(4) if step == "2" else QuantTag(4, 8)
@@ -393,21 +399,25 @@ def project(args, work: Path, recs: dict, fwd: dict, counts: dict, load_full: di
             else:
                 row(name, rec, seconds, why, host_grow=max(cache_grow + act_grow, init_grow), copies=copies)
         elif step == "4":
-            f = protocol["stats"] / args.samples * steps * dep["forward"]
-            row(name, rec, load + compute * f, f"trajectories x steps x{f:g}", copies=copies,
+            f = protocol["stats"] / args.samples * steps
+            full = compute + 2 * 2 * args.samples * args.steps * missing   # FP and quantized forwards
+            row(name, rec, load + full * f, f"trajectories x steps x{f:g}", copies=copies,
                 device_grow=per_row_act * max(0, guided - 2 * args.samples))
         elif step == "5":
             row(name, rec, rec["wall_s"] + compute * (steps - 1), f"timesteps x{steps:g}")
         elif step == "6":   # one image: its sampling by steps and depth, its decode as measured by the probe
-            sampling = max(compute - dec_s, 0.0)
-            row(name, rec, load + sampling * steps * dep["forward"] + dec_s,
-                f"1 image: sampling x{steps * dep['forward']:g}, decode as probed", copies=copies)
+            sampling = max(compute - dec_s, 0.0) + 2 * args.steps * missing
+            row(name, rec, load + sampling * steps + dec_s, f"1 image: sampling x{steps:g}, decode as probed",
+                copies=copies)
         else:
             sampler = name.split("(")[1].rstrip(")")
             per_batch = batch_seconds(lay.eval_samples(FP32 if sampler == "fp32" else QuantTag(4, 8), sampler,
                                                        2 * args.eval_batch, 0,
                                                        tuple(int(c) for c in eval_classes(args))))
-            seconds, why = project_sampling(args, rec, load, per_batch, dec_s, steps * dep["forward"], protocol)
+            if per_batch is not None:
+                per_batch += 2 * args.eval_batch * args.steps * missing
+            deeper = {**rec, "wall_s": rec["wall_s"] + 2 * 2 * args.eval_batch * args.steps * missing}
+            seconds, why = project_sampling(args, deeper, load, per_batch, dec_s, steps, protocol)
             grow = max(per_row_act * max(0, guided - 2 * args.eval_batch),
                        per_image_dec * max(0, protocol["batch"] - args.eval_batch))
             row(name, rec, seconds, why, device_grow=grow, copies=copies)
@@ -469,7 +479,7 @@ def project_sampling(args, rec: dict, load: float, per_batch: float | None, dec_
             f"decode x{rows:g}) + {fixed:.1f} s fixed")
 
 
-# ---- the run ----------------------------------------------------------------------------------------------------------
+# ---- the run ---------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -601,7 +611,8 @@ def unit_table(work: Path, args) -> list[dict]:
 def totals(proj: list[dict]) -> dict:
     gpu = [r["projected_peak_gpu_bytes"] for r in proj if r["projected_peak_gpu_bytes"] is not None]
     return {"calibration_s": sum(r["projected_s"] for r in proj if r["stage"][0] in "123"),
-            "sampling_s": sum(r["projected_s"] for r in proj if r["stage"].startswith("7") and "fp32" not in r["stage"]),
+            "sampling_s": sum(r["projected_s"] for r in proj
+                              if r["stage"].startswith("7") and "fp32" not in r["stage"]),
             "peak_bytes": max(r["projected_peak_bytes"] for r in proj), "peak_gpu_bytes": max(gpu) if gpu else None}
 
 

@@ -254,6 +254,26 @@ def part_cin256(args) -> list[Row]:
                                      "projected_peak_gpu_bytes", "projection", "args")})]
 
 
+def part_dit(args) -> list[Row]:
+    """The DiT-XL/2 256×256 rehearsal (benchmarks/dit_rehearsal.py) at small counts, all 28 blocks on the device
+    (--tiny: its tiny DiT): steps 1-3 and step 7 projected to PTQ4DiT's 250-step protocol, GPU peak."""
+    out = args.workdir / "dit_rehearsal.json"
+    small = (["--tiny", "--eval_batch", "1"] if args.tiny else
+             ["--classes", "2", "--samples", "2", "--n_calibration", "16", "--n_holdout", "2", "--iters", "4",
+              "--act_init", "4", "--eval_batch", "16"])
+    t0 = time.perf_counter()
+    run_cli([str(BENCH / "dit_rehearsal.py"), "--device", args.device, "--workdir", str(args.workdir / "dit"),
+             "--json", str(out), *small])
+    rec = json.loads(out.read_text())
+    gpu = rec.get("projected_peak_gpu_bytes")
+    key = (f"PTQ4DiT-250: steps 1-3 {rec['projected_calibration_s'] / 3600:.2f} h, step 7 (10k) "
+           f"{rec['projected_sampling_s'] / 3600:.2f} h, peak host {rec['projected_peak_bytes'] / 2**30:.1f} GiB"
+           + (f", GPU {gpu / 2**30:.1f} GiB" if gpu is not None else ""))
+    return [Row("DiT-XL/2 rehearsal", True, time.perf_counter() - t0, key,
+                {k: rec[k] for k in ("projected_calibration_s", "projected_sampling_s", "projected_peak_bytes",
+                                     "projected_peak_gpu_bytes", "projection", "totals", "args")})]
+
+
 def part_fake_quant(args) -> list[Row]:
     """W4A8 fake-quant / FP32 guided sampling time (benchmarks/fake_quant_overhead.py)."""
     out = args.workdir / "fake_quant.json"
@@ -295,6 +315,7 @@ def guarded(fn):
         except Exception as e:   # noqa: BLE001 (a part's failure is data: its row)
             traceback.print_exc()
             name = {"part_fidelity": "fidelity cli", "part_cin256": "cin256 rehearsal",
+                    "part_dit": "DiT-XL/2 rehearsal",
                     "part_fake_quant": "fake-quant ratio", "part_integer": "integer W8A8"}.get(
                 fn.__name__, f"{fn.__name__.removeprefix('part_')} {getattr(args, 'preset', '')}".strip())
             return [Row(name, False, time.perf_counter() - t0, one_line(e))]
@@ -302,4 +323,5 @@ def guarded(fn):
 
 
 PARTS = {"pipeline": guarded(part_pipeline), "cpu": guarded(part_cpu), "fidelity": guarded(part_fidelity),
-         "cin256": guarded(part_cin256), "fake_quant": guarded(part_fake_quant), "integer": guarded(part_integer)}
+         "cin256": guarded(part_cin256), "dit": guarded(part_dit),
+         "fake_quant": guarded(part_fake_quant), "integer": guarded(part_integer)}

@@ -36,6 +36,18 @@ i = 6, ≈ 0.87 b at i = 16).
 The probe calls the model with the conditioning and guidance of the batch being sampled: every loop (DDIM, PLMS)
 hands it its own guided ε through ``begin(eps_fn, batch_size)`` before the first step (the loops' one correction
 hook), so any sampler built with ``correction=probe`` works; nothing else binds it.
+
+``CenteredProbe`` (issue 34 item 3) removes from μ the two parts that are not quantization error. With the FP
+model's own mean ε at t from the step-5 Gaussian fit, m_fp(t) = E[ε̂] − E[Δ] = μ_x(t) − μ_y(t) (Δ = ε̂ − ε_fp on the
+calibration trajectories; per channel with a channel-wise fit), and an antithetic pair of re-noisings,
+
+    B' x̂_t^± = √(ᾱ_t/ᾱ_{t'}) x̃_{t'} ± √(1 − ᾱ_t/ᾱ_{t'}) z                     the same z, both signs
+    C' μ_c  = ½ [mean ε̂(x̂_t^+, t) + mean ε̂(x̂_t^−, t)] − m_fp(t)
+
+The injected noise's mean is exactly 0 over the pair (QNCD's μ keeps −mean(z), spread 1/√(B·C·H·W)), and so is the
+part of the model's response linear in z; what the FP model itself predicts on average at t is subtracted. On the FP
+model (ε̂ = ε_fp, x̃_{t'} on its trajectories) μ_c is 0 up to the batch-to-batch spread of the mean ε; on
+ε̂ = ε_fp + b it is b. It costs two model calls per probe (QNCD's one).
 """
 from __future__ import annotations
 
@@ -43,7 +55,7 @@ from typing import Iterable
 
 import torch
 
-from correction.gaussian import Granularity
+from correction.gaussian import GaussianFit, Granularity
 from correction.statistics import CorrectionError
 from ldm.models.diffusion.ddim import DDIMStep, EpsFn, StepCorrection, ddim_advance
 
@@ -195,3 +207,55 @@ class QNCDProbe:
         base = f", base={self.base!r}" if self.base is not None else ""
         return f"QNCDProbe({when}, {self.granularity.value}-wise{base})"
 
+
+
+class CenteredProbe(QNCDProbe):
+    """The probe with μ_c (steps B', C' of the module docstring): ``fit`` (a step-5 ``GaussianFit``, tensor- or
+    channel-wise; its granularity is μ_c's) gives m_fp(t) = μ_x(t) − μ_y(t); each probe re-noises with z and −z.
+    Schedule, reset, deferral and subtraction as ``QNCDProbe`` (no base: it is a method of its own)."""
+
+    method = "centered probe"
+
+    def __init__(self, fit: GaussianFit, interval: int = DEFAULT_INTERVAL, phase: int | None = None, *,
+                 steps: Iterable[int] | None = None, generator: torch.Generator | None = None):
+        super().__init__(interval, phase, steps=steps, granularity=fit.granularity, generator=generator)
+        self.fit = fit
+        self.fp_mean = (fit.mu_x - fit.mu_y).float()   # [T, G]: m_fp per timestep (and channel)
+
+    def extra_calls(self, n_steps: int, plms: bool = False) -> int:
+        return 2 * sum(self.is_probe(i) for i in range(n_steps)) + int(plms and n_steps > 0 and self.is_probe(0))
+
+    def check_config(self, *, steps: int, eta: float, scale: float) -> None:
+        self.fit.sampling.check(steps=steps, eta=eta, scale=scale, what="the centered probe's Gaussian fit")
+
+    def fp_mean_at(self, t: int, like: torch.Tensor) -> torch.Tensor:
+        """m_fp(t) as [1, 1, 1, 1] (tensor-wise) or [1, C, 1, 1] (channel-wise)."""
+        m = self.fp_mean[self.fit.row(t)]
+        if m.numel() not in (1, like.shape[1]):
+            raise CorrectionError(f"the centered probe's fit has {m.numel()} channels, the latent {like.shape[1]}")
+        return m.view(1, -1, *([1] * (like.ndim - 2))).to(like)
+
+    @torch.no_grad()
+    def estimate(self, eps: torch.Tensor, sigma: torch.Tensor, step: DDIMStep, x: torch.Tensor,
+                 sigma_sched: torch.Tensor | None = None) -> torch.Tensor:
+        """μ_c from one probe (A, B', C') at ``step`` for x_t = ``x`` with output ``eps``; draws z (and z₁ at η > 0)
+        from the probe's generator."""
+        if self._eps_fn is None:
+            raise CorrectionError("the centered probe has no model to query: sample with it as a sampler's "
+                                  "correction, or call probe.begin(eps_fn) first")
+        if self._batch is not None and self._batch != x.shape[0]:
+            raise CorrectionError(f"the centered probe is bound to a batch of {self._batch}, the sampler runs "
+                                  f"{x.shape[0]}; begin it with this batch's eps_fn")
+        alpha_t, alpha_prev = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (step.alpha, step.alpha_prev))
+        z1 = self._randn(x) if bool((sigma != 0).any()) else None
+        x_next = self._advance(x, eps, step, sigma, z1)                               # A
+        z = self._randn(x)
+        t = torch.full((x.shape[0],), step.t, device=x.device, dtype=torch.long)
+        zero = torch.zeros_like(z)
+        pair = [bias_estimate(self._eps_fn(renoise(x_next, alpha_t, alpha_prev, s * z), t), zero, self.granularity)
+                for s in (1., -1.)]                                                    # B', C'
+        return (pair[0] + pair[1]) / 2 - self.fp_mean_at(step.t, x)
+
+    def __repr__(self) -> str:
+        when = f"steps={sorted(self.steps)}" if self.steps is not None else f"R={self.interval}, phase={self.phase}"
+        return f"CenteredProbe({when}, {self.granularity.value}-wise)"

@@ -10,6 +10,8 @@ every registered fit.
     sd2    S-D² (D²-DPM, arXiv 2501.08180, Eqs. 11-14), per granularity: sd2-tensor, sd2-channel; fits
            gaussian_{tensor,channel}.pt (Eqs. 7-10)
     dd2    D-D² (Eqs. 15-18, Algorithm 1), the same fits
+    cprobe QNCD's probe centered (issue 34): μ = mean of an antithetic pair of probe predictions minus the FP
+           model's mean ε at t from the same fits (cprobe-tensor, cprobe-channel)
 
 Adding a method: its math in ``correction/`` and one ``register(Method(...))`` call; a method with a new fit names a
 new ``FitKind`` in its entry. The QNCD probe is not a method but a modifier of any quantized one
@@ -25,6 +27,7 @@ import torch
 
 from correction.gaussian import GaussianFit, Granularity, gaussian_from_moments
 from correction.ptqd import PTQDFit, ptqd_from_moments
+from correction.qncd import CenteredProbe
 from correction.samplers import build_dd2, build_ptqd, build_sd2
 from correction.statistics import ConfigMismatch, Moments, SamplingConfig
 from ldm.models.diffusion.ddim import StepCorrection
@@ -102,6 +105,7 @@ class Method:
     PTQD: ClassVar[Method]
     SD2: ClassVar[Method]
     DD2: ClassVar[Method]
+    CPROBE: ClassVar[Method]
 
     name: str
     description: str
@@ -168,6 +172,9 @@ Method.NONE = register(Method("none", "quantized, uncorrected"))
 Method.PTQD = register(Method("ptqd", "quantized + PTQD (CNC + BC + VSC)", build_ptqd, FitKind.PTQD))
 Method.SD2 = register(Method("sd2", "quantized + S-D²", build_sd2, FitKind.GAUSSIAN, draws_noise=True))
 Method.DD2 = register(Method("dd2", "quantized + D-D²", build_dd2, FitKind.GAUSSIAN))
+Method.CPROBE = register(Method("cprobe", "quantized + centered probe (QNCD's μ less the FP mean ε, antithetic)",
+                                lambda fit, generator: CenteredProbe(fit, generator=generator), FitKind.GAUSSIAN,
+                                draws_noise=True))
 
 __all__ = ["FitKind", "Method", "METHODS", "FIT_KINDS", "register", "fit_kind", "fit_artifacts",
            "check_fit_settings"]

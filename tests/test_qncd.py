@@ -15,7 +15,7 @@ import tiny_models
 from conftest import REPO
 from ldm.models.diffusion.settings import SamplingSettings
 from correction.gaussian import Granularity
-from correction.qncd import QNCDProbe, bias_estimate, probe_steps, renoise
+from correction.qncd import CenteredProbe, QNCDProbe, bias_estimate, probe_steps, renoise
 from ldm.models.diffusion.ddim import DDIMSampler, DDIMSchedule, ddim_step, sample_ddim
 from ldm.models.diffusion.plms import PLMSSampler, plms_eps, plms_first_eps, sample_plms
 from ldm.modules.diffusionmodules.util import make_beta_schedule
@@ -471,3 +471,94 @@ def test_probe_binds_itself_to_the_ddim_loop_and_costs_its_schedule():
     assert torch.isfinite(out).all()
     assert len(calls) == 10 + probe.extra_calls(10) == 12
     assert [i for i, _, _ in probe.estimates] == [i for i in range(10) if probe.is_probe(i)]
+
+
+# ---- the centered probe (issue 34 item 3) -------------------------------------------------------------------------
+
+def centered_fit(alphas_cumprod, gran, fp_mean, bias, eta=0.0):
+    """A step-5 Gaussian fit whose tables say: E[ε_fp] = ``fp_mean`` and E[Δ] = ``bias`` at every timestep (per
+    channel for a channel-wise fit): μ_x = fp_mean + bias, μ_y = bias; unit variances, uncorrelated."""
+    from correction.gaussian import GaussianFit
+    from correction.statistics import SamplingConfig
+    sampling = SamplingConfig.make(alphas_cumprod, 20, eta, 1.0)
+    t, g = len(sampling.timesteps), (1 if gran is Granularity.TENSOR else 3)
+    m, b = (torch.as_tensor(v, dtype=torch.float64).flatten().expand(g) for v in (fp_mean, bias))
+    mu = torch.stack([m + b, b], -1).expand(t, g, 2).clone()
+    cov = torch.eye(2, dtype=torch.float64).expand(t, g, 2, 2).clone()
+    return GaussianFit(gran, sampling, mu, cov, torch.full((t, g), 1000))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("gran", [Granularity.TENSOR, Granularity.CHANNEL])
+def test_centered_probe_recovers_a_planted_bias_and_gives_zero_on_the_fp_model(alphas_cumprod, gran, eta):
+    """An FP model with its own mean ε, c(t) = c, on top of the exact denoiser of N(0, I) data (x_t ~ N(0, I) at
+    every t), and a fake quantized one ε̂ = ε_fp + b; the fit knows E[ε_fp] = c (from μ_x − μ_y). Step A lands on a
+    latent of the data's marginal at t' (``advance`` given: the estimator alone, not the drift of a trajectory that
+    c would cause on this toy model). On the FP model QNCD's μ is c (its own mean ε) and the centered μ_c is 0
+    within the batch's spread; on ε̂, μ_c is b and QNCD's μ is b + c."""
+    c = torch.tensor([0.2, -0.1, 0.3]).view(1, 3, 1, 1) if gran is Granularity.CHANNEL else torch.tensor(0.2)
+    b = torch.tensor([0.3, -0.2, 0.1]).view(1, 3, 1, 1) if gran is Granularity.CHANNEL else torch.tensor(0.3)
+    ac = alphas_cumprod
+
+    def fp(x, t):   # E[ε | x_t] for x0 ~ N(0, I) is √(1 − ᾱ) x_t, plus the model's own mean c
+        return x * (1 - ac[t]).sqrt().view(-1, 1, 1, 1) + c
+
+    fit = centered_fit(ac, gran, c, b, eta)
+    g = torch.Generator().manual_seed(0)
+    x, x_next = torch.randn(64, 3, 16, 16, generator=g), torch.randn(64, 3, 16, 16, generator=g)
+    land = lambda x, eps, step, sigma, z: x_next  # noqa: E731
+    for i in (6, 16):
+        step = list(DDIMSchedule.make(ac, 20, eta).steps())[i]
+        sigma, t = torch.tensor(step.sigma), torch.full((64,), step.t)
+        for name, fn, want in (("fp", fp, torch.zeros(())), ("q", lambda x, t: fp(x, t) + b, b)):
+            eps = fn(x, t)
+            mu_c = CenteredProbe(fit, generator=torch.Generator().manual_seed(5)).begin(fn, 64, land).estimate(
+                eps, sigma, step, x)
+            mu_q = QNCDProbe(granularity=gran, generator=torch.Generator().manual_seed(5)).begin(
+                fn, 64, land).estimate(eps, sigma, step, x)
+            assert mu_c.shape == mu_q.shape == ((1, 1, 1, 1) if gran is Granularity.TENSOR else (1, 3, 1, 1))
+            torch.testing.assert_close(mu_c, want.expand_as(mu_c), atol=0.02, rtol=0)    # batch spread ~0.005
+            torch.testing.assert_close(mu_q, (want + c).expand_as(mu_q), atol=0.03, rtol=0)
+            assert float((mu_q - want).abs().max()) > 0.09   # QNCD's μ keeps the FP model's own mean
+
+
+def test_centered_probe_cancels_the_noise_draw_exactly_on_a_linear_model(alphas_cumprod):
+    """With ε linear in x the antithetic pair leaves no trace of z: μ_c does not depend on the probe's seed, while
+    QNCD's μ moves with it (by about the spread 1/√(B·C·H·W) of the draw's mean)."""
+    fit = centered_fit(alphas_cumprod, Granularity.TENSOR, 0.0, 0.0)
+    step = list(DDIMSchedule.make(alphas_cumprod, 20, 0.0).steps())[6]
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    mus = {cls: [(CenteredProbe(fit, generator=torch.Generator().manual_seed(s)) if cls == "c" else
+                  QNCDProbe(generator=torch.Generator().manual_seed(s))).begin(fn, 2).estimate(
+        fn(x, None), torch.tensor(0.), step, x) for s in range(4)] for cls in ("c", "q")}
+    assert max(float((m - mus["c"][0]).abs()) for m in mus["c"]) < 1e-6
+    assert max(float((m - mus["q"][0]).abs()) for m in mus["q"]) > 1e-3
+
+
+def test_centered_probe_is_one_registry_entry_and_costs_two_calls_per_probe(alphas_cumprod):
+    """``cprobe-tensor`` parses, builds a CenteredProbe from the tensor-wise fit, checks the fit's settings, and in
+    20 DDIM steps probes at i = 6, 16 with two model calls each; from a probe on, ε̂ − μ_c is used."""
+    from pipeline.corrections import METHODS
+    from pipeline.sampler_spec import SamplerSpec
+    from correction.statistics import ConfigMismatch
+    spec = SamplerSpec.parse("cprobe-tensor")
+    assert spec.method is METHODS["cprobe"] and spec.needs_generator
+    fit = centered_fit(alphas_cumprod, Granularity.TENSOR, 0.1, 0.0)
+    probe = spec.method.build(fit, torch.Generator().manual_seed(0))
+    assert isinstance(probe, CenteredProbe) and probe.extra_calls(20) == 4
+    probe.check_config(steps=20, eta=0.0, scale=1.0)
+    with pytest.raises(ConfigMismatch):
+        probe.check_config(steps=50, eta=0.0, scale=1.0)
+    calls, used = [], []
+    x_T = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+
+    def model(x, t, c):
+        calls.append(1)
+        return 0.5 * x + 0.1
+
+    sample_ddim(model, x_T, DDIMSchedule.make(alphas_cumprod, 20, 0.0), correction=probe,
+                callback=lambda d: used.append(d["eps"] - (0.5 * d["x"] + 0.1)))
+    assert len(calls) == 24 and [i for i, _, _ in probe.estimates] == [6, 16]
+    torch.testing.assert_close(used[5], torch.zeros_like(used[5]))
+    torch.testing.assert_close(used[10], -probe.estimates[0][2].expand_as(used[10]))
