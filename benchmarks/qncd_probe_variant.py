@@ -115,13 +115,15 @@ def fp_check(run, n: int, seed: int, batch_size: int) -> dict:
                 probes = []
                 maker = None if make is None else (lambda g, make=make: probes.append(make(g)) or probes[-1])
                 out.append(sample_batch(family, model, plan.batch(b), run.sampling, correction_for=maker))
-                mus[name] += [float(mu.abs().mean()) for p in probes for _, _, mu in p.estimates]
+                mus[name] += [(i, float(mu.mean()), float(mu.abs().mean()))
+                              for p in probes for i, _, mu in p.estimates]
         images[name] = np.concatenate(out).astype(np.float64) / 127.5 - 1
     ref = images["fp32"].reshape(n, -1)
     out = {}
     for name in ("qncd", VARIANT):
         diff = np.linalg.norm(images[name].reshape(n, -1) - ref, axis=1) / np.linalg.norm(ref, axis=1)
-        out[name] = {"mean_abs_mu": float(np.mean(mus[name])), "probes": len(mus[name]),
+        out[name] = {"mean_abs_mu": float(np.mean([a for _, _, a in mus[name]])), "probes": len(mus[name]),
+                     "mu": [(i, m) for i, m, _ in mus[name]],
                      "relative_change": float(diff.mean()), "identical": int((diff == 0).sum())}
     out["fp_mean_eps"] = [float(v) for v in (fit.mu_x - fit.mu_y).flatten()]
     return out

@@ -177,7 +177,8 @@ def test_the_builtin_entries_keep_their_names_files_and_meta(tmp_path):
     base = {"steps": 20, "quant": "abc", "outlier_k": 4.0}
     assert list(FitKind.GAUSSIAN.meta(base, "tensor").items()) == [*base.items(), ("granularity", "tensor")]
     assert FitKind.PTQD.meta(base) == {"steps": 20, "quant": "abc"}
-    assert [n for n in BASES] == ["fp32", "none", "ptqd", "sd2-tensor", "dd2-tensor", "sd2-channel", "dd2-channel"]
+    assert [n for n in BASES] == ["fp32", "none", "ptqd", "sd2-tensor", "dd2-tensor", "cprobe-tensor", "sd2-channel",
+                                  "dd2-channel", "cprobe-channel"]   # (issue 34's centered probe: one entry)
     # the seed names (correction.samplers) build with the same construction the registry holds
     assert (Method.SD2.factory, Method.DD2.factory, Method.PTQD.factory) == (build_sd2, build_dd2, build_ptqd)
     assert Method.FP32.factory is None and Method.NONE.factory is None and not Method.FP32.quantized
