@@ -234,44 +234,41 @@ def tiny_config(args) -> Path:
     return path
 
 
-def part_cin256(args) -> list[Row]:
-    """The cin256-v2 rehearsal at small counts: steps 1-3 and step 7 projected to the paper's counts, GPU peak."""
-    out = args.workdir / "cin256_rehearsal.json"
-    small = (["--classes", "2", "--samples", "2", "--n_calibration", "4", "--n_holdout", "2", "--iters", "1",
-              "--act_init", "2", "--eval_batch", "2", "--config", str(tiny_config(args))] if args.tiny else
-             ["--classes", "2", "--samples", "2", "--n_calibration", "16", "--n_holdout", "2", "--iters", "4",
-              "--act_init", "4", "--eval_batch", "16"])
+SMALL_REHEARSAL = ["--classes", "2", "--samples", "2", "--n_calibration", "16", "--n_holdout", "2", "--iters", "4",
+                   "--act_init", "4", "--eval_batch", "16"]
+
+
+def rehearsal_row(args, name: str, title: str, script: str, small: list[str], protocol: str, samples: str,
+                  keys: tuple[str, ...]) -> list[Row]:
+    """One full-size rehearsal (benchmarks/<script>) at small counts, in its own work folder; its row: steps 1-3 and
+    step 7 projected to ``protocol`` (``samples`` evaluation samples), peak host and GPU memory."""
+    out = args.workdir / f"{name}_rehearsal.json"
     t0 = time.perf_counter()
-    run_cli([str(BENCH / "cin256_rehearsal.py"), "--device", args.device, "--workdir",
-             str(args.workdir / "cin256"), "--json", str(out), *small])
+    run_cli([str(BENCH / script), "--device", args.device, "--workdir", str(args.workdir / name), "--json", str(out),
+             *small])
     rec = json.loads(out.read_text())
     gpu = rec.get("projected_peak_gpu_bytes")
-    key = (f"steps 1-3 {rec['projected_calibration_s'] / 3600:.2f} h, step 7 (50k) "
+    key = (f"{protocol}steps 1-3 {rec['projected_calibration_s'] / 3600:.2f} h, step 7 ({samples}) "
            f"{rec['projected_sampling_s'] / 3600:.2f} h, peak host {rec['projected_peak_bytes'] / 2**30:.1f} GiB"
            + (f", GPU {gpu / 2**30:.1f} GiB" if gpu is not None else ""))
-    return [Row("cin256 rehearsal", True, time.perf_counter() - t0, key,
+    return [Row(title, True, time.perf_counter() - t0, key,
                 {k: rec[k] for k in ("projected_calibration_s", "projected_sampling_s", "projected_peak_bytes",
-                                     "projected_peak_gpu_bytes", "projection", "args")})]
+                                     "projected_peak_gpu_bytes", "projection", *keys, "args")})]
+
+
+def part_cin256(args) -> list[Row]:
+    """The cin256-v2 rehearsal at small counts: steps 1-3 and step 7 projected to the paper's counts, GPU peak."""
+    small = (["--classes", "2", "--samples", "2", "--n_calibration", "4", "--n_holdout", "2", "--iters", "1",
+              "--act_init", "2", "--eval_batch", "2", "--config", str(tiny_config(args))] if args.tiny else
+             SMALL_REHEARSAL)
+    return rehearsal_row(args, "cin256", "cin256 rehearsal", "cin256_rehearsal.py", small, "", "50k", ())
 
 
 def part_dit(args) -> list[Row]:
     """The DiT-XL/2 256×256 rehearsal (benchmarks/dit_rehearsal.py) at small counts, all 28 blocks on the device
     (--tiny: its tiny DiT): steps 1-3 and step 7 projected to PTQ4DiT's 250-step protocol, GPU peak."""
-    out = args.workdir / "dit_rehearsal.json"
-    small = (["--tiny", "--eval_batch", "1"] if args.tiny else
-             ["--classes", "2", "--samples", "2", "--n_calibration", "16", "--n_holdout", "2", "--iters", "4",
-              "--act_init", "4", "--eval_batch", "16"])
-    t0 = time.perf_counter()
-    run_cli([str(BENCH / "dit_rehearsal.py"), "--device", args.device, "--workdir", str(args.workdir / "dit"),
-             "--json", str(out), *small])
-    rec = json.loads(out.read_text())
-    gpu = rec.get("projected_peak_gpu_bytes")
-    key = (f"PTQ4DiT-250: steps 1-3 {rec['projected_calibration_s'] / 3600:.2f} h, step 7 (10k) "
-           f"{rec['projected_sampling_s'] / 3600:.2f} h, peak host {rec['projected_peak_bytes'] / 2**30:.1f} GiB"
-           + (f", GPU {gpu / 2**30:.1f} GiB" if gpu is not None else ""))
-    return [Row("DiT-XL/2 rehearsal", True, time.perf_counter() - t0, key,
-                {k: rec[k] for k in ("projected_calibration_s", "projected_sampling_s", "projected_peak_bytes",
-                                     "projected_peak_gpu_bytes", "projection", "totals", "args")})]
+    small = ["--tiny", "--eval_batch", "1"] if args.tiny else SMALL_REHEARSAL
+    return rehearsal_row(args, "dit", "DiT-XL/2 rehearsal", "dit_rehearsal.py", small, "PTQ4DiT-250: ", "10k", ("totals",))
 
 
 def part_fake_quant(args) -> list[Row]:

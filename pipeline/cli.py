@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import re
 from pathlib import Path
@@ -176,10 +175,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def sampling_of(args: argparse.Namespace) -> SamplingSettings:
     """The sampling flags (after the preset) as ``SamplingSettings``, with --batch_size and --seed checked (one line
     each, before any model is loaded)."""
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if isinstance(getattr(args, "seed", None), int) and args.seed < 0:   # (every script: torch seeds are >= 0)
-        raise UserFacingError(f"--seed must be >= 0, got {args.seed}")
+    check_at_least("batch_size", args.batch_size)
+    check_at_least("seed", getattr(args, "seed", None), minimum=0)   # (every script: torch seeds are >= 0)
     grid = grid_name(getattr(args, "skip_type", None), getattr(args, "corrected_grid", False))
     return SamplingSettings(args.steps, args.eta, args.scale, grid, bool(getattr(args, "plms", None)))
 
@@ -200,12 +197,10 @@ def flag_names(renamed: dict[str, str]) -> Iterator[None]:
 
 def check_positive(args: argparse.Namespace, *names: str, minimum: float = 1, flag: dict[str, str] | None = None
                    ) -> None:
-    """One line for the first of ``names`` that is set and not a finite number >= ``minimum``."""
+    """One line for the first of ``names`` that is set and not a finite number >= ``minimum``
+    (``pipeline.basics.check_at_least``; ``flag`` renames a dest to the flag typed)."""
     for name in names:
-        v = getattr(args, name, None)
-        if v is not None and (not math.isfinite(v) or v < minimum):
-            what = "" if math.isfinite(v) else "a finite number "
-            raise UserFacingError(f"--{(flag or {}).get(name, name)} must be {what}>= {minimum:g}, got {v}")
+        check_at_least((flag or {}).get(name, name), getattr(args, name, None), minimum)
 
 
 def add_sampler_args(p: argparse.ArgumentParser, sampler: str, w_bits: int, a_bits: int) -> None:
@@ -245,8 +240,8 @@ def precision_arg(text: str) -> Precision:
 
 def check_precision_args(args: argparse.Namespace) -> Precision:
     """``args.precision`` as a ``Precision`` (FP32 when the script has no flag), refused with one line before
-    anything is loaded or written where the device cannot run it (TF32 off CUDA) and beside integer kernels (their
-    int8 arithmetic is fixed; a float mode around them would only blur what --execution integer measures)."""
+    anything is loaded or written where the device cannot run it (TF32 off CUDA); beside integer kernels it is
+    ``SamplerChoice`` that refuses it."""
     precision = getattr(args, "precision", None) or Precision.FP32
     if not isinstance(precision, Precision):
         try:
@@ -255,9 +250,6 @@ def check_precision_args(args: argparse.Namespace) -> Precision:
             raise UserFacingError(f"--precision: {e}") from None
     if precision is Precision.TF32:
         precision.check_device(parse_device(args.device))
-    if precision is not Precision.FP32 and getattr(args, "execution", "fake") == Execution.INTEGER.value:
-        raise UserFacingError(f"--precision {precision.value} sets the arithmetic of float layers; --execution "
-                              f"integer computes the quantized ones in int8: drop one of them")
     args.precision = precision
     return precision
 

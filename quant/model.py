@@ -41,8 +41,7 @@ class QuantModel(nn.Module):
         sm_abit, split_shortcut = config.sm_abit, config.split_shortcut
         policy = filter_fn if filter_fn is not None else config.policy
         self.model = copy.deepcopy(unet) if copy_model else unet
-        self.config = config
-        self.w_bits, self.a_bits, self.granularity = w_bits, a_bits, granularity
+        self.config = config   # (bits, granularity, sm_abit, split: read them there)
         self.specials = specials
         policy = specials.policy(policy)
         # on the FP modules, before any is wrapped: the family's function sees the network it was written for
@@ -70,7 +69,6 @@ class QuantModel(nn.Module):
         for name, split in splits.items():
             if name in layers:  # policies that keep skip convs in FP32 have nothing to split
                 layers[name].set_split_(split)
-        self.sm_abit, self.split_shortcut = sm_abit, split_shortcut
         self._state = {"weight": False, "act": False}
         # the wrapper takes the UNet's mode: a new Module is in training mode, and whoever restores "the model's
         # mode" later (reconstruct_) would otherwise switch an eval UNet's dropout on

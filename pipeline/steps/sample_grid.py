@@ -13,8 +13,7 @@ import torch
 
 from evaluation.images import labelled_rows, make_grid, save_png, to_uint8
 from ldm.precision import Precision
-from ldm.util import UserFacingError
-from pipeline.basics import ensure_writable_dir
+from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.generate import sample_images
 from pipeline.layout import QuantTag
 from pipeline.run import Run, SamplerChoice
@@ -41,9 +40,8 @@ class GridSettings:
     progress: bool = True
 
     def __post_init__(self):
-        for flag in ("n_samples_per_class", "n_samples"):
-            if getattr(self, flag) < 1:
-                raise UserFacingError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
+        check_at_least("n_samples_per_class", self.n_samples_per_class)
+        check_at_least("n_samples", self.n_samples)
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(self.classes))
 

@@ -18,7 +18,7 @@ import torch
 
 from evaluation.images import make_grid, save_png_numbered, to_uint8
 from ldm.util import UserFacingError
-from pipeline.basics import ensure_writable_dir
+from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.generate import sample_images
 from pipeline.layout import QuantTag
 from pipeline.run import Run, SamplerChoice
@@ -45,9 +45,9 @@ class ImageSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "image_dir", Path(self.image_dir))
-        for flag, minimum in (("n_samples", 1), ("n_iter", 1), ("n_rows", 0)):
-            if getattr(self, flag) < minimum:
-                raise UserFacingError(f"--{flag} must be >= {minimum}, got {getattr(self, flag)}")
+        check_at_least("n_samples", self.n_samples)
+        check_at_least("n_iter", self.n_iter)
+        check_at_least("n_rows", self.n_rows, minimum=0)   # (0: a row per batch)
 
 
 def check_size(family, model, size: tuple) -> None:
