@@ -52,13 +52,25 @@ def tensors_digest(payload: Any) -> str:
     return h.hexdigest()
 
 
-def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any]) -> Path:
+def save_artifact(path: str | os.PathLike, kind: str, meta: dict[str, Any], payload: dict[str, Any], *,
+                  timing: dict[str, Any] | None = None, replaces: Iterable[str | os.PathLike] = ()) -> Path:
+    """Write ``{"meta": meta + kind + checksum, **payload}`` to ``path`` atomically, then (the step's finish, in one
+    call) ``timing`` beside it (``timing_path``: wall times stay out of the artifact, so reruns are byte-identical)
+    and remove what it ``replaces`` (a progress checkpoint), with the temporaries killed writes of them left."""
     if "meta" in payload:
         raise ValueError("payload must not have a 'meta' key")
-    remove_stale_temporaries(Path(path).parent, Path(path).name)  # what a killed earlier write of it left
+    path = Path(path)
     meta = {"format": kind, "version": FORMAT_VERSION, **{k: v for k, v in meta.items() if k != CHECKSUM_KEY},
             CHECKSUM_KEY: tensors_digest(payload)}
-    return save_atomic({"meta": meta, **payload}, path)
+    timing_file = timing_path(path)
+    remove_stale_temporaries(path.parent, path.name)  # what a killed earlier write of it left
+    save_atomic({"meta": meta, **payload}, path)
+    if timing is not None:
+        write_json_atomic(timing_file, timing)
+    for old in map(Path, replaces):
+        old.unlink(missing_ok=True)
+        remove_stale_temporaries(old.parent, old.name)
+    return path
 
 
 def artifact_kind(path: str | os.PathLike) -> str | None:
@@ -79,13 +91,12 @@ def check_output_path(path: str | os.PathLike, kind: str, inputs: Iterable[str |
     """The one check of a file a step is about to make, before any work: not a directory, not one of its
     ``inputs``, not an existing file of another kind (a model, a PNG, another artifact: never "redone" over).
     A file of this kind, current or not, is the step's to redo (``is_current`` decides)."""
-    path = check_output_file(path, inputs, flag)
-    if path.is_file():
-        got = artifact_kind(path)
-        if got != kind and got != "unreadable":
-            what = f"a '{got}' artifact" if got else "not a pipeline artifact"
-            raise UserFacingError(f"{flag} {path} is {what}, and this step writes a '{kind}' artifact there; it is "
-                                  f"not overwritten: pass another {flag}, or remove the file yourself")
+    got = artifact_kind(path) if Path(path).is_file() else kind
+    path = check_output_file(path, inputs, flag)   # (first: "is also an input" says more than its kind)
+    if got != kind and got != "unreadable":
+        what = f"a '{got}' artifact" if got else "not a pipeline artifact"
+        raise UserFacingError(f"{flag} {path} is {what}, and this step writes a '{kind}' artifact there; it is "
+                              f"not overwritten: pass another {flag}, or remove the file yourself")
     return path
 
 
@@ -94,11 +105,6 @@ def timing_path(path: str | os.PathLike) -> Path:
     byte-identical artifacts (and every later fingerprint of them agrees)."""
     path = Path(path)
     return path.with_name(path.stem + ".timing.json")
-
-
-def save_timing(path: str | os.PathLike, **seconds: float | None) -> Path:
-    """Record how long the steps that made ``path`` took (``timing_path``), atomically."""
-    return write_json_atomic(timing_path(path), {k: v for k, v in seconds.items()})
 
 
 def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | None = None,
@@ -135,15 +141,20 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
     """The one "is this artifact up to date?" check of the pipeline steps: True (and says so) when ``path`` holds
     a ``kind`` artifact whose meta agrees with ``meta`` on every key, so the step may skip; False (saying why when
     a file is there) when it must be made: absent, made with other settings, or ``force``. ``what=None``: silent."""
-    path = check_output_path(path, kind)   # (a directory, or a file of another kind: refused, not redone)
-    if force or not path.exists():
+    path = Path(path)
+    problem = None
+    if not force and path.is_file():
+        try:
+            load_artifact(path, kind, meta)
+        except ArtifactMismatch as e:
+            problem = e
+    check_output_path(path, kind)   # (a directory, or a file of another kind: refused, not redone)
+    if force or not path.is_file():
         return False
-    try:
-        load_artifact(path, kind, meta)
-    except ArtifactMismatch as e:
+    if problem is not None:
         if what is not None:  # a damaged file (no differing key) is not "other settings"
-            print(f"{path} was made with other settings ({e.key} differs); redoing it" if e.key else
-                  f"{path} cannot be used ({e}); redoing it")
+            print(f"{path} was made with other settings ({problem.key} differs); redoing it" if problem.key else
+                  f"{path} cannot be used ({problem}); redoing it")
         return False
     if what is not None:
         print(f"{path} already holds {what}; skipping (--force to redo)")
@@ -151,4 +162,4 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
 
 
 __all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint",
-           "save_timing", "timing_path", "check_output_path", "artifact_kind", "tensors_digest", "CHECKSUM_KEY"]
+           "timing_path", "check_output_path", "artifact_kind", "tensors_digest", "CHECKSUM_KEY"]

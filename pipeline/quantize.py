@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.fileio import atomic_path, remove_stale_temporaries
+from ldm.fileio import atomic_path
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from pipeline.families.base import ModelFamily
 from ldm.util import UserFacingError
@@ -148,7 +148,7 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
                           timings: list | None = None) -> list[dict]:
     """``reconstruct_`` with a checkpoint after every unit in ``<out>.partial.pt``. A partial checkpoint whose meta
     equals ``meta`` (same model, bits, settings, calibration set) is resumed from; any other is ignored and replaced.
-    The caller writes the final artifact and then calls ``finish_partial``."""
+    The caller's final ``save_artifact(..., replaces=[partial_path(out)])`` removes the checkpoint."""
     ckpt = partial_path(out_path)
     start, summaries = 0, []
     if ckpt.exists():
@@ -166,9 +166,9 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
             print(f"ignoring {ckpt}: {why}; starting this phase over")
 
     def checkpoint(next_unit: int, summary: dict) -> None:
+        state = qm.quant_state_dict()
         summaries.append(summary)
-        save_artifact(ckpt, PARTIAL_KIND, meta, {"next_unit": next_unit, "summaries": summaries,
-                                                 "quant_state": qm.quant_state_dict()})
+        save_artifact(ckpt, PARTIAL_KIND, meta, {"next_unit": next_unit, "summaries": summaries, "quant_state": state})
 
     reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress, timings=timings)
     return summaries
@@ -189,10 +189,3 @@ class Stopwatch:
             finally:
                 self.seconds += time.perf_counter() - t0
         return timed
-
-
-def finish_partial(out_path: str | os.PathLike) -> None:
-    """The final artifact is written: drop the progress checkpoint and any temporary a killed write of it left."""
-    partial = partial_path(out_path)
-    partial.unlink(missing_ok=True)
-    remove_stale_temporaries(partial.parent, partial.name)

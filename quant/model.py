@@ -9,8 +9,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -52,23 +53,24 @@ class QuantModel(nn.Module):
             return (QScheme(wb, False, granularity, search),
                     QScheme(ab, False, PerTensor(), search) if ab else None)
 
+        layers: dict[str, QuantLayer] = {}
         for name, module in list(self.model.named_modules()):
             precision = policy(name, module)
             if precision is Precision.FP32:
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, QuantLayer(module, *schemes(precision), precision=precision))
+            layers[name] = QuantLayer(module, *schemes(precision), precision=precision)
+            setattr(parent, child, layers[name])
+        for name, split in splits.items():
+            if name in layers:  # policies that keep skip convs in FP32 have nothing to split
+                layers[name].set_split_(split)
         if sm_abit is not None:   # (the config guarantees a_bits)
             if not wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
                                    QScheme(sm_abit, False, PerTensor(), search)):
                 # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
                 raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no CrossAttention "
                                  "or QKVAttention module to quantize them in; leave sm_abit unset")
-        layers = dict(self.quant_layers())
-        for name, split in splits.items():
-            if name in layers:  # policies that keep skip convs in FP32 have nothing to split
-                layers[name].set_split_(split)
         self._state = {"weight": False, "act": False}
         # the wrapper takes the UNet's mode: a new Module is in training mode, and whoever restores "the model's
         # mode" later (reconstruct_) would otherwise switch an eval UNet's dropout on
@@ -93,6 +95,17 @@ class QuantModel(nn.Module):
     def quant_state(self) -> dict[str, bool]:
         """The last ``set_quant_state`` arguments, to restore them: ``qm.set_quant_state(**state)``."""
         return dict(self._state)
+
+    @contextlib.contextmanager
+    def quant_state_as(self, weight: bool = False, act: bool = False) -> Iterator["QuantModel"]:
+        """``with qm.quant_state_as(weight=True):`` quantization switched as asked inside, as it was after (also
+        on error): the FP and quantized passes of reconstruction and SQNR measurement."""
+        state = self.quant_state()
+        self.set_quant_state(weight, act)
+        try:
+            yield self
+        finally:
+            self.set_quant_state(**state)
 
     @torch.no_grad()
     def init_weights_(self) -> "QuantModel":

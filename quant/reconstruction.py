@@ -180,8 +180,6 @@ def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_s
     """
     inputs: list[RowCache | None] | None = None
     output = RowCache(len(data), spec) if want_output else None
-    state = qm.quant_state()
-    qm.set_quant_state(weight=quantized, act=quantized and act)
 
     def pre_hook(module, args, kwargs):
         nonlocal inputs
@@ -200,19 +198,20 @@ def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_s
         output.append(out)
         raise _Stop
 
+    batches = data.batches(batch_size)
     handles = [unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
     if want_output:
         handles.append(unit.module.register_forward_hook(post_hook, with_kwargs=True))
     try:
-        for x, t, c in data.batches(batch_size):
-            try:
-                qm(x, t, context=c)
-            except _Stop:
-                pass
+        with qm.quant_state_as(weight=quantized, act=quantized and act):
+            for x, t, c in batches:
+                try:
+                    qm(x, t, context=c)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()
-        qm.set_quant_state(**state)
     return inputs, output
 
 
@@ -293,7 +292,8 @@ def _unit_generator(seed: int, index: int) -> torch.Generator:
 def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], target: RowCache,
                   cfg: ReconConfig, index: int, device: torch.device, progress: bool = True) -> dict[str, float]:
     """Run the phase's optimisation on one unit (quantization already switched on). Returns loss summaries."""
-    layers = unit.layers()
+    layers, quantizers = unit.layers(), unit.act_quantizers()
+    gen = _unit_generator(cfg.seed, index)
     if phase is Phase.WEIGHT:
         for layer in layers:
             layer.init_adaround_()
@@ -301,7 +301,7 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
     else:
         # a 16-bit softmax quantizer stays fixed (Q-Diffusion)
         params = ([layer.a_scale for layer in layers if layer.act_quant] +
-                  [q.a_scale for q in unit.act_quantizers() if q.enabled and q.learnable])
+                  [q.a_scale for q in quantizers if q.enabled and q.learnable])
     if not params:  # a weightless / unquantized unit (Q-Diffusion issue #26): nothing to learn
         return {}
     for q in params:
@@ -310,7 +310,6 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.iters, eta_min=0.)
                  if phase is Phase.ACTIVATION else None)
     decay = TempDecay(cfg.iters, cfg.warmup, *cfg.beta)
-    gen = _unit_generator(cfg.seed, index)
     n = target.n
     first = last = float("nan")
     bar = tqdm(range(cfg.iters), desc=f"{phase.value} {unit.name}", leave=False, disable=not progress)
@@ -376,7 +375,7 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
         raise ValueError(f"start_unit {start_unit} is outside 0..{len(units)}")
     device = next(qm.parameters()).device
     act = phase is Phase.ACTIVATION
-    if act and not all(layer.a_ready for _, layer in qm.quant_layers() if layer.a_scheme is not None):
+    if act and not all(m.a_ready for m in qm.model.modules() if isinstance(m, QuantLayer) and m.a_scheme is not None):
         raise RuntimeError("activation ranges must be calibrated (calibrate_activations_) before their "
                            "reconstruction")
     was_training = qm.training

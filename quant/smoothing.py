@@ -31,6 +31,7 @@ Verbs, in the order the pipeline uses them:
 
     S = smoothing_factors(unet, calibration)   # FP embeddings only: cheap, no UNet forward
     apply_smoothing_(qm_or_unet, S)            # BEFORE init_weights_(): Δ_w must be chosen on W · S
+    S = smooth_(qm, calibration)               # the two above in one call (pipeline step 2)
     state = smoothing_state(qm)                # persisted beside the quantized state
     load_smoothing_(fresh, state)              # re-folds the same S into the checkpoint's weights: bit-exact
 
@@ -138,8 +139,19 @@ def sites(model: nn.Module, specials: QuantSpecials | None = None) -> list[tuple
     """Every smoothing site of the UNet (a UNet or a QuantModel), (UNet-relative name, block, its site), in module
     order. ``specials``: the family's (default: the QuantModel's own)."""
     sp = _specials(model, specials)
-    found = ((n, m, sp.site(m)) for n, m in _unet(model).named_modules())
+    found = ((n, m, site_of(m, sp)) for n, m in _unet(model).named_modules())
     return [(n, m, site) for n, m, site in found if site is not None]
+
+
+def site_of(module: nn.Module, specials: QuantSpecials) -> SmoothingSite | None:
+    """The first of the family's smoothing sites ``module`` is an instance of (None when it is none)."""
+    return next((s for s in specials.smoothing_sites if isinstance(module, s.block_type) and s.applies(module)), None)
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """``root.<path> = module`` for a dotted submodule path (a Sequential index included: the child keeps its slot)."""
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def resblocks(model: nn.Module, specials: QuantSpecials | None = None) -> list[tuple[str, nn.Module]]:
@@ -201,7 +213,7 @@ def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.
     out = {}
     emb = embedding_outputs(model, t, specials)
     for name, block, site in sites(model, specials):
-        norm = site.norm_of(block)
+        norm = block.get_submodule(site.norm)
         e = emb[name]
         if site.scale_shift(block):
             scale = e.chunk(2, dim=1)[0]  # h·(1 + scale) + shift: the scale half carries the outliers
@@ -221,7 +233,7 @@ def smoothing_factors(model: nn.Module, calibration, formula: Formula = Formula.
 # ---- applying, persisting --------------------------------------------------------------------------------------
 
 def is_smoothed(block: nn.Module, site: SmoothingSite) -> bool:
-    return isinstance(site.slot_of(block), ChannelSmoothing)
+    return isinstance(block.get_submodule(site.slot), ChannelSmoothing)
 
 
 def _block(model: nn.Module, name: str, specials: QuantSpecials) -> tuple[nn.Module, SmoothingSite]:
@@ -229,7 +241,7 @@ def _block(model: nn.Module, name: str, specials: QuantSpecials) -> tuple[nn.Mod
         block = _unet(model).get_submodule(name)
     except AttributeError:
         block = None
-    site = None if block is None else specials.site(block)
+    site = None if block is None else site_of(block, specials)
     if site is None:
         raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
     return block, site
@@ -252,7 +264,7 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
     for name, (block, site) in blocks.items():  # check everything before changing anything
         if is_smoothed(block, site):
             raise ValueError(f"{name} is already smoothed; smoothing twice would fold S twice")
-        conv, s = site.conv_of(block), factors[name]
+        conv, s = block.get_submodule(site.conv), factors[name]
         if isinstance(conv, QuantLayer) and (conv.w_ready or conv.alpha is not None or conv.round_up is not None):
             raise RuntimeError(f"{name}'s second conv already has weight quantizers: apply smoothing before "
                                f"init_weights_() (Δ_w must be chosen on W·S)")
@@ -261,17 +273,25 @@ def apply_smoothing_(model: nn.Module, factors: dict[str, torch.Tensor], fold_we
                              f"channels")
     for name, (block, site) in blocks.items():
         s = factors[name].detach().to(torch.float32)
-        w = site.conv_of(block).weight
+        w = block.get_submodule(site.conv).weight
         if fold_weights:
             w.mul_(s.to(w).view(1, -1, *([1] * (w.ndim - 2))))
-        site.set_slot(block, ChannelSmoothing(s.to(w.device), site.slot_of(block)))
+        _set_path(block, site.slot, ChannelSmoothing(s.to(w.device), block.get_submodule(site.slot)))
     return model
+
+
+def smooth_(qm: QuantModel, calibration, formula: Formula = Formula.CODE) -> dict[str, torch.Tensor]:
+    """QNCD's smoothing of a QuantModel, in one verb: S from the FP embeddings over the ``calibration`` timesteps
+    (``smoothing_factors``), folded in (``apply_smoothing_``) before the weight ranges are chosen. Returns S."""
+    factors = smoothing_factors(qm, calibration, formula)
+    apply_smoothing_(qm, factors)
+    return factors
 
 
 def smoothing_state(model: nn.Module, specials: QuantSpecials | None = None) -> dict:
     """The factors of every smoothed ResBlock, as plain tensors (``torch.load(weights_only=True)``-safe). The folded
     weights are not included: the FP weights come from the model checkpoint and ``load_smoothing_`` re-folds."""
-    factors = {n: site.slot_of(b).scale.detach().cpu().clone()
+    factors = {n: b.get_submodule(site.slot).scale.detach().cpu().clone()
                for n, b, site in sites(model, specials) if is_smoothed(b, site)}
     return {"format": FORMAT, "version": VERSION, "factors": factors}
 
@@ -300,7 +320,7 @@ def conv_input_ranges(model: nn.Module, batches: Iterable[tuple],
         lo, hi = seen.get(name, (float("inf"), float("-inf")))
         seen[name] = (min(lo, float(a.min())), max(hi, float(a.max())))
 
-    forward_batches(model, batches, [site.conv_of(b).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
+    forward_batches(model, batches, [b.get_submodule(site.conv).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
                                      for n, b, site in sites(model, specials)])
     return seen
 
@@ -336,7 +356,7 @@ def smoothing_effect(unet: nn.Module, factors: dict[str, torch.Tensor], batches:
             raise ValueError(f"smoothing factors name {name!r}, which is not a ResBlock of this UNet (another model?)")
     if isinstance(unet, QuantModel) or any(is_smoothed(*blocks[n]) for n in factors):
         raise ValueError("smoothing_effect compares against the unsmoothed FP UNet: pass the checkpoint's UNet")
-    convs = {n: blocks[n][1].conv_of(blocks[n][0]) for n in factors}
+    convs = {n: blocks[n][0].get_submodule(blocks[n][1].conv) for n in factors}
     inputs: dict[str, list[torch.Tensor]] = {n: [] for n in factors}
     forward_batches(unet, batches, [convs[n].register_forward_pre_hook(
         lambda m, a, n=n: inputs[n].append(a[0].detach().float().cpu())) for n in factors])

@@ -37,12 +37,6 @@ def _never(block: nn.Module) -> bool:
     return False
 
 
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    """``root.<path> = module`` for a dotted submodule path (a Sequential index included: the child keeps its slot)."""
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 @dataclass(frozen=True)
 class SmoothingSite:
     """One kind of residual block whose time embedding e is added to the features before a GroupNorm → activation →
@@ -51,7 +45,8 @@ class SmoothingSite:
     ``time_embedding(unet, t)``: the embedding shared by all blocks, from timesteps t [N] (float32 or the UNet's
     dtype; may raise ValueError for a UNet whose embedding needs more than t). ``block_embedding(block, emb)``: this
     block's e [N, C] (or [N, 2C] for a FiLM block, ``scale_shift``: h·(1 + scale) + shift, the scale half first).
-    ``applies(block)``: whether an instance of ``block_type`` is a site (e.g. only blocks with an embedding)."""
+    ``applies(block)``: whether an instance of ``block_type`` is a site (e.g. only blocks with an embedding).
+    A description only: ``quant.smoothing`` finds the sites and does the work."""
 
     block_type: type[nn.Module]
     norm: str    # the GroupNorm in front of the conv
@@ -61,21 +56,6 @@ class SmoothingSite:
     block_embedding: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     applies: Callable[[nn.Module], bool] = _always
     scale_shift: Callable[[nn.Module], bool] = _never
-
-    def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, self.block_type) and self.applies(module)
-
-    def norm_of(self, block: nn.Module) -> nn.GroupNorm:
-        return block.get_submodule(self.norm)
-
-    def conv_of(self, block: nn.Module) -> nn.Module:
-        return block.get_submodule(self.conv)
-
-    def slot_of(self, block: nn.Module) -> nn.Module:
-        return block.get_submodule(self.slot)
-
-    def set_slot(self, block: nn.Module, module: nn.Module) -> None:
-        _set_path(block, self.slot, module)
 
 
 @dataclass(frozen=True)
@@ -129,7 +109,3 @@ class QuantSpecials:
 
     def is_unit(self, module: nn.Module) -> bool:
         return isinstance(module, self.unit_types)
-
-    def site(self, module: nn.Module) -> SmoothingSite | None:
-        """The smoothing site ``module`` is an instance of, None when it is none."""
-        return next((s for s in self.smoothing_sites if s.matches(module)), None)

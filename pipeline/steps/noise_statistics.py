@@ -12,10 +12,9 @@ from tqdm.auto import tqdm
 from correction.statistics import CorrectionError, Moments, NoiseStatistics, SamplingConfig, collect_noise_statistics
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact, save_timing
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.layout import QuantTag, partial_path
-from pipeline.quantize import finish_partial
 from pipeline.run import Run
 from pipeline.sampler_spec import Method, SamplerSpec
 from pipeline.sampling import NOISE_STATS_KIND, build_variant, check_present, ddim_timesteps, quant_expect
@@ -157,9 +156,9 @@ def write(run: Run, st: StatisticsSettings, out: Path, meta: dict, stats: NoiseS
     if st.outlier_k > 0:
         payload["filtered"] = {"tensor": moments_dict(stats.filtered_moments(st.outlier_k, per_channel=False)),
                                "channel": moments_dict(stats.filtered_moments(st.outlier_k, per_channel=True))}
-    save_artifact(out, NOISE_STATS_KIND, meta, payload)
-    save_timing(out, seconds=seconds if done0 == 0 else None)  # (None: resumed, the time covers part of the work)
-    finish_partial(out)
+    # (timing None: resumed, the time covers part of the work)
+    save_artifact(out, NOISE_STATS_KIND, meta, payload, timing={"seconds": seconds if done0 == 0 else None},
+                  replaces=[partial_path(out)])
     if not st.keep_spill:
         clear_spill(spill)
     m = stats.moments().pooled()

@@ -10,17 +10,17 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import is_current, save_artifact, save_timing
-from pipeline.basics import check_at_least, ensure_writable_dir
+from pipeline.artifacts import is_current, save_artifact
+from pipeline.basics import check_at_least, pick_device
 from pipeline.families import ModelFamily
-from pipeline.layout import QuantTag
-from pipeline.quantize import (QUANT_KIND, CacheSettings, Stopwatch, finish_partial, load_calibration,
-                               make_quant_model, resumable_reconstruct)
+from pipeline.layout import QuantTag, partial_path
+from pipeline.quantize import (QUANT_KIND, CacheSettings, Stopwatch, load_calibration, make_quant_model,
+                               resumable_reconstruct)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from quant.api import QuantConfig, quantized_state
 from quant.reconstruction import Phase, ReconConfig, sqnr_db
-from quant.smoothing import Formula, apply_smoothing_, smoothing_factors
+from quant.smoothing import Formula, smooth_
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,10 @@ def check_specials(family: ModelFamily, config: QuantConfig) -> None:
 
 
 def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
-    """Quantize the run's UNet weights as ``config`` says (its activation bits are step 3's); returns the quant
-    artifact's path (reused when current, resumed after an interruption)."""
+    """Quantize the run's UNet weights as ``config`` says (its activation bits are step 3's): QNCD's smoothing when
+    asked (before the weight ranges are chosen: they must see W·S), the weight ranges, AdaRound unit by unit
+    (resumable), the SQNRs, then the artifact and its timings. Returns the quant artifact's path (reused when
+    current, resumed after an interruption)."""
     config = config.weights_only
     base = run.meta()
     check_specials(run.family, config)   # (a config of no known family stops here too, before anything is written)
@@ -75,55 +77,45 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
     out, cal_path = layout.quant(QuantTag.of(config)), layout.calibration
     meta = {**weight_meta(base, config), "calibration": file_fingerprint(cal_path) if cal_path.is_file() else None,
             **weights.meta()}
-    if is_current(out, QUANT_KIND, meta, run.force, "this quantized model"):
+    if is_current(out, QUANT_KIND, meta, run.force, "this quantized model"):   # (refuses an output it cannot write)
         return out
-    ensure_writable_dir(out.parent)
-    device = run.torch_device()
+    device = pick_device(run.device)
     family, model = run.load(device)
     timesteps = ddim_timesteps(model, run.sampling)
     data, held, _ = load_calibration(cal_path, base, timesteps, device)
+    held = held or data
     meta["timesteps"] = timesteps
+    cfg = ReconConfig(iters=weights.iters, batch_size=weights.batch_size, round_weight=weights.round_weight,
+                      cache=weights.cache.spec(), cache_batch_size=weights.cache.batch_size, seed=weights.seed)
     torch.manual_seed(weights.seed)
-
     t0 = time.time()
     # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
     with family.ema_scope(model):
-        quantize_and_save(run, config, weights, meta, family.unet(model), data, held, out, t0, device, family)
-    return out
-
-
-def quantize_and_save(run: Run, config: QuantConfig, weights: WeightSettings, meta: dict, unet: torch.nn.Module,
-                      data, held, out, t0: float, device: torch.device, family: ModelFamily) -> None:
-    """Smoothing (QNCD), weight ranges, AdaRound unit by unit, the SQNRs, then the artifact and its timings."""
-    qm = make_quant_model(unet, meta, copy=False, family=family).to(device)
-    if config.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
-        factors = smoothing_factors(qm, data, Formula(config.smoothing))
-        apply_smoothing_(qm, factors)
-        print(f"QNCD smoothing ({config.smoothing} formula) of {len(factors)} ResBlocks; S in "
-              f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
-              f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
-    init, sqnr = Stopwatch(), Stopwatch()
-    init.wrap(qm.init_weights_)()
-    held = held or data
-    sqnr_nearest = sqnr.wrap(sqnr_db)(qm, held)
-    granularity = "per-channel" if meta["channel_wise"] else "per-tensor"
-    print(f"[{run.preset}] W{config.w_bits} ({config.policy}, {granularity}): round-to-nearest SQNR "
-          f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; " +
-          (f"reconstructing with {weights.iters} AdaRound iterations per unit, batch {weights.batch_size}, "
-           f"on {device}" if weights.iters else "no reconstruction (--weight_iters 0: QNCD's W8)"))
-    cfg = ReconConfig(iters=weights.iters, batch_size=weights.batch_size, round_weight=weights.round_weight,
-                      cache=weights.cache.spec(), cache_batch_size=weights.cache.batch_size, seed=weights.seed)
-    units: list[dict] = []
-    summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units) \
-        if weights.iters else []
-    sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
-    meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
-    state = quantized_state(qm, bool(config.smoothing))
-    save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state})
-    # the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects each from here)
-    save_timing(out, seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds, held_out=len(held),
-                units=units)
-    finish_partial(out)
+        qm = make_quant_model(family.unet(model), meta, copy=False, family=family).to(device)
+        if config.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
+            factors = smooth_(qm, data, Formula(config.smoothing))
+            print(f"QNCD smoothing ({config.smoothing} formula) of {len(factors)} ResBlocks; S in "
+                  f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
+                  f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+        init, sqnr = Stopwatch(), Stopwatch()
+        init.wrap(qm.init_weights_)()
+        sqnr_nearest = sqnr.wrap(sqnr_db)(qm, held)
+        granularity = "per-channel" if meta["channel_wise"] else "per-tensor"
+        print(f"[{run.preset}] W{config.w_bits} ({config.policy}, {granularity}): round-to-nearest SQNR "
+              f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; " +
+              (f"reconstructing with {weights.iters} AdaRound iterations per unit, batch {weights.batch_size}, "
+               f"on {device}" if weights.iters else "no reconstruction (--weight_iters 0: QNCD's W8)"))
+        units: list[dict] = []
+        summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units) \
+            if weights.iters else []
+        sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
+        meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
+        state = quantized_state(qm, bool(config.smoothing))
+        # the timings: the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects them)
+        save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state},
+                      timing=dict(seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds,
+                                  held_out=len(held), units=units), replaces=[partial_path(out)])
     after = f" -> AdaRound {sqnr_ada:.2f} dB ({len(summaries)} units" if summaries else " (no reconstruction"
     print(f"W{config.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, {time.time() - t0:.0f} s); "
           f"wrote {out}")
+    return out
