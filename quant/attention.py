@@ -6,21 +6,22 @@ attention matmuls — q and k before QKᵀ, the softmax probabilities and v befo
 ``sm_abit`` bits on the unsigned grid with z = 0 (probabilities are in [0, 1]); at 16 bits it is left out of
 step-size learning, as Q-Diffusion does.
 
-The wrappers replace ldm's attention modules inside a QuantModel only (ldm/ is not edited): ``QuantCrossAttention``
-for SpatialTransformer attention (CompVis ``CrossAttention``), ``QuantQKVAttention`` for the legacy ``AttentionBlock``
-(q and k are pre-scaled by ch^-1/4 before quantization, softmax in float32, as in the LDM code). While every
-quantizer is off the wrappers call the same fused attention as ldm, so the FP output is unchanged.
+Which modules are attention, and how their matmuls are computed, is family knowledge: a family's ``QuantSpecials.
+attention`` maps its attention classes to wrappers (``AttentionQuantizers`` subclasses; CompVis': pipeline/families/
+compvis_attention.py), which ``wrap_attention_`` puts in their place inside a QuantModel (ldm/ is not edited).
+While every quantizer is off a wrapper must compute exactly the module's FP output.
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 import torch
 import torch.nn as nn
-from einops import rearrange
 
-from ldm.modules.attention import CrossAttention, scaled_dot_product
-from ldm.modules.diffusionmodules.openaimodel import QKVAttention, QKVAttentionLegacy
 from quant.quantizer import QScheme, choose_qparams, fake_quant
 
+# (module, activation scheme, softmax scheme) -> its quantizing wrapper
+AttentionWrapper = Callable[[nn.Module, QScheme, QScheme], nn.Module]
 MAX_OBSERVED = 1 << 20  # elements kept per observed call (attention maps are large; a strided sample suffices)
 
 
@@ -61,8 +62,9 @@ class ActQuantizer(nn.Module):
         return f"A{self.scheme.bits} enabled={self.enabled}"
 
 
-class _AttentionQuantizers(nn.Module):
-    """q, k, v quantizers at the activation bits and the softmax quantizer at sm_abit."""
+class AttentionQuantizers(nn.Module):
+    """q, k, v quantizers at the activation bits and the softmax quantizer at sm_abit: the base of a family's
+    attention wrappers (a module whose forward puts its matmul inputs through them when ``active()``)."""
 
     def __init__(self, a_scheme: QScheme, sm_scheme: QScheme):
         super().__init__()
@@ -74,69 +76,17 @@ class _AttentionQuantizers(nn.Module):
                    for q in (self.q_quant, self.k_quant, self.v_quant, self.sm_quant))
 
 
-class QuantCrossAttention(_AttentionQuantizers):
-    """CrossAttention with quantized matmul inputs: softmax(Q(q) Q(k)ᵀ/√d) -> Q_sm -> · Q(v)."""
-
-    def __init__(self, attn: CrossAttention, a_scheme: QScheme, sm_scheme: QScheme):
-        super().__init__(a_scheme, sm_scheme)
-        self.heads, self.scale = attn.heads, attn.scale
-        self.to_q, self.to_k, self.to_v, self.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.heads
-        context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (rearrange(t, "b n (h d) -> (b h) n d", h=h) for t in (q, k, v))   # [B·h, N|M, d]
-        if mask is not None:
-            mask = rearrange(mask, "b ... -> b (...)").bool()[:, None, :].repeat_interleave(h, dim=0)
-        if not self.active():
-            out = scaled_dot_product(q, k, v, mask)
-        else:
-            sim = torch.einsum("bid,bjd->bij", self.q_quant(q), self.k_quant(k)) * self.scale  # [B·h, N, M]
-            if mask is not None:
-                sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-            probs = self.sm_quant(sim.softmax(dim=-1))
-            out = torch.einsum("bij,bjd->bid", probs, self.v_quant(v))
-        return self.to_out(rearrange(out, "(b h) n d -> b n (h d)", h=h))
-
-
-class QuantQKVAttention(_AttentionQuantizers):
-    """QKVAttention(Legacy) of AttentionBlock with quantized matmul inputs; q, k scaled by ch^-1/4 first."""
-
-    def __init__(self, attn: QKVAttention | QKVAttentionLegacy, a_scheme: QScheme, sm_scheme: QScheme):
-        super().__init__(a_scheme, sm_scheme)
-        self.n_heads = attn.n_heads
-        self.legacy = isinstance(attn, QKVAttentionLegacy)
-        self.fp = attn
-
-    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
-        if not self.active():
-            return self.fp(qkv)
-        bs, width, length = qkv.shape
-        ch = width // (3 * self.n_heads)
-        if self.legacy:  # head by head, each [q | k | v]
-            q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        else:            # [q of all heads | k | v]
-            q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        s = ch ** -0.25  # [B·H, ch, T] each
-        w = torch.einsum("bct,bcs->bts", self.q_quant(q * s), self.k_quant(k * s))
-        probs = self.sm_quant(torch.softmax(w.float(), dim=-1).type(w.dtype))
-        return torch.einsum("bts,bcs->bct", probs, self.v_quant(v)).reshape(bs, -1, length)
-
-
-def wrap_attention_(model: nn.Module, a_scheme: QScheme, sm_scheme: QScheme) -> int:
-    """Replace every CrossAttention / QKVAttention(Legacy) inside ``model`` by its quantizing wrapper (after the
-    Conv/Linear swap, so the projections are already QuantLayers). Returns the number of modules wrapped."""
+def wrap_attention_(model: nn.Module, wrappers: Mapping[type, AttentionWrapper], a_scheme: QScheme,
+                    sm_scheme: QScheme) -> int:
+    """Replace every module of ``model`` that is an instance of a key of ``wrappers`` (the family's attention
+    classes: ``QuantSpecials.attention``) by ``wrapper(module, a_scheme, sm_scheme)``, after the Conv/Linear swap,
+    so the projections are already QuantLayers. Returns the number of modules wrapped."""
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, CrossAttention):
-            wrapper = QuantCrossAttention(module, a_scheme, sm_scheme)
-        elif isinstance(module, (QKVAttention, QKVAttentionLegacy)):
-            wrapper = QuantQKVAttention(module, a_scheme, sm_scheme)
-        else:
+        wrap = next((w for cls, w in wrappers.items() if isinstance(module, cls)), None)
+        if wrap is None:
             continue
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrap(module, a_scheme, sm_scheme))
         count += 1
     return count

@@ -66,11 +66,11 @@ class QuantModel(nn.Module):
             if name in layers:  # policies that keep skip convs in FP32 have nothing to split
                 layers[name].set_split_(split)
         if sm_abit is not None:   # (the config guarantees a_bits)
-            if not wrap_attention_(self.model, QScheme(a_bits, False, PerTensor(), search),
+            if not wrap_attention_(self.model, specials.attention, QScheme(a_bits, False, PerTensor(), search),
                                    QScheme(sm_abit, False, PerTensor(), search)):
-                # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
-                raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no CrossAttention "
-                                 "or QKVAttention module to quantize them in; leave sm_abit unset")
+                # no silent no-op: e.g. the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
+                raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no attention module "
+                                 "its family can wrap (QuantSpecials.attention); leave sm_abit unset")
         self._state = {"weight": False, "act": False}
         # the wrapper takes the UNet's mode: a new Module is in training mode, and whoever restores "the model's
         # mode" later (reconstruct_) would otherwise switch an eval UNet's dropout on

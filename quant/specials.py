@@ -4,7 +4,7 @@ BRECQ (Li et al. 2021, §3.2) reconstructs block by block, so it must know which
 Q-Diffusion (Li et al. 2023, §3.3) splits the decoder shortcut convs' input [h ; skip], so it must know where h ends;
 QNCD (Chu et al. 2024, spec qncd_ptqd.md §A.2) smooths the second conv of residual blocks that add a time embedding,
 so it must know those blocks' parts and how their embedding is computed; D²-DPM's layer policy (spec d2dpm.md §3.2)
-names layers. All of that is knowledge of one model family. Here it is only *shape*: a family
+names layers; Q-Diffusion's attention quantization wraps the family's attention modules. All of that is knowledge of one model family. Here it is only *shape*: a family
 (``pipeline/families/<name>.py``) fills a ``QuantSpecials`` and hands it to ``quant.api.quantize``; nothing in
 ``quant/`` names a family, a block class or a layer.
 
@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
+from quant.attention import AttentionWrapper
 from quant.policy import LayerFilter, quantize_all_policy
 
 
@@ -68,12 +69,15 @@ class QuantSpecials:
     ``smoothing_sites``: the residual blocks QNCD's smoothing applies to (the first matching site describes a block).
     ``shortcut_splits(unet)``: {fqn of a conv whose input is [h ; skip]: channels of h}, computed on the FP UNet.
     ``policies``: the layer policies by name ("d2dpm", "all", "qncd-sd"; ``quant.policy.POLICIES``), each a
-    predicate over this family's layer names."""
+    predicate over this family's layer names. ``attention``: {attention module class: its quantizing wrapper
+    (``quant.attention.AttentionWrapper``)}, what ``sm_abit`` wraps (Q-Diffusion's attention matmul quantization);
+    empty: the family's attention cannot be quantized that way."""
 
     unit_types: tuple[type[nn.Module], ...] = ()
     smoothing_sites: tuple[SmoothingSite, ...] = ()
     shortcut_splits: Callable[[nn.Module], dict[str, int]] = no_shortcut_splits
     policies: Mapping[str, LayerFilter] = field(default_factory=lambda: {"all": quantize_all_policy})
+    attention: Mapping[type, AttentionWrapper] = field(default_factory=dict)
 
     def __post_init__(self):
         if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in self.unit_types):
@@ -82,6 +86,7 @@ class QuantSpecials:
             raise TypeError("smoothing_sites must be SmoothingSite instances")
         # a read-only view: specials are shared by every model of a family
         object.__setattr__(self, "policies", MappingProxyType(dict(self.policies)))
+        object.__setattr__(self, "attention", MappingProxyType(dict(self.attention)))
 
     # one immutable description shared by every model of the family: a deep-copied QuantModel shares it too, and
     # pickling rebuilds it from a plain dict (a mappingproxy does not pickle)
@@ -92,7 +97,8 @@ class QuantSpecials:
         return self
 
     def __reduce__(self):
-        return QuantSpecials, (self.unit_types, self.smoothing_sites, self.shortcut_splits, dict(self.policies))
+        return QuantSpecials, (self.unit_types, self.smoothing_sites, self.shortcut_splits, dict(self.policies),
+                               dict(self.attention))
 
     def policy(self, policy: str | LayerFilter) -> LayerFilter:
         """A layer filter: ``policy`` itself when it is one, else this family's predicate of that name."""

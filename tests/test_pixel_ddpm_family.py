@@ -138,7 +138,7 @@ def test_quantization_knows_the_ermongroup_blocks(family_model):
     # split: [h ; skip] halves of every decoder shortcut's input (fixture README: 128→64, 96→64, 96→32, 64→32)
     assert specials.shortcut_splits(unet) == {"up.1.block.0.nin_shortcut": 64, "up.1.block.1.nin_shortcut": 64,
                                      "up.0.block.0.nin_shortcut": 64, "up.0.block.1.nin_shortcut": 32}
-    with pytest.raises(ValueError, match="no CrossAttention or QKVAttention"):
+    with pytest.raises(ValueError, match="no attention module its family can wrap"):
         QuantModel(unet, QuantConfig(4, 8, sm_abit=8), specials=specials)
 
 

@@ -7,7 +7,8 @@ import torch
 
 import tiny_models
 from pipeline.families import ModelFamily
-from quant.attention import ActQuantizer, QuantCrossAttention, QuantQKVAttention
+from pipeline.families.compvis_attention import QuantCrossAttention, QuantQKVAttention
+from quant.attention import ActQuantizer
 from quant.config import QuantConfig
 from quant.model import QuantModel
 from quant.quantizer import choose_qparams

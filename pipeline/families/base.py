@@ -22,6 +22,7 @@ from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample,
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.sample import Conditioner
 from ldm.util import ConfigError, UserFacingError, load_model_from_config
+from pipeline.families.compvis_attention import COMPVIS_ATTENTION
 from quant.policy import D2DPMPolicy, ExcludeParts, quantize_all_policy
 from quant.specials import QuantSpecials, SmoothingSite
 
@@ -87,7 +88,8 @@ COMPVIS_SPECIALS = QuantSpecials(
     policies={"d2dpm": D2DPMPolicy(eight_bit=("time_embed.0", "input_blocks.0.0", "out.2"),  # embedding, in, out
                                    fp32_parts=("skip_connection",), fp32_suffixes=(".op",)),  # 1×1 skips, Downsample
               "all": quantize_all_policy,
-              "qncd-sd": ExcludeParts(("transformer_blocks",))})
+              "qncd-sd": ExcludeParts(("transformer_blocks",))},
+    attention=COMPVIS_ATTENTION)
 
 
 class ModelFamily:
