@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.policy import Precision
-from quant.quantizer import (QScheme, adaround_fake_quant, adaround_init_alpha, choose_qparams, fake_quant,
-                             quantize, rounded_fake_quant)
+from quant.quantizer import (QScheme, adaround_h, adaround_init_alpha, choose_qparams, fake_quant, quantize,
+                             rounded_fake_quant, soft_rounded_fake_quant)
 
 
 class WeightRounding(enum.Enum):
@@ -46,6 +46,8 @@ class QuantLayer(nn.Module):
         self.a_scale = nn.Parameter(torch.ones(()), requires_grad=False)  # learned (LSQ) during reconstruction
         self.register_buffer("a_zero_point", torch.zeros(()))
         self.alpha: nn.Parameter | None = None       # AdaRound's V while it is optimised (soft rounding)
+        self._w_floor: torch.Tensor | None = None     # ⌊W/Δ⌋ while α is learned (W and Δ stay fixed meanwhile)
+        self.soft_h: torch.Tensor | None = None       # h(α) of the current optimiser iteration, when one is set
         self.register_buffer("round_up", None)        # bool [α ≥ 0] once hardened: 1 byte a weight, not 4
         self.rounding = WeightRounding.NEAREST
         self.weight_quant = False
@@ -103,6 +105,7 @@ class QuantLayer(nn.Module):
         if not self.w_ready:
             raise RuntimeError("init_weight_qparams_ must run before init_adaround_")
         self.alpha = nn.Parameter(adaround_init_alpha(self.weight, self.w_scale))
+        self._w_floor, self.soft_h = torch.floor(self.weight / self.w_scale), None
         self.round_up = None
         self.rounding = WeightRounding.ADAROUND_SOFT
 
@@ -113,6 +116,7 @@ class QuantLayer(nn.Module):
         if self.alpha is None:
             raise RuntimeError("init_adaround_ must run before harden_")
         self.round_up, self.alpha = (self.alpha >= 0).detach(), None
+        self._w_floor = self.soft_h = None
         self.rounding = WeightRounding.ADAROUND_HARD
 
     # -- forward ----------------------------------------------------------------------------------------------
@@ -123,8 +127,11 @@ class QuantLayer(nn.Module):
             return fake_quant(self.weight, self.w_scale, self.w_zero_point, s.qmin, s.qmax)
         if self.rounding is WeightRounding.ADAROUND_HARD:
             return rounded_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.round_up, s.qmin, s.qmax)
-        return adaround_fake_quant(self.weight, self.w_scale, self.w_zero_point, self.alpha, s.qmin, s.qmax,
-                                   hard=False)
+        # ⌊W/Δ⌋ fixed while α is learned (from init_adaround_), h(α) fixed for one iteration when the optimiser set it
+        # (``soft_h``, shared with the regulariser): the same values, fewer kernels per iteration (issue 29)
+        w_floor = self._w_floor if self._w_floor is not None else torch.floor(self.weight / self.w_scale)
+        h = self.soft_h if self.soft_h is not None else adaround_h(self.alpha)
+        return soft_rounded_fake_quant(w_floor, h, self.w_scale, self.w_zero_point, s.qmin, s.qmax)
 
     @torch.no_grad()
     def weight_codes(self) -> torch.Tensor:
@@ -141,9 +148,11 @@ class QuantLayer(nn.Module):
         return (q - s.qmin).round().long()  # shift signed grids to 0..2^b − 1
 
     def _weight_for_forward(self) -> torch.Tensor:
-        """The fake-quantized weight; without autograd it is computed once and reused until the weight, its
-        (Δ, z), the rounding or α change (sampling calls every layer 20-250 times with the same weight)."""
-        if torch.is_grad_enabled() or self.rounding is WeightRounding.ADAROUND_SOFT:
+        """The fake-quantized weight; while no gradient reaches it, it is computed once and reused until the weight,
+        its (Δ, z), the rounding or α change (sampling calls every layer 20-250 times with the same weight; the
+        activation phase of reconstruction learns Δ_a only, over thousands of iterations)."""
+        needs_grad = torch.is_grad_enabled() and (self.weight.requires_grad or self.w_scale.requires_grad)
+        if needs_grad or self.rounding is WeightRounding.ADAROUND_SOFT:
             return self.quantized_weight()
         key = (self.rounding, *((id(v), v._version, v.device) for v in
                                 (self.weight, self.w_scale, self.w_zero_point, self.alpha, self.round_up)

@@ -256,7 +256,7 @@ class QuantModel(nn.Module):
             layer.a_zero_point = d["a_zero_point"].to(dev)
             layer.w_ready, layer.a_ready = bool(d["w_ready"]), bool(d["a_ready"])
             layer.rounding = WeightRounding(d["rounding"])
-            layer.alpha, layer.round_up = None, None
+            layer.alpha, layer.round_up, layer._w_floor, layer.soft_h = None, None, None, None
             if layer.rounding is WeightRounding.ADAROUND_HARD:
                 layer.round_up = _round_up_mask(name, d, layer.weight).to(dev)
             elif layer.rounding is WeightRounding.ADAROUND_SOFT:

@@ -287,3 +287,70 @@ def test_running_stat_is_an_ema_of_batch_extremes(tiny, data):
     assert float(first.a_zero_point) == round(1.95 / ((3.1 + 1.95) / 255))
     with pytest.raises(RuntimeError, match="no active activation quantizer"):  # no attention quantizers (no sm_abit)
         qm.ema_activation_ranges_([(b1, t, c)], softmax_only=True)
+
+
+def _soft_layer() -> QuantLayer:
+    from quant.quantizer import PerChannel, QScheme
+    torch.manual_seed(0)
+    layer = QuantLayer(torch.nn.Linear(16, 8), QScheme(4, granularity=PerChannel(0)), None)
+    layer.weight.requires_grad_(False)
+    layer.init_weight_qparams_()
+    layer.init_adaround_()
+    layer.weight_quant = True
+    return layer
+
+
+def test_one_adaround_iteration_shares_h_and_floor_with_the_same_values_and_gradient():
+    """Issue 29: ⌊W/Δ⌋ once per unit and h(α) once per iteration (shared by the soft weight and the regulariser) give
+    the per-use formulation's weight and loss exactly and its gradient to float rounding; α's version moving on
+    (the optimiser's step) leaves no stale h behind."""
+    from quant.quantizer import adaround_fake_quant, round_reg, rounding_reg
+    from quant.reconstruction import _soft_rounding, lp_loss
+    layer = _soft_layer()
+    x, target = torch.randn(4, 16), torch.randn(4, 8)
+    s = layer.w_scheme
+
+    def per_use() -> tuple[torch.Tensor, torch.Tensor]:
+        w = adaround_fake_quant(layer.weight, layer.w_scale, layer.w_zero_point, layer.alpha, s.qmin, s.qmax, False)
+        loss = lp_loss(torch.nn.functional.linear(x, w, layer.bias), target, 2.0) + 0.01 * round_reg(layer.alpha, 8.)
+        return loss, torch.autograd.grad(loss, layer.alpha)[0]
+
+    with torch.enable_grad(), _soft_rounding([layer]) as h:
+        shared = lp_loss(layer(x), target, 2.0) + 0.01 * rounding_reg(h[0], 8.)
+        grad = torch.autograd.grad(shared, layer.alpha)[0]
+    assert layer.soft_h is None                      # released after the iteration
+    loss, want = per_use()
+    assert torch.equal(shared, loss)
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        layer.alpha.add_(0.5)                        # the optimiser's step: the next forward sees the new α
+    torch.testing.assert_close(layer.quantized_weight(), adaround_fake_quant(
+        layer.weight, layer.w_scale, layer.w_zero_point, layer.alpha, s.qmin, s.qmax, False), rtol=0, atol=0)
+
+
+def test_lp_loss_at_p2_equals_the_absolute_value_form_with_its_gradient():
+    pred, target = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    reference = (pred - target).abs().pow(2.0).sum(1).mean()
+    (g_ref,) = torch.autograd.grad(reference, pred)
+    from quant.reconstruction import lp_loss
+    loss = lp_loss(pred, target, 2.0)
+    (g,) = torch.autograd.grad(loss, pred)
+    assert torch.equal(loss, reference) and torch.equal(g, g_ref)
+
+
+def test_a_weight_no_gradient_reaches_is_quantized_once_across_iterations(monkeypatch):
+    """The activation phase learns Δ_a only: the (hard-rounded) fake weight is cached with autograd on, too."""
+    layer = _soft_layer()
+    layer.harden_()
+    calls = []
+    original = type(layer).quantized_weight
+    monkeypatch.setattr(type(layer), "quantized_weight", lambda self: calls.append(1) or original(self))
+    with torch.enable_grad():
+        for _ in range(3):
+            layer(torch.randn(2, 16))
+    assert len(calls) == 1
+    layer.weight.requires_grad_(True)                # a gradient to W: recomputed every time
+    with torch.enable_grad():
+        layer(torch.randn(2, 16))
+        layer(torch.randn(2, 16))
+    assert len(calls) == 3
