@@ -34,8 +34,9 @@ from ldm.util import ArgumentParser, at_least, instantiate_from_config, load_con
 KINDS = ("BasicTransformerBlock", "ResBlock", "layer")
 
 
-def build(model: str, n: int, device: torch.device):
-    """The quantized UNet (W4A8, weight ranges set), its calibration inputs and one unit of each kind."""
+def build(model: str, n: int, device: torch.device, grad_ckpt: bool = True):
+    """The quantized UNet (W4A8, weight ranges set), its calibration inputs and one unit of each kind;
+    ``grad_ckpt=False``: no activation recomputation in the blocks' backward (the steps' ``--no_grad_ckpt``)."""
     from pipeline.families.compvis_ldm import ClassConditionalLDM
     from quant.config import QuantConfig
     from quant.model import QuantModel
@@ -45,6 +46,9 @@ def build(model: str, n: int, device: torch.device):
     cfg = load_config(REPO / name).model.params.unet_config
     torch.manual_seed(0)
     unet = instantiate_from_config(cfg).eval().to(device)
+    if not grad_ckpt:
+        from pipeline.basics import disable_grad_checkpointing
+        disable_grad_checkpointing(unet)
     p, g = cfg.params, torch.Generator().manual_seed(0)
     x = torch.randn(n, p.in_channels, p.image_size, p.image_size, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
@@ -101,12 +105,12 @@ def count_kernels(events) -> tuple[int, int]:
     return sum(launches(e) for e in roots), sum(1 for e in events if e.name == "aten::_local_scalar_dense")
 
 
-def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.device) -> dict:
+def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.device, grad_ckpt: bool = True) -> dict:
     """{phase/kind: {"ms": [per repeat...], "ops": ATen calls per iteration}} for this process's code."""
     from torch.profiler import ProfilerActivity, profile
     from quant.reconstruction import CacheSpec, Phase, ReconConfig, capture_unit_io, optimise_unit
     torch.set_num_threads(1)
-    qm, data, units = build(model, n, device)
+    qm, data, units = build(model, n, device, grad_ckpt)
     out = {}
     for phase in (Phase.WEIGHT, Phase.ACTIVATION):
         for kind in KINDS:
@@ -147,6 +151,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=at_least(1), default=20, help="iterations timed per repeat")
     p.add_argument("--profile_iters", type=at_least(1), default=3, help="iterations whose operators are counted")
     p.add_argument("--repeats", type=at_least(1), default=3, help="alternating repeats (median reported)")
+    p.add_argument("--no_grad_ckpt", action="store_true", help="no activation recomputation in the blocks' backward")
     p.add_argument("--compare", default=None, help="another checkout measured alternately in the same run")
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -159,7 +164,7 @@ def one_repeat(args, tree: Path | None) -> dict:
     if tree is not None:
         env["RECON_STEP_CHILD"] = str(tree.resolve())
     argv = [sys.executable, __file__, "--child", "--model", args.model, "--n", str(args.n), "--iters",
-            str(args.iters), "--profile_iters", str(args.profile_iters)]
+            str(args.iters), "--profile_iters", str(args.profile_iters), *(["--no_grad_ckpt"] if args.no_grad_ckpt else [])]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"error: the measurement in {tree or REPO} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -169,7 +174,8 @@ def one_repeat(args, tree: Path | None) -> dict:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.model, args.n, args.iters, args.profile_iters, torch.device("cpu"))))
+        print(json.dumps(measure(args.model, args.n, args.iters, args.profile_iters, torch.device("cpu"),
+                                 grad_ckpt=not args.no_grad_ckpt)))
         return
     trees = {"this": None, **({"compare": Path(args.compare)} if args.compare else {})}
     if args.compare and not (Path(args.compare) / "quant").is_dir():
@@ -183,7 +189,8 @@ def main(argv=None) -> None:
         rows[key] = {name: {"ms": 1000 * statistics.median(r[key]["s_per_iter"] for r in rs),
                             "ops": rs[0][key]["ops"]} for name, rs in runs.items() if key in rs[0]}
     print(f"{args.model} UNet (random weights), W4A8, one unit a kind, {args.n} cached rows, batch 8 (weight) / 16 "
-          f"(activation), 1 CPU thread, torch {torch.__version__}; median of {args.repeats} repeats of {args.iters} "
+          f"(activation), {'no ' if args.no_grad_ckpt else ''}gradient checkpointing, 1 CPU thread, torch "
+          f"{torch.__version__}; median of {args.repeats} repeats of {args.iters} "
           f"iterations; ATen operator calls per iteration over {args.profile_iters}")
     head = f"  {'phase/unit kind':<34}{'ms/iter':>9}{'ops/iter':>10}"
     if args.compare:
