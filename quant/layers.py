@@ -46,7 +46,8 @@ class QuantLayer(nn.Module):
         self.a_scale = nn.Parameter(torch.ones(()), requires_grad=False)  # learned (LSQ) during reconstruction
         self.register_buffer("a_zero_point", torch.zeros(()))
         self.alpha: nn.Parameter | None = None       # AdaRound's V while it is optimised (soft rounding)
-        self._w_floor: torch.Tensor | None = None     # ⌊W/Δ⌋ while α is learned (W and Δ stay fixed meanwhile)
+        # ⌊W/Δ⌋ while α is learned (W and Δ stay fixed meanwhile); a buffer so that .to() moves it, not saved
+        self.register_buffer("_w_floor", None, persistent=False)
         self.soft_h: torch.Tensor | None = None       # h(α) of the current optimiser iteration, when one is set
         self.register_buffer("round_up", None)        # bool [α ≥ 0] once hardened: 1 byte a weight, not 4
         self.rounding = WeightRounding.NEAREST
