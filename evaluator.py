@@ -17,6 +17,7 @@ from pathlib import Path
 
 from evaluation.evaluate import evaluate
 from evaluation.features import INCEPTION_GRAPH
+from ldm.fileio import check_output_file
 from ldm.util import UserFacingError
 from pipeline.cli import ArgumentParser, ensure_writable_dir, pick_device, run_cli
 
@@ -41,21 +42,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _check_json_target(path: str | None) -> Path | None:
+def _check_json_target(path: str | None, inputs: tuple[str, ...]) -> Path | None:
+    """--json before any feature is computed: a file name in a writable folder, and never one of the batches read."""
     if path is None:
         return None
     out = Path(path)
     if out.is_dir():
         raise UserFacingError(f"--json {out} is a directory; give a file name")
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), flag="--json path")
-    return out
+    return check_output_file(out, inputs, "--json")
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserFacingError(f"--batch_size must be >= 1, got {args.batch_size}")
-    json_path = _check_json_target(args.json)
+    json_path = _check_json_target(args.json, (args.ref_batch, args.sample_batch))
     return evaluate(args.ref_batch, args.sample_batch, json_path, args.features, args.inception_graph,
                     args.batch_size, None if args.cache_dir is None else Path(args.cache_dir), args.device,
                     pick_device)

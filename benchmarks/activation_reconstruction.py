@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.fileio import write_json_atomic  # noqa: E402
-from ldm.util import ArgumentParser, UserFacingError, run_cli  # noqa: E402
+from ldm.util import ArgumentParser, UserFacingError, at_least, run_cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
-from pipeline.cli import REPO_ROOT, load_preset  # noqa: E402
+from pipeline.cli import A_BITS, REPO_ROOT, W_BITS, load_preset  # noqa: E402
 from pipeline.layout import QuantTag, RunLayout  # noqa: E402
 
 
@@ -37,18 +37,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--outdir", default="outputs", help="the run to read calibration.pt and w{b}/quant_w{b}.pt from")
     p.add_argument("--preset", default="fashion")
-    p.add_argument("--w_bits", type=int, default=4)
-    p.add_argument("--a_bits", type=int, nargs="+", default=[8, 6, 4])
+    p.add_argument("--w_bits", type=int, default=4, choices=W_BITS)
+    p.add_argument("--a_bits", type=int, nargs="+", default=[8, 6, 4], choices=A_BITS)
     p.add_argument("--inputs", nargs="+", default=["fp", "quantized"], choices=("fp", "quantized"))
-    p.add_argument("--act_iters", type=int, default=None, help="iterations per unit (default: the preset's)")
+    p.add_argument("--act_iters", type=at_least(0), default=None, help="iterations per unit (default: the preset's)")
+    p.add_argument("--act_init_samples", type=at_least(1), default=None,
+                   help="inputs for the initial ranges (default: the preset's, at most the run's calibration inputs)")
     p.add_argument("--json", default="outputs/benchmarks/activation_reconstruction.json")
     return p.parse_args(argv)
 
 
-def step3(outdir: Path, preset: str, w_bits: int, a_bits: int, inputs: str, act_iters: int | None) -> dict:
+def step3(outdir: Path, preset: str, w_bits: int, a_bits: int, inputs: str, act_iters: int | None,
+          init_samples: int) -> dict:
     from quant_scripts import quantize_weight_activation as script
     argv = ["--preset", preset, "--outdir", str(outdir), "--w_bits", str(w_bits), "--a_bits", str(a_bits),
-            "--act_inputs", inputs, "--force"] + (["--act_iters", str(act_iters)] if act_iters is not None else [])
+            "--act_inputs", inputs, "--act_init_samples", str(init_samples), "--force"] + \
+        (["--act_iters", str(act_iters)] if act_iters is not None else [])
     script.main(argv)
     preset_cfg = load_preset(preset)
     layout = RunLayout(outdir, preset, preset_cfg["steps"], float(preset_cfg["eta"]), float(preset_cfg["scale"]))
@@ -64,6 +68,8 @@ def main(argv=None) -> None:
     if missing:
         raise UserFacingError(f"{', '.join(missing)} not found: run `make demo` (or steps 1-2 with --outdir "
                               f"{args.outdir}) first, or pass --outdir of a run that has them")
+    n_cal = load_artifact(source.calibration, "calibration")["meta"]["n"]
+    init_samples = args.act_init_samples or min(preset["act_init_samples"], n_cal)   # (a quick run keeps fewer)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = RunLayout(Path(tmp), args.preset, source.steps, source.eta, source.scale)
@@ -74,7 +80,7 @@ def main(argv=None) -> None:
         for a in args.a_bits:
             for inputs in args.inputs:
                 t0 = time.perf_counter()
-                meta = step3(Path(tmp), args.preset, args.w_bits, a, inputs, args.act_iters)
+                meta = step3(Path(tmp), args.preset, args.w_bits, a, inputs, args.act_iters, init_samples)
                 results.append({"setting": f"W{args.w_bits}A{a}", "inputs": inputs, "act_iters": meta["act_iters"],
                                 "sqnr_weight_only_db": meta["sqnr_weight_only_db"],
                                 "sqnr_init_db": meta["sqnr_act_init_db"], "sqnr_learned_db": meta["sqnr_db"],

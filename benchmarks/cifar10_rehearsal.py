@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ldm.util import ArgumentParser, at_least  # noqa: E402
 from stage_probe import GiB, fmt_s, run_stage  # noqa: E402
 
 CONFIG = "configs/cifar10.yml"
@@ -143,21 +144,26 @@ def project(args, work: Path, recs: dict) -> list[dict]:
 
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count checked by the parser (one line, before any stage runs)."""
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None, help="keep everything here (default: a temporary folder)")
-    ap.add_argument("--trajectories", type=int, default=2, help="calibration trajectories (preset: 256)")
-    ap.add_argument("--n_calibration", type=int, default=16, help="calibration inputs (script default: 1,024)")
-    ap.add_argument("--n_holdout", type=int, default=4, help="held-out inputs for the SQNRs (default set: 128)")
-    ap.add_argument("--iters", type=int, default=4, help="reconstruction iterations per unit, both phases")
-    ap.add_argument("--samples", type=int, default=2, help="statistics trajectories and samples per sampler")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trajectories", type=at_least(1), default=2, help="calibration trajectories (preset: 256)")
+    ap.add_argument("--n_calibration", type=at_least(1), default=16, help="calibration inputs (script default: 1,024)")
+    ap.add_argument("--n_holdout", type=at_least(0), default=4,
+                    help="held-out inputs for the SQNRs (default set: 128)")
+    ap.add_argument("--iters", type=at_least(1), default=4, help="reconstruction iterations per unit, both phases")
+    ap.add_argument("--samples", type=at_least(1), default=2, help="statistics trajectories and samples per sampler")
+    ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--fresh", action="store_true", help="with --workdir: measure every stage again")
-    ap.add_argument("--_forward", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--_forward", type=at_least(1), default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args._forward is not None:
         return forward_main(args.device, args._forward)
 

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ldm.util import ArgumentParser, at_least  # noqa: E402
 from stage_probe import GiB, fmt_s, run_stage  # noqa: E402
 
 CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
@@ -351,43 +352,47 @@ def evaluator_stage(work: Path, args, log) -> dict | None:
     return run_stage("evaluator", "evaluator.py", [str(fp), str(q), "--device", args.device], work, log)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count checked by the parser (one line, before the checkpoint is written)."""
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every script gets it)")
     ap.add_argument("--workdir", default=None, help="keep the checkpoint and artifacts here (default: a temporary "
                                                     "folder, removed at the end)")
-    ap.add_argument("--classes", type=int, default=2, help="calibration trajectories (one per class 0..K-1)")
-    ap.add_argument("--n_calibration", type=int, default=8, help="calibration inputs kept (paper: 1,024)")
-    ap.add_argument("--n_holdout", type=int, default=2, help="held-out inputs for the SQNRs (paper set: 128)")
-    ap.add_argument("--iters", type=int, default=4, help="reconstruction iterations per unit, both phases")
-    ap.add_argument("--act_init", type=int, default=4, help="inputs for the activation ranges (preset: 32)")
-    ap.add_argument("--samples", type=int, default=2, help="statistics samples")
-    ap.add_argument("--eval_batch", type=int, default=None,
+    ap.add_argument("--classes", type=at_least(1), default=2, help="calibration trajectories (one per class 0..K-1)")
+    ap.add_argument("--n_calibration", type=at_least(1), default=8, help="calibration inputs kept (paper: 1,024)")
+    ap.add_argument("--n_holdout", type=at_least(0), default=2, help="held-out inputs for the SQNRs (paper set: 128)")
+    ap.add_argument("--iters", type=at_least(1), default=4, help="reconstruction iterations per unit, both phases")
+    ap.add_argument("--act_init", type=at_least(1), default=4, help="inputs for the activation ranges (preset: 32)")
+    ap.add_argument("--samples", type=at_least(1), default=2, help="statistics samples")
+    ap.add_argument("--eval_batch", type=at_least(1), default=None,
                     help="step 7's batch: it makes two, and the second one's time projects 50,000 samples (default: "
                          "16, the preset's, on CUDA; 1 on a CPU, scaled to 16 rows)")
     ap.add_argument("--config", default=CONFIG, help="the model (default cin256-v2; a smaller CompVis class-"
                                                      "conditional config makes a quick smoke run)")
     ap.add_argument("--cache_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                     help="override the preset's reconstruction cache dtype")
-    ap.add_argument("--seed", type=int, default=0, help="the random weights")
+    ap.add_argument("--seed", type=at_least(0), default=0, help="the random weights")
     ap.add_argument("--json", default=None, help="also write every record and projection here")
     ap.add_argument("--fresh", action="store_true", help="with --workdir: measure every stage again (default: "
                                                           "stages with a record there are reused)")
     ap.add_argument("--_forward_probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe_what", default="unet", help=argparse.SUPPRESS)
-    ap.add_argument("--probe_batch", type=int, default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--probe_batch", type=at_least(1), default=2, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.samples > args.classes:
+        ap.error(f"argument --samples: must be <= --classes (one sample per calibrated class), got {args.samples} "
+                 f"> {args.classes}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args._forward_probe:
         return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch,
                                   args.config)
     if args.eval_batch is None:
         args.eval_batch = PAPER["batch"] if args.device.startswith("cuda") else 1
-    if args.eval_batch < 1:
-        raise SystemExit("error: --eval_batch must be >= 1")
-    if args.samples > args.classes:
-        raise SystemExit("error: --samples must be <= --classes (one sample per calibrated class)")
 
     started = time.perf_counter()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cin256_rehearsal_"))

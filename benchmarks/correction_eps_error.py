@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.models.diffusion.ddim import DDIMSchedule, cfg_eps, randn_sampler, sample_ddim  # noqa: E402
+from ldm.util import at_least  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.sampler_spec import SamplerSpec  # noqa: E402
 from pipeline.sampling import build_variant  # noqa: E402
@@ -28,16 +29,22 @@ from pipeline.sampling import build_variant  # noqa: E402
 VARIANTS = ("none", "ptqd", "sd2-tensor", "dd2-tensor", "sd2-channel", "dd2-channel")
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """The flags; the counts checked by the parser, the sampling settings where the run is built (main, before the
+    model loads)."""
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_model_args(p, "fashion")
     cli.add_sampling_args(p)
     cli.add_bits_args(p, 4, 8)
-    p.add_argument("--n", type=int, default=200, help="trajectories (class-balanced)")
-    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--n", type=at_least(1), default=200, help="trajectories (class-balanced)")
+    p.add_argument("--seed", type=at_least(0), default=1000)
     p.add_argument("--outdir", default="outputs")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     cli.apply_preset(args, "fashion")
     run = cli.run_of(args)
     device = torch.device("cpu")

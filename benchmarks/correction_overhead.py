@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--outdir", default="outputs")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)

@@ -37,7 +37,7 @@ from ldm.fileio import write_json_atomic  # noqa: E402
 from ldm.models.diffusion.respace import RespacedSchedule  # noqa: E402
 from ldm.models.dit_checkpoint import load_dit_state  # noqa: E402
 from ldm.modules.dit import build_dit  # noqa: E402
-from ldm.util import at_least, load_config, parse_device  # noqa: E402
+from ldm.util import ArgumentParser, at_least, load_config, parse_device  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "dit" / "fashion-dit.yaml"
@@ -80,9 +80,9 @@ def measure(name: str, images: np.ndarray, labels: np.ndarray, seconds: float, c
     return row
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count, η and the guidance scale checked by the parser (one line, before the DiT loads)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="the DiT's yaml (model, diffusion, first_stage)")
     p.add_argument("--ckpt", default=None, help="default: the config's checkpoint")
     p.add_argument("--n", type=at_least(10), default=1000, help="samples (a multiple of 10: balanced classes)")
@@ -90,14 +90,23 @@ def main(argv=None) -> None:
     p.add_argument("--samplers", nargs="+", choices=("ddpm", "ddim"), default=["ddpm", "ddim"])
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--cfg-scale", type=float, default=1.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--batch_size", type=at_least(1), default=250)
     p.add_argument("--ldm", action="store_true", help="also the class LDM (DDIM, same steps and scale)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.n % 10:
-        p.error("--n must be a multiple of 10 (balanced classes)")
+        p.error(f"argument --n: must be a multiple of 10 (balanced classes), got {args.n}")
+    if not 0 <= args.eta <= 1:   # (NaN too)
+        p.error(f"argument --eta: must be in [0, 1] (DDIM η), got {args.eta}")
+    if not args.cfg_scale >= 1:
+        p.error(f"argument --cfg-scale: must be >= 1 (1 = no guidance), got {args.cfg_scale}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = parse_device(args.device)
     config = load_config(args.config)
     ckpt = Path(args.ckpt) if args.ckpt else REPO / config.checkpoint

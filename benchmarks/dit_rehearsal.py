@@ -66,6 +66,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cin256_rehearsal import batch_seconds, current_rss, file_bytes, print_projection, read_timing  # noqa: E402
+from ldm.util import ArgumentParser, at_least  # noqa: E402
 from stage_probe import GiB, fmt_s, run_stage  # noqa: E402
 
 BASE_CONFIG = "configs/dit/ptq-DiT-XL-2-256.yaml"
@@ -481,36 +482,40 @@ def project_sampling(args, rec: dict, load: float, per_batch: float | None, dec_
 
 # ---- the run ---------------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count checked by the parser (one line, before the model is written)."""
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda (every script gets it)")
     ap.add_argument("--workdir", default=None, help="keep the model and artifacts here (default: a temporary folder, "
                                                     "removed at the end)")
     ap.add_argument("--tiny", action="store_true", help="a tiny DiT and VAE at the smallest counts (a smoke run)")
-    ap.add_argument("--depth", type=int, default=None, help="blocks kept (default: all 28 of DiT-XL/2; fewer on a "
-                                                            "CPU, the rest projected)")
-    ap.add_argument("--steps", type=int, default=5, help="sampling steps of the rehearsal (projected to the "
-                                                         "protocol's)")
-    ap.add_argument("--classes", type=int, default=2, help="calibration trajectories (one per class 0..K-1)")
-    ap.add_argument("--n_calibration", type=int, default=8, help="calibration inputs kept (protocol: 800)")
-    ap.add_argument("--n_holdout", type=int, default=2, help="held-out inputs for the SQNRs (protocol: 128)")
-    ap.add_argument("--iters", type=int, default=1, help="reconstruction iterations per unit, both phases")
-    ap.add_argument("--act_init", type=int, default=2, help="inputs for the activation ranges (protocol: 32)")
-    ap.add_argument("--samples", type=int, default=2, help="noise-statistics trajectories")
-    ap.add_argument("--eval_batch", type=int, default=None,
+    ap.add_argument("--depth", type=at_least(1), default=None,
+                    help="blocks kept (default: all 28 of DiT-XL/2; fewer on a CPU, the rest projected)")
+    ap.add_argument("--steps", type=at_least(1), default=5,
+                    help="sampling steps of the rehearsal (projected to the protocol's)")
+    ap.add_argument("--classes", type=at_least(1), default=2, help="calibration trajectories (one per class 0..K-1)")
+    ap.add_argument("--n_calibration", type=at_least(1), default=8, help="calibration inputs kept (protocol: 800)")
+    ap.add_argument("--n_holdout", type=at_least(0), default=2, help="held-out inputs for the SQNRs (protocol: 128)")
+    ap.add_argument("--iters", type=at_least(1), default=1, help="reconstruction iterations per unit, both phases")
+    ap.add_argument("--act_init", type=at_least(1), default=2, help="inputs for the activation ranges (protocol: 32)")
+    ap.add_argument("--samples", type=at_least(1), default=2, help="noise-statistics trajectories")
+    ap.add_argument("--eval_batch", type=at_least(1), default=None,
                     help="step 7's batch: it makes two, the second one's time projects the protocol's samples "
                          "(default: 16 on CUDA, 1 on a CPU, scaled to 16 rows)")
     ap.add_argument("--protocol", default="ptq4dit-250", choices=sorted(PROTOCOLS), help="the table printed")
-    ap.add_argument("--seed", type=int, default=0, help="the random weights")
+    ap.add_argument("--seed", type=at_least(0), default=0, help="the random weights")
     ap.add_argument("--json", default=None, help="also write every record and projection here")
     ap.add_argument("--fresh", action="store_true", help="with --workdir: measure every stage again")
     ap.add_argument("--_forward_probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_load_probe", nargs=3, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe_what", default="dit", help=argparse.SUPPRESS)
-    ap.add_argument("--probe_batch", type=int, default=2, help=argparse.SUPPRESS)
-    ap.add_argument("--probe_depth", type=int, default=1, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--probe_batch", type=at_least(1), default=2, help=argparse.SUPPRESS)
+    ap.add_argument("--probe_depth", type=at_least(1), default=1, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args._forward_probe:
         return forward_probe_main(Path(args._forward_probe), args.device, args.probe_what, args.probe_batch,
                                   args.probe_depth, args.tiny)
@@ -522,11 +527,6 @@ def main(argv=None) -> int:
     args.depth = args.full_depth if args.depth is None else args.depth
     if args.eval_batch is None:
         args.eval_batch = PROTOCOLS[args.protocol]["batch"] if args.device.startswith("cuda") else 1
-    for flag, value, low in (("--depth", args.depth, 1), ("--steps", args.steps, 1), ("--classes", args.classes, 1),
-                             ("--iters", args.iters, 1), ("--eval_batch", args.eval_batch, 1),
-                             ("--n_calibration", args.n_calibration, 1), ("--act_init", args.act_init, 1)):
-        if value < low:
-            raise SystemExit(f"error: {flag} must be >= {low}, got {value}")
     if args.depth > args.full_depth:
         raise SystemExit(f"error: --depth {args.depth}: the model has {args.full_depth} blocks")
     if args.samples > args.classes:

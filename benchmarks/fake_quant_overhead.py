@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from ldm.models.diffusion.ddim import DDIMSchedule, cfg_eps, sample_ddim  # noqa: E402
 from ldm.modules.diffusionmodules.util import make_beta_schedule  # noqa: E402
-from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from ldm.util import ArgumentParser, at_least, instantiate_from_config, load_config  # noqa: E402
 from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from quant.api import QuantConfig, quantize  # noqa: E402
 
@@ -67,17 +67,24 @@ def build(config: Path, device: torch.device, batch: int) -> tuple[torch.nn.Modu
     return unet, qm, p, {"init_weights_s": init_w, "calibrate_activations_s": init_a}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count and the guidance scale checked by the parser (one line, before the UNet is built)."""
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(REPO / "configs/latent-diffusion/cin256-v2.yaml"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=2, help="samples per batch (the UNet sees 2x with guidance)")
-    ap.add_argument("--steps", type=int, default=4, help="DDIM steps per timed sampling run")
+    ap.add_argument("--batch", type=at_least(1), default=2, help="samples per batch (the UNet sees 2x with guidance)")
+    ap.add_argument("--steps", type=at_least(1), default=4, help="DDIM steps per timed sampling run")
     ap.add_argument("--scale", type=float, default=3.0, help="classifier-free guidance scale")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if not args.scale >= 0:   # (NaN too)
+        ap.error(f"argument --scale: must be a number >= 0 (1 = no guidance), got {args.scale}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
 
     ac = np.cumprod(1 - make_beta_schedule("linear", 1000, 0.0015, 0.0195))

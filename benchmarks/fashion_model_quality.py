@@ -38,7 +38,7 @@ from evaluation.statistics import FIDStatistics  # noqa: E402
 from ldm.data.fashion import HELDOUT, load_fashion_mnist  # noqa: E402
 from ldm.models.diffusion.settings import SamplingSettings  # noqa: E402
 from ldm.sample import decode_latents, sample_latents  # noqa: E402
-from ldm.util import load_config, load_model_from_config  # noqa: E402
+from ldm.util import ArgumentParser, at_least, load_config, load_model_from_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "ldm" / "fashion-ldm-vq-4"
@@ -53,27 +53,36 @@ def fid_pair(feats: dict, ref: np.lib.npyio.NpzFile) -> tuple[float, float]:
             FIDStatistics.from_features(feats["spatial"]).frechet_distance(ref_spatial))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count, η and the guidance scale checked by the parser (one line, before any model loads)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ldm", choices=("ldm", "pixel", "text"),
                    help="ldm: the class-conditional LDM; pixel: the unconditional pixel DDPM; text: the text-to-image "
                         "LDM, prompted with --template per class")
     p.add_argument("--model_dir", default=None, help="ldm / text: another export (model.ckpt + config.yaml), e.g. "
                                                       "a training checkpoint exported midway")
     p.add_argument("--template", default="a photo of a {}", help="text: the prompt template ({} = class noun)")
-    p.add_argument("--n", type=int, default=5000, help="FP32 samples (balanced over the 10 classes)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--n", type=at_least(10), default=5000, help="FP32 samples (balanced over the 10 classes)")
+    p.add_argument("--steps", type=at_least(1), default=None,
                    help="DDIM steps (default 20; pixel: on the quad grid, as its preset)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--scale", type=float, default=3.0, help="guidance scale (ldm and text)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--batch_size", type=at_least(1), default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.n % 10:
-        p.error("--n must be a multiple of 10 (balanced classes)")
+        p.error(f"argument --n: must be a multiple of 10 (balanced classes), got {args.n}")
+    if not 0 <= args.eta <= 1:   # (NaN too)
+        p.error(f"argument --eta: must be in [0, 1] (DDIM η), got {args.eta}")
+    if not args.scale >= 0:
+        p.error(f"argument --scale: must be a number >= 0 (1 = no guidance), got {args.scale}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     device = torch.device(args.device)
     classifier = load_fashion_classifier()

@@ -153,9 +153,10 @@ class Runner:
                                        "rows": [r.asdict() for r in self.rows]}, indent=1, default=str))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags; --budget checked by the parser (one line, before any part starts)."""
+    from ldm.util import ArgumentParser
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", help="the device under test (cuda, cuda:1, cpu)")
     ap.add_argument("--tiny", action="store_true", help="the smallest counts and a tiny model (the test suite's run)")
     ap.add_argument("--workdir", default=None, help="work files here and keep them (default: a temporary folder, "
@@ -170,6 +171,13 @@ def main(argv=None) -> int:
     ap.add_argument("--_record", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--preset", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if not args.budget > 0:   # (NaN too)
+        ap.error(f"argument --budget: must be a number of seconds > 0, got {args.budget}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     keep = args.workdir is not None
     args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_")).resolve()
     if args._part:     # one part, in this (child) process

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from ldm.util import instantiate_from_config, load_config  # noqa: E402
+from ldm.util import ArgumentParser, at_least, instantiate_from_config, load_config  # noqa: E402
 from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from pipeline.packed import state_bytes  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
@@ -459,21 +459,25 @@ PARTS = {"layers": part_layers, "unet": part_unet, "embedded": part_embedded, "m
 DEFAULT_PARTS = ["layers", "unet", "embedded", "memory", "sizes"]   # (device: on a GPU, gpu_check runs it)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count checked by the parser (one line, before any part runs)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=DEFAULT_PARTS)
     p.add_argument("--device", default="cuda", help="the device part's device (cuda: torch._int_mm; cpu: the same "
                                                     "kernel path, slowly, as a check)")
     p.add_argument("--config", default=str(CIN256), help="the device part's UNet config (default cin256-v2)")
-    p.add_argument("--batch", type=int, default=2, help="cin256-v2 batch (guided sampling of one image: 2)")
-    p.add_argument("--top", type=int, default=8, help="how many of the largest conv shapes to time (and half as "
-                                                      "many Linear shapes)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=at_least(1), default=2, help="cin256-v2 batch (guided sampling of one image: 2)")
+    p.add_argument("--top", type=at_least(1), default=8,
+                   help="how many of the largest conv shapes to time (and half as many Linear shapes)")
+    p.add_argument("--repeats", type=at_least(1), default=3)
     p.add_argument("--run_dir", default=str(REPO / "outputs/fashion/scale3_eta0_steps20"),
                    help="the embedded default's run folder holding w4a8/ and w8a8/")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -40,6 +40,7 @@ from evaluation.generation import MANIFEST, Plan  # noqa: E402
 from evaluation.npz_io import open_batch  # noqa: E402
 from ldm.fileio import write_json_atomic  # noqa: E402
 from ldm.precision import Precision  # noqa: E402
+from ldm.util import at_least  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.generate import sample_batch  # noqa: E402
 
@@ -49,17 +50,20 @@ BATCH_SIZE = 50   # not the preset's 250: several batches per mode, so the alter
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
-    p.add_argument("--n", type=int, default=500, help="samples per mode (class-balanced: a multiple of 10)")
-    p.add_argument("--seed", type=int, default=0, help="the plan's base seed (the same for every mode)")
+    p.add_argument("--n", type=at_least(10), default=500, help="samples per mode (class-balanced: a multiple of 10)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="the plan's base seed (the same for every mode)")
     p.add_argument("--modes", nargs="+", type=cli.precision_arg, default=None, metavar="MODE",
                    help="modes to compare with fp32 (default: every mode the device has: cpu bf16; cuda tf32 bf16)")
-    p.add_argument("--bootstrap", type=int, default=F.Bootstrap.resamples)
-    p.add_argument("--fid_bootstrap", type=int, default=F.Bootstrap.fid_resamples)
+    p.add_argument("--bootstrap", type=at_least(1), default=F.Bootstrap.resamples)
+    p.add_argument("--fid_bootstrap", type=at_least(0), default=F.Bootstrap.fid_resamples)
     p.add_argument("--no_floor", action="store_true", help="skip the FP32 seed-to-seed FID floor (one more FP32 set)")
     p.add_argument("--samples_dir", default=None, help="keep the sample sets here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the record here (atomically)")
-    p.set_defaults(batch_size=BATCH_SIZE)
-    return p.parse_args(argv)
+    p.set_defaults(batch_size=BATCH_SIZE, outdir="outputs")   # (cli.run_of's Run: FP sampling, nothing written there)
+    args = p.parse_args(argv)
+    if args.n % 10:
+        p.error(f"argument --n: must be a multiple of 10 (class-balanced), got {args.n}")
+    return args
 
 
 def modes_for(device: torch.device, asked: list[Precision] | None) -> list[Precision]:
@@ -177,8 +181,6 @@ def main(argv=None) -> None:
     cli.apply_preset(args, PRESET)
     run = cli.run_of(args)
     settings = run.sampling
-    if args.n < 10 or args.n % 10:
-        raise cli.UserFacingError(f"--n must be a positive multiple of 10 (class-balanced), got {args.n}")
     out = Path(args.json) if args.json else None
     if out is not None:
         cli.ensure_writable_dir(out.parent, flag="--json")

@@ -36,6 +36,7 @@ from correction.qncd import QNCDProbe  # noqa: E402
 from evaluation import fidelity as F  # noqa: E402
 from evaluation.generation import Plan  # noqa: E402
 from ldm.fileio import write_json_atomic  # noqa: E402
+from ldm.util import at_least  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.generate import sample_batch  # noqa: E402
 
@@ -48,11 +49,13 @@ BATCH_SIZE = 50
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.script_parser(__doc__, PRESET)
-    p.add_argument("--n", type=int, default=200, help="samples per variant (a multiple of the condition count)")
-    p.add_argument("--seed", type=int, default=0, help="the plan's base seed (the same for every variant)")
-    p.add_argument("--intervals", nargs="+", type=int, default=[2, 5, 10], help="probe intervals R")
+    p.add_argument("--n", type=at_least(1), default=200,
+                   help="samples per variant (a multiple of the condition count)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="the plan's base seed (the same for every variant)")
+    p.add_argument("--intervals", nargs="+", type=at_least(1), default=[2, 5, 10], help="probe intervals R")
     p.add_argument("--no_floor", action="store_true", help="skip the FP32 seed-to-seed FID floor")
     p.add_argument("--json", default=None, help="write the record here (atomically)")
+    p.set_defaults(outdir="outputs")   # (cli.run_of's Run: FP sampling, nothing is written there)
     args = p.parse_args(argv)
     if args.plms is None and args.preset in (None, PRESET):
         args.plms = True          # QNCD's probe exists in its PLMS sampler (SD's txt2img)

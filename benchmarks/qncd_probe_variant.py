@@ -39,6 +39,7 @@ from correction.qncd import CenteredProbe, QNCDProbe  # noqa: E402
 from evaluation.generation import Plan  # noqa: E402
 from evaluation.fidelity import NAMES, PER_SAMPLE, Bootstrap, compare  # noqa: E402
 from ldm.fileio import write_json_atomic  # noqa: E402
+from ldm.util import ArgumentParser, at_least  # noqa: E402
 from pipeline import cli  # noqa: E402
 from pipeline.artifacts import load_artifact  # noqa: E402
 from pipeline.generate import sample_batch  # noqa: E402
@@ -59,19 +60,21 @@ METRICS = (*PER_SAMPLE, "fid_to_fp")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", nargs="+", default=list(PRESETS), choices=PRESETS)
     p.add_argument("--outdir", default="outputs/probe34")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n_eval", type=int, default=300)
-    p.add_argument("--n_cal", type=int, default=512)
-    p.add_argument("--n_holdout", type=int, default=64)
-    p.add_argument("--traj", type=int, default=8, help="calibration trajectories per class (class-conditional)")
-    p.add_argument("--weight_iters", type=int, default=100)
-    p.add_argument("--act_iters", type=int, default=50)
-    p.add_argument("--act_init", type=int, default=128)
-    p.add_argument("--stats", type=int, default=256)
-    p.add_argument("--fp_check", type=int, default=300, help="samples of the probes-on-the-FP-model check (0: skip)")
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--n_eval", type=at_least(1), default=300)
+    p.add_argument("--n_cal", type=at_least(1), default=512)
+    p.add_argument("--n_holdout", type=at_least(0), default=64)
+    p.add_argument("--traj", type=at_least(1), default=8,
+                   help="calibration trajectories per class (class-conditional)")
+    p.add_argument("--weight_iters", type=at_least(0), default=100)
+    p.add_argument("--act_iters", type=at_least(0), default=50)
+    p.add_argument("--act_init", type=at_least(1), default=128)
+    p.add_argument("--stats", type=at_least(1), default=256)
+    p.add_argument("--fp_check", type=at_least(0), default=300,
+                   help="samples of the probes-on-the-FP-model check (0: skip)")
     p.add_argument("--json", default=None, help="write the records (per preset) here")
     return p.parse_args(argv)
 

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from ldm.models.diffusion.settings import SamplingSettings
-from ldm.util import instantiate_from_config, load_config, load_model_from_config  # noqa: E402
+from ldm.util import (ArgumentParser, at_least, instantiate_from_config, load_config,  # noqa: E402
+                      load_model_from_config)
+from pipeline.cli import A_BITS, W_BITS  # noqa: E402
 from pipeline.families.compvis_ldm import ClassConditionalLDM  # noqa: E402
 from quant.config import QuantConfig  # noqa: E402
 from quant.model import QuantModel  # noqa: E402
@@ -68,20 +70,24 @@ def cin256_setup(device, n):
     return unet, CalibrationData(x, t, c, device), None
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, every count checked by the parser (one line, before the calibration inputs are collected)."""
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=("fashion", "cin256"), default="fashion")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--n", type=int, default=None, help="calibration inputs (fashion 1024, cin256 64)")
-    p.add_argument("--iters", type=int, default=50, help="iterations timed per unit and phase")
-    p.add_argument("--units", type=int, default=None, help="time only the first N units")
-    p.add_argument("--w_bits", type=int, default=4)
-    p.add_argument("--a_bits", type=int, default=8)
+    p.add_argument("--n", type=at_least(1), default=None, help="calibration inputs (fashion 1024, cin256 64)")
+    p.add_argument("--iters", type=at_least(1), default=50, help="iterations timed per unit and phase")
+    p.add_argument("--units", type=at_least(1), default=None, help="time only the first N units")
+    p.add_argument("--w_bits", type=int, default=4, choices=W_BITS)
+    p.add_argument("--a_bits", type=int, default=8, choices=A_BITS)
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
-    n = args.n or (1024 if args.model == "fashion" else 64)
+    n = args.n if args.n is not None else 1024 if args.model == "fashion" else 64
     unet, data, collect_s = (fashion_setup if args.model == "fashion" else cin256_setup)(device, n)
     from pipeline.cli import load_preset
     preset = load_preset(args.model)

@@ -52,7 +52,8 @@ def time_forward(unet, params: dict, batch: int, device: torch.device, repeats: 
     return times
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
+    """The flags, every count checked by the parser (one line, before the UNet is built)."""
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(REPO / "configs/latent-diffusion/cin256-v2.yaml"))
     p.add_argument("--batch", type=at_least(1), nargs="+", default=[2])
@@ -60,7 +61,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     unet, params = build_unet(Path(args.config))
     n_params = sum(q.numel() for q in unet.parameters())

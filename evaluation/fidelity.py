@@ -462,7 +462,9 @@ def paired_fidelity(fp_path: str | Path, path: str | Path, json_path: str | Path
                     device: str = "cpu") -> dict:
     """``compare`` with its report printed and its record written atomically to ``json_path`` (checked before any
     work: the record never goes over a sample file, into a directory or an unwritable folder); the record."""
-    out = check_output_file(json_path, (fp_path, path, vs), "--json") if json_path else None
+    inputs = [p for p in (fp_path, path, vs) if p is not None]   # (the manifests beside them are read too)
+    inputs += [Path(p).parent / MANIFEST for p in inputs]
+    out = check_output_file(json_path, inputs, "--json") if json_path else None
     record = compare(fp_path, path, vs, features, boot, device)
     print("\n".join(report_lines(record)))
     if out is not None:

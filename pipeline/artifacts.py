@@ -78,6 +78,9 @@ def artifact_kind(path: str | os.PathLike) -> str | None:
     a text file), "unreadable" when it is a torch file this code cannot read, "<type>" for a torch file of no kind."""
     if not zipfile.is_zipfile(path):
         return None
+    with zipfile.ZipFile(path) as z:   # a zip of another format (an .npz of samples) is no torch file
+        if not any(name == "data.pkl" or name.endswith("/data.pkl") for name in z.namelist()):
+            return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:

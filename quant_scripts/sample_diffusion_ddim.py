@@ -53,6 +53,10 @@ RENAMED = {"--steps": "--timesteps", "--n_samples": "--max_images", "--reverse_i
 # numeric flags (dest: minimum), checked before anything runs; 0 iterations = no reconstruction
 MINIMUM = {"max_images": 1, "batch_size": 1, "seed": 0, "sample_reverse": 1, "cali_n": 1, "cali_trajectories": 1,
            "cali_iters": 0, "cali_iters_a": 0}
+# flags that act on the quantized model only (dest: its default): without --ptq they would do nothing, so they are
+# refused (issue 32: options that do nothing say so)
+PTQ_ONLY = {"cali_ckpt": None, "cali_n": None, "cali_trajectories": None, "cali_iters": None, "cali_iters_a": None,
+            "split": False, "weight_bit": 8, "act_bit": 8}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -180,6 +184,11 @@ def run(args: argparse.Namespace) -> None:
         cli.check_positive(args, name, minimum=minimum)
     if not args.ptq and args.sample_reverse is not None:
         raise UserFacingError("--sample_reverse corrects a quantized model's noise; add --ptq")
+    given = [f"--{name}" for name, default in PTQ_ONLY.items() if getattr(args, name) != default]
+    if not args.ptq and given:
+        one = len(given) == 1
+        raise UserFacingError(f"{', '.join(given)} {'acts' if one else 'act'} on the quantized model (steps 1-3), and "
+                              f"without --ptq the FP32 model is sampled: add --ptq, or drop {'it' if one else 'them'}")
     preset, source = model_of(args)
     job = Run(source, sampling_of(args, preset), Path(args.outdir), args.device).check()
     batch_size = preset["batch_size"] if args.batch_size is None else args.batch_size

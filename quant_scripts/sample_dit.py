@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=None,
                    help="guidance scale, 1 = none (default 4.0 for a grid as sample.py, 1.5 with --num-fid-samples "
                         "as sample_ddp.py; the preset's with a quantized --correction of the embedded DiT)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--class-labels", type=int, nargs="+", default=None,
                    help="grid labels (default: sample.py's eight for 1000 classes, else each class twice)")
     p.add_argument("--nrow", type=at_least(1), default=None,
@@ -259,10 +259,12 @@ def sample_fp(args: argparse.Namespace) -> None:
     """The FP model through DiT's own loop (DDPM or DDIM, forward_with_cfg): a grid or the npz."""
     fp_defaults(args)
     if not args.num_fid_samples:
-        check_output_file(args.out, flag="--out")
+        check_output_file(args.out, (args.ckpt, args.config), flag="--out")
     device = parse_device(args.device)
     torch.manual_seed(args.seed)
     dit, default_steps = load(args, device)
+    if not args.num_fid_samples:   # (the default checkpoint too, known once loaded; nothing is written yet)
+        check_output_file(args.out, (dit.ckpt,), flag="--out")
     steps = str(args.num_sampling_steps) if args.num_sampling_steps else default_steps
     schedule = RespacedSchedule.make(steps, dit.num_timesteps)
     what = (f"{args.sampler.upper()} {len(schedule)} steps{f' (eta {args.eta:g})' if args.sampler == 'ddim' else ''}"
@@ -375,7 +377,7 @@ def sample_quantized(args: argparse.Namespace, spec: SamplerSpec) -> None:
     if args.num_fid_samples:
         Plan(args.num_fid_samples, args.per_proc_batch_size, args.seed, num_classes)   # (its one-line checks)
     else:
-        check_output_file(args.out, flag="--out")
+        check_output_file(args.out, (run.model.ckpt, run.model.config, args.packed), flag="--out")
     check_artifacts(q)
     family, model, variant = load_variant(q)
     what = (f"DDIM {settings.steps} steps (eta {settings.eta:g}), cfg {settings.scale:g}, seed {args.seed}, "

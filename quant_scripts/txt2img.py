@@ -64,6 +64,11 @@ RENAMED = {"--steps": "--ddim_steps", "--eta": "--ddim_eta", "--w_bits": "--weig
 MINIMUM = {"n_samples": 1, "n_iter": 1, "n_rows": 0, "eval": 1, "seed": 0, "H": 1, "W": 1, "C": 1, "f": 1,
            "cali_st": 1, "cali_n": 1, "cali_batch_size": 1, "cali_iters": 0, "cali_iters_a": 0,
            "reverse_interval": 1}
+# flags that act on the quantized model only (dest: its default): without --ptq they would do nothing (issue 32)
+PTQ_ONLY = {"sample_reverse": False, "cali_ckpt": None, "packed": None, "execution": "fake", "quant_act": False,
+            "weight_bit": 8, "act_bit": 8, "scale_split_static": False, "split": False, "running_stat": False,
+            "rs_sm_only": False, "sm_abit": None, "cali_st": None, "cali_batch_size": None, "cali_iters": None,
+            "cali_iters_a": None, "cali_lr": None, "cali_p": None, "reverse_interval": None}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,9 +157,11 @@ def check_flags(args: argparse.Namespace) -> None:
     for name, minimum in MINIMUM.items():
         cli.check_positive(args, name, minimum=minimum)
     cli.check_positive(args, "cali_lr", "cali_p", minimum=1e-12)
-    if not args.ptq and (args.sample_reverse or args.cali_ckpt or args.packed or args.execution != "fake"):
-        raise UserFacingError("--sample_reverse, --cali_ckpt, --packed and --execution act on a quantized model; "
-                              "add --ptq")
+    given = [f"--{name}" for name, default in PTQ_ONLY.items() if getattr(args, name) != default]
+    if not args.ptq and given:
+        one = len(given) == 1
+        raise UserFacingError(f"{', '.join(given)} {'acts' if one else 'act'} on a quantized model, and without --ptq "
+                              f"the FP32 model is sampled: add --ptq, or drop {'it' if one else 'them'}")
     if args.packed and args.cali_ckpt:
         raise UserFacingError("--packed and --cali_ckpt both name the quantized model; pass one")
     if args.prompt is not None and args.eval is not None:

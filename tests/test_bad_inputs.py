@@ -4,6 +4,7 @@ every flag checked before anything is written, numbering that cannot race, optio
 and artifacts verified against the checksum of their tensors."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import threading
@@ -102,7 +103,8 @@ def test_txt2img_boundary_values_pass_the_checks(text_model):
     """The lower bounds themselves are accepted (0 rows: one row of --n_samples; 0 AdaRound iterations: none)."""
     txt2img = load_script(SCRIPTS / "txt2img.py", "bad_inputs_txt2img_bounds")
     args = txt2img.parse_args(["--n_samples", "1", "--n_iter", "1", "--n_rows", "0", "--seed", "0", "--eval", "1",
-                               "--cali_iters", "0", "--cali_iters_a", "0", "--cali_st", "1", "--ddim_eta", "1"])
+                               "--ptq", "--quant_act", "--cali_iters", "0", "--cali_iters_a", "0", "--cali_st", "1",
+                               "--ddim_eta", "1"])
     txt2img.check_flags(args)
 
 
@@ -285,3 +287,162 @@ def test_evaluator_numeric_flags(argv, fragment, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "evaluator.py"), str(ref), str(ref), *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and fragment in error_line(proc), proc.stderr
+
+
+# ---- the benchmarks' numeric flags -------------------------------------------------------------------------------
+# Every count / size / step flag of benchmarks/*.py, checked by that benchmark's parse_args (ldm.util.at_least or a
+# range check after parsing: one line, exit 2, before any model is built): (benchmark, flag, refused, accepted at the
+# boundary (with any other flag it needs), fragment of the refusal).
+BENCH_NUMERIC = [
+    *[("unet_forward", f, bad, ok, frag) for f, bad, ok, frag in (
+        ("--batch", "0", "1", "must be >= 1"), ("--repeats", "0", "1", "must be >= 1"),
+        ("--warmup", "-1", "0", "must be >= 0"), ("--repeats", "x", "1", "expected an integer"))],
+    *[("correction_overhead", f, bad, ok, frag) for f, bad, ok, frag in (
+        ("--n", "0", "1", "must be >= 1"), ("--repeats", "0", "1", "must be >= 1"),
+        ("--warmup", "-1", "0", "must be >= 0"), ("--threads", "0", "1", "must be >= 1"),
+        ("--seed", "-1", "0", "must be >= 0"))],
+    ("correction_eps_error", "--n", "0", "1", "must be >= 1"),
+    ("correction_eps_error", "--seed", "-1", "0", "must be >= 0"),
+    ("activation_reconstruction", "--act_iters", "-1", "0", "must be >= 0"),
+    ("activation_reconstruction", "--act_init_samples", "0", "1", "must be >= 1"),
+    ("activation_reconstruction", "--w_bits", "5", "3", "invalid choice"),
+    ("activation_reconstruction", "--a_bits", "5", "4", "invalid choice"),
+    *[(name, f, "0", "1", "must be >= 1") for name, flags in (
+        ("cifar10_rehearsal", ("--trajectories", "--n_calibration", "--iters", "--samples")),
+        ("cin256_rehearsal", ("--n_calibration", "--iters", "--act_init", "--samples",
+                              "--eval_batch")),
+        ("dit_rehearsal", ("--depth", "--steps", "--classes", "--n_calibration", "--iters",
+                           "--act_init", "--samples", "--eval_batch")),
+        ("dit_quality", ("--steps", "--batch_size")),
+        ("fake_quant_overhead", ("--batch", "--steps", "--repeats")),
+        ("fashion_model_quality", ("--steps", "--batch_size")),
+        ("integer_execution", ("--batch", "--top", "--repeats")),
+        ("precision_fidelity", ("--bootstrap",)),
+        ("qncd_probe_fp", ("--n", "--intervals")),
+        ("qncd_probe_variant", ("--n_eval", "--n_cal", "--traj", "--act_init", "--stats")),
+        ("quantization_stages", ("--n", "--iters", "--units"))) for f in flags],
+    *[(name, "--seed", "-1", "0", "must be >= 0") for name in (
+        "cifar10_rehearsal", "cin256_rehearsal", "dit_rehearsal", "dit_quality", "fashion_model_quality",
+        "precision_fidelity", "qncd_probe_fp", "qncd_probe_variant")],
+    *[("qncd_probe_variant", f, "-1", "0", "must be >= 0") for f in ("--weight_iters", "--act_iters", "--fp_check")],
+    *[(name, "--n_holdout", "-1", "0", "must be >= 0") for name in (   # (0: no held-out rows, as step 1 allows)
+        "cifar10_rehearsal", "cin256_rehearsal", "dit_rehearsal", "qncd_probe_variant")],
+    ("cin256_rehearsal", "--classes", "0", "1 --samples 1", "must be >= 1"),   # (the boundary with a sample each)
+    ("cin256_rehearsal", "--samples", "3", "2", "must be <= --classes"),
+    ("dit_quality", "--n", "5", "10", "must be >= 10"),
+    ("dit_quality", "--n", "15", "20", "a multiple of 10"),
+    ("dit_quality", "--eta", "1.5", "1", "must be in [0, 1]"),
+    ("dit_quality", "--eta", "-0.1", "0", "must be in [0, 1]"),
+    ("dit_quality", "--eta", "nan", "0.5", "must be in [0, 1]"),
+    ("dit_quality", "--cfg-scale", "0.5", "1", "must be >= 1"),
+    ("fake_quant_overhead", "--scale", "-1", "0", "must be a number >= 0"),
+    ("fashion_model_quality", "--n", "0", "10", "must be >= 10"),
+    ("fashion_model_quality", "--n", "15", "20", "a multiple of 10"),
+    ("fashion_model_quality", "--eta", "3", "1", "must be in [0, 1]"),
+    ("fashion_model_quality", "--eta", "-0.1", "0", "must be in [0, 1]"),
+    ("fashion_model_quality", "--scale", "nan", "0", "must be a number >= 0"),
+    ("gpu_check", "--budget", "0", "0.5", "must be a number of seconds > 0"),
+    ("precision_fidelity", "--n", "0", "10", "must be >= 10"),
+    ("precision_fidelity", "--n", "15", "20", "a multiple of 10"),
+    ("precision_fidelity", "--fid_bootstrap", "-1", "0", "must be >= 0"),
+    ("quantization_stages", "--w_bits", "5", "3", "invalid choice"),
+    ("quantization_stages", "--a_bits", "5", "4", "invalid choice"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def benchmark(name: str):
+    """benchmarks/<name>.py as a module (its folder on sys.path, as when it runs: gpu_check imports its parts)."""
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    return load_script(REPO / "benchmarks" / f"{name}.py", f"bad_inputs_bench_{name}")
+
+
+@pytest.mark.parametrize("name, flag, bad, ok, fragment", BENCH_NUMERIC)
+def test_benchmark_numeric_flags_are_refused_by_their_parser(name, flag, bad, ok, fragment, capsys):
+    """Issue 32: a benchmark given 0 samples or a negative batch stops in one line naming the flag, before any
+    work; the boundary value passes the parser."""
+    parse = benchmark(name).parse_args
+    with pytest.raises(SystemExit) as e:
+        parse([flag, bad])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and f"argument {flag}: " in lines[0] and fragment in lines[0], lines
+    parse([flag, *ok.split()])
+
+
+# the sampling flags the benchmarks share with the step scripts (pipeline.cli.add_sampling_args), checked where the
+# run is built (cli.run_of, the first thing each main does after the preset): (benchmark, its preset, flag, refused,
+# accepted at the boundary, fragment)
+BENCH_SAMPLING = [
+    *[(name, preset, f, bad, ok, frag) for name, preset in (("correction_eps_error", "fashion"),
+                                                            ("precision_fidelity", "fashion"),
+                                                            ("qncd_probe_fp", "fashion-txt2img"))
+      for f, bad, ok, frag in (("--steps", "0", "1", "--steps must be >= 1"),
+                               ("--eta", "-0.1", "0", "--eta must be in [0, 1]"),
+                               ("--scale", "-1", "0", "--scale must be >= 0"),
+                               ("--batch_size", "0", "1", "--batch_size must be >= 1"))],
+    ("correction_eps_error", "fashion", "--eta", "1.5", "1", "--eta must be in [0, 1]"),
+    ("precision_fidelity", "fashion", "--steps", "600", "500", "--steps 600"),
+]
+
+
+@pytest.mark.parametrize("name, preset, flag, bad, ok, fragment", BENCH_SAMPLING)
+def test_benchmark_sampling_flags_are_refused_where_the_run_is_built(name, preset, flag, bad, ok, fragment):
+    from ldm.util import UserFacingError
+    from pipeline import cli
+    parse = benchmark(name).parse_args
+    args = parse([flag, bad])
+    cli.apply_preset(args, preset)
+    with pytest.raises(UserFacingError) as e:
+        cli.run_of(args)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+    args = parse([flag, ok])
+    cli.apply_preset(args, preset)
+    cli.run_of(args)
+
+
+# ---- the survey's case list (benchmarks/bad_input_survey.py) ------------------------------------------------------
+# the cases issue 32 names, each by the id it has in benchmarks/bad_input_cases.py
+ISSUE_CASES = (
+    "i-export-out-over-quant", "i-fidelity-json-over-samples", "i-txt2img-concurrent-samples", "i-txt2img-eta5", "i-txt2img-n_samples0", "i-ddim-sample_reverse100-5steps",
+    "i-step6-fp32-integer", "i-step6-packed-damaged", "i-fidelity-swapped", "i-txt2img-n_rows-1",
+    "i-export-out-directory", "i-fidelity-json-readonly", "i-bench-correction_overhead-n0",
+    "i-bench-unet_forward-batch0", "i-txt2img-eval0", "i-txt2img-eval3", "i-ddim-foreign-cali_ckpt",
+    "i-ddim-timesteps3", "i-ddim-timesteps600-uniform", "i-ddim-timesteps1000", "i-ddim-timesteps501",
+    "i-txt2img-ddim_steps-named", "i-ddim-timesteps-named", "i-ddim-sample_reverse-named", "i-ddim-cali_n-named",
+    "i-txt2img-seed-1", "i-ddim-seed-1")
+SETUP_OPS = {"packed", "dir", "readonly", "text", "copy", "corrupt", "truncate", "npz"}
+PLACEHOLDERS = {"tmp", "out", "run", "fp", "q", "ptqd", "quant", "packed"}
+
+
+def test_the_survey_case_list_is_whole():
+    """At least 150 cases, unique ids, every case the issue names present, every kind, expectation, setup operation
+    and placeholder one the survey knows, every script one of this tree; cheap to check (nothing runs)."""
+    import re
+    cases_module = load_script(REPO / "benchmarks" / "bad_input_cases.py", "bad_inputs_survey_cases")
+    cases = cases_module.CASES
+    ids = [c.id for c in cases]
+    assert len(cases) >= 150 and len(set(ids)) == len(ids)
+    assert set(ISSUE_CASES) <= set(ids) and {c.id for c in cases if c.issue} == set(ISSUE_CASES)
+    for c in cases:
+        assert c.kind in cases_module.KINDS and c.expect in cases_module.EXPECTS, c
+        assert {op.split(":")[0] for op in c.setup} <= SETUP_OPS, c
+        fields = " ".join((*c.argv, *c.setup, *c.watch, *c.produces, *c.also))
+        assert set(re.findall(r"\{(\w+)\}", fields)) <= PLACEHOLDERS, c
+        script = REPO / (c.script.replace(".", "/") + ".py" if c.argv[0] == "-m" else c.script)
+        assert script.is_file(), c
+        assert c.expect != "say" or c.mentions, c   # an option that does nothing must be named
+
+
+def test_an_npz_is_not_taken_for_an_unreadable_torch_artifact(tmp_path, capsys):
+    """An .npz is a zip too: the packed export refuses to write over a samples file (it took it for a damaged torch
+    file, "the step's to redo", and replaced the samples)."""
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, arr_0=np.zeros((2, 4, 4, 3), np.uint8))
+    before = samples.read_bytes()
+    from ldm.util import UserFacingError
+    from pipeline.artifacts import artifact_kind, check_output_path
+    assert artifact_kind(samples) is None
+    with pytest.raises(UserFacingError, match="is not a pipeline artifact"):
+        check_output_path(samples, "packed", flag="--out")
+    assert samples.read_bytes() == before

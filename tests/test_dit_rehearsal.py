@@ -94,9 +94,13 @@ def test_depth_factors_and_reconstruction_scale_by_block():
 
 
 def test_bad_inputs_are_one_line(capsys):
-    for argv, words in ((["--depth", "9"], "the model has 4 blocks"), (["--iters", "0"], "--iters must be >= 1"),
+    for argv, words in ((["--depth", "9"], "the model has 4 blocks"),
                         (["--samples", "3"], "--samples must be <= --classes"),
                         (["--n_calibration", "30"], "--n_calibration + --n_holdout must be <= 20")):
         with pytest.raises(SystemExit) as e:
             dit_rehearsal.main(["--tiny", *argv])
         assert str(e.value).startswith("error: ") and words in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:   # counts: the parser's one line (tests/test_bad_inputs.py's table)
+        dit_rehearsal.main(["--tiny", "--iters", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and "argument --iters: must be >= 1, got 0" in lines[0], lines
