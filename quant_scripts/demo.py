@@ -307,7 +307,7 @@ def sample_stages(args, run: Run, preset: Preset, m: dict, v: Variant, seed: int
     the same seed (same x_T and noise)."""
     layout = run.layout
     d = layout.eval_samples(v.tag or FP32, v.sampler, m["n_eval"], seed)
-    ev = evaluation_samples.EvalSettings(m["n_eval"], seed, preset["batch_size"])
+    ev = evaluation_samples.EvalSettings(m["n_eval"], seed, preset["batch_size"], flag="--n_eval")
     sampler = sampler_choice(v.sampler, run.sampling.steps)
     stages = [
         Stage(f"samples {v.setting} {v.method} seed {seed}",   # (the tag is ignored for FP32)

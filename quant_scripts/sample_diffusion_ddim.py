@@ -195,7 +195,8 @@ def run(args: argparse.Namespace) -> None:
     n = preset.get("eval_samples") if args.max_images is None else args.max_images
     if n is None:
         raise UserFacingError("the preset has no eval_samples; pass --max_images")
-    ev = evaluation_samples.EvalSettings(n, args.seed, batch_size)
+    flag = "--max_images" if args.max_images is not None else "the preset's eval_samples"
+    ev = evaluation_samples.EvalSettings(n, args.seed, batch_size, flag=flag)
     sampler = sampler_of(args, job.sampling.steps)
     config = quant_config_of(args)
     tag = QuantTag.of(config)

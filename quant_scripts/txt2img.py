@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
                                    skip_save=args.skip_save, progress=not args.no_progress)
     ev = None
     if args.eval is not None:   # step 7's plan and checkpoint, checked before any image is written
-        ev = evaluation_samples.EvalSettings(args.eval, args.seed, preset["batch_size"])
+        ev = evaluation_samples.EvalSettings(args.eval, args.seed, preset["batch_size"], flag="--eval")
         with cli.flag_names({"--n_samples": "--eval"}):
             evaluation_samples.preflight(job, ev)
     if args.ptq and args.cali_ckpt is not None and args.packed is None:

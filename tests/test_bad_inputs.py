@@ -82,7 +82,7 @@ def test_an_artifact_of_another_kind_is_refused_not_redone(tmp_path):
     (["--n_iter", "0"], "--n_iter must be >= 1"),
     (["--n_rows", "-1"], "--n_rows must be >= 0"),
     (["--eval", "0"], "--eval must be >= 1"),
-    (["--eval", "4"], "cannot be split evenly"),   # 4 samples over 3 prompts: step 7's plan, before any PNG
+    (["--eval", "4"], "--eval 4: 4 samples cannot be split evenly"),   # 4 samples over 3 prompts: step 7's plan, before any PNG
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--H", "0"], "--H must be >= 1"),
     (["--ptq", "--cali_st", "0"], "--cali_st must be >= 1"),

@@ -96,5 +96,5 @@ def test_collect_script_writes_a_checked_artifact(tmp_path, capsys):
     art = load_artifact(out, "calibration", {"classes": [2]})
     assert art["x"].shape == (40, 3, 8, 8)
     assert torch.unique(torch.cat([art["c"], art["holdout_c"]]).flatten(1), dim=0).shape[0] == 2
-    with pytest.raises(UserFacingError, match=r"class ids \[7\] out of range"):
+    with pytest.raises(UserFacingError, match=r"--calibration_classes: class ids \[7\] out of range"):
         script.main(args + ["--calibration_classes", "7", "--force"])

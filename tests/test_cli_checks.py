@@ -82,7 +82,7 @@ def test_too_many_calibration_inputs_stop_before_any_trajectory(capsys, tmp_path
 def test_the_null_class_is_not_a_class_to_sample(capsys, tmp_path):
     """(Every script asks the model family, so the FP and the quantized grid agree on the valid range.)"""
     line = one_line("sample_fp32_imagenet", ["--classes", "3", "10", "--outdir", str(tmp_path / "o")], capsys)
-    assert line == "error: class ids [10] out of range for a model with 10 classes (0..9; 10 is the null class)"
+    assert line == "error: --classes: class ids [10] out of range for a model with 10 classes (0..9; 10 is the null class)"
 
 
 @pytest.mark.parametrize("script, argv", [

@@ -333,13 +333,13 @@ def test_class_subset_run(script, tiny, tmp_path, capsys):
 # ---- bad inputs ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra,fragment", [
-    (("--n_samples", 7), "7 samples cannot be split evenly over 4 classes"),
+    (("--n_samples", 7), "--n_samples 7: 7 samples cannot be split evenly over 4 classes"),
     (("--sampler", "sd3-tensor"), "unknown sampler 'sd3-tensor'"),
     (("--n_samples", 0), "--n_samples must be >= 1"),
     (("--seed", -1), "--seed must be >= 0"),
     (("--steps", 3), "--steps 3"),
     (("--classes", 1, 4), "--classes [4] out of range for a model with 4 classes"),
-    (("--classes", 1, 2, 3), "8 samples cannot be split evenly over 3 classes"),
+    (("--classes", 1, 2, 3), "--n_samples 8: 8 samples cannot be split evenly over 3 classes"),
 ])
 def test_bad_inputs(script, tiny, tmp_path, capsys, extra, fragment):
     code, _, err = run_inproc(script, capsys, flags(tiny, tmp_path) + list(extra))

@@ -62,7 +62,10 @@ def run(run: Run, cal: CalibrationSettings) -> Path:
     if cal.classes is not None:
         if conditions is None:
             raise UserFacingError("--calibration_classes needs a class-conditional model; this one is unconditional")
-        family.check_conditions(model, meta["classes"])
+        try:
+            family.check_conditions(model, meta["classes"])
+        except UserFacingError as e:
+            raise UserFacingError(f"--calibration_classes: {e}") from None
         conditions = [c for c in meta["classes"] for _ in range(per)]
     n_unconditional = None if conditions is not None else per
     what = family.describe(conditions, n_unconditional or 0, noun="trajectories")

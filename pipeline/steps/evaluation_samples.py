@@ -10,7 +10,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from evaluation.generation import (LABEL_RULE, DistContext, PeerFailed, Plan, assign, env_rank, init_distributed,
+from evaluation.generation import (LABEL_RULE, DistContext, GenerationError, PeerFailed, Plan, assign, env_rank, init_distributed,
                                    merge_shards, pending_batches, prepare_dir, rank_device, shard_path, write_shard)
 from ldm.precision import Precision
 from ldm.util import UserFacingError
@@ -35,6 +35,7 @@ class EvalSettings:
     classes: tuple[int, ...] | None = None
     decode_batch_size: int | None = None
     dry_run: bool = False
+    flag: str = "--n_samples"   # the flag that set n, for the messages (txt2img: --eval)
 
     def __post_init__(self):
         if self.seed < 0:
@@ -53,7 +54,10 @@ def plan_of(run: Run, ev: EvalSettings) -> Plan:
         if bad:
             raise UserFacingError(f"--classes {bad} out of range for a model with {n_model} classes "
                                   f"(0..{n_model - 1})")
-    return Plan(ev.n, ev.batch_size, ev.seed, n_model if ev.classes is None else len(ev.classes), ev.classes)
+    try:
+        return Plan(ev.n, ev.batch_size, ev.seed, n_model if ev.classes is None else len(ev.classes), ev.classes)
+    except GenerationError as e:
+        raise GenerationError(f"{ev.flag} {ev.n}: {e}") from None
 
 
 def preflight(run: Run, ev: EvalSettings) -> None:

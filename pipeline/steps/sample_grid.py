@@ -13,6 +13,7 @@ import torch
 
 from evaluation.images import labelled_rows, make_grid, save_png, to_uint8
 from ldm.precision import Precision
+from ldm.util import UserFacingError
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.generate import sample_images
 from pipeline.layout import QuantTag
@@ -54,7 +55,10 @@ def grid_conditions(family, model, grid: GridSettings, scale: float, uncond=None
     if every is None:
         return None, min(grid.n_samples, 8), f"{grid.n_samples} unconditional samples (no guidance)", None
     classes = every[:10] if grid.classes is None else list(grid.classes)
-    family.check_conditions(model, classes, uncond)
+    try:
+        family.check_conditions(model, classes, uncond)
+    except UserFacingError as e:
+        raise UserFacingError(f"--classes: {e}" if grid.classes is not None else str(e)) from None
     labels = [c for c in classes for _ in range(grid.n_samples_per_class)]
     null = family.null_condition(model) if uncond is None else uncond
     null = "" if null is None else f", null class {null}"
