@@ -352,7 +352,7 @@ def run_case(case: Case, ctx: dict) -> dict:
         outcome = classify(case, code, stdout, stderr, changes, missing)
         return {**record, "outcome": outcome, "exit": code, "seconds": round(seconds, 1),
                 "line": last_line(stdout, stderr)[:400], "changed": changes, "missing": missing,
-                "tree_writes": tree_writes(repo, started - 1), "stderr_tail": stderr[-1500:]}
+                "tree_writes": tree_writes(repo, max(started - 1, ctx["since"])), "stderr_tail": stderr[-1500:]}
     finally:
         for path in locked:
             subprocess.run(["chattr", "-i", str(path)], capture_output=True)
@@ -461,7 +461,7 @@ def main(argv=None) -> dict:
     where = check_imports(args.python, repo)
     root = Path(tempfile.mkdtemp(prefix="bad-input-survey-"))
     ctx = {"repo": repo, "python": args.python, "artifacts": artifacts, "root": root, "timeout": args.timeout,
-           "keep": args.keep, "packed": lambda: build_packed(args.python, repo, artifacts, root / "cache")}
+           "keep": args.keep, "since": time.time(), "packed": lambda: build_packed(args.python, repo, artifacts, root / "cache")}
     records, started = [], time.time()
     try:
         from tqdm import tqdm
