@@ -272,16 +272,37 @@ def part_dit(args) -> list[Row]:
 
 
 def part_fake_quant(args) -> list[Row]:
-    """W4A8 fake-quant / FP32 guided sampling time (benchmarks/fake_quant_overhead.py)."""
+    """W4A8 fake-quant / FP32 guided sampling time, the passes and the compiled kernels
+    (benchmarks/fake_quant_overhead.py --compiled)."""
     out = args.workdir / "fake_quant.json"
     small = (["--config", str(tiny_config(args)), "--batch", "2", "--steps", "2", "--repeats", "1"] if args.tiny
              else ["--batch", "16", "--steps", "20", "--repeats", "3"])
     t0 = time.perf_counter()
-    run_cli([str(BENCH / "fake_quant_overhead.py"), "--device", args.device, "--json", str(out), *small])
+    run_cli([str(BENCH / "fake_quant_overhead.py"), "--device", args.device, "--compiled", "--json", str(out), *small])
     rec = json.loads(out.read_text())
-    return [Row("fake-quant ratio", True, time.perf_counter() - t0,
-                f"W4A8 / FP32 sampling {rec['ratio_median']:.2f}x (goal 1.3x; batch {rec['batch']}, "
-                f"{rec['steps']} steps)", {k: rec[k] for k in ("ratio_median", "ratio_min", "times_s", "batch")})]
+    compiled = (f"; compiled kernels {rec['ratio_compiled_median']:.2f}x, samples "
+                f"{'identical' if rec['compiled_identical'] else 'DIFFERENT'}" if rec.get("compiled_error") is None
+                else f"; compiled kernels: {rec['compiled_error'][:80]}")
+    return [Row("fake-quant ratio", rec.get("compiled_identical", True) is not False, time.perf_counter() - t0,
+                f"W4A8 / FP32 sampling {rec['ratio_median']:.2f}x{compiled} (goal 1.10x; batch {rec['batch']}, "
+                f"{rec['steps']} steps)",
+                {k: rec.get(k) for k in ("ratio_median", "ratio_min", "times_s", "batch", "ratio_compiled_median",
+                                         "compiled_identical", "compiled_error")})]
+
+
+def part_fq_kernel(args) -> list[Row]:
+    """The activation fake-quant against a copy of its input, every kernel (benchmarks/fake_quant_kernel.py)."""
+    out = args.workdir / "fake_quant_kernel.json"
+    small = ["--batch", "2", "--repeats", "2", "--scale_down", "8"] if args.tiny else ["--batch", "32"]
+    t0 = time.perf_counter()
+    run_cli([str(BENCH / "fake_quant_kernel.py"), "--device", args.device, "--json", str(out), *small])
+    rec = json.loads(out.read_text())
+    worst = rec["worst_ratio_to_copy"]
+    exact = all(r["codes_vs_passes"][k]["differ"] == 0 for r in rec["results"] for k in ("compiled",)
+                if k in r["codes_vs_passes"])
+    key = (", ".join(f"{k} {v:.2f}x" for k, v in worst.items()) + " a copy (worst shape; goal 1.5x)"
+           + ("" if rec["compiled_error"] is None else f"; compiled: {rec['compiled_error'][:80]}"))
+    return [Row("fake-quant kernel", exact, time.perf_counter() - t0, key, rec)]
 
 
 def part_integer(args) -> list[Row]:
@@ -313,7 +334,8 @@ def guarded(fn):
             traceback.print_exc()
             name = {"part_fidelity": "fidelity cli", "part_cin256": "cin256 rehearsal",
                     "part_dit": "DiT-XL/2 rehearsal",
-                    "part_fake_quant": "fake-quant ratio", "part_integer": "integer W8A8"}.get(
+                    "part_fake_quant": "fake-quant ratio", "part_fq_kernel": "fake-quant kernel",
+                    "part_integer": "integer W8A8"}.get(
                 fn.__name__, f"{fn.__name__.removeprefix('part_')} {getattr(args, 'preset', '')}".strip())
             return [Row(name, False, time.perf_counter() - t0, one_line(e))]
     return run
@@ -321,4 +343,5 @@ def guarded(fn):
 
 PARTS = {"pipeline": guarded(part_pipeline), "cpu": guarded(part_cpu), "fidelity": guarded(part_fidelity),
          "cin256": guarded(part_cin256), "dit": guarded(part_dit),
-         "fake_quant": guarded(part_fake_quant), "integer": guarded(part_integer)}
+         "fake_quant": guarded(part_fake_quant), "fq_kernel": guarded(part_fq_kernel),
+         "integer": guarded(part_integer)}

@@ -211,14 +211,16 @@ def add_sampler_args(p: argparse.ArgumentParser, sampler: str, w_bits: int, a_bi
 
 
 def add_execution_args(p: argparse.ArgumentParser) -> None:
-    """--packed FILE (the quantized UNet from a packed export alone) and --execution fake|integer."""
+    """--packed FILE (the quantized UNet from a packed export alone) and --execution fake|compiled|integer."""
     p.add_argument("--packed", default=None, metavar="FILE",
                    help="the quantized UNet from this packed file (quant_scripts/export_packed.py) instead of the "
                         "quant artifact and the checkpoint's UNet weights; the first stage and the conditioning "
                         "encoder still come from --ckpt")
     p.add_argument("--execution", choices=[e.value for e in Execution], default=Execution.FAKE.value,
-                   help="fake: fake-quant emulation (the research code's arithmetic); integer: int8 kernels for "
-                        "every layer they compute exactly (quant.integer; oneDNN on x86, torch._int_mm on CUDA)")
+                   help="fake: fake-quant emulation (the research code's arithmetic); compiled: the same numbers "
+                        "with each activation fake-quant one torch.compile'd kernel (faster; needs a C++ compiler "
+                        "on CPU, compiles for ~10 s on first use); integer: int8 kernels for every layer they "
+                        "compute exactly (quant.integer; oneDNN on x86, torch._int_mm on CUDA)")
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:

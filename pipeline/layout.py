@@ -9,8 +9,8 @@
                                                            (and granularity) of pipeline.corrections
         w{b}a{b}[sm{b}]/samples/                           step 6 grids
         <w{b}a{b}[sm{b}]|fp32>/samples_<sampler>_n{N}_seed{S}/   step 7 (evaluation protocol: shards/, manifest.json,
-                                                           samples.npz); -packed / -int / -bf16 / -tf32 after the
-                                                           sampler name for how it ran
+                                                           samples.npz); -packed / -compiled / -int /
+                                                           -bf16 / -tf32 after the sampler name for how it ran
 
 QNCD's smoothing is a property of the quantized model recorded in its meta, not of the path: runs with and without
 it use separate ``outdir``s (``make demo SMOOTH=1`` writes outputs-smooth/), and a mismatch is refused on load.
@@ -127,8 +127,8 @@ class RunLayout:
                      classes: tuple[int, ...] | None = None, variant: str = "") -> Path:
         """Step 7's folder (the evaluation protocol: N class-balanced samples from one base seed; a class subset,
         not comparable with the full protocol, is named in the folder; ``variant``: how the quantized UNet was
-        loaded and run, e.g. ``-int`` for integer kernels, ``-packed`` from a packed file, ``-bf16`` / ``-tf32`` for a
-        sampling --precision other than exact FP32)."""
+        loaded and run, e.g. ``-int`` for integer kernels, ``-compiled`` for compiled fake-quant kernels, ``-packed``
+        from a packed file, ``-bf16`` / ``-tf32`` for a sampling --precision other than exact FP32)."""
         subset = "" if classes is None else "_classes" + "-".join(str(c) for c in classes)
         return self.model_dir(tag) / f"samples_{sampler}{variant}_n{n}_seed{seed}{subset}"
 

@@ -8,8 +8,10 @@ it) + ``fp32_unet_bytes`` (the FP32 UNet's size as torch.save writes it, for the
 builds the UNet from its config and fills it from the file (the first stage and the conditioning encoder still come
 from the checkpoint).
 
-``Execution``: FAKE runs the fake-quant emulation (the research code's arithmetic); INTEGER converts every layer an
-integer kernel takes exactly to ``quant.integer.IntegerLayer`` (int8 weights, uint8 inputs, int32 sums).
+``Execution``: FAKE runs the fake-quant emulation (the research code's arithmetic); COMPILED the same arithmetic
+with every activation quantize-dequantize one ``torch.compile``'d kernel (the same values as FAKE's passes, one read
+and one write of the activation instead of four); INTEGER converts every layer an integer kernel takes exactly to
+``quant.integer.IntegerLayer`` (int8 weights, uint8 inputs, int32 sums).
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ from typing import Any
 import torch
 
 from ldm.fileio import file_fingerprint
+from ldm.util import UserFacingError
 from pipeline.artifacts import ArtifactMismatch, load_artifact, save_artifact
 from pipeline.families.base import ModelFamily
 from pipeline.quantize import QUANT_KIND, QUANT_SCRIPT, load_quant_model, quant_config
 from quant.export import load_packed, pack_quant_model
 from quant.integer import layer_summary, to_integer_
 from quant.model import QuantModel
+from quant.quantizer import FakeQuantKernel, check_compiled_fake_quant
 
 PACKED_KIND = "packed"
 EXPORT_SCRIPT = "quant_scripts/export_packed.py"
@@ -35,6 +39,7 @@ EXPORT_SCRIPT = "quant_scripts/export_packed.py"
 
 class Execution(enum.Enum):
     FAKE = "fake"          # float ops on fake-quantized weights and inputs
+    COMPILED = "compiled"  # FAKE with each activation fake-quant one compiled kernel (same values, less memory traffic)
     INTEGER = "integer"    # int8 kernels where they are exact (quant.integer), the rest as FAKE
 
 
@@ -72,8 +77,18 @@ def load_packed_model(unet: torch.nn.Module, path: str | os.PathLike, expect: di
 
 
 def apply_execution(qm: QuantModel, execution: Execution, quiet: bool = False) -> dict[str, str] | None:
-    """Switch ``qm`` to ``execution`` in place; for INTEGER, returns {layer: how it runs} and prints the summary."""
+    """Switch ``qm`` to ``execution`` in place; for INTEGER, returns {layer: how it runs} and prints the summary.
+    COMPILED builds its kernel here, once, and refuses in one line where torch.compile cannot (no C++ compiler)."""
     if execution is Execution.FAKE:
+        return None
+    if execution is Execution.COMPILED:
+        device = next(qm.parameters()).device
+        try:
+            check_compiled_fake_quant(device)
+        except RuntimeError as e:
+            raise UserFacingError(f"--execution compiled: {e}; install a C++ compiler (CPU) or Triton (CUDA), or "
+                                  f"use --execution fake (the same numbers, four passes per activation)") from None
+        qm.use_kernel_(FakeQuantKernel.COMPILED)
         return None
     report = to_integer_(qm)
     if not quiet:

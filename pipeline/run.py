@@ -6,7 +6,7 @@ cheap, and read by the steps, which never see argparse.
                     folder; its family (from the yaml alone) and its meta, loaded on demand
     Run             a model with its SamplingSettings, output folder, device and --force: the RunLayout, the meta
                     every artifact of the run records, the loaded model
-    SamplerChoice   a sampler spec with how it runs: execution (fake | integer), a packed file, the precision
+    SamplerChoice   a sampler spec with how it runs: execution (fake | compiled | integer), a packed file, the precision
 
 The run-independent helpers (paths, presets, devices) are in ``pipeline.basics``.
 """
@@ -214,10 +214,11 @@ class SamplerChoice:
         if self.packed is not None and (compare or not self.spec.quantized):
             raise UserFacingError("--packed replaces the checkpoint's UNet weights, so no FP32 sampler can run beside "
                                   "it; drop --compare / use a quantized --sampler, or drop --packed")
-        if self.execution is Execution.INTEGER and not self.spec.quantized and not compare:
-            raise UserFacingError(f"--execution integer runs a quantized model's layers in int8, and --sampler "
-                                  f"{self.spec} is the FP32 model: nothing would run in integer; pick a quantized "
-                                  f"--sampler or drop --execution integer")
+        if self.execution is not Execution.FAKE and not self.spec.quantized and not compare:
+            how = "in int8" if self.execution is Execution.INTEGER else "with compiled fake-quant kernels"
+            raise UserFacingError(f"--execution {self.execution.value} runs a quantized model's layers {how}, and "
+                                  f"--sampler {self.spec} is the FP32 model: nothing would run that way; pick a "
+                                  f"quantized --sampler or drop --execution {self.execution.value}")
         return self
 
     def check_device(self, device_name: str) -> None:
@@ -230,6 +231,6 @@ class SamplerChoice:
 
     @property
     def suffix(self) -> str:
-        """What a step-6/7 file or folder name adds for how it ran: -packed, -int, -tf32 / -bf16."""
-        integer = "-int" if self.execution is Execution.INTEGER else ""
-        return ("-packed" if self.packed else "") + integer + self.precision.suffix
+        """What a step-6/7 file or folder name adds for how it ran: -packed, -compiled / -int, -tf32 / -bf16."""
+        execution = {Execution.FAKE: "", Execution.COMPILED: "-compiled", Execution.INTEGER: "-int"}[self.execution]
+        return ("-packed" if self.packed else "") + execution + self.precision.suffix

@@ -18,7 +18,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-from quant.quantizer import QScheme, choose_qparams, fake_quant
+from quant.quantizer import FakeQuantKernel, QScheme, choose_qparams, fake_quant
 
 # (module, activation scheme, softmax scheme) -> its quantizing wrapper
 AttentionWrapper = Callable[[nn.Module, QScheme, QScheme], nn.Module]
@@ -35,6 +35,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("a_zero_point", torch.zeros(()))
         self.enabled = False
         self.a_ready = False
+        self.kernel = FakeQuantKernel.AUTO   # how sampling computes the fake-quant (same values)
         self.observed: list[torch.Tensor] | None = None
 
     @property
@@ -56,7 +57,7 @@ class ActQuantizer(nn.Module):
             return x
         if not self.a_ready:
             raise RuntimeError("activation quantization is on but its range was never calibrated")
-        return fake_quant(x, self.a_scale, self.a_zero_point, self.scheme.qmin, self.scheme.qmax)
+        return fake_quant(x, self.a_scale, self.a_zero_point, self.scheme.qmin, self.scheme.qmax, self.kernel)
 
     def extra_repr(self) -> str:
         return f"A{self.scheme.bits} enabled={self.enabled}"

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant.policy import Precision
-from quant.quantizer import (QScheme, adaround_h, adaround_init_alpha, choose_qparams, fake_quant, quantize,
-                             rounded_fake_quant, soft_rounded_fake_quant)
+from quant.quantizer import (FakeQuantKernel, QScheme, adaround_h, adaround_init_alpha, choose_qparams, fake_quant,
+                             quantize, rounded_fake_quant, soft_rounded_fake_quant)
 
 
 class WeightRounding(enum.Enum):
@@ -53,6 +53,7 @@ class QuantLayer(nn.Module):
         self.rounding = WeightRounding.NEAREST
         self.weight_quant = False
         self.act_quant = False
+        self.kernel = FakeQuantKernel.AUTO   # how sampling computes the activation fake-quant (same values)
         self.w_ready = self.a_ready = False
         # Q-Diffusion shortcut splitting: input channels [0, split) and [split, C) get their own activation range
         # and their own weight ranges (input-channel slices), for the concatenated [h ; skip] decoder input
@@ -167,7 +168,7 @@ class QuantLayer(nn.Module):
             if not self.a_ready:
                 raise RuntimeError("activation quantization is on but its range was never calibrated")
             scale, zero_point = self._act_params(x)
-            x = fake_quant(x, scale, zero_point, self.a_scheme.qmin, self.a_scheme.qmax)
+            x = fake_quant(x, scale, zero_point, self.a_scheme.qmin, self.a_scheme.qmax, self.kernel)
         if self.weight_quant:
             if not self.w_ready:
                 raise RuntimeError("weight quantization is on but init_weight_qparams_ never ran")

@@ -19,7 +19,8 @@ import torch.nn as nn
 from quant.attention import ActQuantizer, wrap_attention_
 from quant.layers import QuantLayer, WeightRounding
 from quant.policy import LayerFilter, Precision
-from quant.quantizer import PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range, unpack_bits
+from quant.quantizer import (FakeQuantKernel, PerTensor, QScheme, ScaleSearch, pack_bits, qparams_from_range,
+                             unpack_bits)
 from quant.config import QuantConfig
 from quant.specials import QuantSpecials
 
@@ -90,6 +91,13 @@ class QuantModel(nn.Module):
             layer.act_quant = act and layer.a_scheme is not None
         for _, quantizer in self.act_quantizers():
             quantizer.enabled = act
+        return self
+
+    def use_kernel_(self, kernel: FakeQuantKernel) -> "QuantModel":
+        """How sampling computes every activation fake-quant (``FakeQuantKernel``): the values stay those of the
+        passes (FUSED: up to codes at rounding ties), only the cost changes; training always takes the STE form."""
+        for _, m in [*self.quant_layers(), *self.act_quantizers()]:
+            m.kernel = kernel
         return self
 
     def quant_state(self) -> dict[str, bool]:

@@ -10,6 +10,7 @@ that always contains 0 (so 0 is exact); a symmetric scheme uses the signed grid 
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +74,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q - zero_point) * scale
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+class FakeQuantKernel(enum.Enum):
+    """How sampling (no autograd) computes an activation's quantize-dequantize: the same grid, different cost.
+    Chosen per device by measurement (issue 29), or asked for by name (``--execution compiled``)."""
+
+    AUTO = "auto"            # FUSED where it is the fast one (CUDA, float32, per tensor), PASSES elsewhere
+    PASSES = "passes"        # four in-place passes over one fresh tensor: exact (the training path's values)
+    FUSED = "fused"          # torch.fake_quantize_per_tensor_affine: one kernel; ×(1/Δ), so codes may move at ties
+    COMPILED = "compiled"    # the exact arithmetic as one torch.compile'd kernel (per-tensor ranges)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+               kernel: FakeQuantKernel = FakeQuantKernel.AUTO) -> torch.Tensor:
     """Quantize-dequantize with STE rounding; gradients reach x (inside the range) and Δ (LSQ without its
-    gradient scale, as BRECQ/Q-Diffusion train activation steps)."""
+    gradient scale, as BRECQ/Q-Diffusion train activation steps). Without autograd, ``kernel`` says how it is
+    computed (``FakeQuantKernel``); with it, always the STE form."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
-        if fused_fake_quant_applies(x, scale):
+        if kernel is FakeQuantKernel.COMPILED and compiled_fake_quant_applies(x, scale):
+            return compiled_fake_quant(x, scale, zero_point, qmin, qmax)
+        if kernel is FakeQuantKernel.FUSED or (kernel is FakeQuantKernel.AUTO and fused_fake_quant_applies(x, scale)):
             return fused_fake_quant(x, scale, zero_point, qmin, qmax)
         # sampling: the same arithmetic in place on one fresh tensor (round_ste's forward value is round(v)
         # exactly), one allocation instead of seven. z is an integer, so clamp(round(v) + z) − z =
@@ -107,6 +122,73 @@ def fused_fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
     zero_point = torch.as_tensor(zero_point, device=x.device).reshape(()).round().to(torch.int32)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+
+def compiled_fake_quant_applies(x: torch.Tensor, scale) -> bool:
+    """The compiled kernel takes float32 inputs with one (Δ, z) that fill their memory densely in some dimension
+    order (every activation quantizer but a split decoder conv's two ranges; those keep the passes: same values)."""
+    return (x.dtype == torch.float32 and (not isinstance(scale, torch.Tensor) or scale.numel() == 1)
+            and x.permute(*_memory_order(x)).is_contiguous())
+
+
+def _memory_order(x: torch.Tensor) -> list[int]:
+    """``x``'s dimensions in memory order (largest stride first): permuted so, a dense tensor in any dimension order
+    (a transposed or channels-last activation) is contiguous."""
+    return sorted(range(x.ndim), key=lambda d: -x.stride(d))
+
+
+def _exact_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    # x / Δ divides (as the passes do), round is half-to-even on both: the compiled kernel is bit-identical.
+    # maximum / minimum with 0-d bounds, not clamp, nor bounds computed inside: inductor's CPU code vectorises this
+    # form only (the others measured 1.6-2.3× slower)
+    return torch.minimum(torch.maximum(torch.round(x / scale), lo), hi) * scale
+
+
+@functools.cache
+def _compiled_kernel():
+    return torch.compile(_exact_fake_quant, dynamic=True, fullgraph=True)
+
+
+def _scalar(v, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.device == like.device and v.ndim == 0:
+        return v
+    return torch.as_tensor(v, dtype=torch.float32, device=like.device).reshape(())
+
+
+def compiled_fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """The four passes of ``fake_quant`` fused by ``torch.compile`` into one read and one write of ``x`` (CPU: a
+    C++ kernel, so a compiler must be installed; ``check_compiled_fake_quant`` says so in one line). ``x`` (dense:
+    ``compiled_fake_quant_applies``) is read flat in memory order, so one graph with a dynamic length serves every
+    shape, and the result has ``x``'s strides, as the passes' has (a matmul's summation order, and so its last
+    bits, can depend on its input's layout); Δ and the bounds are 0-d tensors, so new ranges never recompile it."""
+    scale, zero_point = _scalar(scale, x), _scalar(zero_point, x)
+    if torch.is_grad_enabled():   # (an inference kernel: grad mode is part of the compiled graph's guards)
+        with torch.no_grad():
+            return compiled_fake_quant(x, scale, zero_point, qmin, qmax)
+    # (detached: a view would be traced through its base, whose rank differs from call to call)
+    if x.is_contiguous():
+        return _compiled_kernel()(x.view(-1).detach(), scale, qmin - zero_point, qmax - zero_point).view(x.shape)
+    order = _memory_order(x)
+    dense = x.permute(*order)
+    y = _compiled_kernel()(dense.reshape(-1).detach(), scale, qmin - zero_point, qmax - zero_point)
+    return y.view(dense.shape).permute(*sorted(range(x.ndim), key=order.__getitem__))
+
+
+def check_compiled_fake_quant(device: torch.device) -> None:
+    """Compile the kernel once on ``device`` and check it against the passes on known values; ``RuntimeError``
+    naming the cause when torch.compile cannot build it here (no C++ compiler, no Triton)."""
+    x = torch.linspace(-3.0, 3.0, 257, device=device)   # ties at ±k·Δ/2 included (Δ = 0.046875 is exact)
+    scale, zp = torch.tensor(0.046875, device=device), torch.tensor(7.0, device=device)
+    try:
+        got = compiled_fake_quant(x, scale, zp, 0, 15)
+    except Exception as e:   # (inductor raises many types; the first line says what is missing)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"torch.compile could not build the fake-quant kernel on {device}: {first[:200]}") from None
+    with torch.no_grad():
+        want = fake_quant(x, scale, zp, 0, 15, FakeQuantKernel.PASSES)
+    if not torch.equal(got, want):
+        raise RuntimeError(f"the compiled fake-quant kernel on {device} differs from the exact passes "
+                           f"({int((got != want).sum())} of {x.numel()} values)")
 
 
 def _channel_view(x: torch.Tensor, granularity) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -139,8 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     q.add_argument("--packed", default=None, metavar="FILE",
                    help="the quantized UNet from a packed file alone (quant_scripts/export_packed.py; skips steps 1-3 "
                         "and the checkpoint's UNet weights)")
-    q.add_argument("--execution", choices=("fake", "integer"), default="fake",
-                   help="fake-quant, or int8 kernels where exact (quant.integer)")
+    q.add_argument("--execution", choices=("fake", "compiled", "integer"), default="fake",
+                   help="fake-quant; compiled: the same numbers with compiled fake-quant kernels (torch.compile); "
+                        "or int8 kernels where exact (quant.integer)")
     q.add_argument("--sample_reverse", action="store_true", help="QNCD runtime noise estimation")
     q.add_argument("--reverse_interval", type=int, default=None, help="its period R (default 10)")
     q.add_argument("-l", "--logdir", default="outputs", help="where the pipeline's artifacts go")

@@ -315,6 +315,7 @@ BENCH_NUMERIC = [
                            "--act_init", "--samples", "--eval_batch")),
         ("dit_quality", ("--steps", "--batch_size")),
         ("fake_quant_overhead", ("--batch", "--steps", "--repeats")),
+        ("fake_quant_kernel", ("--batch", "--repeats", "--scale_down")),
         ("fashion_model_quality", ("--steps", "--batch_size")),
         ("integer_execution", ("--batch", "--top", "--repeats")),
         ("precision_fidelity", ("--bootstrap",)),

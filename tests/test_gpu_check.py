@@ -149,7 +149,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     rec = json.loads(out.read_text())
     assert rec["ok"] and rec["device"] == "cpu" and rec["tiny"] and rec["total_s"] > 0
     paths = [r["path"] for r in rec["rows"]]
-    assert paths == ([] if "integer" in skip else ["integer W8A8"]) + ["fake-quant ratio", "cin256 rehearsal"]
+    assert paths == ([] if "integer" in skip else ["integer W8A8"]) + ["fake-quant ratio", "fake-quant kernel",
+                                                                      "cin256 rehearsal"]
     for r in rec["rows"]:
         assert r["ok"] and r["seconds"] >= 0 and r["key"], r
         assert set(r) == {"path", "ok", "seconds", "key", "detail"}

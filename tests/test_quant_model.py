@@ -122,3 +122,23 @@ def test_sqnr_of_a_zero_output_model_is_one_clear_error(unet_and_data):
     x, t, c = batches[0]
     with pytest.raises(UserFacingError, match="identically zero on these 4 inputs, so no SQNR exists"):
         model_sqnr_db(qm, CalibrationData(x, t, c, torch.device("cpu")))
+
+
+@torch.no_grad()
+def test_compiled_kernels_give_the_fake_quant_model_exactly(unet_and_data):
+    """``use_kernel_(COMPILED)`` (``--execution compiled``) on a W4A8 model with quantized attention matmuls and
+    split skip convs: every activation quantizer switched, the UNet's output bit-identical to the passes'."""
+    from quant.attention import ActQuantizer
+    from quant.quantizer import FakeQuantKernel
+    unet, batches = unet_and_data
+    qm = QuantModel(unet, QuantConfig(4, 8, sm_abit=8, split_shortcut=True), specials=SPECIALS,
+                    filter_fn=quantize_all_policy).init_weights_()
+    qm.calibrate_activations_(batches[:2])
+    qm.set_quant_state(weight=True, act=True)
+    x, t, c = batches[-1]
+    want = qm(x, t, context=c)
+    qm.use_kernel_(FakeQuantKernel.COMPILED)
+    kernels = {m.kernel for m in qm.modules() if isinstance(m, (QuantLayer, ActQuantizer))}
+    assert kernels == {FakeQuantKernel.COMPILED}
+    assert any(isinstance(m, ActQuantizer) for m in qm.modules()) and any(m.split for _, m in qm.quant_layers())
+    assert torch.equal(qm(x, t, context=c), want)

@@ -152,3 +152,49 @@ def test_rounding_regulariser_and_beta_schedule():
     assert round_reg(alpha, 2.0).item() == pytest.approx(1.0)  # only the undecided one costs
     assert round_reg(alpha, 20.0).item() == pytest.approx(1.0)
     assert round_reg(torch.tensor([0.3]), 20.0) > round_reg(torch.tensor([0.3]), 2.0)
+
+
+def test_compiled_fake_quant_is_bit_identical_to_the_passes():
+    """``--execution compiled`` (FakeQuantKernel.COMPILED): the passes' arithmetic as one torch.compile'd kernel,
+    the same values at ties, over twelve decades, on non-contiguous inputs and every rank, from one graph (ranges
+    and shapes never recompile it); per-channel zero points keep the passes."""
+    from torch._dynamo.utils import counters
+
+    from quant.quantizer import FakeQuantKernel, check_compiled_fake_quant, compiled_fake_quant_applies
+    check_compiled_fake_quant(torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor(0.0371)
+    graphs = counters["stats"]["unique_graphs"]
+    inputs = [(torch.arange(-300, 300) + 0.5) * scale,                                   # exactly at ties
+              torch.randn(10_000, generator=g) * torch.logspace(-6, 6, 10_000),
+              torch.randn(2, 6, 5, 5, generator=g).transpose(1, 3) * 4,                  # non-contiguous, rank 4
+              torch.randn(3, 77, 40, generator=g) * 9, torch.full((4, 4), float("nan"))]
+    with torch.no_grad():
+        for x in inputs:
+            for zp, (qmin, qmax) in ((7.0, (0, 255)), (0.0, (-8, 7)), (128.0, (0, 255))):
+                want = fake_quant(x, scale, torch.tensor(zp), qmin, qmax, FakeQuantKernel.PASSES)
+                got = fake_quant(x, scale, torch.tensor(zp), qmin, qmax, FakeQuantKernel.COMPILED)
+                assert got.shape == x.shape and got.stride() == want.stride()   # (a matmul's last bits follow it)
+                assert torch.equal(got.nan_to_num(), want.nan_to_num())
+                assert got.isnan().equal(want.isnan())
+    assert counters["stats"]["unique_graphs"] - graphs <= 1   # (0 when an earlier test compiled it)
+    zps = torch.tensor([3.0, 250.0]).view(1, 2, 1, 1)
+    assert not compiled_fake_quant_applies(torch.zeros(1, 2, 1, 1), zps * scale)   # two ranges: the passes
+    with torch.no_grad():
+        x = torch.randn(2, 2, 5, 5, generator=g)
+        assert torch.equal(fake_quant(x, zps * scale, zps, 0, 255, FakeQuantKernel.COMPILED),
+                           fake_quant(x, zps * scale, zps, 0, 255, FakeQuantKernel.PASSES))
+    x = torch.randn(20, generator=g, requires_grad=True)        # training: always the STE form, gradients reach x
+    fake_quant(x, scale, torch.tensor(7.0), 0, 255, FakeQuantKernel.COMPILED).sum().backward()
+    assert x.grad is not None
+
+
+def test_a_compiler_failure_is_one_line(monkeypatch):
+    import quant.quantizer as quantizer
+
+    def broken(*args):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmany more lines")
+    monkeypatch.setattr(quantizer, "_compiled_kernel", lambda: broken)
+    with pytest.raises(RuntimeError, match=r"^torch.compile could not build the fake-quant kernel on cpu: "
+                                           r"InductorError: CppCompileError: C\+\+ compile error$"):
+        quantizer.check_compiled_fake_quant(torch.device("cpu"))
