@@ -35,6 +35,17 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def compiled_kernels():
+    """``--execution compiled`` needs torch.compile to build its C++ kernel: tests of it skip, with the one-line
+    reason the project itself gives, on a machine without a C++ compiler."""
+    from quant.quantizer import check_compiled_fake_quant
+    try:
+        check_compiled_fake_quant(torch.device("cpu"))
+    except RuntimeError as e:
+        pytest.skip(f"{e} (install g++ to run the compiled-kernel tests)")
+
+
 def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"reference data {path} not found: CI puts ../shared beside the checkout "

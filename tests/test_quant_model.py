@@ -125,7 +125,7 @@ def test_sqnr_of_a_zero_output_model_is_one_clear_error(unet_and_data):
 
 
 @torch.no_grad()
-def test_compiled_kernels_give_the_fake_quant_model_exactly(unet_and_data):
+def test_compiled_kernels_give_the_fake_quant_model_exactly(unet_and_data, compiled_kernels):
     """``use_kernel_(COMPILED)`` (``--execution compiled``) on a W4A8 model with quantized attention matmuls and
     split skip convs: every activation quantizer switched, the UNet's output bit-identical to the passes'."""
     from quant.attention import ActQuantizer

@@ -154,14 +154,13 @@ def test_rounding_regulariser_and_beta_schedule():
     assert round_reg(torch.tensor([0.3]), 20.0) > round_reg(torch.tensor([0.3]), 2.0)
 
 
-def test_compiled_fake_quant_is_bit_identical_to_the_passes():
+def test_compiled_fake_quant_is_bit_identical_to_the_passes(compiled_kernels):
     """``--execution compiled`` (FakeQuantKernel.COMPILED): the passes' arithmetic as one torch.compile'd kernel,
     the same values at ties, over twelve decades, on non-contiguous inputs and every rank, from one graph (ranges
     and shapes never recompile it); per-channel zero points keep the passes."""
     from torch._dynamo.utils import counters
 
-    from quant.quantizer import FakeQuantKernel, check_compiled_fake_quant, compiled_fake_quant_applies
-    check_compiled_fake_quant(torch.device("cpu"))
+    from quant.quantizer import FakeQuantKernel, compiled_fake_quant_applies
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor(0.0371)
     graphs = counters["stats"]["unique_graphs"]
