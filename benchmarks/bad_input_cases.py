@@ -126,6 +126,8 @@ case("i-ddim-sample_reverse100-5steps", "silent-wrong", [*DDIM, *DDIM_PTQ, "--sa
      mentions="--sample_reverse")
 case("i-step6-fp32-integer", "silent-wrong", [*S6, "--sampler", "fp32", "--execution", "integer"],
      mentions="--execution")
+case("i-step6-fp32-compiled", "silent-wrong", [*S6, "--sampler", "fp32", "--execution", "compiled"],
+     mentions="--execution")
 case("i-step6-packed-damaged", "silent-wrong", [*S6, "--sampler", "none", "--packed", "{packed}"],
      setup=["packed", "corrupt:{packed}"], mentions="packed_w4a8.pt")
 case("i-fidelity-swapped", "silent-wrong", [*FID, "{q}", "{fp}", *FID_CHEAP])
@@ -195,6 +197,7 @@ case("t2i-reverse_interval100", "silent-wrong", [*T2I, "--n_samples", 1, *T2I_PT
 family("t2i", T2I_1, "silent-wrong", [
     ("packed-noptq", ["--packed", "{quant}"], "--packed"),
     ("execution-integer-noptq", ["--execution", "integer"], "--execution"),
+    ("execution-compiled-noptq", ["--execution", "compiled"], "--execution"),
     ("sample_reverse-noptq", ["--sample_reverse"], "--sample_reverse"),
     ("packed-and-cali_ckpt", ["--ptq", "--quant_act", "--packed", "{quant}", "--cali_ckpt", "{quant}"], "--packed")])
 family("t2i", T2I, "other", [
@@ -339,6 +342,7 @@ family("step7", S7, "silent-wrong", [
     ("seed-1", ["--seed", -1], "--seed"), ("decode0", ["--decode_batch_size", 0], "--decode_batch_size"),
     ("class99", ["--classes", 99], "--classes"), ("steps600", ["--steps", 600], "--steps"),
     ("fp32-integer", ["--sampler", "fp32", "--execution", "integer"], "--execution"),
+    ("fp32-compiled", ["--sampler", "fp32", "--execution", "compiled"], "--execution"),
     ("fp32-packed", ["--sampler", "fp32", "--packed", "{quant}"], "--packed"),
     ("probe-never", ["--sampler", "qncd-r100"], "100")])
 case("step7-packed-damaged", "silent-wrong", [*S7, "--sampler", "none", "--packed", "{packed}"],
@@ -473,7 +477,8 @@ family("dit", DIT, "silent-wrong", [
     ("fid0", ["--num-fid-samples", 0], "--num-fid-samples"),
     ("batch0", ["--per-proc-batch-size", 0], "--per-proc-batch-size"),
     ("packed-fp32", ["--packed", "{tmp}/nope.pt"], "--packed"),
-    ("integer-fp32", ["--execution", "integer"], "--execution")])
+    ("integer-fp32", ["--execution", "integer"], "--execution"),
+    ("compiled-fp32", ["--execution", "compiled"], "--execution")])
 case("dit-out-over-ckpt", "data-loss", [*DIT, "--config", "models/dit/fashion/config.yaml", "--ckpt", "{tmp}/model.pt",
                                         "--out", "{tmp}/model.pt"],
      setup=["copy:models/dit/fashion/model.pt>{tmp}/model.pt"], mentions="--out", watch=["{tmp}/model.pt"])
