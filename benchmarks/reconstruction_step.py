@@ -105,10 +105,18 @@ def count_kernels(events) -> tuple[int, int]:
     return sum(launches(e) for e in roots), sum(1 for e in events if e.name == "aten::_local_scalar_dense")
 
 
-def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.device, grad_ckpt: bool = True) -> dict:
-    """{phase/kind: {"ms": [per repeat...], "ops": ATen calls per iteration}} for this process's code."""
+def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.device, grad_ckpt: bool = True,
+            always_recompute: bool = False) -> dict:
+    """{phase/kind: {"ms": [per repeat...], "ops": ATen calls per iteration, "recompute": whether the unit
+    recomputed its activations}} for this process's code: a unit keeps or recomputes its activations as
+    ``reconstruct_`` decides (``recompute_as_fits``; checkouts before it: as their model says), or always recomputes
+    (``always_recompute``: a budget of 0)."""
+    import contextlib
+
+    import quant.reconstruction as recon
     from torch.profiler import ProfilerActivity, profile
     from quant.reconstruction import CacheSpec, Phase, ReconConfig, capture_unit_io, optimise_unit
+    budget = {"recompute_above": 0} if always_recompute else {}
     torch.set_num_threads(1)
     qm, data, units = build(model, n, device, grad_ckpt)
     out = {}
@@ -120,7 +128,11 @@ def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.de
             inputs, target = capture_unit_io(qm, unit, data, 16, CacheSpec(), quantized=False, act=False,
                                              want_output=True)
             qm.set_quant_state(weight=True, act=act)
-            cfg = ReconConfig(iters=iters) if not act else ReconConfig.activation_defaults(iters=iters)
+            cfg = ReconConfig(iters=iters, **budget) if not act else \
+                ReconConfig.activation_defaults(iters=iters, **budget)
+            decide = getattr(recon, "recompute_as_fits", None)
+            keep = (decide(unit, qm.specials.keep_activations, inputs, cfg, device) if decide is not None else
+                    contextlib.nullcontext())
             steps = [(m, m.a_scale.detach().clone()) for m in [*unit.layers(), *unit.act_quantizers()]]
 
             def run(k: int, c=cfg) -> float:
@@ -133,13 +145,14 @@ def measure(model: str, n: int, iters: int, profile_iters: int, device: torch.de
                 optimise_unit(unit, phase, inputs, target, c, 0, device, progress=False)
                 return (time.perf_counter() - t0) / k
 
-            run(2)   # warm-up
-            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-                run(profile_iters, ReconConfig(iters=profile_iters) if not act else
-                    ReconConfig.activation_defaults(iters=profile_iters))
-            kernels, syncs = count_kernels(prof.events())
-            out[f"{phase.value}/{kind}"] = {"s_per_iter": run(iters), "ops": kernels / profile_iters,
-                                            "syncs": syncs / profile_iters}
+            with keep as recompute:
+                run(2)   # warm-up
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                    run(profile_iters, ReconConfig(iters=profile_iters) if not act else
+                        ReconConfig.activation_defaults(iters=profile_iters))
+                kernels, syncs = count_kernels(prof.events())
+                out[f"{phase.value}/{kind}"] = {"s_per_iter": run(iters), "ops": kernels / profile_iters,
+                                                "syncs": syncs / profile_iters, "recompute": recompute}
             qm.set_quant_state(weight=True)
     return out
 
@@ -152,6 +165,9 @@ def parse_args(argv=None):
     p.add_argument("--profile_iters", type=at_least(1), default=3, help="iterations whose operators are counted")
     p.add_argument("--repeats", type=at_least(1), default=3, help="alternating repeats (median reported)")
     p.add_argument("--no_grad_ckpt", action="store_true", help="no activation recomputation in the blocks' backward")
+    p.add_argument("--always_recompute", action="store_true",
+                   help="every unit recomputes its activations (reconstruction keeps those that fit "
+                        "ReconConfig.recompute_above)")
     p.add_argument("--compare", default=None, help="another checkout measured alternately in the same run")
     p.add_argument("--json", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -164,7 +180,8 @@ def one_repeat(args, tree: Path | None) -> dict:
     if tree is not None:
         env["RECON_STEP_CHILD"] = str(tree.resolve())
     argv = [sys.executable, __file__, "--child", "--model", args.model, "--n", str(args.n), "--iters",
-            str(args.iters), "--profile_iters", str(args.profile_iters), *(["--no_grad_ckpt"] if args.no_grad_ckpt else [])]
+            str(args.iters), "--profile_iters", str(args.profile_iters), *(["--no_grad_ckpt"] if args.no_grad_ckpt else []),
+            *(["--always_recompute"] if args.always_recompute else [])]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"error: the measurement in {tree or REPO} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -175,7 +192,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.model, args.n, args.iters, args.profile_iters, torch.device("cpu"),
-                                 grad_ckpt=not args.no_grad_ckpt)))
+                                 grad_ckpt=not args.no_grad_ckpt, always_recompute=args.always_recompute)))
         return
     trees = {"this": None, **({"compare": Path(args.compare)} if args.compare else {})}
     if args.compare and not (Path(args.compare) / "quant").is_dir():
@@ -187,17 +204,20 @@ def main(argv=None) -> None:
     rows = {}
     for key in runs["this"][0]:
         rows[key] = {name: {"ms": 1000 * statistics.median(r[key]["s_per_iter"] for r in rs),
-                            "ops": rs[0][key]["ops"]} for name, rs in runs.items() if key in rs[0]}
+                            "ops": rs[0][key]["ops"], "recompute": rs[0][key].get("recompute")}
+                     for name, rs in runs.items() if key in rs[0]}
     print(f"{args.model} UNet (random weights), W4A8, one unit a kind, {args.n} cached rows, batch 8 (weight) / 16 "
-          f"(activation), {'no ' if args.no_grad_ckpt else ''}gradient checkpointing, 1 CPU thread, torch "
+          f"(activation), {'no ' if args.no_grad_ckpt else ''}gradient checkpointing"
+          f"{', every unit recomputing' if args.always_recompute else ''}, 1 CPU thread, torch "
           f"{torch.__version__}; median of {args.repeats} repeats of {args.iters} "
           f"iterations; ATen operator calls per iteration over {args.profile_iters}")
-    head = f"  {'phase/unit kind':<34}{'ms/iter':>9}{'ops/iter':>10}"
+    head = f"  {'phase/unit kind':<34}{'ms/iter':>9}{'ops/iter':>10}{'activations':>13}"
     if args.compare:
         head += f"{'compare ms':>12}{'ops':>8}{'time ratio':>12}{'ops ratio':>11}"
     print(head)
     for key, r in rows.items():
-        line = f"  {key:<34}{r['this']['ms']:>9.2f}{r['this']['ops']:>10.0f}"
+        kept = {True: "recomputed", False: "kept", None: "-"}[r["this"]["recompute"]]
+        line = f"  {key:<34}{r['this']['ms']:>9.2f}{r['this']['ops']:>10.0f}{kept:>13}"
         if "compare" in r:
             c = r["compare"]
             line += (f"{c['ms']:>12.2f}{c['ops']:>8.0f}{r['this']['ms'] / c['ms']:>12.3f}"

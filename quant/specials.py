@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
+from typing import Callable, ContextManager, Mapping
 
 import torch
 import torch.nn as nn
@@ -71,13 +71,17 @@ class QuantSpecials:
     ``policies``: the layer policies by name ("d2dpm", "all", "qncd-sd"; ``quant.policy.POLICIES``), each a
     predicate over this family's layer names. ``attention``: {attention module class: its quantizing wrapper
     (``quant.attention.AttentionWrapper``)}, what ``sm_abit`` wraps (Q-Diffusion's attention matmul quantization);
-    empty: the family's attention cannot be quantized that way."""
+    empty: the family's attention cannot be quantized that way. ``keep_activations(unit)``: a context in which the
+    unit's backward keeps its forward activations instead of recomputing them (the family's gradient
+    checkpointing switched off), yielding whether it recomputed before; None: its blocks never recompute.
+    Reconstruction uses it for the units whose activations fit ``ReconConfig.recompute_above``."""
 
     unit_types: tuple[type[nn.Module], ...] = ()
     smoothing_sites: tuple[SmoothingSite, ...] = ()
     shortcut_splits: Callable[[nn.Module], dict[str, int]] = no_shortcut_splits
     policies: Mapping[str, LayerFilter] = field(default_factory=lambda: {"all": quantize_all_policy})
     attention: Mapping[type, AttentionWrapper] = field(default_factory=dict)
+    keep_activations: Callable[[nn.Module], ContextManager[bool]] | None = None
 
     def __post_init__(self):
         if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in self.unit_types):
@@ -98,7 +102,7 @@ class QuantSpecials:
 
     def __reduce__(self):
         return QuantSpecials, (self.unit_types, self.smoothing_sites, self.shortcut_splits, dict(self.policies),
-                               dict(self.attention))
+                               dict(self.attention), self.keep_activations)
 
     def policy(self, policy: str | LayerFilter) -> LayerFilter:
         """A layer filter: ``policy`` itself when it is one, else this family's predicate of that name."""

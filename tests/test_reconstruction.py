@@ -354,3 +354,58 @@ def test_a_weight_no_gradient_reaches_is_quantized_once_across_iterations(monkey
         layer(torch.randn(2, 16))
         layer(torch.randn(2, 16))
     assert len(calls) == 3
+
+
+# ---- activations kept instead of recomputed when they fit (issue 29) -------------------------------------------------
+
+def test_saved_tensor_bytes_counts_what_the_backward_keeps():
+    from quant.reconstruction import saved_tensor_bytes
+    x, w = torch.randn(1000, requires_grad=True), torch.randn(1000)
+    assert saved_tensor_bytes(lambda: x.exp().sum()) == 4000                 # exp keeps its result
+    assert saved_tensor_bytes(lambda: (x * w).sum()) == 4000                 # x·w keeps w for x's gradient
+    assert saved_tensor_bytes(lambda: (x * x[:500].repeat(2)).sum()) == 8000   # x once, the repeat once
+    with torch.no_grad():
+        assert saved_tensor_bytes(lambda: x.exp().sum()) == 0
+
+
+def test_compvis_blocks_keep_activations_inside_and_recompute_after(tiny):
+    from ldm.modules.attention import BasicTransformerBlock
+    from pipeline.families.base import compvis_keep_activations
+    unet = tiny.model.diffusion_model
+    block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    assert block.checkpoint   # CompVis' transformer blocks always recompute
+    with compvis_keep_activations(block) as recomputed:
+        assert recomputed and not block.checkpoint
+    assert block.checkpoint
+    res = next(m for m in unet.modules() if type(m).__name__ == "ResBlock")
+    with compvis_keep_activations(res) as recomputed:
+        assert recomputed is res.use_checkpoint
+
+
+def test_kept_activations_give_the_recomputed_models_bits(tiny, data):
+    """The same reconstruction with every unit recomputing (budget 0) and with the activations kept (the default
+    budget): the same quantized model bit for bit; the timings say which units recomputed."""
+    cal, _ = data
+    states, recomputes = [], []
+    for budget in (0, ReconConfig.recompute_above):
+        qm = fresh(tiny).set_quant_state(weight=True)
+        timings: list = []
+        reconstruct_(qm, cal, Phase.WEIGHT, ReconConfig(iters=12, cache_batch_size=96, recompute_above=budget),
+                     progress=False, timings=timings)
+        states.append(qm.quant_state_dict())
+        recomputes.append({t["unit"]: t["recompute"] for t in timings if t["kind"] == "BasicTransformerBlock"})
+        assert all(m.checkpoint for m in qm.modules() if type(m).__name__ == "BasicTransformerBlock")  # restored
+    assert recomputes[0] and set(recomputes[0].values()) == {True}
+    assert recomputes[1].keys() == recomputes[0].keys() and set(recomputes[1].values()) == {False}
+    assert _same(*states)
+
+
+def _same(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values, equal bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b

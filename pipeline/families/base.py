@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -81,6 +81,22 @@ def resblock_is_film(block: nn.Module) -> bool:
 COMPVIS_SMOOTHING = SmoothingSite(ResBlock, norm="out_layers.0", conv="out_layers.3", slot="out_layers.2",
                                   time_embedding=compvis_time_embedding, block_embedding=resblock_embedding,
                                   scale_shift=resblock_is_film)
+@contextlib.contextmanager
+def compvis_keep_activations(unit: nn.Module) -> Iterator[bool]:
+    """CompVis' blocks recompute their forward in the backward when their ``checkpoint`` (transformer blocks: always)
+    or ``use_checkpoint`` (ResBlocks, per config) flag is set: off inside, as they were after; yields whether any
+    was set."""
+    flags = [(m, name, getattr(m, name)) for m in unit.modules() for name in ("checkpoint", "use_checkpoint")
+             if isinstance(getattr(m, name, None), bool)]
+    for m, name, _ in flags:
+        setattr(m, name, False)
+    try:
+        yield any(on for _, _, on in flags)
+    finally:
+        for m, name, on in flags:
+            setattr(m, name, on)
+
+
 COMPVIS_SPECIALS = QuantSpecials(
     unit_types=(ResBlock, BasicTransformerBlock, AttentionBlock),   # AttentionBlock: LSUN-style legacy attention
     smoothing_sites=(COMPVIS_SMOOTHING,),
@@ -89,7 +105,8 @@ COMPVIS_SPECIALS = QuantSpecials(
                                    fp32_parts=("skip_connection",), fp32_suffixes=(".op",)),  # 1×1 skips, Downsample
               "all": quantize_all_policy,
               "qncd-sd": ExcludeParts(("transformer_blocks",))},
-    attention=COMPVIS_ATTENTION)
+    attention=COMPVIS_ATTENTION,
+    keep_activations=compvis_keep_activations)
 
 
 class ModelFamily:
