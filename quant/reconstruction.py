@@ -262,7 +262,7 @@ class ReconConfig:
     cpu_threads: int | None = 1
     # a unit whose backward would keep at most this many bytes of forward activations keeps them instead of
     # recomputing them (the family's gradient checkpointing, ``QuantSpecials.keep_activations``): the same numbers,
-    # ~30 % less time per transformer-block iteration; above it (SD's 64×64 attention maps) it recomputes
+    # ~30 % less time per transformer-block iteration; above it it recomputes (SD v1's 64×64 blocks: 671 MiB a row)
     recompute_above: int = 2 * 2**30
 
     @classmethod
