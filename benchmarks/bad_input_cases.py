@@ -126,7 +126,7 @@ case("i-ddim-sample_reverse100-5steps", "silent-wrong", [*DDIM, *DDIM_PTQ, "--sa
      mentions="--sample_reverse")
 case("i-step6-fp32-integer", "silent-wrong", [*S6, "--sampler", "fp32", "--execution", "integer"],
      mentions="--execution")
-case("i-step6-fp32-compiled", "silent-wrong", [*S6, "--sampler", "fp32", "--execution", "compiled"],
+case("step6-fp32-compiled", "silent-wrong", [*S6, "--sampler", "fp32", "--execution", "compiled"],
      mentions="--execution")
 case("i-step6-packed-damaged", "silent-wrong", [*S6, "--sampler", "none", "--packed", "{packed}"],
      setup=["packed", "corrupt:{packed}"], mentions="packed_w4a8.pt")

@@ -224,6 +224,21 @@ def test_qncd_readme_command_end_to_end(text_model, tmp_path, txt2img):
     assert "integer execution:" in proc.stdout and len(list((tmp_path / "out2" / "samples").glob("*.png"))) == 3
     proc = txt2img("--config", cfg_path, "--ckpt", ckpt_path, "--packed", packed, "--outdir", tmp_path / "out3")
     assert proc.returncode == 2 and "add --ptq" in error_line(proc)
+    # compiled fake-quant kernels: the fake-quant samples bit for bit (PLMS, smoothing, per-channel W8A8)
+    from quant.quantizer import check_compiled_fake_quant
+    try:
+        check_compiled_fake_quant(torch.device("cpu"))
+    except RuntimeError as e:
+        pytest.skip(f"the rest needs compiled kernels: {e}")
+    images = {}
+    for execution in ("fake", "compiled"):
+        proc = txt2img("--config", cfg_path, "--ckpt", ckpt_path, "--plms", "--ptq", "--quant_act", "--packed", packed,
+                       "--execution", execution, "--from_file", prompts, "--n_samples", 2, "--ddim_steps", 8,
+                       "--scale", 7.5, "--outdir", tmp_path / execution, "-l", runs)
+        assert proc.returncode == 0, proc.stderr
+        images[execution] = [np.asarray(Image.open(f)) for f in sorted((tmp_path / execution / "samples").glob("*.png"))]
+    assert len(images["fake"]) == 3 and all(np.array_equal(a, b) for a, b in zip(images["fake"], images["compiled"],
+                                                                                strict=True))
 
 
 # ---- calibration along PLMS trajectories (known answer) ------------------------------------------------------------
