@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import inspect
 import math
 import tempfile
@@ -168,43 +169,63 @@ def _bind(module: nn.Module, args: tuple, kwargs: dict) -> list:
     return list(bound.arguments.values())
 
 
+Captures = tuple[list[RowCache | None] | None, RowCache | None]   # one unit's input caches and output cache
+
+
 @torch.no_grad()
 def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_size: int, spec: CacheSpec,
-                    quantized: bool, act: bool, want_output: bool, want_inputs: bool = True
-                    ) -> tuple[list[RowCache | None] | None, RowCache | None]:
+                    quantized: bool, act: bool, want_output: bool, want_inputs: bool = True) -> Captures:
     """Run the UNet over the calibration set up to ``unit`` and cache its inputs (and its output if asked).
 
     ``quantized``: the prefix runs with weight quantization on (and activation quantization if ``act``); otherwise
     the whole model is FP. Returns one RowCache per forward argument (None where the argument is None) and the
     output cache.
     """
-    inputs: list[RowCache | None] | None = None
-    output = RowCache(len(data), spec) if want_output else None
+    return capture_units_io(qm, [unit], data, batch_size, spec, quantized, act, want_output, want_inputs)[0]
 
-    def pre_hook(module, args, kwargs):
-        nonlocal inputs
-        if not want_inputs:
+
+@torch.no_grad()
+def capture_units_io(qm: QuantModel, units: Sequence[Unit], data: "CalibrationData", batch_size: int,
+                     spec: CacheSpec, quantized: bool, act: bool, want_output: bool, want_inputs: bool = True
+                     ) -> list[Captures]:
+    """``capture_unit_io`` for several units in one pass over the calibration set: each batch runs until every
+    unit has been captured (a unit's first call in a forward; the rest of the UNet is not run)."""
+    if not units:
+        return []
+    caps: list[list] = [[None, RowCache(len(data), spec) if want_output else None] for _ in units]
+    pending: set[int] = set()
+
+    def done(k: int) -> None:
+        pending.discard(k)
+        if not pending:
+            raise _Stop
+
+    def pre_hook(k: int, module, args, kwargs):
+        if not want_inputs or k not in pending:
             return
         values = _bind(module, args, kwargs)
-        if inputs is None:
-            inputs = [None if v is None else RowCache(len(data), spec) for v in values]
-        for cache, v in zip(inputs, values, strict=True):
+        if caps[k][0] is None:
+            caps[k][0] = [None if v is None else RowCache(len(data), spec) for v in values]
+        for cache, v in zip(caps[k][0], values, strict=True):
             if cache is not None:
                 cache.append(v)
         if not want_output:
-            raise _Stop
+            done(k)
 
-    def post_hook(module, args, kwargs, out):
-        output.append(out)
-        raise _Stop
+    def post_hook(k: int, module, args, kwargs, out):
+        if k in pending:
+            caps[k][1].append(out)
+            done(k)
 
-    batches = data.batches(batch_size)
-    handles = [unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    if want_output:
-        handles.append(unit.module.register_forward_hook(post_hook, with_kwargs=True))
+    handles = []
+    for k, unit in enumerate(units):
+        handles.append(unit.module.register_forward_pre_hook(functools.partial(pre_hook, k), with_kwargs=True))
+        if want_output:
+            handles.append(unit.module.register_forward_hook(functools.partial(post_hook, k), with_kwargs=True))
     try:
         with qm.quant_state_as(weight=quantized, act=quantized and act):
-            for x, t, c in batches:
+            for x, t, c in data.batches(batch_size):
+                pending.update(range(len(units)))
                 try:
                     qm(x, t, context=c)
                 except _Stop:
@@ -212,7 +233,17 @@ def capture_unit_io(qm: QuantModel, unit: Unit, data: "CalibrationData", batch_s
     finally:
         for h in handles:
             h.remove()
-    return inputs, output
+    return [(inputs, output) for inputs, output in caps]
+
+
+@torch.no_grad()
+def capture_row_bytes(qm: QuantModel, units: Sequence[Unit], data: "CalibrationData", spec: CacheSpec,
+                      want_inputs: bool) -> list[int]:
+    """Bytes one calibration row takes in each unit's FP captures (its output, and its inputs if wanted) at the
+    caches' dtype, from a one-row FP pass."""
+    caps = capture_units_io(qm, units, data.rows(slice(0, 1)), 1, CacheSpec(spec.dtype), False, False,
+                            want_output=True, want_inputs=want_inputs)
+    return [sum(c.nbytes for c in [*(inputs or []), output] if c is not None) for inputs, output in caps]
 
 
 class CalibrationData:
@@ -264,6 +295,9 @@ class ReconConfig:
     # recomputing them (the family's gradient checkpointing, ``QuantSpecials.keep_activations``): the same numbers,
     # ~30 % less time per transformer-block iteration; above it it recomputes (SD v1's 64×64 blocks: 671 MiB a row)
     recompute_above: int = 2 * 2**30
+    # the FP pass that fills a unit's targets also fills those of the units after it while their caches fit this
+    # many bytes (the FP model does not change as units are reconstructed): fewer passes, the same caches
+    fp_capture_bytes: int = 2**30
 
     @classmethod
     def activation_defaults(cls, **kw) -> "ReconConfig":
@@ -446,6 +480,18 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
     for p in qm.model.parameters():
         p.requires_grad_(False)  # only α or Δ_a are optimised
     summaries = []
+    row_bytes = capture_row_bytes(qm, units[start_unit:], data, cfg.cache, want_inputs=not cfg.asym)
+    row_bytes = [0] * start_unit + row_bytes
+    fp: dict[int, Captures] = {}
+
+    def fp_pass(i: int) -> dict[int, Captures]:
+        j, total = i + 1, row_bytes[i]
+        while j < len(units) and (total + row_bytes[j]) * len(data) <= cfg.fp_capture_bytes:
+            total, j = total + row_bytes[j], j + 1
+        caps = capture_units_io(qm, units[i:j], data, cfg.cache_batch_size, cfg.cache, quantized=False, act=False,
+                                want_output=True, want_inputs=not cfg.asym)
+        return dict(zip(range(i, j), caps, strict=True))
+
     try:
         outer = tqdm(range(start_unit, len(units)), desc=f"{phase.value} reconstruction", disable=not progress)
         for i in outer:
@@ -453,9 +499,11 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
             outer.set_postfix(unit=unit.name)
             _sync(device)
             t0 = time.perf_counter()
-            # FP pass: targets (and the inputs too, unless they must come from the quantized prefix)
-            inputs, target = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=False,
-                                             act=False, want_output=True, want_inputs=not cfg.asym)
+            # FP pass: targets (and the inputs too, unless they must come from the quantized prefix), for this unit
+            # and the next ones while they fit
+            if i not in fp:
+                fp = fp_pass(i)
+            inputs, target = fp.pop(i)
             if cfg.asym:
                 inputs, _ = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=True,
                                             act=act, want_output=False)

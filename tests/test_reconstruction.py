@@ -409,3 +409,30 @@ def _same(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
     return a == b
+
+
+def test_one_fp_pass_fills_the_targets_of_the_units_that_fit(tiny, data, monkeypatch):
+    """The FP targets of several units come from one pass while their caches fit ``fp_capture_bytes`` (the FP model
+    does not change as units are reconstructed): fewer passes, the same quantized model bit for bit; with a budget
+    of 0, one pass a unit (as before)."""
+    import quant.reconstruction as recon
+    cal, _ = data
+    passes, real = [], recon.capture_units_io
+
+    def counting(qm, units, d, *args, **kw):
+        if len(d) == len(cal) and not (args[2] if len(args) > 2 else kw.get("quantized")):
+            passes.append(len(units))
+        return real(qm, units, d, *args, **kw)
+    monkeypatch.setattr(recon, "capture_units_io", counting)
+    states, counts = [], []
+    for budget in (0, ReconConfig.fp_capture_bytes):
+        passes.clear()
+        qm = fresh(tiny).set_quant_state(weight=True)
+        reconstruct_(qm, cal, Phase.WEIGHT, ReconConfig(iters=6, cache_batch_size=40, fp_capture_bytes=budget),
+                     progress=False)
+        states.append(qm.quant_state_dict())
+        counts.append(list(passes))
+    n_units = len(find_units(fresh(tiny)))
+    assert counts[0] == [1] * n_units                      # one FP pass a unit
+    assert sum(counts[1]) == n_units and len(counts[1]) < n_units / 4   # the tiny model's caches fit: few passes
+    assert _same(*states)
