@@ -75,15 +75,18 @@ def forward_main(device: str, batch: int) -> int:
 def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
     common = ["--preset", "cifar10", "--ckpt", str(work / "model.pt"), "--outdir", str(work / "outputs"),
               "--device", args.device]
+    # one FP pass serves the units whose caches fit the budget: scaled by the rows, it groups them as at the paper's
+    # 1,024 inputs, so the cache passes project linearly
     qncd = ["--quant_mode", "qncd"]
+    fp = ["--fp_capture_mb", f"{1024 * args.n_calibration / 1024:g}"]
     out = [
         ("1 calibration", "quant_scripts/collect_imagenet_calibration_set.py",
          [*common, "--calibration_trajectories_per_class", str(args.trajectories), "--n", str(args.n_calibration),
           "--n_holdout", str(args.n_holdout), "--batch_size", str(args.trajectories)]),
         ("2 weights W8 (BRECQ/AdaRound)", "quant_scripts/quantize_weight.py",
-         [*common, "--w_bits", "8", *qncd, "--weight_iters", str(args.iters)]),
+         [*common, "--w_bits", "8", *qncd, *fp, "--weight_iters", str(args.iters)]),
         ("3 activations A8 (qncd)", "quant_scripts/quantize_weight_activation.py",
-         [*common, *TAG_FLAGS, *qncd, "--act_iters", str(args.iters), "--act_init_samples",
+         [*common, *TAG_FLAGS, *qncd, *fp, "--act_iters", str(args.iters), "--act_init_samples",
           str(min(args.n_calibration, 256))]),
         ("4 noise statistics", "quant_scripts/collect_timestep_aware_statistics.py",
          [*common, *TAG_FLAGS, "--n", str(args.samples), "--batch_size", str(args.samples), "--no_progress"]),

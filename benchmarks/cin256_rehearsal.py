@@ -168,6 +168,9 @@ def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
     wa = [*bits, "--a_bits", "8"]
     classes = [str(c) for c in range(args.classes)]
     cache = ["--cache_dtype", args.cache_dtype] if args.cache_dtype else []
+    # one FP pass serves the units whose caches fit the budget: scaled by the rows, it groups them as at the paper's
+    # counts, so the cache passes project linearly
+    cache += ["--fp_capture_mb", f"{1024 * args.n_calibration / PAPER['calibration']:g}"]
     out = [
         ("1 calibration", "quant_scripts/collect_imagenet_calibration_set.py",
          [*common, "--calibration_classes", *classes, "--calibration_trajectories_per_class", "1",

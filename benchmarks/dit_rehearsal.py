@@ -311,14 +311,17 @@ def stages(args, work: Path) -> list[tuple[str, str, list[str]]]:
     bits = ["--w_bits", "4"]
     wa = [*bits, "--a_bits", "8"]
     classes = [str(c) for c in range(args.classes)]
+    # one FP pass serves the units whose caches fit the budget: scaled by the rows, it groups them as at the
+    # protocol's counts (800 inputs in both), so the cache passes project linearly
+    fp = ["--fp_capture_mb", f"{1024 * args.n_calibration / PROTOCOLS['ptq4dit-250']['calibration']:g}"]
     out = [
         ("1 calibration", "quant_scripts/collect_imagenet_calibration_set.py",
          [*common, "--batch_size", "16", "--calibration_classes", *classes, "--calibration_trajectories_per_class",
           "1", "--n", str(args.n_calibration), "--n_holdout", str(args.n_holdout)]),
         ("2 weights (BRECQ/AdaRound)", "quant_scripts/quantize_weight.py",
-         [*common, *bits, "--weight_iters", str(args.iters)]),
+         [*common, *bits, "--weight_iters", str(args.iters), *fp]),
         ("3 activations", "quant_scripts/quantize_weight_activation.py",
-         [*common, *wa, "--act_iters", str(args.iters), "--act_init_samples", str(args.act_init)]),
+         [*common, *wa, "--act_iters", str(args.iters), "--act_init_samples", str(args.act_init), *fp]),
         ("4 noise statistics", "quant_scripts/collect_timestep_aware_statistics.py",
          [*common, *wa, "--batch_size", "16", "--n", str(args.samples), "--no_progress"]),
         ("5 Gaussian fits", "quant_scripts/gaussian_modeling.py", [*common, *wa]),

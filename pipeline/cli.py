@@ -129,9 +129,10 @@ def quant_of(args: argparse.Namespace, run: Run) -> QuantConfig:
 
 
 def cache_of(args: argparse.Namespace) -> CacheSettings:
-    """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128) and --cache_dir."""
+    """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128), --cache_dir and --fp_capture_mb."""
     return CacheSettings("float32" if args.cache_dtype is None else args.cache_dtype,
-                         CACHE_BATCH_SIZE if args.cache_batch_size is None else args.cache_batch_size, args.cache_dir)
+                         CACHE_BATCH_SIZE if args.cache_batch_size is None else args.cache_batch_size, args.cache_dir,
+                         args.fp_capture_mb)
 
 
 def tag_of(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
@@ -332,6 +333,9 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
                         f"else {CACHE_BATCH_SIZE})")
     p.add_argument("--cache_dir", default=None, help="keep the reconstruction caches in memmap files here instead "
                                                      "of memory (full-size UNets on small hosts)")
+    p.add_argument("--fp_capture_mb", type=float, default=CacheSettings.fp_capture_mb,
+                   help="one FP pass fills the targets of every next unit whose caches fit this many MiB (extra "
+                        "host memory; 0: one pass a unit; the same results either way)")
     add_output_args(p)
 
 

@@ -55,16 +55,23 @@ def quant_config(meta: dict[str, Any], family: ModelFamily) -> tuple[QuantConfig
 @dataclass(frozen=True)
 class CacheSettings:
     """Where reconstruction keeps each unit's inputs and outputs: in memory at ``dtype`` (float16 halves it) or in
-    memmap files under ``directory``; the caches fill ``batch_size`` rows per forward pass."""
+    memmap files under ``directory``; the caches fill ``batch_size`` rows per forward pass; one FP pass fills the
+    targets of every next unit whose caches fit ``fp_capture_mb`` (0: one pass a unit). None changes a result."""
 
     dtype: str = "float32"
     batch_size: int = CACHE_BATCH_SIZE
     directory: str | None = None
+    fp_capture_mb: float = 1024
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise UserFacingError(f"--cache_dtype must be float32, float16 or bfloat16, got {self.dtype}")
         check_at_least("cache_batch_size", self.batch_size)
+        check_at_least("fp_capture_mb", self.fp_capture_mb, minimum=0)
+
+    @property
+    def fp_capture_bytes(self) -> int:
+        return int(self.fp_capture_mb * 2**20)
 
     def spec(self) -> CacheSpec:
         if self.directory is not None:

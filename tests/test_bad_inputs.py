@@ -253,6 +253,8 @@ TYPED_NUMERIC = [
     ("quantize_weight", "--recon_batch_size", "0", "1", "--recon_batch_size must be >= 1"),
     ("quantize_weight", "--round_weight", "-0.5", "0", "--round_weight must be >= 0"),
     ("quantize_weight", "--cache_batch_size", "0", "1", "--cache_batch_size must be >= 1"),
+    ("quantize_weight", "--fp_capture_mb", "-1", "0", "--fp_capture_mb must be >= 0"),
+    ("quantize_weight_activation", "--fp_capture_mb", "nan", "0", "--fp_capture_mb must be a finite number"),
     ("quantize_weight_activation", "--act_iters", "-1", "0", "--act_iters must be >= 0"),
     ("quantize_weight_activation", "--act_init_samples", "0", "1", "--act_init_samples must be >= 1"),
     ("quantize_weight_activation", "--recon_batch_size", "0", "1", "--recon_batch_size must be >= 1"),
