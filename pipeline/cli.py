@@ -129,10 +129,11 @@ def quant_of(args: argparse.Namespace, run: Run) -> QuantConfig:
 
 
 def cache_of(args: argparse.Namespace) -> CacheSettings:
-    """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128), --cache_dir and --fp_capture_mb."""
+    """--cache_dtype, --cache_batch_size (the preset's, else float32 and 128), --cache_dir, --fp_capture_mb and
+    --keep_activations_mb."""
     return CacheSettings("float32" if args.cache_dtype is None else args.cache_dtype,
                          CACHE_BATCH_SIZE if args.cache_batch_size is None else args.cache_batch_size, args.cache_dir,
-                         args.fp_capture_mb)
+                         args.fp_capture_mb, args.keep_activations_mb)
 
 
 def tag_of(args: argparse.Namespace, weights_only: bool = False) -> QuantTag:
@@ -336,6 +337,10 @@ def add_quant_args(p: argparse.ArgumentParser, w_bits: int, policy: str, channel
     p.add_argument("--fp_capture_mb", type=float, default=CacheSettings.fp_capture_mb,
                    help="one FP pass fills the targets of every next unit whose caches fit this many MiB (extra "
                         "host memory; 0: one pass a unit; the same results either way)")
+    p.add_argument("--keep_activations_mb", type=float, default=CacheSettings.keep_activations_mb,
+                   help="a unit keeps its forward activations for the backward, instead of recomputing them, when "
+                        "they fit this many MiB (device memory; 0: recompute wherever the model's blocks do; the "
+                        "same results either way)")
     add_output_args(p)
 
 

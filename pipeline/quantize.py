@@ -56,22 +56,30 @@ def quant_config(meta: dict[str, Any], family: ModelFamily) -> tuple[QuantConfig
 class CacheSettings:
     """Where reconstruction keeps each unit's inputs and outputs: in memory at ``dtype`` (float16 halves it) or in
     memmap files under ``directory``; the caches fill ``batch_size`` rows per forward pass; one FP pass fills the
-    targets of every next unit whose caches fit ``fp_capture_mb`` (0: one pass a unit). None changes a result."""
+    targets of every next unit whose caches fit ``fp_capture_mb`` (0: one pass a unit); a unit keeps its forward
+    activations for the backward when they fit ``keep_activations_mb`` (0: it recomputes them wherever the model's
+    blocks do). None changes a result."""
 
     dtype: str = "float32"
     batch_size: int = CACHE_BATCH_SIZE
     directory: str | None = None
     fp_capture_mb: float = 1024
+    keep_activations_mb: float = 2048
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise UserFacingError(f"--cache_dtype must be float32, float16 or bfloat16, got {self.dtype}")
         check_at_least("cache_batch_size", self.batch_size)
         check_at_least("fp_capture_mb", self.fp_capture_mb, minimum=0)
+        check_at_least("keep_activations_mb", self.keep_activations_mb, minimum=0)
 
     @property
     def fp_capture_bytes(self) -> int:
         return int(self.fp_capture_mb * 2**20)
+
+    @property
+    def recompute_above(self) -> int:
+        return int(self.keep_activations_mb * 2**20)
 
     def spec(self) -> CacheSpec:
         if self.directory is not None:

@@ -293,7 +293,8 @@ class ReconConfig:
     cpu_threads: int | None = 1
     # a unit whose backward would keep at most this many bytes of forward activations keeps them instead of
     # recomputing them (the family's gradient checkpointing, ``QuantSpecials.keep_activations``): the same numbers,
-    # ~30 % less time per transformer-block iteration; above it it recomputes (SD v1's 64×64 blocks: 671 MiB a row)
+    # ~30 % less time per transformer-block iteration; above it it recomputes (SD v1's 64×64 blocks: 671 MiB a row;
+    # the steps' --keep_activations_mb)
     recompute_above: int = 2 * 2**30
     # the FP pass that fills a unit's targets also fills those of the units after it while their caches fit this
     # many bytes (the FP model does not change as units are reconstructed): fewer passes, the same caches

@@ -255,6 +255,7 @@ TYPED_NUMERIC = [
     ("quantize_weight", "--cache_batch_size", "0", "1", "--cache_batch_size must be >= 1"),
     ("quantize_weight", "--fp_capture_mb", "-1", "0", "--fp_capture_mb must be >= 0"),
     ("quantize_weight_activation", "--fp_capture_mb", "nan", "0", "--fp_capture_mb must be a finite number"),
+    ("quantize_weight", "--keep_activations_mb", "-0.5", "0", "--keep_activations_mb must be >= 0"),
     ("quantize_weight_activation", "--act_iters", "-1", "0", "--act_iters must be >= 0"),
     ("quantize_weight_activation", "--act_init_samples", "0", "1", "--act_init_samples must be >= 1"),
     ("quantize_weight_activation", "--recon_batch_size", "0", "1", "--recon_batch_size must be >= 1"),
@@ -449,3 +450,18 @@ def test_an_npz_is_not_taken_for_an_unreadable_torch_artifact(tmp_path, capsys):
     with pytest.raises(UserFacingError, match="is not a pipeline artifact"):
         check_output_path(samples, "packed", flag="--out")
     assert samples.read_bytes() == before
+
+
+def test_reconstruction_memory_flags_reach_the_step_settings(tmp_path):
+    """--fp_capture_mb and --keep_activations_mb become the settings steps 2 and 3 build their ReconConfig from
+    (defaults: ReconConfig's)."""
+    from quant.reconstruction import ReconConfig
+    for name in ("quantize_weight", "quantize_weight_activation"):
+        mod = load_script(SCRIPTS / f"{name}.py", f"memory_{name}")
+        default = mod.typed(mod.parse_args(["--outdir", str(tmp_path)]))
+        given = mod.typed(mod.parse_args(["--outdir", str(tmp_path), "--fp_capture_mb", "0.5",
+                                          "--keep_activations_mb", "0"]))
+        cache = lambda typed: next(t.cache for t in typed if hasattr(t, "cache"))   # noqa: E731
+        assert (cache(default).fp_capture_bytes, cache(default).recompute_above) == \
+            (ReconConfig.fp_capture_bytes, ReconConfig.recompute_above)
+        assert (cache(given).fp_capture_bytes, cache(given).recompute_above) == (2**19, 0)

@@ -144,7 +144,8 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
     cfg = ReconConfig.activation_defaults(iters=acts.iters, batch_size=acts.batch_size, lr=acts.lr, p=acts.p,
                                           cache=acts.cache.spec(), seed=acts.seed,
                                           cache_batch_size=acts.cache.batch_size, asym=acts.inputs == "quantized",
-                                          fp_capture_bytes=acts.cache.fp_capture_bytes)
+                                          fp_capture_bytes=acts.cache.fp_capture_bytes,
+                                          recompute_above=acts.cache.recompute_above)
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \
         if acts.iters else []
