@@ -80,13 +80,18 @@ def ensure_writable_dir(path: str | os.PathLike, create: bool = False, flag: str
     return path
 
 
+def grad_checkpoint_flags(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, bool]]:
+    """Every (module, flag name, value) of CompVis' recomputation switches in ``model``: transformer blocks'
+    ``checkpoint``, ResBlocks' and attention blocks' ``use_checkpoint``."""
+    return [(m, name, getattr(m, name)) for m in model.modules() for name in ("checkpoint", "use_checkpoint")
+            if isinstance(getattr(m, name, None), bool)]
+
+
 def disable_grad_checkpointing(model: torch.nn.Module) -> None:
     """--no_grad_ckpt (Q-Diffusion / QNCD for SD): no activation recomputation in the transformer blocks and
     ResBlocks while reconstruction back-propagates: faster, more memory, the same numbers."""
-    for m in model.modules():
-        for attr in ("checkpoint", "use_checkpoint"):
-            if isinstance(getattr(m, attr, None), bool):
-                setattr(m, attr, False)
+    for m, name, _ in grad_checkpoint_flags(model):
+        setattr(m, name, False)
 
 
 def check_at_least(flag: str, value: float | None, minimum: float = 1) -> None:

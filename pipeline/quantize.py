@@ -63,8 +63,8 @@ class CacheSettings:
     dtype: str = "float32"
     batch_size: int = CACHE_BATCH_SIZE
     directory: str | None = None
-    fp_capture_mb: float = 1024
-    keep_activations_mb: float = 2048
+    fp_capture_mb: float = ReconConfig.fp_capture_bytes / 2**20
+    keep_activations_mb: float = ReconConfig.recompute_above / 2**20
 
     def __post_init__(self):
         if self.dtype not in ("float32", "float16", "bfloat16"):

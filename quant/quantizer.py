@@ -119,9 +119,8 @@ def fused_fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -
     """``torch.fake_quantize_per_tensor_affine``: (clamp(round(x·(1/Δ) + z), q_min, q_max) − z)·Δ in one kernel.
     It multiplies by 1/Δ instead of dividing, so a value within an ulp of a rounding tie can land one code apart
     from ``fake_quant``'s grid (tests/test_quantizer.py counts them)."""
-    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device).reshape(())
     zero_point = torch.as_tensor(zero_point, device=x.device).reshape(()).round().to(torch.int32)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+    return torch.fake_quantize_per_tensor_affine(x, _scalar(scale, x), zero_point, qmin, qmax)
 
 
 def compiled_fake_quant_applies(x: torch.Tensor, scale) -> bool:

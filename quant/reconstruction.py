@@ -481,8 +481,7 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
     for p in qm.model.parameters():
         p.requires_grad_(False)  # only α or Δ_a are optimised
     summaries = []
-    row_bytes = capture_row_bytes(qm, units[start_unit:], data, cfg.cache, want_inputs=not cfg.asym)
-    row_bytes = [0] * start_unit + row_bytes
+    row_bytes = capture_row_bytes(qm, units, data, cfg.cache, want_inputs=not cfg.asym)
     fp: dict[int, Captures] = {}
 
     def fp_pass(i: int) -> dict[int, Captures]:

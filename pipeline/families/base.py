@@ -22,6 +22,7 @@ from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, Downsample,
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.sample import Conditioner
 from ldm.util import ConfigError, UserFacingError, load_model_from_config
+from pipeline.basics import disable_grad_checkpointing, grad_checkpoint_flags
 from pipeline.families.compvis_attention import COMPVIS_ATTENTION
 from quant.policy import D2DPMPolicy, ExcludeParts, quantize_all_policy
 from quant.specials import QuantSpecials, SmoothingSite
@@ -81,15 +82,15 @@ def resblock_is_film(block: nn.Module) -> bool:
 COMPVIS_SMOOTHING = SmoothingSite(ResBlock, norm="out_layers.0", conv="out_layers.3", slot="out_layers.2",
                                   time_embedding=compvis_time_embedding, block_embedding=resblock_embedding,
                                   scale_shift=resblock_is_film)
+
+
 @contextlib.contextmanager
 def compvis_keep_activations(unit: nn.Module) -> Iterator[bool]:
     """CompVis' blocks recompute their forward in the backward when their ``checkpoint`` (transformer blocks: always)
     or ``use_checkpoint`` (ResBlocks, per config) flag is set: off inside, as they were after; yields whether any
     was set."""
-    flags = [(m, name, getattr(m, name)) for m in unit.modules() for name in ("checkpoint", "use_checkpoint")
-             if isinstance(getattr(m, name, None), bool)]
-    for m, name, _ in flags:
-        setattr(m, name, False)
+    flags = grad_checkpoint_flags(unit)
+    disable_grad_checkpointing(unit)
     try:
         yield any(on for _, _, on in flags)
     finally:
