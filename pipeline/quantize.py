@@ -6,8 +6,10 @@ Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}[sm{b}].pt):
           split_shortcut, smoothing (None or the QNCD formula), steps, eta, scale, timesteps, calibration
           (fingerprint of calibration.pt), the phase settings and the SQNRs measured
     quant_state: QuantModel.quant_state_dict() (Δ, z, rounding mode, round-up masks; no FP weights)
+    summaries: one loss summary per reconstructed unit
     smoothing: quant.smoothing.smoothing_state() when meta["smoothing"] is set
-Partial checkpoint (<artifact>.partial.pt): the same meta plus ``next_unit`` and the summaries so far.
+Partial checkpoint (<artifact>.partial.pt): the same meta, the same state (``save_quant_state`` writes both), plus
+``next_unit`` and the summaries so far.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pipeline.families.base import ModelFamily
 from ldm.util import UserFacingError
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.layout import partial_path
-from quant.api import LayerFilter, QuantConfig, quantize
+from quant.api import LayerFilter, QuantConfig, quantize, quantized_state
 from quant.model import QuantModel
 from quant.reconstruction import CacheSpec, CalibrationData, Phase, ReconConfig, reconstruct_
 
@@ -181,12 +183,20 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
             print(f"ignoring {ckpt}: {why}; starting this phase over")
 
     def checkpoint(next_unit: int, summary: dict) -> None:
-        state = qm.quant_state_dict()
         summaries.append(summary)
-        save_artifact(ckpt, PARTIAL_KIND, meta, {"next_unit": next_unit, "summaries": summaries, "quant_state": state})
+        save_quant_state(ckpt, PARTIAL_KIND, meta, qm, {"next_unit": next_unit, "summaries": summaries})
 
     reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress, timings=timings)
     return summaries
+
+
+def save_quant_state(path: str | os.PathLike, kind: str, meta: dict[str, Any], qm: QuantModel, extra: dict[str, Any],
+                     **finish: Any) -> None:
+    """The one writer of a quantized model's state (a quant artifact, or a reconstruction's partial checkpoint):
+    ``quantized_state(qm)`` (its smoothing factors too when ``meta["smoothing"]`` is set) with ``extra`` beside
+    it; ``finish``: ``save_artifact``'s ``timing`` and ``replaces``."""
+    state = quantized_state(qm, bool(meta.get("smoothing")))
+    save_artifact(path, kind, meta, {"quant_state": state.pop("quant_state"), **extra, **state}, **finish)
 
 
 class Stopwatch:

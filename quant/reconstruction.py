@@ -246,12 +246,15 @@ def capture_row_bytes(qm: QuantModel, units: Sequence[Unit], data: "CalibrationD
     return [sum(c.nbytes for c in [*(inputs or []), output] if c is not None) for inputs, output in caps]
 
 
+@dataclass(frozen=True)
 class CalibrationData:
     """The calibration set (x_t, t, c) on a device, iterated in fixed-size batches (no shuffling: caches are
     indexed by row)."""
 
-    def __init__(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None, device: torch.device):
-        self.x, self.t, self.c, self.device = x, t, c, device
+    x: torch.Tensor
+    t: torch.Tensor
+    c: torch.Tensor | None
+    device: torch.device
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -385,29 +388,98 @@ def _unit_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + index)
 
 
+class UnitObjective:
+    """What one phase learns on a unit, as explicit verbs around the shared loop of ``optimise_unit``: ``begin``
+    (switch the unit's quantizers to their learnable form; returns the parameters), ``iteration(k)`` (a context
+    around one forward/backward that yields the loss from the reconstruction term), ``scheduler``, ``after_step``
+    (a projection after each optimiser step) and ``finish`` (what stays when the unit is done). A new phase (another
+    rounding or range learner) is one subclass and one ``OBJECTIVES`` entry; ``optimise_unit`` does not change."""
+
+    def __init__(self, unit: Unit, cfg: "ReconConfig"):
+        self.unit, self.cfg = unit, cfg
+
+    def begin(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def iteration(self, k: int) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        yield lambda rec: rec
+
+    def scheduler(self, optimiser: torch.optim.Optimizer):
+        return None
+
+    def after_step(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class AdaRoundObjective(UnitObjective):
+    """Phase.WEIGHT: AdaRound's α of every layer of the unit (Nagel et al. 2020, Eq. 21-25): h(α) starts at the
+    fractional part of W/Δ, the loss adds λ Σ (1 − |2h(α) − 1|^β) once the warm-up is over (β decays 20 → 2), and
+    the unit ends hard-rounded (the round-up masks [α ≥ 0])."""
+
+    def begin(self) -> list[torch.Tensor]:
+        self.layers = self.unit.layers()
+        for layer in self.layers:
+            layer.init_adaround_()
+        self.decay = TempDecay(self.cfg.iters, self.cfg.warmup, *self.cfg.beta)
+        return [layer.alpha for layer in self.layers]
+
+    @contextlib.contextmanager
+    def iteration(self, k: int) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+        with _soft_rounding(self.layers) as h:
+            beta = self.decay(k)
+
+            def total(rec: torch.Tensor) -> torch.Tensor:
+                return rec if beta is None else rec + self.cfg.round_weight * sum(rounding_reg(h_l, beta) for h_l in h)
+            yield total
+
+    def finish(self) -> None:
+        for layer in self.layers:
+            layer.harden_()
+
+
+class StepSizeObjective(UnitObjective):
+    """Phase.ACTIVATION: the activation step sizes Δ_a of the unit's quantized layer inputs and attention
+    quantizers, LSQ-style (Esser et al. 2020), with a cosine learning-rate decay to 0; a step size stays positive.
+    A 16-bit softmax quantizer stays fixed (Q-Diffusion)."""
+
+    def begin(self) -> list[torch.Tensor]:
+        self.params = ([layer.a_scale for layer in self.unit.layers() if layer.act_quant] +
+                       [q.a_scale for q in self.unit.act_quantizers() if q.enabled and q.learnable])
+        return self.params
+
+    def scheduler(self, optimiser: torch.optim.Optimizer):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=self.cfg.iters, eta_min=0.)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for q in self.params:
+            q.clamp_(min=1e-8)
+
+
+OBJECTIVES: dict[Phase, type[UnitObjective]] = {Phase.WEIGHT: AdaRoundObjective,
+                                                Phase.ACTIVATION: StepSizeObjective}
+
+
 def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], target: RowCache,
                   cfg: ReconConfig, index: int, device: torch.device, progress: bool = True) -> dict[str, float]:
-    """Run the phase's optimisation on one unit (quantization already switched on). Returns loss summaries."""
-    layers, quantizers = unit.layers(), unit.act_quantizers()
-    gen = _unit_generator(cfg.seed, index)
-    if phase is Phase.WEIGHT:
-        for layer in layers:
-            layer.init_adaround_()
-        params = [layer.alpha for layer in layers]
-    else:
-        # a 16-bit softmax quantizer stays fixed (Q-Diffusion)
-        params = ([layer.a_scale for layer in layers if layer.act_quant] +
-                  [q.a_scale for q in quantizers if q.enabled and q.learnable])
+    """Run the phase's optimisation (``OBJECTIVES[phase]``) on one unit (quantization already switched on): Adam on
+    the objective's parameters over random mini-batches of the caches, loss ‖f_q − f‖_p^p plus the objective's
+    terms. Returns loss summaries."""
+    objective = OBJECTIVES[phase](unit, cfg)
+    params = objective.begin()
     if not params:  # a weightless / unquantized unit (Q-Diffusion issue #26): nothing to learn
         return {}
+    gen = _unit_generator(cfg.seed, index)
     for q in params:
         q.requires_grad_(True)
     # one fused kernel per parameter a step instead of a chain of elementwise ops (issue 29; equal to the loop's
     # update up to the last bit)
     optimiser = torch.optim.Adam(params, lr=cfg.lr, fused=device.type in ("cpu", "cuda"))
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.iters, eta_min=0.)
-                 if phase is Phase.ACTIVATION else None)
-    decay = TempDecay(cfg.iters, cfg.warmup, *cfg.beta)
+    scheduler = objective.scheduler(optimiser)
     n = target.n
     first = last = float("nan")
     bar = tqdm(range(cfg.iters), desc=f"{phase.value} {unit.name}", leave=False, disable=not progress)
@@ -415,21 +487,15 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
         for k in bar:
             idx = torch.randperm(n, generator=gen)[:cfg.batch_size]
             args = [None if cache is None else cache.rows(idx, device) for cache in inputs]
-            with torch.enable_grad(), _soft_rounding(layers if phase is Phase.WEIGHT else []) as h:
+            with torch.enable_grad(), objective.iteration(k) as total:
                 rec = lp_loss(unit.module(*args), target.rows(idx, device), cfg.p)
-                loss = rec
-                beta = decay(k) if phase is Phase.WEIGHT else None
-                if beta is not None:
-                    loss = rec + cfg.round_weight * sum(rounding_reg(h_l, beta) for h_l in h)
+                loss = total(rec)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
             optimiser.step()
             if scheduler is not None:
                 scheduler.step()
-            if phase is Phase.ACTIVATION:
-                with torch.no_grad():  # a step size must stay positive
-                    for q in params:
-                        q.clamp_(min=1e-8)
+            objective.after_step()
             last = rec.detach()   # (read back only when shown: .item() every iteration stalls a GPU)
             if k == 0:
                 first = last.item()
@@ -438,9 +504,7 @@ def optimise_unit(unit: Unit, phase: Phase, inputs: Sequence[RowCache | None], t
     finally:
         for q in params:
             q.requires_grad_(False)
-    if phase is Phase.WEIGHT:
-        for layer in layers:
-            layer.harden_()
+    objective.finish()
     return {"rec_first": first, "rec_last": float(last)}
 
 
@@ -482,6 +546,8 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
         p.requires_grad_(False)  # only α or Δ_a are optimised
     summaries = []
     row_bytes = capture_row_bytes(qm, units, data, cfg.cache, want_inputs=not cfg.asym)
+    # the phase's quantization, set once: every cache pass below restores it when done
+    qm.set_quant_state(weight=True, act=act)
     fp: dict[int, Captures] = {}
 
     def fp_pass(i: int) -> dict[int, Captures]:
@@ -507,7 +573,6 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
             if cfg.asym:
                 inputs, _ = capture_unit_io(qm, unit, data, cfg.cache_batch_size, cfg.cache, quantized=True,
                                             act=act, want_output=False)
-            qm.set_quant_state(weight=True, act=act)
             _sync(device)
             t1 = time.perf_counter()
             with _threads(cfg.cpu_threads if device.type == "cpu" else None), \
@@ -524,7 +589,6 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
                 checkpoint(i + 1, summary)
     finally:
         qm.train(was_training)
-    qm.set_quant_state(weight=True, act=act)
     return summaries
 
 

@@ -12,12 +12,12 @@ from tqdm import tqdm
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
 from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, CacheSettings, Stopwatch,
-                               load_calibration, make_quant_model, resumable_reconstruct)
+                               load_calibration, make_quant_model, resumable_reconstruct, save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from pipeline.steps.quantize_weights import weight_meta
@@ -154,11 +154,8 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
         running_stat_(qm, data, acts)
     sqnr_final = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
-    payload = {"quant_state": qm.quant_state_dict(), "summaries": summaries}
-    if meta.get("smoothing"):
-        payload["smoothing"] = w_obj["smoothing"]
-    save_artifact(out, QUANT_KIND, meta, payload, replaces=[partial_path(out)],
-                  timing=dict(act_seconds=time.time() - t0, calibrate_activations_s=init.seconds,
-                              act_init_samples=len(pick), sqnr_s=sqnr.seconds, held_out=len(held), units=units))
+    save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries}, replaces=[partial_path(out)],
+                     timing=dict(act_seconds=time.time() - t0, calibrate_activations_s=init.seconds,
+                                 act_init_samples=len(pick), sqnr_s=sqnr.seconds, held_out=len(held), units=units))
     print(f"{tag.title()} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after {what} "
           f"({time.time() - t0:.0f} s); wrote {out}")

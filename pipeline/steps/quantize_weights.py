@@ -10,15 +10,15 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import is_current, save_artifact
+from pipeline.artifacts import is_current
 from pipeline.basics import check_at_least, pick_device
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
 from pipeline.quantize import (QUANT_KIND, CacheSettings, Stopwatch, load_calibration, make_quant_model,
-                               resumable_reconstruct)
+                               resumable_reconstruct, save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
-from quant.api import QuantConfig, quantized_state
+from quant.api import QuantConfig
 from quant.reconstruction import Phase, ReconConfig, sqnr_db
 from quant.smoothing import Formula, smooth_
 
@@ -112,11 +112,10 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
             if weights.iters else []
         sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
         meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
-        state = quantized_state(qm, bool(config.smoothing))
         # the timings: the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects them)
-        save_artifact(out, QUANT_KIND, meta, {"quant_state": state.pop("quant_state"), "summaries": summaries, **state},
-                      timing=dict(seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds,
-                                  held_out=len(held), units=units), replaces=[partial_path(out)])
+        save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries},
+                         timing=dict(seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds,
+                                     held_out=len(held), units=units), replaces=[partial_path(out)])
     after = f" -> AdaRound {sqnr_ada:.2f} dB ({len(summaries)} units" if summaries else " (no reconstruction"
     print(f"W{config.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, {time.time() - t0:.0f} s); "
           f"wrote {out}")
