@@ -139,6 +139,26 @@ def load_artifact(path: str | os.PathLike, kind: str, expect: dict[str, Any] | N
     return obj
 
 
+def load_progress(path: str | os.PathLike, kind: str, meta: dict[str, Any], needs: Iterable[str] = ()) -> dict | None:
+    """The progress checkpoint an interrupted run left at ``path``, to resume from: its content when it is a
+    ``kind`` artifact whose meta agrees with ``meta`` on every key and that holds every key in ``needs``; else
+    None, saying why a file there is ignored (other settings, damaged by a killed write, or older). The one reader
+    of resume checkpoints (steps 2-4)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        obj = load_artifact(path, kind, meta)
+    except ArtifactMismatch as e:   # a damaged file (no differing key) is not "other settings"
+        print(f"ignoring {path}: " + (f"its {e.key} differs" if e.key else f"{e}"[:120]) + "; starting over")
+        return None
+    missing = [k for k in needs if k not in obj]
+    if missing:
+        print(f"ignoring {path}: it holds no {', '.join(missing)} (written by an older version); starting over")
+        return None
+    return obj
+
+
 def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: bool = False,
                what: str | None = "this result") -> bool:
     """The one "is this artifact up to date?" check of the pipeline steps: True (and says so) when ``path`` holds
@@ -164,5 +184,5 @@ def is_current(path: str | os.PathLike, kind: str, meta: dict[str, Any], force: 
     return True
 
 
-__all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "is_current", "file_fingerprint",
-           "timing_path", "check_output_path", "artifact_kind", "tensors_digest", "CHECKSUM_KEY"]
+__all__ = ["FORMAT_VERSION", "ArtifactMismatch", "save_artifact", "load_artifact", "load_progress", "is_current",
+           "file_fingerprint", "timing_path", "check_output_path", "artifact_kind", "tensors_digest", "CHECKSUM_KEY"]

@@ -8,13 +8,15 @@ Artifact ``quant`` (quant_w{b}.pt, quant_w{b}a{b}[sm{b}].pt):
     quant_state: QuantModel.quant_state_dict() (Δ, z, rounding mode, round-up masks; no FP weights)
     summaries: one loss summary per reconstructed unit
     smoothing: quant.smoothing.smoothing_state() when meta["smoothing"] is set
-Partial checkpoint (<artifact>.partial.pt): the same meta, the same state (``save_quant_state`` writes both), plus
-``next_unit`` and the summaries so far.
+Partial checkpoint (<artifact>.partial.pt): the same meta and state (``save_quant_state`` writes both), plus
+``next_unit``, the summaries so far and ``measured`` (the SQNRs taken before the reconstruction); a resumed step
+builds its model from it as from any quant artifact (``RESUME_KEYS``).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +148,7 @@ def adopt_quant_artifact(src: str | os.PathLike, dest: str | os.PathLike, expect
 
 
 def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps: list[int],
-                     device: torch.device) -> tuple[CalibrationData, CalibrationData | None, dict]:
+                     device: torch.device) -> tuple[CalibrationData, CalibrationData | None]:
     """The calibration set (and its held-out part), checked: same model and sampler settings, and recorded on the
     DDIM grid that sampling will use (a set from another grid calibrates the wrong timesteps)."""
     obj = load_artifact(path, CALIBRATION_KIND, expect, CALIBRATION_SCRIPT)
@@ -157,37 +159,38 @@ def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps:
     data = CalibrationData(obj["x"], obj["t"], obj.get("c"), device)
     held = (CalibrationData(obj["holdout_x"], obj["holdout_t"], obj.get("holdout_c"), device)
             if obj.get("holdout_x") is not None and len(obj["holdout_x"]) else None)
-    return data, held, obj["meta"]
+    return data, held
+
+
+# what a reconstruction's partial checkpoint holds: a step resumes from ``load_progress(partial_path(out),
+# PARTIAL_KIND, meta, needs=RESUME_KEYS)`` and builds its model from it (``make_quant_model(..., obj=resume)``)
+RESUME_KEYS = ("quant_state", "next_unit", "summaries", "measured")
 
 
 def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig,
-                          out_path: str | os.PathLike, meta: dict[str, Any], progress: bool = True,
+                          out_path: str | os.PathLike, meta: dict[str, Any], resume: dict | None = None,
+                          measured: dict[str, Any] | None = None, progress: bool = True,
                           timings: list | None = None) -> list[dict]:
-    """``reconstruct_`` with a checkpoint after every unit in ``<out>.partial.pt``. A partial checkpoint whose meta
-    equals ``meta`` (same model, bits, settings, calibration set) is resumed from; any other is ignored and replaced.
-    The caller's final ``save_artifact(..., replaces=[partial_path(out)])`` removes the checkpoint."""
+    """``reconstruct_`` with a checkpoint after every unit in ``<out>.partial.pt`` (``save_quant_state``: the
+    model's state, the next unit, the summaries so far and ``measured``, what the step measured before the
+    reconstruction and records in the artifact). ``resume`` (see ``RESUME_KEYS``): ``qm`` was built from that
+    checkpoint, and the reconstruction goes on at its next unit. The caller's final
+    ``save_quant_state(..., replaces=[partial_path(out)])`` removes the checkpoint."""
     ckpt = partial_path(out_path)
-    start, summaries = 0, []
-    if ckpt.exists():
-        try:
-            obj = load_artifact(ckpt, PARTIAL_KIND, meta)
-            qm.load_quant_state_dict_(obj["quant_state"])
-            qm.to(next(qm.parameters()).device)
-            start, summaries = int(obj["next_unit"]), list(obj["summaries"])
-            print(f"resuming {phase.value} reconstruction at unit {start} from {ckpt}")
-        except (ArtifactMismatch, ValueError, KeyError) as e:
-            # say which: a damaged file (a killed write) is not "other settings"
-            why = (f"its {e.key} differs" if isinstance(e, ArtifactMismatch) and e.key else
-                   "it cannot be read (an interrupted write?)" if isinstance(e, ArtifactMismatch) else
-                   f"its content does not fit this model ({type(e).__name__})")
-            print(f"ignoring {ckpt}: {why}; starting this phase over")
+    start, done = 0, []
+    if resume is not None:
+        # the keys interned as the fresh summaries' literals are: pickle then shares them alike, and a resumed
+        # run's artifact is byte-identical to an uninterrupted one's
+        start = int(resume["next_unit"])
+        done = [{sys.intern(k): v for k, v in summary.items()} for summary in resume["summaries"]]
+        print(f"resuming {phase.value} reconstruction at unit {start} from {ckpt}")
 
-    def checkpoint(next_unit: int, summary: dict) -> None:
-        summaries.append(summary)
-        save_quant_state(ckpt, PARTIAL_KIND, meta, qm, {"next_unit": next_unit, "summaries": summaries})
+    def checkpoint(next_unit: int, summaries: list[dict]) -> None:
+        save_quant_state(ckpt, PARTIAL_KIND, meta, qm,
+                         {"next_unit": next_unit, "summaries": done + summaries, "measured": measured or {}})
 
-    reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress, timings=timings)
-    return summaries
+    return done + reconstruct_(qm, data, phase, cfg, start_unit=start, checkpoint=checkpoint, progress=progress,
+                               timings=timings)
 
 
 def save_quant_state(path: str | os.PathLike, kind: str, meta: dict[str, Any], qm: QuantModel, extra: dict[str, Any],

@@ -522,10 +522,11 @@ def _sync(device: torch.device) -> None:
 
 
 def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: ReconConfig, *,
-                 start_unit: int = 0, checkpoint: Callable[[int, dict], None] | None = None,
+                 start_unit: int = 0, checkpoint: Callable[[int, list[dict]], None] | None = None,
                  skip_eight_bit: bool = True, progress: bool = True, timings: list | None = None) -> list[dict]:
-    """Reconstruct every unit from ``start_unit`` on, in order. After unit i, ``checkpoint(i + 1, summary)`` runs
-    (save the quantized state there; resume with ``start_unit = i + 1`` after loading it). ``timings``, if given,
+    """Reconstruct every unit from ``start_unit`` on, in order. After unit i, ``checkpoint(i + 1, summaries)`` runs
+    with the summaries of the units done so far in this call (save the quantized state there; resume with
+    ``start_unit = i + 1`` after loading it). ``timings``, if given,
     receives one record per unit: name, kind, rows, iters, capture_s (the cache passes), optimise_s and cache_bytes
     (what a full-size run needs to project; kept out of the summaries so artifacts stay byte-identical).
 
@@ -586,7 +587,7 @@ def reconstruct_(qm: QuantModel, data: CalibrationData, phase: Phase, cfg: Recon
                                 "recompute": recompute})
             summaries.append(summary)
             if checkpoint is not None:
-                checkpoint(i + 1, summary)
+                checkpoint(i + 1, summaries)
     finally:
         qm.train(was_training)
     return summaries

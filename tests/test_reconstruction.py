@@ -10,14 +10,14 @@ import torch
 
 import tiny_models
 from conftest import REPO
-from pipeline.artifacts import ArtifactMismatch, save_artifact
+from pipeline.artifacts import ArtifactMismatch, load_progress, save_artifact
 from ldm.models.diffusion.settings import SamplingSettings
 from quant.config import QuantConfig
 from quant.layers import QuantLayer, WeightRounding
 from quant.model import QuantModel
 from pipeline.families.compvis_ldm import ClassConditionalLDM
 from pipeline.layout import partial_path
-from pipeline.quantize import load_quant_model, resumable_reconstruct
+from pipeline.quantize import PARTIAL_KIND, RESUME_KEYS, load_quant_model, resumable_reconstruct
 from quant.policy import Precision
 from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, RowCache, capture_unit_io,
                                   find_units, reconstruct_, sqnr_db)
@@ -153,9 +153,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, data, tmp_path, m
     with pytest.raises(KeyboardInterrupt):
         resumable_reconstruct(fresh(tiny), cal, Phase.WEIGHT, cfg, tmp_path / "b.pt", meta, progress=False)
     monkeypatch.setattr(pipeline, "save_artifact", real_save)
-    assert partial_path(tmp_path / "b.pt").exists()
-    resumed = fresh(tiny)
-    summaries = resumable_reconstruct(resumed, cal, Phase.WEIGHT, cfg, tmp_path / "b.pt", meta, progress=False)
+    resume = load_progress(partial_path(tmp_path / "b.pt"), PARTIAL_KIND, meta, needs=RESUME_KEYS)
+    assert resume["next_unit"] == 3 and len(resume["summaries"]) == 3
+    resumed = fresh(tiny).load_quant_state_dict_(resume["quant_state"])   # as a step builds it from the checkpoint
+    summaries = resumable_reconstruct(resumed, cal, Phase.WEIGHT, cfg, tmp_path / "b.pt", meta, resume,
+                                      progress=False)
     assert len(summaries) == len(find_units(resumed))
     a, b = whole.quant_state_dict(), resumed.quant_state_dict()
     assert a.keys() == b.keys()
@@ -163,6 +165,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, data, tmp_path, m
         for key, value in a[name].items():
             assert (torch.equal(value, b[name][key]) if torch.is_tensor(value) else value == b[name][key]), \
                 (name, key)
+
+
+def test_stale_and_old_checkpoints_are_named_and_ignored(tiny, data, tmp_path, capsys):
+    cal, _ = data
+    meta = {"w_bits": 4, "test": 1}
+    ckpt = partial_path(tmp_path / "a.pt")
+    assert load_progress(ckpt, PARTIAL_KIND, meta, needs=RESUME_KEYS) is None   # none there: nothing said
+    resumable_reconstruct(fresh(tiny), cal.subset(8), Phase.WEIGHT, ReconConfig(iters=1, cache_batch_size=8),
+                          tmp_path / "a.pt", meta, progress=False)
+    assert load_progress(ckpt, PARTIAL_KIND, meta, needs=RESUME_KEYS) is not None
+    assert load_progress(ckpt, PARTIAL_KIND, {**meta, "w_bits": 8}, needs=RESUME_KEYS) is None
+    assert load_progress(ckpt, PARTIAL_KIND, meta, needs=[*RESUME_KEYS, "later"]) is None
+    ckpt.write_bytes(ckpt.read_bytes()[:100])   # a killed write
+    assert load_progress(ckpt, PARTIAL_KIND, meta, needs=RESUME_KEYS) is None
+    out = capsys.readouterr().out
+    assert "its w_bits differs; starting over" in out and "holds no later" in out and "cannot read" in out
 
 
 def test_artifact_round_trip_and_mismatch(tiny, data, w4, tmp_path):
@@ -436,3 +454,45 @@ def test_one_fp_pass_fills_the_targets_of_the_units_that_fit(tiny, data, monkeyp
     assert counts[0] == [1] * n_units                      # one FP pass a unit
     assert sum(counts[1]) == n_units and len(counts[1]) < n_units / 4   # the tiny model's caches fit: few passes
     assert _same(*states)
+
+
+def test_killed_steps_2_and_3_resume_to_the_same_bytes(tiny, tmp_path, monkeypatch, capsys):
+    """Steps 2 and 3 (with QNCD's smoothing) killed after a unit's checkpoint and run again: the model is built
+    from the checkpoint as from any quant artifact (smoothing, ranges, rounding, learned steps), the SQNRs taken
+    before the interruption are read back, and both artifacts equal an uninterrupted run's byte for byte."""
+    import hashlib
+    import pipeline.quantize as pipeline
+    cfg_path, ckpt = tiny_models.write(tiny_models.config(tiny_models.CLASS_COND), tiny, tmp_path / "m")
+    qw, qa = load_script("quantize_weight"), load_script("quantize_weight_activation")
+    paths = {}
+    for name in ("whole", "killed"):
+        common = ["--config", str(cfg_path), "--ckpt", str(ckpt), "--steps", "5", "--outdir", str(tmp_path / name)]
+        load_script("collect_imagenet_calibration_set").main(
+            common + ["--n", "32", "--n_holdout", "8", "--calibration_trajectories_per_class", "2"])
+        steps = [(qw, ["--weight_iters", "2", "--scale_split_static"]),
+                 (qa, ["--act_iters", "2", "--act_init_samples", "8", "--scale_split_static"])]
+        for script, flags in steps:
+            if name == "killed":
+                real_save, saves = pipeline.save_artifact, []
+
+                def save_then_die(*args, **kwargs):
+                    real_save(*args, **kwargs)
+                    saves.append(args[0])
+                    if len(saves) == 2:
+                        raise KeyboardInterrupt   # killed right after the second unit's checkpoint
+                monkeypatch.setattr(pipeline, "save_artifact", save_then_die)
+                with pytest.raises(KeyboardInterrupt):
+                    script.main(common + flags)
+                monkeypatch.undo()
+                assert all(p.name.endswith(".partial.pt") for p in saves)
+                capsys.readouterr()
+            script.main(common + flags)
+            if name == "killed":
+                assert "resuming" in capsys.readouterr().out
+        run = tmp_path / name / "custom" / "scale3_eta0_steps5"
+        paths[name] = [run / "w4" / "quant_w4.pt", run / "w4a8" / "quant_w4a8.pt"]
+        assert torch.load(paths[name][1], weights_only=True)["meta"]["smoothing"] == "code"
+    for whole, killed in zip(paths["whole"], paths["killed"]):
+        assert killed.exists() and not partial_path(killed).exists()
+        digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (whole, killed)]
+        assert digest[0] == digest[1], killed.name

@@ -12,11 +12,11 @@ from tqdm import tqdm
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact
+from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, load_progress
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
-from pipeline.quantize import (QUANT_KIND, WEIGHT_SCRIPT, CacheSettings, Stopwatch,
+from pipeline.quantize import (PARTIAL_KIND, QUANT_KIND, RESUME_KEYS, WEIGHT_SCRIPT, CacheSettings, Stopwatch,
                                load_calibration, make_quant_model, resumable_reconstruct, save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
@@ -105,7 +105,7 @@ def run(run: Run, config: QuantConfig, acts: ActivationSettings) -> Path:
     ensure_writable_dir(out.parent)
     device = run.torch_device()
     family, model = run.load(device)
-    data, held, _ = load_calibration(cal_path, base, ddim_timesteps(model, run.sampling), device)
+    data, held = load_calibration(cal_path, base, ddim_timesteps(model, run.sampling), device)
     if meta.get("calibration") != file_fingerprint(cal_path):
         raise ArtifactMismatch(f"{w_path} was reconstructed on another calibration set than {cal_path}; rerun "
                                f"{WEIGHT_SCRIPT} --w_bits {config.w_bits}")
@@ -122,20 +122,30 @@ def run(run: Run, config: QuantConfig, acts: ActivationSettings) -> Path:
     return out
 
 
-def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: dict, w_obj: dict, w_path,
-                       unet: torch.nn.Module, data, held, out, t0: float, device: torch.device,
-                       family: ModelFamily) -> None:
-    """Activation ranges, step-size learning unit by unit (and QNCD's running stat), the SQNRs, the artifact."""
-    qm = make_quant_model(unet, meta, w_obj, w_path, copy=False, family=family).to(device)
-    held = held or data
-    init, sqnr = Stopwatch(), Stopwatch()
+def first_ranges(qm, acts: ActivationSettings, data, held, init: Stopwatch, sqnr: Stopwatch) -> dict[str, float]:
+    """A fresh model's activation ranges from a seeded random spread of ``acts.init_samples`` calibration inputs
+    (the set is ordered by timestep), with the SQNRs before and after (what a resumed run reads back)."""
     sqnr_w = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=False)
-    # initial ranges from a seeded random spread of calibration inputs (the set is ordered by timestep)
     pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(acts.seed))[:acts.init_samples]
     qm.set_quant_state(weight=True)
     # (batches of at most 64, fewer where the preset's cache pass is smaller: cin256's per-row activations are large)
     init.wrap(qm.calibrate_activations_)(data.rows(pick).batches(min(64, acts.cache.batch_size)))
-    sqnr_init = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
+    return {"sqnr_weight_only_db": sqnr_w, "sqnr_act_init_db": sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)}
+
+
+def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: dict, w_obj: dict, w_path,
+                       unet: torch.nn.Module, data, held, out, t0: float, device: torch.device,
+                       family: ModelFamily) -> None:
+    """Activation ranges, step-size learning unit by unit (and QNCD's running stat), the SQNRs, the artifact."""
+    # an interrupted run's checkpoint of these settings, to build the model from and go on
+    resume = load_progress(partial_path(out), PARTIAL_KIND, meta, needs=RESUME_KEYS) if acts.iters else None
+    # resumed: the checkpoint's state (step 2's weights, the ranges, the steps learned so far), as any quant artifact
+    qm = make_quant_model(unet, meta, resume or w_obj, partial_path(out) if resume else w_path, copy=False,
+                          family=family).to(device)
+    held = held or data
+    init, sqnr = Stopwatch(), Stopwatch()
+    measured = resume["measured"] if resume is not None else first_ranges(qm, acts, data, held, init, sqnr)
+    sqnr_w, sqnr_init = measured["sqnr_weight_only_db"], measured["sqnr_act_init_db"]
     stages = [f"step-size learning ({acts.iters} iterations per unit)"] if acts.iters else []
     stages += [f"running stat ({acts.running_stat})"] if acts.running_stat else []
     what = " + ".join(stages) or "initial ranges only"
@@ -147,8 +157,8 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
                                           fp_capture_bytes=acts.cache.fp_capture_bytes,
                                           recompute_above=acts.cache.recompute_above)
     units: list[dict] = []
-    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, timings=units) \
-        if acts.iters else []
+    summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, resume, measured,
+                                      timings=units) if acts.iters else []
     if acts.running_stat:
         meta["sqnr_before_running_stat_db"] = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
         running_stat_(qm, data, acts)
@@ -156,6 +166,7 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
     save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries}, replaces=[partial_path(out)],
                      timing=dict(act_seconds=time.time() - t0, calibrate_activations_s=init.seconds,
-                                 act_init_samples=len(pick), sqnr_s=sqnr.seconds, held_out=len(held), units=units))
+                                 act_init_samples=acts.init_samples, sqnr_s=sqnr.seconds, held_out=len(held),
+                                 units=units, resumed=resume is not None))
     print(f"{tag.title()} SQNR on held-out inputs: {sqnr_init:.2f} dB -> {sqnr_final:.2f} dB after {what} "
           f"({time.time() - t0:.0f} s); wrote {out}")

@@ -10,12 +10,12 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import is_current
+from pipeline.artifacts import is_current, load_progress
 from pipeline.basics import check_at_least, pick_device
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
-from pipeline.quantize import (QUANT_KIND, CacheSettings, Stopwatch, load_calibration, make_quant_model,
-                               resumable_reconstruct, save_quant_state)
+from pipeline.quantize import (PARTIAL_KIND, QUANT_KIND, RESUME_KEYS, CacheSettings, Stopwatch, load_calibration,
+                               make_quant_model, resumable_reconstruct, save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from quant.api import QuantConfig
@@ -82,40 +82,49 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
     device = pick_device(run.device)
     family, model = run.load(device)
     timesteps = ddim_timesteps(model, run.sampling)
-    data, held, _ = load_calibration(cal_path, base, timesteps, device)
+    data, held = load_calibration(cal_path, base, timesteps, device)
     held = held or data
     meta["timesteps"] = timesteps
     cfg = ReconConfig(iters=weights.iters, batch_size=weights.batch_size, round_weight=weights.round_weight,
                       cache=weights.cache.spec(), cache_batch_size=weights.cache.batch_size, seed=weights.seed,
                       fp_capture_bytes=weights.cache.fp_capture_bytes,
                       recompute_above=weights.cache.recompute_above)
+    # an interrupted run's checkpoint of these settings, to build the model from and go on
+    resume = load_progress(partial_path(out), PARTIAL_KIND, meta, needs=RESUME_KEYS) if weights.iters else None
     torch.manual_seed(weights.seed)
     t0 = time.time()
     # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
     with family.ema_scope(model):
-        qm = make_quant_model(family.unet(model), meta, copy=False, family=family).to(device)
-        if config.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
-            factors = smooth_(qm, data, Formula(config.smoothing))
-            print(f"QNCD smoothing ({config.smoothing} formula) of {len(factors)} ResBlocks; S in "
-                  f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
-                  f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+        # resumed: the checkpoint's smoothing and quantized state, as any quant artifact restores them
+        qm = make_quant_model(family.unet(model), meta, resume, partial_path(out), copy=False,
+                              family=family).to(device)
         init, sqnr = Stopwatch(), Stopwatch()
-        init.wrap(qm.init_weights_)()
-        sqnr_nearest = sqnr.wrap(sqnr_db)(qm, held)
+        if resume is None:
+            if config.smoothing:  # QNCD: before the weight ranges are chosen (they must see W·S)
+                factors = smooth_(qm, data, Formula(config.smoothing))
+                print(f"QNCD smoothing ({config.smoothing} formula) of {len(factors)} ResBlocks; S in "
+                      f"[{min(float(f.abs().min()) for f in factors.values()):.3g}, "
+                      f"{max(float(f.abs().max()) for f in factors.values()):.3g}]")
+            init.wrap(qm.init_weights_)()
+            measured = {"sqnr_nearest_db": sqnr.wrap(sqnr_db)(qm, held)}   # (what a resumed run reads back)
+        else:
+            measured = resume["measured"]
+        sqnr_nearest = measured["sqnr_nearest_db"]
         granularity = "per-channel" if meta["channel_wise"] else "per-tensor"
         print(f"[{run.preset}] W{config.w_bits} ({config.policy}, {granularity}): round-to-nearest SQNR "
               f"{sqnr_nearest:.2f} dB on {len(held)} held-out inputs; " +
               (f"reconstructing with {weights.iters} AdaRound iterations per unit, batch {weights.batch_size}, "
                f"on {device}" if weights.iters else "no reconstruction (--weight_iters 0: QNCD's W8)"))
         units: list[dict] = []
-        summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, timings=units) \
-            if weights.iters else []
+        summaries = resumable_reconstruct(qm, data, Phase.WEIGHT, cfg, out, meta, resume, measured,
+                                          timings=units) if weights.iters else []
         sqnr_ada = sqnr.wrap(sqnr_db)(qm, held)
         meta.update(sqnr_nearest_db=sqnr_nearest, sqnr_adaround_db=sqnr_ada)
         # the timings: the parts a full-size run scales differently (benchmarks/cin256_rehearsal.py projects them)
         save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries},
                          timing=dict(seconds=time.time() - t0, init_weights_s=init.seconds, sqnr_s=sqnr.seconds,
-                                     held_out=len(held), units=units), replaces=[partial_path(out)])
+                                     held_out=len(held), units=units, resumed=resume is not None),
+                         replaces=[partial_path(out)])
     after = f" -> AdaRound {sqnr_ada:.2f} dB ({len(summaries)} units" if summaries else " (no reconstruction"
     print(f"W{config.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, {time.time() - t0:.0f} s); "
           f"wrote {out}")
