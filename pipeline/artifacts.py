@@ -150,7 +150,8 @@ def load_progress(path: str | os.PathLike, kind: str, meta: dict[str, Any], need
     try:
         obj = load_artifact(path, kind, meta)
     except ArtifactMismatch as e:   # a damaged file (no differing key) is not "other settings"
-        print(f"ignoring {path}: " + (f"its {e.key} differs" if e.key else f"{e}"[:120]) + "; starting over")
+        print(f"ignoring {path}: " + (f"its {e.key} differs" if e.key else "it cannot be read (an interrupted write?)")
+              + "; starting over")
         return None
     missing = [k for k in needs if k not in obj]
     if missing:

@@ -180,7 +180,7 @@ def test_stale_and_old_checkpoints_are_named_and_ignored(tiny, data, tmp_path, c
     ckpt.write_bytes(ckpt.read_bytes()[:100])   # a killed write
     assert load_progress(ckpt, PARTIAL_KIND, meta, needs=RESUME_KEYS) is None
     out = capsys.readouterr().out
-    assert "its w_bits differs; starting over" in out and "holds no later" in out and "cannot read" in out
+    assert "its w_bits differs; starting over" in out and "holds no later" in out and "cannot be read" in out
 
 
 def test_artifact_round_trip_and_mismatch(tiny, data, w4, tmp_path):

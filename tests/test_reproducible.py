@@ -114,5 +114,5 @@ def test_a_truncated_progress_file_is_named_as_such(scripts, reference, tmp_path
     capsys.readouterr()
     scripts["quantize_weight"].main(common + ["--weight_iters", "3"])
     said = capsys.readouterr().out
-    assert f"ignoring {partial}: it cannot be read (an interrupted write?); starting this phase over" in said
+    assert f"ignoring {partial}: it cannot be read (an interrupted write?); starting over" in said
     assert "other settings" not in said and not partial.exists()

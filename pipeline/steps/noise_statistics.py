@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from correction.statistics import CorrectionError, Moments, NoiseStatistics, SamplingConfig, collect_noise_statistics
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, save_artifact
+from pipeline.artifacts import is_current, load_progress, save_artifact
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.layout import QuantTag, partial_path
 from pipeline.run import Run
@@ -69,15 +69,15 @@ def moments_dict(m: Moments) -> dict:
 def resume_or_start(partial: Path, spill: Path, meta: dict, sampling: SamplingConfig) -> NoiseStatistics:
     """The accumulator saved by an interrupted run with the same meta, or a fresh one (stale spill removed)."""
     use_spill = meta["outlier_k"] > 0
-    if partial.exists():
+    obj = load_progress(partial, PARTIAL_KIND, meta, needs=("state",))
+    if obj is not None:
         try:
-            obj = load_artifact(partial, PARTIAL_KIND, meta)
             stats = NoiseStatistics.from_state_dict(obj["state"], spill if use_spill else None)
             print(f"resuming from {partial}: {int(stats.samples[0])} of {meta['n']} trajectories done")
             return stats
-        except (ArtifactMismatch, CorrectionError, KeyError) as e:
+        except (CorrectionError, KeyError) as e:
             print(f"ignoring {partial} ({str(e)[:80]}...); starting over")
-        partial.unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     clear_spill(spill)
     return NoiseStatistics(sampling, spill if use_spill else None)
 
