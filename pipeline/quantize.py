@@ -147,11 +147,12 @@ def adopt_quant_artifact(src: str | os.PathLike, dest: str | os.PathLike, expect
     return dest
 
 
-def load_calibration(path: str | os.PathLike, expect: dict[str, Any], timesteps: list[int],
+def calibration_data(obj: dict, path: str | os.PathLike, timesteps: list[int],
                      device: torch.device) -> tuple[CalibrationData, CalibrationData | None]:
-    """The calibration set (and its held-out part), checked: same model and sampler settings, and recorded on the
-    DDIM grid that sampling will use (a set from another grid calibrates the wrong timesteps)."""
-    obj = load_artifact(path, CALIBRATION_KIND, expect, CALIBRATION_SCRIPT)
+    """The calibration set (and its held-out part) of a calibration artifact a step read (``load_artifact(path,
+    CALIBRATION_KIND, run.meta(), CALIBRATION_SCRIPT)``: same model and sampler settings; read before the model
+    loads, so a missing set fails fast), checked to be recorded on the DDIM grid that sampling will use (a set
+    from another grid calibrates the wrong timesteps)."""
     got = obj["meta"].get("timesteps")
     if got != list(timesteps):
         raise ArtifactMismatch(f"{path} was recorded on the DDIM grid {got[:3]}...{got[-1:]} ({len(got)} steps), but "

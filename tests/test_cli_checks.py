@@ -35,9 +35,11 @@ def test_a_billion_sample_plan_is_checked_in_bounded_memory(tmp_path):
     """The plan alone (--dry_run) for 10⁹ samples: no label array, no list of batches, no model, nothing written."""
     import subprocess
     import sys
-    probe = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+    # VmHWM, the peak of this process's own address space: ru_maxrss can carry a forking parent's peak over
+    # (a pytest process grown large makes the child look large)
+    probe = ("import runpy, sys; sys.argv = sys.argv[1:]\n"
              "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
-             "finally:\n    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+             "finally:\n    print('maxrss_kb', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", probe, str(REPO / "quant_scripts/generate_evaluation_samples_dist.py"),
                            "--n_samples", "1000000000", "--dry_run", "--outdir", str(out)],

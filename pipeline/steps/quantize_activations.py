@@ -16,8 +16,9 @@ from pipeline.artifacts import ArtifactMismatch, is_current, load_artifact, load
 from pipeline.basics import check_at_least, ensure_writable_dir
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
-from pipeline.quantize import (PARTIAL_KIND, QUANT_KIND, RESUME_KEYS, WEIGHT_SCRIPT, CacheSettings, Stopwatch,
-                               load_calibration, make_quant_model, resumable_reconstruct, save_quant_state)
+from pipeline.quantize import (CALIBRATION_KIND, CALIBRATION_SCRIPT, PARTIAL_KIND, QUANT_KIND, RESUME_KEYS,
+                               WEIGHT_SCRIPT, CacheSettings, Stopwatch, calibration_data, make_quant_model,
+                               resumable_reconstruct, save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from pipeline.steps.quantize_weights import weight_meta
@@ -103,15 +104,16 @@ def run(run: Run, config: QuantConfig, acts: ActivationSettings) -> Path:
                   "this quantized model"):
         return out
     ensure_writable_dir(out.parent)
-    device = run.torch_device()
-    family, model = run.load(device)
-    data, held = load_calibration(cal_path, base, ddim_timesteps(model, run.sampling), device)
+    calibration = load_artifact(cal_path, CALIBRATION_KIND, base, CALIBRATION_SCRIPT)   # (before the model loads)
     if meta.get("calibration") != file_fingerprint(cal_path):
         raise ArtifactMismatch(f"{w_path} was reconstructed on another calibration set than {cal_path}; rerun "
                                f"{WEIGHT_SCRIPT} --w_bits {config.w_bits}")
-    if acts.init_samples > len(data):
-        raise UserFacingError(f"--act_init_samples {acts.init_samples} exceeds the {len(data)} calibration "
-                              f"inputs; lower it")
+    if acts.init_samples > len(calibration["x"]):
+        raise UserFacingError(f"--act_init_samples {acts.init_samples} exceeds the {len(calibration['x'])} "
+                              f"calibration inputs; lower it")
+    device = run.torch_device()
+    family, model = run.load(device)
+    data, held = calibration_data(calibration, cal_path, ddim_timesteps(model, run.sampling), device)
     torch.manual_seed(acts.seed)
 
     t0 = time.time()

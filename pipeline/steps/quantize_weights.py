@@ -10,12 +10,13 @@ import torch
 
 from ldm.fileio import file_fingerprint
 from ldm.util import UserFacingError
-from pipeline.artifacts import is_current, load_progress
+from pipeline.artifacts import is_current, load_artifact, load_progress
 from pipeline.basics import check_at_least, pick_device
 from pipeline.families import ModelFamily
 from pipeline.layout import QuantTag, partial_path
-from pipeline.quantize import (PARTIAL_KIND, QUANT_KIND, RESUME_KEYS, CacheSettings, Stopwatch, load_calibration,
-                               make_quant_model, resumable_reconstruct, save_quant_state)
+from pipeline.quantize import (CALIBRATION_KIND, CALIBRATION_SCRIPT, PARTIAL_KIND, QUANT_KIND, RESUME_KEYS,
+                               CacheSettings, Stopwatch, calibration_data, make_quant_model, resumable_reconstruct,
+                               save_quant_state)
 from pipeline.run import Run
 from pipeline.sampling import ddim_timesteps
 from quant.api import QuantConfig
@@ -79,18 +80,19 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
             **weights.meta()}
     if is_current(out, QUANT_KIND, meta, run.force, "this quantized model"):   # (refuses an output it cannot write)
         return out
+    # the inputs first, before the model loads: the calibration set, and an interrupted run's checkpoint of these
+    # settings to build the model from and go on (its timesteps follow from the settings already compared)
+    calibration = load_artifact(cal_path, CALIBRATION_KIND, base, CALIBRATION_SCRIPT)
+    resume = load_progress(partial_path(out), PARTIAL_KIND, meta, needs=RESUME_KEYS) if weights.iters else None
     device = pick_device(run.device)
     family, model = run.load(device)
-    timesteps = ddim_timesteps(model, run.sampling)
-    data, held = load_calibration(cal_path, base, timesteps, device)
+    meta["timesteps"] = timesteps = ddim_timesteps(model, run.sampling)
+    data, held = calibration_data(calibration, cal_path, timesteps, device)
     held = held or data
-    meta["timesteps"] = timesteps
     cfg = ReconConfig(iters=weights.iters, batch_size=weights.batch_size, round_weight=weights.round_weight,
                       cache=weights.cache.spec(), cache_batch_size=weights.cache.batch_size, seed=weights.seed,
                       fp_capture_bytes=weights.cache.fp_capture_bytes,
                       recompute_above=weights.cache.recompute_above)
-    # an interrupted run's checkpoint of these settings, to build the model from and go on
-    resume = load_progress(partial_path(out), PARTIAL_KIND, meta, needs=RESUME_KEYS) if weights.iters else None
     torch.manual_seed(weights.seed)
     t0 = time.time()
     # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
