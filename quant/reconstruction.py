@@ -10,7 +10,8 @@ Layers kept at 8 bits by the policy (time_embed.0, the input and output conv) ar
 Each unit is trained to map inputs produced by the *quantized prefix* onto the *FP* outputs (AdaRound's asymmetric
 reconstruction; ``asym``):
     min_V  E ‖f_q(x̃; W_q(V)) − f(x; W)‖_p^p (+ λ Σ (1 − |2h(V) − 1|^β) in the weight phase)
-One verb, ``reconstruct_(qm, data, phase, cfg)``, two phases (``Phase``; ``ReconConfig`` holds their settings):
+One verb, ``reconstruct_(qm, data, phase, cfg)``, two phases (``Phase``; ``ReconConfig`` holds their settings; what
+each learns is its ``UnitObjective`` in ``OBJECTIVES``, around the one loop of ``optimise_unit``):
     Phase.WEIGHT      AdaRound α (Adam lr 1e-3, λ 0.01, β 20→2 after 20 % warm-up, p = 2), then hard rounding
     Phase.ACTIVATION  the activation steps Δ_a, LSQ-style (Adam lr 4e-4, cosine to 0, p = 2.4;
                       ``ReconConfig.activation_defaults``)

@@ -2,6 +2,7 @@
 after a kill, artifacts and the step 2-3 scripts with their metadata checks."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -19,8 +20,10 @@ from pipeline.families.compvis_ldm import ClassConditionalLDM
 from pipeline.layout import partial_path
 from pipeline.quantize import PARTIAL_KIND, RESUME_KEYS, load_quant_model, resumable_reconstruct
 from quant.policy import Precision
-from quant.reconstruction import (CacheSpec, CalibrationData, Phase, ReconConfig, RowCache, capture_unit_io,
-                                  find_units, reconstruct_, sqnr_db)
+from quant.quantizer import adaround_h, rounding_reg
+from quant.reconstruction import (OBJECTIVES, AdaRoundObjective, CacheSpec, CalibrationData, Phase, ReconConfig,
+                                  RowCache, UnitObjective, capture_unit_io, find_units, optimise_unit, reconstruct_,
+                                  sqnr_db)
 
 
 FAMILY = ClassConditionalLDM()   # the tiny LDM's family
@@ -125,6 +128,55 @@ def test_activation_steps_are_learned_and_do_not_hurt(tiny, data):
     assert all(v > 0 for v in after.values())
     assert sqnr_db(qm, held, act=True) > s0 - 0.2
     assert not any(p.requires_grad for p in qm.parameters())
+
+
+def test_a_phase_is_its_objective(tiny, data, monkeypatch):
+    """optimise_unit is one loop for every phase: the objective in OBJECTIVES decides what is learned, the loss
+    terms and what stays. A phase defined at test time (learning the unit's biases, nothing else) runs through it
+    unchanged: its parameters move, the rounding stays nearest, each iteration enters its context once."""
+    cal, _ = data
+    seen = []
+
+    class Biases(UnitObjective):
+        def begin(self):
+            return [layer.bias for layer in self.unit.layers() if layer.bias is not None]
+
+        @contextlib.contextmanager
+        def iteration(self, k):
+            seen.append(k)
+            yield lambda rec: rec
+
+        def finish(self):
+            seen.append("finish")
+
+    monkeypatch.setitem(OBJECTIVES, Phase.WEIGHT, Biases)
+    qm = fresh(tiny).set_quant_state(weight=True)
+    unit = next(u for u in find_units(qm) if u.is_block)
+    inputs, target = capture_unit_io(qm, unit, cal, 96, CacheSpec(), quantized=False, act=False, want_output=True)
+    before = [layer.bias.clone() for layer in unit.layers() if layer.bias is not None]
+    summary = optimise_unit(unit, Phase.WEIGHT, inputs, target, ReconConfig(iters=5, lr=1e-2), 0,
+                            torch.device("cpu"), progress=False)
+    after = [layer.bias for layer in unit.layers() if layer.bias is not None]
+    assert seen == [0, 1, 2, 3, 4, "finish"] and set(summary) == {"rec_first", "rec_last"}
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert all(layer.rounding is WeightRounding.NEAREST and not layer.bias.requires_grad for layer in unit.layers())
+
+
+def test_adaround_objective_adds_the_regulariser_after_the_warm_up(tiny):
+    """λ Σ (1 − |2h(α) − 1|^β) joins the loss once the warm-up (20 %) is over, with β decaying 20 → 2 (AdaRound,
+    Eq. 24-25): iteration 5 of 10 has β = 2 + 18 · (1 − 3/8) = 13.25."""
+    qm = fresh(tiny)
+    unit = next(u for u in find_units(qm) if u.is_block)
+    objective = AdaRoundObjective(unit, ReconConfig(iters=10, round_weight=0.5))
+    alphas = objective.begin()
+    assert alphas and all(layer.rounding is WeightRounding.ADAROUND_SOFT for layer in unit.layers())
+    with objective.iteration(1) as total:
+        assert float(total(torch.tensor(1.0))) == 1.0
+    with objective.iteration(5) as total:
+        reg = sum(rounding_reg(adaround_h(a), 13.25) for a in alphas)
+        assert torch.allclose(total(torch.tensor(1.0)), 1.0 + 0.5 * reg)
+    objective.finish()
+    assert all(layer.rounding is WeightRounding.ADAROUND_HARD for layer in unit.layers())
 
 
 def test_activation_phase_needs_calibrated_ranges(tiny, data):
