@@ -195,11 +195,14 @@ def resumable_reconstruct(qm: QuantModel, data: CalibrationData, phase: Phase, c
 
 
 def save_quant_state(path: str | os.PathLike, kind: str, meta: dict[str, Any], qm: QuantModel, extra: dict[str, Any],
-                     **finish: Any) -> None:
+                     smoothing: dict | None = None, **finish: Any) -> None:
     """The one writer of a quantized model's state (a quant artifact, or a reconstruction's partial checkpoint):
     ``quantized_state(qm)`` (its smoothing factors too when ``meta["smoothing"]`` is set) with ``extra`` beside
-    it; ``finish``: ``save_artifact``'s ``timing`` and ``replaces``."""
-    state = quantized_state(qm, bool(meta.get("smoothing")))
+    it; ``smoothing``: the factors as the artifact they came from holds them, written as they are (step 3 keeps step
+    2's: the same file bytes as ever); ``finish``: ``save_artifact``'s ``timing`` and ``replaces``."""
+    state = quantized_state(qm, bool(meta.get("smoothing")) and smoothing is None)
+    if smoothing is not None:
+        state["smoothing"] = smoothing
     save_artifact(path, kind, meta, {"quant_state": state.pop("quant_state"), **extra, **state}, **finish)
 
 

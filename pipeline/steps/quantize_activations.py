@@ -166,7 +166,8 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
         running_stat_(qm, data, acts)
     sqnr_final = sqnr.wrap(sqnr_db)(qm, held, weight=True, act=True)
     meta.update(sqnr_weight_only_db=sqnr_w, sqnr_act_init_db=sqnr_init, sqnr_db=sqnr_final)
-    save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries}, replaces=[partial_path(out)],
+    save_quant_state(out, QUANT_KIND, meta, qm, {"summaries": summaries}, w_obj.get("smoothing"),
+                     replaces=[partial_path(out)],
                      timing=dict(act_seconds=time.time() - t0, calibrate_activations_s=init.seconds,
                                  act_init_samples=acts.init_samples, sqnr_s=sqnr.seconds, held_out=len(held),
                                  units=units, resumed=resume is not None))
