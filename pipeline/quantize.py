@@ -90,6 +90,11 @@ class CacheSettings:
             ensure_writable_dir(self.directory, create=True, flag="--cache_dir")  # (the memmap caches need it)
         return CacheSpec(dtype=getattr(torch, self.dtype), directory=self.directory)
 
+    def recon_fields(self) -> dict[str, Any]:
+        """These settings as ``ReconConfig`` fields (steps 2 and 3 build their phase's config with them)."""
+        return dict(cache=self.spec(), cache_batch_size=self.batch_size, fp_capture_bytes=self.fp_capture_bytes,
+                    recompute_above=self.recompute_above)
+
     def meta(self, key: str) -> dict:
         """``{key: batch_size}`` when not the default (artifacts made before the option keep their keys)."""
         return {key: self.batch_size} if self.batch_size != CACHE_BATCH_SIZE else {}

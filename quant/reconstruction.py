@@ -434,7 +434,9 @@ class AdaRoundObjective(UnitObjective):
             beta = self.decay(k)
 
             def total(rec: torch.Tensor) -> torch.Tensor:
-                return rec if beta is None else rec + self.cfg.round_weight * sum(rounding_reg(h_l, beta) for h_l in h)
+                if beta is None:
+                    return rec
+                return rec + self.cfg.round_weight * sum(rounding_reg(h_l, beta) for h_l in h)
             yield total
 
     def finish(self) -> None:

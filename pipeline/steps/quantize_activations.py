@@ -154,10 +154,7 @@ def calibrate_and_save(run: Run, tag: QuantTag, acts: ActivationSettings, meta: 
     print(f"[{run.preset}] {tag.title()}: SQNR W only {sqnr_w:.2f} dB, with initial activation ranges "
           f"{sqnr_init:.2f} dB; now {what}, on {device}")
     cfg = ReconConfig.activation_defaults(iters=acts.iters, batch_size=acts.batch_size, lr=acts.lr, p=acts.p,
-                                          cache=acts.cache.spec(), seed=acts.seed,
-                                          cache_batch_size=acts.cache.batch_size, asym=acts.inputs == "quantized",
-                                          fp_capture_bytes=acts.cache.fp_capture_bytes,
-                                          recompute_above=acts.cache.recompute_above)
+                                          seed=acts.seed, asym=acts.inputs == "quantized", **acts.cache.recon_fields())
     units: list[dict] = []
     summaries = resumable_reconstruct(qm, data, Phase.ACTIVATION, cfg, out, meta, resume, measured,
                                       timings=units) if acts.iters else []

@@ -90,9 +90,7 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
     data, held = calibration_data(calibration, cal_path, timesteps, device)
     held = held or data
     cfg = ReconConfig(iters=weights.iters, batch_size=weights.batch_size, round_weight=weights.round_weight,
-                      cache=weights.cache.spec(), cache_batch_size=weights.cache.batch_size, seed=weights.seed,
-                      fp_capture_bytes=weights.cache.fp_capture_bytes,
-                      recompute_above=weights.cache.recompute_above)
+                      seed=weights.seed, **weights.cache.recon_fields())
     torch.manual_seed(weights.seed)
     t0 = time.time()
     # the model's own UNet is quantized (no copy): the EMA weights, if any, stay swapped in until the step ends
