@@ -78,16 +78,16 @@ def load_packed_model(unet: torch.nn.Module, path: str | os.PathLike, expect: di
 
 def apply_execution(qm: QuantModel, execution: Execution, quiet: bool = False) -> dict[str, str] | None:
     """Switch ``qm`` to ``execution`` in place; for INTEGER, returns {layer: how it runs} and prints the summary.
-    COMPILED builds its kernel here, once, and refuses in one line where torch.compile cannot (no C++ compiler)."""
+    COMPILED builds its kernel here, once, checks it, and refuses in one line where torch.compile cannot build it
+    (no C++ compiler) or what it built is wrong."""
     if execution is Execution.FAKE:
         return None
     if execution is Execution.COMPILED:
         device = next(qm.parameters()).device
         try:
             check_compiled_fake_quant(device)
-        except RuntimeError as e:
-            raise UserFacingError(f"--execution compiled: {e}; install a C++ compiler (CPU) or Triton (CUDA), or "
-                                  f"use --execution fake (the same numbers, four passes per activation)") from None
+        except RuntimeError as e:   # (cannot build it, or it computes other values: the message says which)
+            raise UserFacingError(f"--execution compiled: {e}") from None
         qm.use_kernel_(FakeQuantKernel.COMPILED)
         return None
     report = to_integer_(qm)

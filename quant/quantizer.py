@@ -145,7 +145,11 @@ def _exact_fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, hi
 
 @functools.cache
 def _compiled_kernel():
-    return torch.compile(_exact_fake_quant, dynamic=True, fullgraph=True)
+    # Without inductor's FX graph cache: its key misses the vector ISA that ATEN_CPU_CAPABILITY picks, so a graph
+    # cached under AVX-512 came back under AVX2 (one cache directory) with 16-wide loops over 8-wide vectors: 128 of
+    # the probe's 257 values garbage (torch 2.13; the other way round it writes past the buffer). The compiled .so
+    # files stay cached under keys that hold the compiler flags: a warm build costs about the same.
+    return torch.compile(_exact_fake_quant, dynamic=True, fullgraph=True, options={"fx_graph_cache": False})
 
 
 def _scalar(v, like: torch.Tensor) -> torch.Tensor:
@@ -173,21 +177,31 @@ def compiled_fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int
     return y.view(dense.shape).permute(*sorted(range(x.ndim), key=order.__getitem__))
 
 
+class CompileUnavailable(RuntimeError):
+    """torch.compile cannot build the fake-quant kernel on this machine (no C++ compiler, no Triton)."""
+
+
+FAKE_INSTEAD = "use --execution fake (the same numbers, four passes per activation)"
+
+
 def check_compiled_fake_quant(device: torch.device) -> None:
-    """Compile the kernel once on ``device`` and check it against the passes on known values; ``RuntimeError``
-    naming the cause when torch.compile cannot build it here (no C++ compiler, no Triton)."""
+    """Compile the kernel once on ``device`` and check it against the passes on known values. ``CompileUnavailable``
+    when torch.compile cannot build it here, ``RuntimeError`` when what it built computes other values; each
+    message names the cause and the way out in one line."""
     x = torch.linspace(-3.0, 3.0, 257, device=device)   # ties at ±k·Δ/2 included (Δ = 0.046875 is exact)
     scale, zp = torch.tensor(0.046875, device=device), torch.tensor(7.0, device=device)
     try:
         got = compiled_fake_quant(x, scale, zp, 0, 15)
     except Exception as e:   # (inductor raises many types; the first line says what is missing)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"torch.compile could not build the fake-quant kernel on {device}: {first[:200]}") from None
+        raise CompileUnavailable(f"torch.compile could not build the fake-quant kernel on {device}: {first[:200]}; "
+                                 f"install a C++ compiler (CPU) or Triton (CUDA), or {FAKE_INSTEAD}") from None
     with torch.no_grad():
         want = fake_quant(x, scale, zp, 0, 15, FakeQuantKernel.PASSES)
     if not torch.equal(got, want):
         raise RuntimeError(f"the compiled fake-quant kernel on {device} differs from the exact passes "
-                           f"({int((got != want).sum())} of {x.numel()} values)")
+                           f"({int((got != want).sum())} of {x.numel()} values), a torch.compile fault on this "
+                           f"machine; {FAKE_INSTEAD}")
 
 
 def _channel_view(x: torch.Tensor, granularity) -> tuple[torch.Tensor, tuple[int, ...]]:

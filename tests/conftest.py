@@ -38,12 +38,13 @@ def one_thread():
 @pytest.fixture(scope="session")
 def compiled_kernels():
     """``--execution compiled`` needs torch.compile to build its C++ kernel: tests of it skip, with the one-line
-    reason the project itself gives, on a machine without a C++ compiler."""
-    from quant.quantizer import check_compiled_fake_quant
+    reason the project itself gives, on a machine without a C++ compiler. A kernel that builds but computes other
+    values fails them (the check raises): that is a fault to see, not a reason to skip."""
+    from quant.quantizer import CompileUnavailable, check_compiled_fake_quant
     try:
         check_compiled_fake_quant(torch.device("cpu"))
-    except RuntimeError as e:
-        pytest.skip(f"{e} (install g++ to run the compiled-kernel tests)")
+    except CompileUnavailable as e:
+        pytest.skip(str(e))
 
 
 def require_shared(path: Path) -> Path:

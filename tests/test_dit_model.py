@@ -94,14 +94,15 @@ def test_forward_with_cfg_guides_three_channels_of_the_first_half(small, one_thr
     x, t, y = inputs["cfg_x"], inputs["cfg_t"], inputs["cfg_y"]
     with torch.no_grad():
         half = x[:2]
-        assert_rel(model(torch.cat([half, half]), t, y), outputs["cfg_raw_out"], "cfg_raw_out")
+        raw = model(torch.cat([half, half]), t, y)
+        assert_rel(raw, outputs["cfg_raw_out"], "cfg_raw_out")
         for s in inputs["cfg_scales"].tolist():
             guided = model.forward_with_cfg(x, t, y, s)
             assert_rel(guided, outputs[f"cfg_out_{s}"], f"cfg_out_{s}")
         # the second half of x is ignored; channel 3 and the variance channels are not guided
         other = model.forward_with_cfg(torch.cat([half, torch.randn_like(half)]), t, y, 4.0)
         assert torch.equal(other, guided)
-        raw = outputs["cfg_raw_out"]
+        # (exact against this machine's own unguided pass: the fixture's was computed with other kernels)
         assert torch.equal(guided[:, 3:], raw[:, 3:])
         assert not torch.allclose(guided[:2, :3], raw[:2, :3])
         assert torch.equal(guided[:2, :3], guided[2:, :3])

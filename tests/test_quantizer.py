@@ -194,6 +194,24 @@ def test_a_compiler_failure_is_one_line(monkeypatch):
     def broken(*args):
         raise RuntimeError("InductorError: CppCompileError: C++ compile error\nmany more lines")
     monkeypatch.setattr(quantizer, "_compiled_kernel", lambda: broken)
-    with pytest.raises(RuntimeError, match=r"^torch.compile could not build the fake-quant kernel on cpu: "
-                                           r"InductorError: CppCompileError: C\+\+ compile error$"):
+    with pytest.raises(quantizer.CompileUnavailable, match=r"^torch.compile could not build the fake-quant kernel "
+                       r"on cpu: InductorError: CppCompileError: C\+\+ compile error; install a C\+\+ compiler "
+                       r"\(CPU\) or Triton \(CUDA\), or use --execution fake \(the same numbers, [^\n]*\)$"):
         quantizer.check_compiled_fake_quant(torch.device("cpu"))
+
+
+def test_a_kernel_that_computes_other_values_is_refused(monkeypatch):
+    """What a stale cross-ISA cache entry did (16-wide loops over 8-wide vectors: garbage in every other block of
+    eight): the check compares with the passes and refuses, naming the way out; it is not a build failure."""
+    import quant.quantizer as quantizer
+
+    def wrong(x, scale, lo, hi):
+        y = quantizer._exact_fake_quant(x, scale, lo, hi)   # (x: the check's flat 257 values)
+        y[8:16] = 1e30
+        return y
+    monkeypatch.setattr(quantizer, "_compiled_kernel", lambda: wrong)
+    with pytest.raises(RuntimeError, match=r"^the compiled fake-quant kernel on cpu differs from the exact passes "
+                                           r"\(8 of 257 values\), a torch.compile fault on this machine; use "
+                                           r"--execution fake") as e:
+        quantizer.check_compiled_fake_quant(torch.device("cpu"))
+    assert not isinstance(e.value, quantizer.CompileUnavailable) and "\n" not in str(e.value)
