@@ -7,10 +7,11 @@ Issue 29's goal: the activation fake-quant within 1.5x the time of a copy of its
 write). The shapes are cin256-v2's largest activations (the issue's three: a 64×64 feature map with 192 channels, a
 16×16 one with 576, a transformer block's 1024 tokens of 384), batch ``--batch``. Per shape, every kernel
 (``quant.quantizer.FakeQuantKernel``) and the copy run in turn, ``--repeats`` rounds after a warm-up (which also
-compiles COMPILED's kernel), each a block of 5 timed calls after an untimed one, and the medians are compared: the passes (exact), PyTorch's fused op (one kernel, ×1/Δ),
-the compiled kernel (one kernel, exact) and AUTO (what fake sampling picks on this device). Each kernel's codes are
-compared with the passes': how many values differ, and whether each difference sits at a rounding tie. Range: 8-bit
-asymmetric, Δ from the tensor's max (the arithmetic does not depend on it).
+compiles COMPILED's kernel), each a block of 5 timed calls after an untimed one, and the medians are compared:
+the passes (exact), PyTorch's fused op (one kernel, ×1/Δ), the compiled kernel (one kernel, exact) and AUTO
+(what fake sampling picks on this device). Each kernel's codes are compared with the passes': how many values
+differ, and whether each difference sits at a rounding tie. Range: 8-bit asymmetric, Δ from the tensor's max (the
+arithmetic does not depend on it).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """One reconstruction iteration, measured per unit kind: milliseconds and ATen operator calls per iteration (the
-kernel launches a GPU pays for one by one: leaf operators, forward, backward and optimiser; issue 29), for the weight phase (AdaRound) and the activation phase
-(step sizes), on cin256-v2's UNet with random weights (timing does not depend on the values) or the embedded default.
+kernel launches a GPU pays for one by one: leaf operators, forward, backward and optimiser; issue 29), for the
+weight phase (AdaRound) and the activation phase (step sizes), on cin256-v2's UNet with random weights (timing
+does not depend on the values) or the embedded default.
 
     python benchmarks/reconstruction_step.py                          # cin256-v2 structure, CPU, one unit a kind
     python benchmarks/reconstruction_step.py --compare ../other-checkout   # the same in that checkout, alternating
@@ -180,7 +181,8 @@ def one_repeat(args, tree: Path | None) -> dict:
     if tree is not None:
         env["RECON_STEP_CHILD"] = str(tree.resolve())
     argv = [sys.executable, __file__, "--child", "--model", args.model, "--n", str(args.n), "--iters",
-            str(args.iters), "--profile_iters", str(args.profile_iters), *(["--no_grad_ckpt"] if args.no_grad_ckpt else []),
+            str(args.iters), "--profile_iters", str(args.profile_iters),
+            *(["--no_grad_ckpt"] if args.no_grad_ckpt else []),
             *(["--always_recompute"] if args.always_recompute else [])]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode:

@@ -222,7 +222,8 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                    help="fake: fake-quant emulation (the research code's arithmetic); compiled: the same numbers "
                         "with each activation fake-quant one torch.compile'd kernel (one pass over the activation "
                         "instead of four; needs a C++ compiler on CPU, compiles for ~10 s on first use); integer: "
-                        "int8 kernels for every layer they compute exactly (quant.integer; oneDNN on x86, torch._int_mm on CUDA)")
+                        "int8 kernels for every layer they compute exactly (quant.integer; oneDNN on x86, "
+                        "torch._int_mm on CUDA)")
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:

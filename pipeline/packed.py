@@ -39,7 +39,7 @@ EXPORT_SCRIPT = "quant_scripts/export_packed.py"
 
 class Execution(enum.Enum):
     FAKE = "fake"          # float ops on fake-quantized weights and inputs
-    COMPILED = "compiled"  # FAKE with each activation fake-quant one compiled kernel (same values, less memory traffic)
+    COMPILED = "compiled"  # FAKE, each activation fake-quant one compiled kernel (same values, less memory traffic)
     INTEGER = "integer"    # int8 kernels where they are exact (quant.integer), the rest as FAKE
 
 

@@ -6,7 +6,8 @@ cheap, and read by the steps, which never see argparse.
                     folder; its family (from the yaml alone) and its meta, loaded on demand
     Run             a model with its SamplingSettings, output folder, device and --force: the RunLayout, the meta
                     every artifact of the run records, the loaded model
-    SamplerChoice   a sampler spec with how it runs: execution (fake | compiled | integer), a packed file, the precision
+    SamplerChoice   a sampler spec with how it runs: execution (fake | compiled | integer), a packed file, the
+                    precision
 
 The run-independent helpers (paths, presets, devices) are in ``pipeline.basics``.
 """

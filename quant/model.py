@@ -69,7 +69,7 @@ class QuantModel(nn.Module):
         if sm_abit is not None:   # (the config guarantees a_bits)
             if not wrap_attention_(self.model, specials.attention, QScheme(a_bits, False, PerTensor(), search),
                                    QScheme(sm_abit, False, PerTensor(), search)):
-                # no silent no-op: e.g. the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
+                # no silent no-op: the pixel DDPM's AttnBlock computes its matmuls inline, where no wrapper reaches
                 raise ValueError("sm_abit asks for quantized attention matmuls, but this UNet has no attention module "
                                  "its family can wrap (QuantSpecials.attention); leave sm_abit unset")
         self._state = {"weight": False, "act": False}

@@ -4,9 +4,9 @@ BRECQ (Li et al. 2021, §3.2) reconstructs block by block, so it must know which
 Q-Diffusion (Li et al. 2023, §3.3) splits the decoder shortcut convs' input [h ; skip], so it must know where h ends;
 QNCD (Chu et al. 2024, spec qncd_ptqd.md §A.2) smooths the second conv of residual blocks that add a time embedding,
 so it must know those blocks' parts and how their embedding is computed; D²-DPM's layer policy (spec d2dpm.md §3.2)
-names layers; Q-Diffusion's attention quantization wraps the family's attention modules. All of that is knowledge of one model family. Here it is only *shape*: a family
-(``pipeline/families/<name>.py``) fills a ``QuantSpecials`` and hands it to ``quant.api.quantize``; nothing in
-``quant/`` names a family, a block class or a layer.
+names layers; Q-Diffusion's attention quantization wraps the family's attention modules. All of that is knowledge
+of one model family. Here it is only *shape*: a family (``pipeline/families/<name>.py``) fills a ``QuantSpecials``
+and hands it to ``quant.api.quantize``; nothing in ``quant/`` names a family, a block class or a layer.
 
     specials = QuantSpecials(unit_types=(MyBlock,), smoothing_sites=(SmoothingSite(MyBlock, ...),),
                              shortcut_splits=my_splits, policies={"all": quantize_all_policy, ...})

@@ -126,6 +126,6 @@ def run(run: Run, config: QuantConfig, weights: WeightSettings) -> Path:
                                      held_out=len(held), units=units, resumed=resume is not None),
                          replaces=[partial_path(out)])
     after = f" -> AdaRound {sqnr_ada:.2f} dB ({len(summaries)} units" if summaries else " (no reconstruction"
-    print(f"W{config.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, {time.time() - t0:.0f} s); "
-          f"wrote {out}")
+    print(f"W{config.w_bits} SQNR on held-out inputs: nearest {sqnr_nearest:.2f} dB{after}, "
+          f"{time.time() - t0:.0f} s); wrote {out}")
     return out
